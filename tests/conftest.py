@@ -9,3 +9,44 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# ---------------------------------------------------------------------- tokenizer fixtures
+import pytest  # noqa: E402
+
+
+def _tokenizer_corpus() -> list[str]:
+    """A few KB of varied text (English, punctuation, digits, whitespace runs, unicode, emoji) so a
+    ~1000-token BPE has real merges, and every hard test text meets familiar and unfamiliar pieces."""
+    sentences = [
+        "The quick brown fox jumps over the lazy dog.",
+        "In this task, you are given a question and you need to answer it with a single word.",
+        "Definition: classify the sentiment of the given sentence as positive or negative.",
+        "Input: What is the capital of France? Output: Paris",
+        "Don't stop; it's what we'll do, they're sure, I'm certain, you've seen, he'd agree.",
+        "Numbers like 12, 345, 6789 and 3.14159 appear in arithmetic word problems.",
+        "    indented code block\n\tdef f(x):\n\t\treturn x * 2\n",
+        "Line one\nLine two\n\nParagraph three   with   extra   spaces.",
+        "Unicode text: café, naïve, Zürich, Ångström, façade, coöperate — “quoted” ‘text’ …",
+        "日本語のテキストと中文文本，한국어 텍스트도 있습니다。",
+        "Emoji: 😀 😂 🎉 👍🏽 ❤️ 🇫🇷 👨‍👩‍👧",
+        "Русский текст и ελληνικά γράμματα, plus العربية and עברית.",
+    ]
+    words = ("answer question task input output example positive negative sentence word given "
+             "return label category country capital city person entity poem subtract total "
+             "Definition Instances classification generation extraction relation antonym trivia "
+             "commonsense semantic sentiment Afghanistan Kabul Germany Berlin Japan Tokyo").split()
+    # Deterministic filler so frequent pairs exist beyond the fixed sentences.
+    filler = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) + "." for i in range(120)]
+    filler += [f"Item {i}: {i * 37 % 1000} apples, {i * 11 % 97} pears ({i % 7} left)." for i in range(200)]
+    return sentences * 20 + filler
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A ~1000-token byte-level BPE with OPT's special ids, saved in the facebook/opt-* hub layout."""
+    from optiml_jax.tokenizer import train_byte_level_bpe
+
+    directory = tmp_path_factory.mktemp("opt_tokenizer")
+    train_byte_level_bpe(_tokenizer_corpus(), vocab_size=1000).save_pretrained(directory)
+    return directory

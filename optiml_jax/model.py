@@ -1,0 +1,367 @@
+"""The OPT decoder (Zhang et al. 2022, arXiv 2205.01068) in Flax, exact to Hugging Face's PyTorch OPT.
+
+Every parameter and large activation carries logical axis names (see `sharding.py` for how they map
+onto a device mesh), so this one file serves a CPU test, one GPU and a TPU pod unchanged.
+
+Parity traps handled here (see docs and the HF source for the reference semantics):
+  * positions come from the attention mask (`cumsum(mask) * mask - 1`) and index a learned table
+    with an offset of 2, so left padding does not shift the positions of real tokens;
+  * the query is scaled by head_dim**-0.5 after its bias is added, and softmax runs in float32;
+  * 350m: token embeddings are 512 wide and go through `project_in` before positions are added,
+    layers are post-LN, there is no final LayerNorm, and `project_out` precedes the tied LM head;
+  * the LM head is tied to the token embedding over all rows, the vocabulary's padding rows included.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from optiml_jax.config import OPTConfig
+
+Dtype = Any
+
+# The position table is indexed with `position + POSITION_OFFSET` (metaseq's padding_idx + 1).
+POSITION_OFFSET = 2
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep every activation (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the rest
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+}
+
+_ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def _init(stddev: float, axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
+
+
+def _zeros(axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _ones(axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """HF/metaseq positions: 0, 1, 2... over real tokens, -1 on padding (which then reads row 1)."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.cumsum(mask, axis=1) * mask - 1
+
+
+def attention_mask_for(query_len: int, key_valid: jax.Array, query_offset,
+                       segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    """Boolean [batch, 1, query, key] mask: causal by slot, padded keys hidden, no cross-example attention.
+
+    Query i sits in key slot `query_offset + i` (the offset is the KV-cache fill level when decoding).
+    `segment_ids` (packed training) keeps each example's tokens attending only within the example.
+    """
+    key_len = key_valid.shape[1]
+    query_slots = query_offset + jnp.arange(query_len, dtype=jnp.int32)
+    causal = jnp.arange(key_len, dtype=jnp.int32)[None, :] <= query_slots[:, None]
+    mask = causal[None, None] & key_valid.astype(bool)[:, None, None, :]
+    if segment_ids is not None:
+        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        mask = mask & same
+    return mask
+
+
+def dot_product_attention(query, key, value, mask, *, dropout_rate: float = 0.0,
+                          dropout_rng=None, deterministic: bool = True, dtype: Dtype = jnp.float32):
+    """softmax(q k^T) v with q already scaled. The one place a fused kernel would plug in.
+
+    query [b, q, heads, d], key/value [b, k, heads, d], mask bool [b, 1|heads, q, k].
+    Scores are taken to float32 before masking and softmax (HF does softmax in float32), and a
+    fully masked row (a padding query) becomes uniform, as with HF's additive finfo.min mask.
+    """
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    if not deterministic and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0).astype(dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+
+
+class HeadsProjection(nn.Module):
+    """A linear map into per-head features [.., heads, head_dim] (q/k/v) or back out of them (out_proj).
+
+    Kernels keep the head axis separate ([embed, heads, kv] / [heads, kv, embed]) so tensor
+    parallelism splits whole heads.
+    """
+    heads: int
+    head_dim: int
+    use_bias: bool
+    init_std: float
+    dtype: Dtype
+    param_dtype: Dtype
+    into_heads: bool = True
+    hidden_size: Optional[int] = None  # output width when projecting out of heads
+
+    @nn.compact
+    def __call__(self, x):
+        if self.into_heads:
+            shape, axes = (x.shape[-1], self.heads, self.head_dim), ("embed", "heads", "kv")
+            bias_shape, bias_axes, equation = (self.heads, self.head_dim), ("heads", "kv"), "bse,ehd->bshd"
+        else:
+            shape, axes = (self.heads, self.head_dim, self.hidden_size), ("heads", "kv", "embed")
+            bias_shape, bias_axes, equation = (self.hidden_size,), ("embed",), "bshd,hde->bse"
+        kernel = self.param("kernel", _init(self.init_std, axes), shape, self.param_dtype)
+        out = jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", _zeros(bias_axes), bias_shape, self.param_dtype)
+            out = out + bias.astype(self.dtype)
+        return out
+
+
+class OPTAttention(nn.Module):
+    config: OPTConfig
+    dtype: Dtype
+    param_dtype: Dtype
+    deterministic: bool
+    decode: bool
+
+    @nn.compact
+    def __call__(self, hidden, key_valid, segment_ids):
+        cfg = self.config
+        heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+        dense = functools.partial(HeadsProjection, heads=heads, head_dim=head_dim, use_bias=cfg.enable_bias,
+                                  init_std=cfg.init_std, dtype=self.dtype, param_dtype=self.param_dtype)
+        query = dense(name="q_proj")(hidden) * jnp.asarray(head_dim ** -0.5, self.dtype)
+        key = dense(name="k_proj")(hidden)
+        value = dense(name="v_proj")(hidden)
+        qkv_axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+        query = nn.with_logical_constraint(query, qkv_axes)
+        key = nn.with_logical_constraint(key, qkv_axes)
+        value = nn.with_logical_constraint(value, qkv_axes)
+
+        query_offset = 0
+        if self.decode:
+            key, value, query_offset = self._update_cache(key, value)
+        mask = attention_mask_for(hidden.shape[1], key_valid, query_offset, segment_ids)
+        dropout_rng = None
+        if not self.deterministic and cfg.attention_dropout > 0.0:
+            dropout_rng = self.make_rng("dropout")
+        out = dot_product_attention(query, key, value, mask, dropout_rate=cfg.attention_dropout,
+                                    dropout_rng=dropout_rng, deterministic=self.deterministic,
+                                    dtype=self.dtype)
+        out = nn.with_logical_constraint(out, qkv_axes)
+        return HeadsProjection(heads, head_dim, cfg.enable_bias, cfg.init_std, self.dtype,
+                               self.param_dtype, into_heads=False, hidden_size=cfg.hidden_size,
+                               name="out_proj")(out)
+
+    def _update_cache(self, key, value):
+        """Writes this step's keys/values at the fill level; returns the whole cache to attend over.
+
+        The cache is preallocated at the full generation length (fixed shapes: the decode loop
+        compiles once); slots past the fill level are hidden by the causal-by-slot mask.
+        """
+        initialised = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if not initialised:  # `init` only shapes the cache
+            return key, value, 0
+        index = cache_index.value
+        step_len = key.shape[1]
+        zero = jnp.array(0, jnp.int32)
+        key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
+                                           (zero, index, zero, zero))
+        value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype),
+                                             (zero, index, zero, zero))
+        cached_key.value, cached_value.value = key, value
+        cache_index.value = index + step_len
+        return key, value, index
+
+
+class OPTDecoderLayer(nn.Module):
+    config: OPTConfig
+    dtype: Dtype
+    param_dtype: Dtype
+    deterministic: bool
+    decode: bool
+    scanned: bool = False  # under nn.scan: return (carry, per-layer output) as scan expects
+
+    @nn.compact
+    def __call__(self, hidden, key_valid, segment_ids):
+        cfg = self.config
+        layer_norm = functools.partial(
+            nn.LayerNorm, epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+            use_scale=cfg.layer_norm_elementwise_affine, use_bias=cfg.layer_norm_elementwise_affine,
+            scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)))
+        dropout = nn.Dropout(rate=cfg.dropout)
+        act_axes = ("activation_batch", "activation_length", "activation_embed")
+
+        residual = hidden
+        if cfg.do_layer_norm_before:
+            hidden = layer_norm(name="self_attn_layer_norm")(hidden)
+        attention = OPTAttention(cfg, self.dtype, self.param_dtype, self.deterministic, self.decode,
+                                 name="self_attn")
+        hidden = attention(hidden, key_valid, segment_ids)
+        hidden = residual + dropout(hidden, deterministic=self.deterministic)
+        if not cfg.do_layer_norm_before:
+            hidden = layer_norm(name="self_attn_layer_norm")(hidden)
+        hidden = nn.with_logical_constraint(hidden, act_axes)
+
+        residual = hidden
+        if cfg.do_layer_norm_before:
+            hidden = layer_norm(name="final_layer_norm")(hidden)
+        hidden = nn.Dense(cfg.ffn_dim, use_bias=cfg.enable_bias, dtype=self.dtype,
+                          param_dtype=self.param_dtype, kernel_init=_init(cfg.init_std, ("embed", "mlp")),
+                          bias_init=_zeros(("mlp",)), name="fc1")(hidden)
+        hidden = nn.with_logical_constraint(
+            hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        hidden = _ACTIVATIONS[cfg.activation_function](hidden)
+        hidden = nn.Dense(cfg.hidden_size, use_bias=cfg.enable_bias, dtype=self.dtype,
+                          param_dtype=self.param_dtype, kernel_init=_init(cfg.init_std, ("mlp", "embed")),
+                          bias_init=_zeros(("embed",)), name="fc2")(hidden)
+        hidden = residual + dropout(hidden, deterministic=self.deterministic)
+        if not cfg.do_layer_norm_before:
+            hidden = layer_norm(name="final_layer_norm")(hidden)
+        hidden = nn.with_logical_constraint(hidden, act_axes)
+        return (hidden, None) if self.scanned else hidden
+
+
+def _maybe_remat(layer_cls, policy_name: str, prevent_cse: bool):
+    if policy_name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy_name!r}; choose one of {', '.join(REMAT_POLICIES)}")
+    if policy_name == "none":
+        return layer_cls
+    return nn.remat(layer_cls, policy=REMAT_POLICIES[policy_name], prevent_cse=prevent_cse)
+
+
+class OPTDecoder(nn.Module):
+    config: OPTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    embed_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, input_ids, key_valid, position_ids, segment_ids, deterministic: bool,
+                 decode: bool, tied_head: bool):
+        """Final hidden states, or with `tied_head` the logits of the LM head tied to embed_tokens."""
+        cfg = self.config
+        act_axes = ("activation_batch", "activation_length", "activation_embed")
+        embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.word_embed_proj_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed_tokens")
+        hidden = embed_tokens(input_ids)  # no sqrt(d) scaling: OPT trained without it
+        if cfg.has_projections:
+            hidden = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              kernel_init=_init(cfg.init_std, ("embed_proj", "embed")),
+                              name="project_in")(hidden)
+        positions = nn.Embed(cfg.num_positions, cfg.hidden_size, dtype=self.dtype,
+                             param_dtype=self.param_dtype,
+                             embedding_init=_init(cfg.init_std, ("positions", "embed")),
+                             name="embed_positions")(position_ids + POSITION_OFFSET)
+        hidden = nn.with_logical_constraint(hidden + positions, act_axes)
+        # HF applies no dropout here; metaseq (and the OPT-IML fine-tuning recipe) does.
+        hidden = nn.Dropout(rate=self.embed_dropout)(hidden, deterministic=deterministic)
+
+        if self.scan_layers:
+            # prevent_cse=False is safe under scan and lets XLA optimise the rematerialised layer.
+            stack = nn.scan(
+                _maybe_remat(OPTDecoderLayer, self.remat_policy, prevent_cse=False),
+                variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            hidden, _ = stack(cfg, self.dtype, self.param_dtype, deterministic, decode, scanned=True,
+                              name="layers")(hidden, key_valid, segment_ids)
+        else:
+            layer_cls = _maybe_remat(OPTDecoderLayer, self.remat_policy, prevent_cse=True)
+            for i in range(cfg.num_hidden_layers):
+                hidden = layer_cls(cfg, self.dtype, self.param_dtype, deterministic, decode,
+                                   name=f"layers_{i}")(hidden, key_valid, segment_ids)
+
+        if cfg.has_final_layer_norm:
+            hidden = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  use_scale=cfg.layer_norm_elementwise_affine,
+                                  use_bias=cfg.layer_norm_elementwise_affine,
+                                  scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)),
+                                  name="final_layer_norm")(hidden)
+        if cfg.has_projections:
+            hidden = nn.Dense(cfg.word_embed_proj_dim, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              kernel_init=_init(cfg.init_std, ("embed", "embed_proj")),
+                              name="project_out")(hidden)
+        if tied_head:  # logits over every embedding row, the vocabulary's padding rows included
+            return embed_tokens.attend(hidden)
+        return hidden
+
+
+class OPTForCausalLM(nn.Module):
+    """OPT with its (tied) language-model head.
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters. `scan_layers`
+    stacks the layers' weights on a leading "layers" axis and runs them under `nn.scan`, so compile
+    time does not grow with depth; `remat_policy` is one of REMAT_POLICIES. `embed_dropout` is
+    metaseq's dropout on the input embeddings (0 in HF; 0.1 in the OPT-IML recipe).
+    """
+    config: OPTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    embed_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
+                 deterministic: bool = True, decode: bool = False, return_hidden: bool = False):
+        """Logits [batch, length, vocab].
+
+        attention_mask: [batch, key_length] with 1 for real tokens (left padding allowed). When
+          decoding with a KV cache, it covers every cache slot (key_length = cache length).
+        position_ids: positions without OPT's +2 offset; derived from the mask when omitted
+          (required when decoding, since the mask then covers the whole cache).
+        segment_ids: [batch, length] example ids of packed sequences (0 = padding); attention never
+          crosses examples.
+        """
+        cfg = self.config
+        if attention_mask is None:
+            if decode:
+                raise ValueError("decode=True needs an attention_mask covering every cache slot")
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if position_ids is None:
+            if decode:
+                raise ValueError("decode=True needs explicit position_ids")
+            position_ids = positions_from_mask(attention_mask)
+        decoder = OPTDecoder(cfg, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy,
+                             self.embed_dropout, name="decoder")
+        tied_head = cfg.tie_word_embeddings and not return_hidden
+        out = decoder(input_ids, attention_mask, position_ids, segment_ids, deterministic, decode,
+                      tied_head)
+        if return_hidden:
+            return out
+        if tied_head:
+            logits = out
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              kernel_init=_init(cfg.init_std, ("embed", "vocab")), name="lm_head")(out)
+        return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def init_cache(self, batch_size: int, max_length: int):
+        """Zero KV cache for `max_length` slots (shapes only: no forward pass runs)."""
+        ids = jnp.ones((batch_size, max_length), jnp.int32)
+        shapes = jax.eval_shape(
+            lambda: self.init(jax.random.PRNGKey(0), ids, attention_mask=ids, position_ids=ids,
+                              decode=True)["cache"])
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

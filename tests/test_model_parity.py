@@ -1,0 +1,121 @@
+"""Logits of our Flax OPT against transformers' PyTorch OPTForCausalLM (float32, random tiny models)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optiml_jax.model import OPTForCausalLM
+from optiml_jax.weights import hf_to_params
+
+from hf_reference import VARIANTS, hf_logits, hf_state_dict, make_config, make_hf_model
+
+ATOL = 1e-4
+
+
+def _ours(config, hf_model, scan_layers, **kwargs):
+    params = hf_to_params(hf_state_dict(hf_model), config, scan_layers=scan_layers)
+    model = OPTForCausalLM(config, scan_layers=scan_layers, **kwargs)
+    return model, params
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unscanned", "scanned"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_match_hf(variant, scan_layers):
+    config = make_config(variant)
+    hf_model = make_hf_model(config)
+    ids = np.random.default_rng(1).integers(4, config.vocab_size, size=(2, 11))
+    model, params = _ours(config, hf_model, scan_layers)
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+    ref = hf_logits(hf_model, ids)
+    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unscanned", "scanned"])
+@pytest.mark.parametrize("variant", ["pre_ln", "post_ln_350m"])
+def test_left_padded_batch_matches_hf(variant, scan_layers):
+    config = make_config(variant)
+    hf_model = make_hf_model(config, seed=3)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(4, config.vocab_size, size=(3, 9))
+    mask = np.ones_like(ids)
+    mask[0, :4] = 0  # left padding of different lengths
+    mask[1, :1] = 0
+    ids = np.where(mask == 1, ids, config.pad_token_id)
+    model, params = _ours(config, hf_model, scan_layers)
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
+    ref = hf_logits(hf_model, ids, mask)
+    real = mask.astype(bool)  # padding positions' outputs are never used by anyone
+    np.testing.assert_allclose(ours[real], ref[real], atol=ATOL, rtol=0)
+    # A left-padded row computes exactly what the same row computes unpadded.
+    alone = np.asarray(model.apply({"params": params}, jnp.asarray(ids[:1, 4:])))
+    np.testing.assert_allclose(ours[0, 4:], alone[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_does_not_change_logits_or_grads(policy):
+    config = make_config("pre_ln")
+    hf_model = make_hf_model(config)
+    ids = jnp.asarray(np.random.default_rng(0).integers(4, config.vocab_size, size=(2, 7)))
+    plain, params = _ours(config, hf_model, True)
+    remat = OPTForCausalLM(config, scan_layers=True, remat_policy=policy)
+
+    def loss(model, p):
+        return model.apply({"params": p}, ids).astype(jnp.float32).mean()
+
+    np.testing.assert_allclose(loss(plain, params), loss(remat, params), atol=1e-6)
+    g1 = jax.grad(lambda p: loss(plain, p))(params)
+    g2 = jax.grad(lambda p: loss(remat, p))(params)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_packed_segments_equal_separate_sequences():
+    """Packed examples with segment ids and restarted positions compute what each computes alone."""
+    config = make_config("pre_ln")
+    model, params = _ours(config, make_hf_model(config), False)
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(4, config.vocab_size, size=5), rng.integers(4, config.vocab_size, size=4)
+    packed = np.concatenate([a, b, [1, 1]])[None]
+    segments = np.array([[1] * 5 + [2] * 4 + [0, 0]])
+    positions = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0]])
+    out = np.asarray(model.apply({"params": params}, jnp.asarray(packed),
+                                 position_ids=jnp.asarray(positions), segment_ids=jnp.asarray(segments)))
+    alone_a = np.asarray(model.apply({"params": params}, jnp.asarray(a[None])))
+    alone_b = np.asarray(model.apply({"params": params}, jnp.asarray(b[None])))
+    np.testing.assert_allclose(out[0, :5], alone_a[0], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(out[0, 5:9], alone_b[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_compute_stays_close(dtype):
+    config = make_config("pre_ln")
+    hf_model = make_hf_model(config)
+    ids = np.random.default_rng(1).integers(4, config.vocab_size, size=(2, 11))
+    model, params = _ours(config, hf_model, True, dtype=dtype)
+    out = model.apply({"params": params}, jnp.asarray(ids))
+    assert out.dtype == dtype
+    assert jax.tree_util.tree_leaves(params)[0].dtype == np.float32  # master weights stay float32
+    np.testing.assert_allclose(np.asarray(out, np.float32), hf_logits(hf_model, ids), atol=0.05)
+
+
+def test_weights_errors_name_the_key():
+    from optiml_jax.weights import WeightsError
+
+    config = make_config("pre_ln")
+    sd = hf_state_dict(make_hf_model(config))
+    bad = dict(sd)
+    bad.pop("model.decoder.layers.1.fc1.weight")
+    with pytest.raises(WeightsError, match=r"missing.*decoder\.layers\.1\.fc1\.weight"):
+        hf_to_params(bad, config)
+    bad = dict(sd, **{"model.decoder.layers.1.fc1.weight": np.zeros((3, 3), np.float32)})
+    with pytest.raises(WeightsError, match=r"decoder\.layers\.1\.fc1\.weight has shape \(3, 3\)"):
+        hf_to_params(bad, config)
+    bad = dict(sd, **{"model.decoder.extra.weight": np.zeros(3, np.float32)})
+    with pytest.raises(WeightsError, match=r"unexpected.*decoder\.extra\.weight"):
+        hf_to_params(bad, config)
+    # keys without the "model." prefix and without lm_head (tied) load the same
+    stripped = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    a = hf_to_params(sd, config)
+    b = hf_to_params(stripped, config)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
