@@ -1,0 +1,115 @@
+"""`load_pretrained`: a local model directory or a hub id to (model, params, tokenizer)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optiml_jax.config import OPTConfig
+from optiml_jax.hf_checkpoint import WEIGHT_FILES, find_weight_files, iter_directory_tensors
+from optiml_jax.model import OPTForCausalLM
+from optiml_jax.weights import hf_to_params
+
+HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                "pytorch_model.bin.index.json", "vocab.json", "merges.txt", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json"]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+          "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """What a checkpoint holds, ready to run: `model.apply({"params": params}, ids)`."""
+    model: OPTForCausalLM
+    params: Any
+    config: OPTConfig
+    tokenizer: Any  # OPTTokenizer, or None when the directory has no tokenizer files
+    path: Path
+
+
+def as_dtype(dtype) -> Any:
+    if dtype is None or not isinstance(dtype, str):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
+
+
+def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub id fetched with huggingface_hub (config, weights,
+    tokenizer files only)."""
+    path = Path(path_or_hub_id)
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file; pass the model directory that holds config.json")
+        return path
+    name = str(path_or_hub_id)
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise FileNotFoundError(f"{name}: no such model directory (and not a hub id like 'facebook/opt-125m')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated repo...
+        raise OSError(f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                      f"If you are offline, download the model elsewhere and pass its local directory "
+                      f"(config.json + weights + tokenizer files) instead.") from None
+
+
+def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtype=None,
+                    scan_layers: bool = True, mesh=None, rules=None,
+                    load_tokenizer: bool = True) -> Pretrained:
+    """Loads an OPT / OPT-IML model from a Hugging Face directory, a converted optiml-jax directory,
+    or a hub id (when online).
+
+    dtype: compute dtype ("float32", "bfloat16", "float16" or a jnp dtype); also the storage dtype
+      of the params unless `param_dtype` is given. Defaults to float32.
+    scan_layers: stacked layer weights under nn.scan (fast compiles) or one module per layer.
+    mesh: a `jax.sharding.Mesh`; params are then placed in their shards per `rules`.
+    """
+    compute_dtype = as_dtype(dtype) or jnp.float32
+    storage_dtype = as_dtype(param_dtype) or compute_dtype
+    path = resolve_model_path(path_or_hub_id)
+    config = OPTConfig.from_json_file(path / "config.json")
+    model = OPTForCausalLM(config, dtype=compute_dtype, param_dtype=storage_dtype, scan_layers=scan_layers)
+
+    from optiml_jax import checkpoint  # our converted format
+
+    if checkpoint.is_converted_checkpoint(path):
+        params = checkpoint.restore_params(path, model, mesh=mesh, rules=rules)
+    else:
+        find_weight_files(path)  # a clear error before anything else when there are no weights
+        tensors = ((key, array) for key, array, _ in iter_directory_tensors(path))
+        params = hf_to_params(tensors, config, scan_layers=scan_layers, dtype=np.dtype(storage_dtype),
+                              source=str(path))
+        params = _place(params, model, mesh, rules)
+    tokenizer = None
+    if load_tokenizer:
+        tokenizer = _maybe_tokenizer(path)
+    return Pretrained(model=model, params=params, config=config, tokenizer=tokenizer, path=path)
+
+
+def _place(params, model, mesh, rules):
+    if mesh is None:
+        return jax.tree_util.tree_map(jnp.asarray, params)
+    from optiml_jax.sharding import DEFAULT_RULES, param_shardings
+
+    return jax.device_put(params, param_shardings(model, mesh, rules or DEFAULT_RULES))
+
+
+def _maybe_tokenizer(path: Path):
+    from optiml_jax.tokenizer import OPTTokenizer
+
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        return None
+    return OPTTokenizer.from_pretrained(path)
+
+
+__all__ = ["Pretrained", "load_pretrained", "resolve_model_path", "as_dtype", "WEIGHT_FILES"]
