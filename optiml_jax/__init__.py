@@ -1,5 +1,29 @@
-"""optiml-jax: OPT and OPT-IML in JAX/Flax."""
+"""optiml-jax: OPT and OPT-IML in JAX/Flax.
+
+    from optiml_jax import load_pretrained, pipeline
+"""
 from optiml_jax.config import ConfigError, OPTConfig
 
 __version__ = "0.1.0"
-__all__ = ["OPTConfig", "ConfigError"]
+
+# Heavier entry points are imported on first use, so `import optiml_jax` stays cheap.
+_LAZY = {
+    "load_pretrained": ("optiml_jax.pretrained", "load_pretrained"),
+    "Pretrained": ("optiml_jax.pretrained", "Pretrained"),
+    "OPTForCausalLM": ("optiml_jax.model", "OPTForCausalLM"),
+    "OPTTokenizer": ("optiml_jax.tokenizer", "OPTTokenizer"),
+    "pipeline": ("optiml_jax.pipeline", "pipeline"),
+    "generate": ("optiml_jax.generate", "generate"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'optiml_jax' has no attribute {name!r}")
+
+
+__all__ = ["OPTConfig", "ConfigError", *_LAZY]
