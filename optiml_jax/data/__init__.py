@@ -1,0 +1,187 @@
+"""Instruction-tuning data: readers, templates, EPS mixing, packing and host-sharded batch loaders.
+
+Public API:
+    DataConfig                       the `data:` section of the training config
+    build_train_loader(cfg, tok)     -> TrainLoader (infinite, resumable: get_state / set_state)
+    build_eval_loader(cfg, tok)      -> EvalLoader or None (one pass per `iter()`)
+    read_tasks, SkipStats, DataError, Example
+
+Each batch is a dict of numpy arrays of this process's rows, [local_batch, seq_len]:
+input_ids, targets, segment_ids, positions (int32) and loss_mask (float32); see packing.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Union
+
+from optiml_jax.config import ConfigError
+from optiml_jax.data import templates
+from optiml_jax.data.loader import EvalLoader, TrainLoader
+from optiml_jax.data.mixing import MixtureStream, mixing_weights
+from optiml_jax.data.packing import (BATCH_KEYS, OVERLONG_CHOICES, Packer, PackStats, TokenizedExample,
+                                     row_arrays, tokenize_examples)
+from optiml_jax.data.sources import (FORMATS, ON_ERROR_CHOICES, DataError, Example, SkipStats, read_jsonl,
+                                     read_sni_task, read_tasks)
+from optiml_jax.data.templates import TEMPLATES
+
+Paths = Union[str, tuple[str, ...], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """`train`/`eval`: a file or directory (or a list of them); `.json` = SNI task files, `.jsonl` =
+    metaseq src/tgt lines. `train_tasks`/`eval_tasks`: optional split files (one task name per line,
+    e.g. data/sni/splits/default/train_tasks.txt) restricting which SNI tasks are read."""
+    train: Paths = None
+    eval: Paths = None
+    format: str = "auto"
+    eps: int = 4096
+    template: str = "zero_shot"
+    num_shots: int = 0
+    overlong: str = "truncate"
+    on_error: str = "skip"
+    train_tasks: Optional[str] = None
+    eval_tasks: Optional[str] = None
+
+    def __post_init__(self):
+        for name in ("train", "eval"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if isinstance(value, list):
+                value = tuple(os.fspath(v) if isinstance(v, os.PathLike) else v for v in value)
+            object.__setattr__(self, name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("train", "eval"):
+            value = getattr(self, name)
+            items = value if isinstance(value, tuple) else (value,)
+            if value is not None and (not items or not all(isinstance(v, str) and v for v in items)):
+                raise ConfigError(f"data.{name} must be a path or a list of paths, got {value!r}")
+        for name in ("train_tasks", "eval_tasks"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
+                raise ConfigError(f"data.{name} must be the path of a split file, got {value!r}")
+        for name, choices in (("format", FORMATS), ("template", TEMPLATES), ("overlong", OVERLONG_CHOICES),
+                              ("on_error", ON_ERROR_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"data.{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, int) or self.eps < 1:
+            raise ConfigError(f"data.eps must be a positive integer (examples per task cap), got {self.eps!r}")
+        if isinstance(self.num_shots, bool) or not isinstance(self.num_shots, int) or self.num_shots < 0:
+            raise ConfigError(f"data.num_shots must be a non-negative integer, got {self.num_shots!r}")
+        if self.template == "few_shot" and self.num_shots == 0:
+            raise ConfigError("data.template='few_shot' needs data.num_shots >= 1")
+        if self.template == "zero_shot" and self.num_shots != 0:
+            raise ConfigError(f"data.num_shots={self.num_shots} is only used with data.template='few_shot'; "
+                              f"set the template or num_shots: 0")
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "data") -> "DataConfig":
+        """From the `data:` mapping of a YAML config; `source` names it in errors."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(f"{source}: unknown data key(s): {', '.join(map(str, unknown))} "
+                              f"(known: {', '.join(sorted(fields))})")
+        try:
+            return cls(**data)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for name in ("train", "eval"):
+            if isinstance(out[name], tuple):
+                out[name] = list(out[name])
+        return out
+
+
+def _data_config(cfg: Any) -> DataConfig:
+    if isinstance(cfg, DataConfig):
+        return cfg
+    data = getattr(cfg, "data", None)
+    if isinstance(data, DataConfig):
+        return data
+    if isinstance(data, dict):
+        return DataConfig.from_dict(data)
+    raise ConfigError(f"expected a DataConfig or a config with a .data DataConfig, got {type(cfg).__name__}")
+
+
+def _setting(value, cfg: Any, path: str):
+    """An explicit argument, else `cfg.<path>` (e.g. "train.batch_size"), else a clear error."""
+    if value is not None:
+        return value
+    obj = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ConfigError(f"{path} is not set: pass it to the data loader or give a config that has it")
+    return obj
+
+
+def _processes(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only when the caller leaves it to us; the data code is otherwise numpy-only
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return process_index, process_count
+
+
+def _read(data: DataConfig, paths, split_file, seed: int) -> tuple[dict, SkipStats]:
+    stats = SkipStats(data.on_error)
+    tasks = read_tasks(paths, stats, format=data.format, split_file=split_file, template=data.template,
+                       num_shots=data.num_shots, seed=seed)
+    if not tasks:
+        raise DataError(f"{paths}: no usable examples (skipped: {stats.as_dict()})")
+    return tasks, stats
+
+
+def build_train_loader(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
+                       seq_len: Optional[int] = None, process_index: Optional[int] = None,
+                       process_count: Optional[int] = None, state: Optional[dict] = None) -> TrainLoader:
+    """Train loader from `cfg` (a DataConfig, or the training config: `.data`, `.seed`,
+    `.train.batch_size` = global batch in sequences, `.train.seq_len`). Arguments override the config;
+    process index/count default to JAX's. `loader.stats()` reports what the readers skipped and
+    how packing went."""
+    data = _data_config(cfg)
+    if data.train is None:
+        raise ConfigError("data.train is not set")
+    seed = _setting(seed, cfg, "seed")
+    batch_size = _setting(batch_size, cfg, "train.batch_size")
+    seq_len = _setting(seq_len, cfg, "train.seq_len")
+    process_index, process_count = _processes(process_index, process_count)
+    tasks, stats = _read(data, data.train, data.train_tasks, seed)
+    loader = TrainLoader(tasks, tokenizer, global_batch_size=batch_size, seq_len=seq_len, eps=data.eps, seed=seed,
+                         overlong=data.overlong, process_index=process_index, process_count=process_count,
+                         state=state, skip_stats=stats)
+    return loader
+
+
+def build_eval_loader(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
+                      seq_len: Optional[int] = None, process_index: Optional[int] = None,
+                      process_count: Optional[int] = None) -> Optional[EvalLoader]:
+    """Eval loader over `data.eval` (None when it is not set); same arguments as build_train_loader."""
+    data = _data_config(cfg)
+    if data.eval is None:
+        return None
+    seed = _setting(seed, cfg, "seed")
+    batch_size = _setting(batch_size, cfg, "train.batch_size")
+    seq_len = _setting(seq_len, cfg, "train.seq_len")
+    process_index, process_count = _processes(process_index, process_count)
+    tasks, stats = _read(data, data.eval, data.eval_tasks, seed)
+    loader = EvalLoader(tasks, tokenizer, global_batch_size=batch_size, seq_len=seq_len, overlong=data.overlong,
+                        process_index=process_index, process_count=process_count, skip_stats=stats)
+    return loader
+
+
+__all__ = [
+    "BATCH_KEYS", "DataConfig", "DataError", "EvalLoader", "Example", "MixtureStream", "PackStats", "Packer",
+    "SkipStats", "TokenizedExample", "TrainLoader", "build_eval_loader", "build_train_loader", "mixing_weights",
+    "read_jsonl", "read_sni_task", "read_tasks", "row_arrays", "templates", "tokenize_examples",
+]

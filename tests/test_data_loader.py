@@ -1,0 +1,182 @@
+"""Loaders: host sharding (global batch independent of process count), exact resume, one-pass eval,
+DataConfig validation and the build_* entry points."""
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from optiml_jax.config import ConfigError
+from optiml_jax.data import (BATCH_KEYS, DataConfig, DataError, EvalLoader, Example, TrainLoader,
+                             build_eval_loader, build_train_loader)
+
+SNI = Path(__file__).resolve().parents[1] / "data" / "sni"
+
+
+class ByteTokenizer:
+    eos_id, pad_id, bos_id = 2, 1, 2
+
+    def encode(self, text, add_bos=True):
+        return ([self.bos_id] if add_bos else []) + [b + 4 for b in text.encode("utf-8")]
+
+    def encode_batch(self, texts, add_bos=True):
+        return [self.encode(t, add_bos) for t in texts]
+
+
+def make_tasks(seed=0):
+    rng = random.Random(seed)
+    words = ["alpha", "be", "c", "delta", "epsilon", "z"]
+    tasks = {}
+    for t, n in enumerate([3, 40, 200]):
+        tasks[f"task{t}"] = [Example(f"task{t}", " ".join(rng.choices(words, k=rng.randint(0, 12))),
+                                     " ".join(rng.choices(words, k=rng.randint(1, 6))), f"f{t}:{i + 1}")
+                             for i in range(n)]
+    return tasks
+
+
+def short_tasks():
+    # 2..6 row slots per example, or 8 after left-truncation of "abcdefghij": with seq_len 8 rows close
+    # because the next example does not fit, because an example fills them exactly, and both at once
+    # (two rows closed by one example).
+    return {"short": [Example("short", src, tgt, f"s:{i}") for i, (src, tgt) in enumerate(
+        (s, t) for s in ("", "a", "ab", "abc", "abcdefghij") for t in ("x", "xy"))]}
+
+
+def loader(tasks=None, **kw):
+    args = dict(global_batch_size=4, seq_len=48, eps=50, seed=1)
+    args.update(kw)
+    return TrainLoader(tasks or make_tasks(), ByteTokenizer(), **args)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert set(x) == set(y) == set(BATCH_KEYS)
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batch_keys_dtypes_shapes_and_invariants():
+    batch = next(loader())
+    assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {
+        "input_ids": (np.int32, (4, 48)), "targets": (np.int32, (4, 48)), "loss_mask": (np.float32, (4, 48)),
+        "segment_ids": (np.int32, (4, 48)), "positions": (np.int32, (4, 48))}
+    seg = batch["segment_ids"]
+    pad = seg == 0
+    assert (batch["input_ids"][pad] == 1).all() and (batch["loss_mask"][pad] == 0).all()
+    assert (batch["input_ids"] != 2).all()  # neither BOS nor </s> is ever an input
+    for row in range(4):
+        for s in set(seg[row][seg[row] > 0]):
+            idx = np.flatnonzero(seg[row] == s)
+            np.testing.assert_array_equal(batch["positions"][row, idx], np.arange(len(idx)))
+            assert batch["targets"][row, idx[-1]] == 2 and batch["loss_mask"][row, idx[-1]] == 1
+
+
+def test_host_sharding_concatenates_to_the_global_batch():
+    full = take(loader(), 5)
+    halves = [take(loader(process_index=p, process_count=2), 5) for p in range(2)]
+    quarters = [take(loader(process_index=p, process_count=4), 5) for p in range(4)]
+    for step in range(5):
+        for parts in (halves, quarters):
+            joined = {k: np.concatenate([p[step][k] for p in parts]) for k in BATCH_KEYS}
+            assert_batches_equal([joined], [full[step]])
+    assert halves[0][0]["input_ids"].shape == (2, 48)
+    with pytest.raises(ValueError, match="not divisible"):
+        loader(process_count=3)
+    with pytest.raises(ValueError, match="process_index"):
+        loader(process_index=2, process_count=2)
+
+
+def test_exact_resume_after_7_batches():
+    uninterrupted = take(loader(), 12)
+    first = loader()
+    take(first, 7)
+    state = json.loads(json.dumps(first.get_state()))  # must survive a JSON checkpoint
+    assert state["batches"] == 7
+    resumed = loader(state=state)
+    assert_batches_equal(take(resumed, 5), uninterrupted[7:])
+    # Via set_state on a loader that has already moved on, and on another process count.
+    other = loader()
+    take(other, 3)
+    other.set_state(state)
+    assert_batches_equal(take(other, 5), uninterrupted[7:])
+    parts = [take(loader(state=state, process_index=p, process_count=2), 5) for p in range(2)]
+    for step in range(5):
+        joined = {k: np.concatenate([parts[0][step][k], parts[1][step][k]]) for k in BATCH_KEYS}
+        assert_batches_equal([joined], [uninterrupted[7 + step]])
+
+
+def test_resume_at_every_batch_boundary_with_exactly_full_rows():
+    kw = dict(tasks=short_tasks(), global_batch_size=3, seq_len=8)
+    ref = loader(**kw)
+    reference = take(ref, 15)
+    probe = loader(**kw)
+    for step in range(14):
+        state = probe.get_state()
+        assert_batches_equal(take(loader(state=state, **kw), 1), reference[step:step + 1])
+        next(probe)
+
+
+def test_resume_refuses_other_data():
+    state = loader().get_state()
+    with pytest.raises(DataError, match="different data stream"):
+        loader(seed=2, state=state)
+    with pytest.raises(DataError, match="different data stream"):
+        loader(eps=10, state=state)
+    with pytest.raises(DataError, match="not a TrainLoader state"):
+        loader(state={"stream_index": 3})
+
+
+def test_eval_loader_one_pass_with_padded_last_batch():
+    tasks = make_tasks()
+    n_examples = sum(len(v) for v in tasks.values())
+    ev = EvalLoader(tasks, ByteTokenizer(), global_batch_size=8, seq_len=64)
+    batches = list(ev)
+    assert batches and all(b["input_ids"].shape == (8, 64) for b in batches)
+    segments = sum(len(set(row[row > 0])) for b in batches for row in b["segment_ids"])
+    assert segments == n_examples == ev.pack_stats["examples"]
+    last = batches[-1]
+    empty_rows = ~last["segment_ids"].any(axis=1)
+    assert empty_rows.any()  # the last batch is padded with whole empty rows
+    assert (last["loss_mask"][empty_rows] == 0).all() and (last["input_ids"][empty_rows] == 1).all()
+    assert_batches_equal(list(ev), batches)  # iterating again starts over
+    parts = [list(EvalLoader(tasks, ByteTokenizer(), global_batch_size=8, seq_len=64, process_index=p,
+                             process_count=2)) for p in range(2)]
+    assert len(parts[0]) == len(parts[1]) == len(batches)
+    for step, batch in enumerate(batches):
+        assert_batches_equal([{k: np.concatenate([parts[0][step][k], parts[1][step][k]]) for k in BATCH_KEYS}],
+                             [batch])
+
+
+def test_data_config_validation():
+    cfg = DataConfig.from_dict({"train": ["a", "b"], "eval": "c", "eps": 128})
+    assert cfg.train == ("a", "b") and cfg.eps == 128 and hash(cfg)
+    assert DataConfig.from_dict(cfg.to_dict()) == cfg
+    bad = [({"eps": 0}, "data.eps"), ({"eps": True}, "data.eps"), ({"format": "csv"}, "data.format='csv'"),
+           ({"template": "few_shot"}, "num_shots"), ({"num_shots": 2}, "num_shots=2"),
+           ({"overlong": "cut"}, "data.overlong"), ({"on_error": "ignore"}, "data.on_error"),
+           ({"train": 3}, "data.train"), ({"train": []}, "data.train"), ({"epss": 1}, "unknown data key.*epss")]
+    for values, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            DataConfig.from_dict(values, source="cfg.yaml:data")
+
+
+def test_build_loaders_from_a_training_config_on_the_sni_sample():
+    cfg = SimpleNamespace(data=DataConfig(train=str(SNI), eval=str(SNI / "task1508_wordnet_antonyms.json")),
+                          seed=1234, train=SimpleNamespace(batch_size=4, seq_len=256))
+    train = build_train_loader(cfg, ByteTokenizer(), process_index=1, process_count=2)
+    batch = next(train)
+    assert batch["input_ids"].shape == (2, 256)
+    assert train.stats()["skipped/empty_target"] == 1 and train.stats()["packed/rows"] == 4
+    ev = build_eval_loader(cfg, ByteTokenizer(), process_index=0, process_count=1)
+    assert ev.num_examples == 200 and sum(1 for _ in ev) >= 1
+    assert build_eval_loader(DataConfig(train="x"), ByteTokenizer(), seed=0, batch_size=1, seq_len=8,
+                             process_index=0, process_count=1) is None
+    with pytest.raises(ConfigError, match="train.batch_size is not set"):
+        build_train_loader(cfg.data, ByteTokenizer(), seed=0, process_index=0, process_count=1)
