@@ -1,9 +1,11 @@
 """Reading Hugging Face OPT weight files, lazily, one tensor at a time.
 
 Handles `model.safetensors`, `pytorch_model.bin` and both sharded forms with their `*.index.json`.
-safetensors files are memory-mapped and parsed here (the format is a JSON header and raw bytes), so
-bfloat16 works without torch and a tensor costs memory only when it is used. `.bin` files need
-torch and are opened with `weights_only=True` (no arbitrary code runs) and `mmap=True`.
+safetensors files are parsed here (the format is a JSON header and raw bytes) and `.bin` files by
+`torch_pickle` (a safe Unpickler: no code from the file runs), so neither needs torch, bfloat16
+works, and each tensor is read from disk only when its turn comes, into memory that is freed when
+the caller drops it. (A memory map would keep every page it touched resident for as long as the file
+is open, i.e. the whole file by the end.)
 """
 from __future__ import annotations
 
@@ -74,8 +76,15 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             raise CheckpointFormatError(f"{path}: corrupted safetensors header ({e})") from None
     header.pop("__metadata__", None)
     data_start = 8 + header_len
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{path}: corrupted safetensors header (not a JSON object)")
     for key, info in header.items():
-        end = info["data_offsets"][1]
+        try:
+            _, end = (int(x) for x in info["data_offsets"])
+            info["shape"] = [int(d) for d in info["shape"]]
+            str(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointFormatError(f"{path}: corrupted safetensors header entry for {key}") from None
         if data_start + end > size:
             raise CheckpointFormatError(f"{path}: truncated; tensor {key} ends at byte {data_start + end} "
                                         f"but the file has {size} bytes")
@@ -84,45 +93,43 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
 
 def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     header, data_start = read_safetensors_header(path)
-    if not header:
-        return
-    data = np.memmap(path, dtype=np.uint8, mode="r")
     for key, info in header.items():
         dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise CheckpointFormatError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
-        yield key, data[data_start + start:data_start + end].view(dtype).reshape(info["shape"])
+        shape = tuple(info["shape"])
+        if end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+            raise CheckpointFormatError(f"{path}: tensor {key} has {end - start} bytes for shape {shape} "
+                                        f"of {info['dtype']} (corrupted header)")
+        array = np.empty(shape, dtype)
+        with open(path, "rb") as f:
+            f.seek(data_start + start)
+            if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != end - start:
+                raise CheckpointFormatError(f"{path}: truncated inside tensor {key}")
+        yield key, array
 
 
 def _iter_torch_file(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    from optiml_jax import torch_pickle
+
     try:
-        import torch
-    except ImportError:
-        raise ImportError(f"{path} is a PyTorch pickle; reading it needs torch "
-                          "(pip install torch==2.13.0, or convert the model to safetensors)") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for corrupt/truncated/unsafe files
-        raise CheckpointFormatError(f"{path}: cannot be read as a PyTorch weights file ({e})") from None
+        state = torch_pickle.load(path)
+    except torch_pickle.UnsafePickleError:
+        raise
+    except torch_pickle.TorchFileError as e:
+        raise CheckpointFormatError(str(e)) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     for key, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(tensor, torch_pickle.LazyTensor):
             raise CheckpointFormatError(f"{path}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
-        yield key, torch_to_numpy(tensor)
-
-
-def torch_to_numpy(tensor) -> np.ndarray:
-    """A numpy view (or copy, for bfloat16, which numpy lacks natively) of a CPU tensor."""
-    import torch
-
-    tensor = tensor.detach()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
+        try:
+            yield key, tensor.numpy()
+        except torch_pickle.TorchFileError as e:
+            raise CheckpointFormatError(f"{e} (tensor {key})") from None
 
 
 def iter_directory_tensors(directory: str | Path) -> Iterator[tuple[str, np.ndarray, Path]]:

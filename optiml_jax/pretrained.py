@@ -1,4 +1,9 @@
-"""`load_pretrained`: a local model directory or a hub id to (model, params, tokenizer)."""
+"""`load_pretrained`: a local model directory or a hub id to (model, params, tokenizer).
+
+A directory is either one of ours (`tools/convert_weights.py` or `checkpoint.save_model` output:
+restored by Orbax, straight into shards when a mesh is given) or a Hugging Face OPT directory (read
+one tensor at a time by `hf_checkpoint`, then placed).
+"""
 from __future__ import annotations
 
 import dataclasses
