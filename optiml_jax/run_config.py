@@ -1,0 +1,288 @@
+"""The fine-tuning run configuration: a YAML file (plus `key.path=value` overrides) validated into dataclasses.
+
+    cfg = load_run_config("configs/demo.yaml", ["train.max_steps=3", "optim.lr=1e-4"])
+
+Every section is a frozen dataclass; an unknown key or a value of the wrong type or range raises
+ConfigError naming the key (`train.max_stpes`, `optim.lr`), so a typo never silently falls back to a
+default. Override values are parsed as YAML scalars (`3`, `1e-4`, `true`, `null`, `[a, b]`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from optiml_jax.config import ConfigError
+from optiml_jax.data import DataConfig
+from optiml_jax.sharding import MeshConfig
+
+# The shipped demo: `python -m optiml_jax.finetune` without --config runs it.
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch")  # = model.REMAT_POLICIES (not imported: no jax here)
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    max_steps: int = 1000
+    batch_size: int = 8  # global, in packed sequences of seq_len tokens
+    seq_len: int = 512
+    grad_accum_steps: int = 1  # microbatches per step (lax.scan inside the step); batch_size must divide
+    compute_dtype: str = "float32"  # activations/matmuls; params and Adam state stay float32
+    param_dtype: str = "float32"  # master weights
+    remat_policy: str = "none"  # model.REMAT_POLICIES
+    scan_layers: bool = True
+    dropout: Optional[float] = None  # null: the model config's value (OPT: 0.1)
+    attention_dropout: Optional[float] = None  # null: the model config's value
+    embed_dropout: bool = True  # metaseq/OPT-IML also drop out the input embeddings, at `dropout`
+    max_nonfinite_in_a_row: int = 10  # skipped (non-finite) updates in a row before the run stops
+    log_every_steps: int = 10
+    peak_flops_per_device: float = 0.0  # for MFU; 0 = measure a large matmul in compute_dtype at start
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    lr: float = 5e-5  # peak
+    warmup_steps: int = 60  # linear from 0
+    schedule: str = "linear"  # after warmup: linear (to end_lr_ratio * lr at max_steps), cosine, constant
+    end_lr_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    # metaseq's Adam default; OPT-IML does not state one (opt_formats.md 5.4). Decoupled (AdamW), never
+    # applied to biases, LayerNorm or (1-D) parameters.
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0  # global gradient norm; 0 = no clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every_steps: int = 500  # 0 = only at the end (and on SIGTERM)
+    keep: int = 2  # most recent checkpoints kept
+    async_save: bool = True
+    save_final: bool = True  # workdir/final in our converted-model format
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    every_steps: int = 500  # 0 = only at the end
+    batch_size: Optional[int] = None  # null = train.batch_size
+    max_batches: int = 0  # 0 = the whole eval set
+    num_samples: int = 2  # greedy generations printed for held-out prompts at the end
+    sample_max_new_tokens: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: str = ""  # converted checkpoint dir, HF dir or hub id, or "preset:NAME" (random init)
+    tokenizer: Optional[str] = None  # null = the model directory's tokenizer
+    workdir: str = "runs/default"
+    seed: int = 1234
+    data: DataConfig = DataConfig()
+    train: TrainSection = TrainSection()
+    optim: OptimSection = OptimSection()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointSection = CheckpointSection()
+    eval: EvalSection = EvalSection()
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["data"] = self.data.to_dict()
+        return out
+
+
+SECTIONS = {"train": TrainSection, "optim": OptimSection, "mesh": MeshConfig, "checkpoint": CheckpointSection,
+            "eval": EvalSection}
+
+
+# ---------------------------------------------------------------------- parsing
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+    """`value` coerced to the annotated type (ints are accepted for floats), else ConfigError."""
+    if isinstance(annotation, str):
+        annotation = {"int": int, "float": float, "str": str, "bool": bool, "Optional[int]": Optional[int],
+                      "Optional[float]": Optional[float], "Optional[str]": Optional[str]}[annotation]
+    optional = typing.get_origin(annotation) is typing.Union and type(None) in typing.get_args(annotation)
+    if optional:
+        if value is None:
+            return None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str) and value:
+            return value
+        raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _section(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix} must be a mapping of keys to values, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(map(str, data)) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}.{unknown[0]} (known {prefix} keys: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _check_type(f"{prefix}.{key}", value, hints[key]) for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except (ConfigError, ValueError) as e:
+        raise ConfigError(f"{prefix}: {e}") from None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range and consistency checks across sections (types were checked while parsing)."""
+    t, o, c, e = cfg.train, cfg.optim, cfg.checkpoint, cfg.eval
+    _require(bool(cfg.model), "model is not set (a checkpoint directory, a hub id or preset:NAME)")
+    for name in ("max_steps", "batch_size", "seq_len", "grad_accum_steps", "log_every_steps"):
+        _require(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}")
+    _require(t.batch_size % t.grad_accum_steps == 0,
+             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
+    _require(t.compute_dtype in COMPUTE_DTYPES, f"train.compute_dtype={t.compute_dtype!r} is not one of "
+             f"{', '.join(COMPUTE_DTYPES)}")
+    _require(t.param_dtype in COMPUTE_DTYPES, f"train.param_dtype={t.param_dtype!r} is not one of "
+             f"{', '.join(COMPUTE_DTYPES)}")
+    _require(t.remat_policy in REMAT_CHOICES, f"train.remat_policy={t.remat_policy!r} is not one of "
+             f"{', '.join(REMAT_CHOICES)}")
+    for name in ("dropout", "attention_dropout"):
+        value = getattr(t, name)
+        _require(value is None or 0.0 <= value < 1.0, f"train.{name} must be in [0, 1) or null, got {value}")
+    _require(t.max_nonfinite_in_a_row >= 1, f"train.max_nonfinite_in_a_row must be >= 1, got {t.max_nonfinite_in_a_row}")
+    _require(t.peak_flops_per_device >= 0, "train.peak_flops_per_device must be >= 0")
+    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _require(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    _require(0.0 <= o.end_lr_ratio <= 1.0, f"optim.end_lr_ratio must be in [0, 1], got {o.end_lr_ratio}")
+    for name in ("b1", "b2"):
+        _require(0.0 <= getattr(o, name) < 1.0, f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
+    _require(o.eps > 0, f"optim.eps must be positive, got {o.eps}")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _require(o.clip_norm >= 0, f"optim.clip_norm must be >= 0 (0 = no clipping), got {o.clip_norm}")
+    _require(c.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {c.every_steps}")
+    _require(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
+    _require(e.every_steps >= 0, f"eval.every_steps must be >= 0, got {e.every_steps}")
+    _require(e.batch_size is None or e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+    for name in ("max_batches", "num_samples", "sample_max_new_tokens"):
+        _require(getattr(e, name) >= 0, f"eval.{name} must be >= 0, got {getattr(e, name)}")
+    try:
+        cfg.mesh.resolve(max(1, abs(cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor)))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def from_dict(data: Any, source: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(map(str, data)) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]} (known top-level keys: {', '.join(sorted(known))})")
+    kwargs: dict[str, Any] = {}
+    for key in ("model", "tokenizer", "workdir"):
+        if key in data:
+            value = data[key]
+            _require(value is None and key == "tokenizer" or isinstance(value, str) and value != "",
+                     f"{key} must be a non-empty string, got {value!r}")
+            kwargs[key] = value
+    if "seed" in data:
+        kwargs["seed"] = _check_type("seed", data["seed"], int)
+    if "data" in data:
+        try:
+            kwargs["data"] = DataConfig.from_dict(data["data"] or {}, source="data")
+        except ConfigError as e:
+            message = str(e)
+            raise ConfigError(message.replace("data: unknown data key(s): ", "unknown config key data.")) from None
+    for name, cls in SECTIONS.items():
+        if name in data:
+            kwargs[name] = _section(cls, data[name], name)
+    cfg = RunConfig(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=3` -> (["train", "max_steps"], 3); the value is a YAML scalar or list."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is not key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    data = dict(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_run_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The YAML file at `path` (the demo config when None) with `overrides` applied, validated.
+
+    Relative data/model/tokenizer paths in a shipped config are relative to the repository root when
+    they do not exist relative to the working directory, so `configs/demo.yaml` runs from anywhere.
+    """
+    path = Path(path) if path is not None else DEMO_CONFIG
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides)
+    return from_dict(data, source=str(path))
+
+
+def resolve_path(value: str) -> str:
+    """A relative path that exists from the working directory as is, else from the repository root."""
+    if os.path.isabs(value) or os.path.exists(value):
+        return value
+    candidate = Path(__file__).resolve().parents[1] / value
+    return str(candidate) if candidate.exists() else value
+
+
+__all__ = ["RunConfig", "TrainSection", "OptimSection", "CheckpointSection", "EvalSection", "MeshConfig",
+           "DataConfig", "load_run_config", "from_dict", "apply_overrides", "parse_override", "resolve_path",
+           "DEMO_CONFIG"]

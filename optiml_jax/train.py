@@ -1,0 +1,653 @@
+"""Fine-tuning OPT / OPT-IML: train state, the jitted train and eval steps, and the training loop.
+
+Shaped like flax's lm1b example (`create_train_state`, `train_step`, `eval_step`, `train_and_evaluate`),
+with MaxText's sharding: params and optimizer state are created directly in their shards from the
+model's logical axis names, and the step is one jitted function with explicit in/out shardings and a
+donated state.
+
+Loss. The mean token cross-entropy over every target token of the GLOBAL batch: the sum of CE over
+loss_mask divided by the global count of target tokens (metaseq's `sample_size = ntokens`). With
+gradient accumulation every microbatch divides by the count of the whole batch, so the summed
+gradient is the big-batch gradient and the update does not depend on train.grad_accum_steps.
+
+Determinism. The dropout key of step s is fold_in(base_key, s) (then fold_in(., microbatch)); JAX's
+partitionable threefry makes the random bits independent of the mesh, so one device and a pod slice
+draw the same masks, and a resumed run the same masks as an uninterrupted one. A checkpoint holds
+params, Adam state, step, the base key, the non-finite counters and the data loader position.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+import optax
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from optiml_jax.config import ConfigError, OPTConfig
+from optiml_jax.metrics import MetricsWriter
+from optiml_jax.model import OPTForCausalLM
+from optiml_jax.run_config import OptimSection, RunConfig, TrainSection, resolve_path
+from optiml_jax.sharding import DEFAULT_RULES, abstract_params, logical_shardings, make_mesh, replicated
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+BATCH_SPEC = PartitionSpec(("data", "fsdp"), None)  # rows over every data-parallel axis
+NO_DECAY_NAMES = ("bias", "scale")  # biases and LayerNorm scales (and LayerNorm biases)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite steps in a row); the message says why."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: steps taken = batches consumed (skipped non-finite steps included)
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # the base dropout key (raw uint32[2]); step s uses fold_in(rng, s)
+    nonfinite_in_a_row: jax.Array  # int32
+    nonfinite_total: jax.Array  # int32
+
+
+# ---------------------------------------------------------------------- model and optimizer
+def build_model(opt_config: OPTConfig, train: TrainSection) -> OPTForCausalLM:
+    """The model with the run's dropout, dtypes, scan and remat settings."""
+    changes = {}
+    if train.dropout is not None:
+        changes["dropout"] = train.dropout
+    if train.attention_dropout is not None:
+        changes["attention_dropout"] = train.attention_dropout
+    config = opt_config.replace(**changes) if changes else opt_config
+    return OPTForCausalLM(config, dtype=DTYPES[train.compute_dtype], param_dtype=DTYPES[train.param_dtype],
+                          scan_layers=train.scan_layers, remat_policy=train.remat_policy,
+                          embed_dropout=config.dropout if train.embed_dropout else 0.0)
+
+
+def learning_rate_schedule(optim: OptimSection, max_steps: int) -> Callable:
+    """metaseq's polynomial_decay with power 1: update k (1-based) of the warmup uses lr * k / warmup,
+    so the first update is not wasted at lr 0; then linear (or cosine) decay to end_lr_ratio * lr at
+    max_steps."""
+    peak, warmup, end = optim.lr, optim.warmup_steps, optim.lr * optim.end_lr_ratio
+    decay_steps = max(1, max_steps - warmup)
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        warm = peak * jnp.minimum(1.0, (count + 1.0) / max(1, warmup)) if warmup else peak
+        progress = jnp.clip((count - warmup) / decay_steps, 0.0, 1.0)
+        if optim.schedule == "linear":
+            decayed = peak + (end - peak) * progress
+        elif optim.schedule == "cosine":
+            decayed = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        else:
+            decayed = jnp.asarray(peak, jnp.float32)
+        return jnp.where(count < warmup, warm, decayed)
+
+    return schedule
+
+
+def weight_decay_mask(params) -> Any:
+    """True where weight decay applies: everything but biases and LayerNorm parameters (by name, since
+    under scan_layers a bias is [layers, d] and its rank says nothing)."""
+    def decays(path, _):
+        name = getattr(path[-1], "key", str(path[-1]))
+        return name not in NO_DECAY_NAMES
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim: OptimSection, max_steps: int) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay, float32 moments) after global-norm clipping."""
+    adamw = optax.adamw(learning_rate_schedule(optim, max_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                        weight_decay=optim.weight_decay, mask=weight_decay_mask, mu_dtype=jnp.float32)
+    if optim.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(optim.clip_norm), adamw)
+    return adamw
+
+
+# ---------------------------------------------------------------------- sharded state
+def _opt_state_shardings(opt_abstract, params_abstract, param_shardings, mesh):
+    """Every params-shaped subtree of the optimizer state (Adam mu, nu) is sharded like the params;
+    the rest (step counters) is replicated."""
+    params_def = jax.tree.structure(params_abstract)
+    return jax.tree.map(lambda node: param_shardings if jax.tree.structure(node) == params_def
+                        else replicated(mesh),
+                        opt_abstract, is_leaf=lambda node: jax.tree.structure(node) == params_def)
+
+
+def state_shardings(model: OPTForCausalLM, tx, mesh, rules=DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+    """(abstract state, shardings), both TrainState trees; nothing is allocated."""
+    boxed = abstract_params(model)
+    param_shardings = logical_shardings(boxed, mesh, rules)
+    params_abstract = nn.meta.unbox(boxed)
+    opt_abstract = jax.eval_shape(tx.init, params_abstract)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    abstract = TrainState(step=scalar, params=params_abstract, opt_state=opt_abstract,
+                          rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+                          nonfinite_in_a_row=scalar, nonfinite_total=scalar)
+    repl = replicated(mesh)
+    shardings = TrainState(step=repl, params=param_shardings,
+                           opt_state=_opt_state_shardings(opt_abstract, params_abstract, param_shardings, mesh),
+                           rng=repl, nonfinite_in_a_row=repl, nonfinite_total=repl)
+    return abstract, shardings
+
+
+def create_train_state(model: OPTForCausalLM, tx, mesh, seed: int, params=None,
+                       rules=DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+    """(state, shardings). Random params (seed) unless `params` is given; either way every array is
+    created in its shards by one jitted init (a 30B model is never whole on one device)."""
+    _, shardings = state_shardings(model, tx, mesh, rules)
+    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+    zero = jnp.zeros((), jnp.int32)
+
+    def state_from(params, dropout_key):
+        return TrainState(step=zero, params=params, opt_state=tx.init(params), rng=dropout_key,
+                          nonfinite_in_a_row=zero, nonfinite_total=zero)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if params is None:
+            sample = jnp.ones((1, 8), jnp.int32)
+            init = jax.jit(lambda k, d: state_from(nn.meta.unbox(model.init(k, sample)["params"]), d),
+                           out_shardings=shardings)
+            state = init(init_key, dropout_key)
+        else:
+            params = jax.device_put(params, shardings.params)
+            init = jax.jit(state_from, in_shardings=(shardings.params, shardings.rng), out_shardings=shardings)
+            state = init(params, dropout_key)
+    return state, shardings
+
+
+# ---------------------------------------------------------------------- steps
+def cross_entropy(logits, targets):
+    """Per-token CE in float32: logsumexp(logits) - logits[target]."""
+    logits = logits.astype(jnp.float32)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logits
+
+
+def _forward_ce(model, params, batch, deterministic, dropout_key=None):
+    rngs = None if deterministic else {"dropout": dropout_key}
+    logits = model.apply({"params": params}, batch["input_ids"], position_ids=batch["positions"],
+                         segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rngs)
+    return cross_entropy(logits, batch["targets"]) * batch["loss_mask"]
+
+
+def make_train_step(model, tx, train: TrainSection, optim: OptimSection, mesh, shardings: TrainState,
+                    rules=DEFAULT_RULES):
+    """The jitted `train_step(state, batch) -> (state, metrics)`; the input state is donated."""
+    accum = train.grad_accum_steps
+    schedule = learning_rate_schedule(optim, train.max_steps)
+    micro_spec = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
+
+    def train_step(state: TrainState, batch: dict):
+        step_key = jax.random.fold_in(state.rng, state.step)
+        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+        def loss_fn(params, microbatch, index):
+            ce = _forward_ce(model, params, microbatch, False, jax.random.fold_in(step_key, index))
+            return jnp.sum(ce) / total_tokens  # the whole batch's count: microbatch losses add up
+
+        grad_fn = jax.value_and_grad(loss_fn)
+        if accum == 1:
+            loss, grads = grad_fn(state.params, batch, 0)
+        else:
+            def split(x):  # microbatch a = rows a, a+A, a+2A...: each stays spread over every device
+                b, s = x.shape
+                x = jnp.swapaxes(x.reshape(b // accum, accum, s), 0, 1)
+                return jax.lax.with_sharding_constraint(x, micro_spec)
+
+            microbatches = jax.tree.map(split, batch)
+
+            def body(carry, xs):
+                loss_sum, grad_sum = carry
+                index, microbatch = xs
+                loss, grads = grad_fn(state.params, microbatch, index)
+                grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+                grad_sum = jax.lax.with_sharding_constraint(grad_sum, shardings.params)
+                return (loss_sum + loss, grad_sum), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                            (jnp.arange(accum), microbatches))
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        # A non-finite loss or gradient leaves params and Adam state untouched (and is counted).
+        keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+        params = jax.tree.map(keep_if_bad, new_params, state.params)
+        opt_state = jax.tree.map(keep_if_bad, new_opt_state, state.opt_state)
+        bad = (~finite).astype(jnp.int32)
+        applied = state.step - state.nonfinite_total  # the optimizer's own count of applied updates
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng,
+                               nonfinite_in_a_row=(state.nonfinite_in_a_row + bad) * bad,
+                               nonfinite_total=state.nonfinite_total + bad)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(applied), "target_tokens": total_tokens,
+                   "nonfinite": bad, "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
+                   "nonfinite_total": new_state.nonfinite_total}
+        return new_state, metrics
+
+    batch_shardings = {key: NamedSharding(mesh, BATCH_SPEC) for key in
+                       ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
+    jitted = jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                     out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+
+    def run(state, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(state, batch)
+
+    return run
+
+
+def make_eval_step(model, mesh, param_shardings, rules=DEFAULT_RULES):
+    """The jitted `eval_step(params, batch) -> (sum of CE over target tokens, number of target tokens)`."""
+    def eval_step(params, batch):
+        ce = _forward_ce(model, params, batch, True)
+        return jnp.sum(ce), jnp.sum(batch["loss_mask"])
+
+    batch_shardings = {key: NamedSharding(mesh, BATCH_SPEC) for key in
+                       ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
+    jitted = jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings), out_shardings=replicated(mesh))
+
+    def run(params, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(params, batch)
+
+    return run
+
+
+def global_batch(local_batch: dict, mesh, global_batch_size: int) -> dict:
+    """Global arrays from this process's rows (each host reads only its share of the batch)."""
+    sharding = NamedSharding(mesh, BATCH_SPEC)
+    return {key: jax.make_array_from_process_local_data(sharding, value, (global_batch_size,) + value.shape[1:])
+            for key, value in local_batch.items()}
+
+
+def evaluate(eval_step, params, loader, mesh, batch_size: int, max_batches: int = 0) -> dict:
+    """Mean CE over every target token of the eval set (or its first max_batches batches)."""
+    ce_sum, count, batches = 0.0, 0.0, 0
+    for local in loader:
+        ce, n = eval_step(params, global_batch(local, mesh, batch_size))
+        ce_sum, count, batches = ce_sum + float(ce), count + float(n), batches + 1
+        if max_batches and batches >= max_batches:
+            break
+    loss = ce_sum / max(count, 1.0)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/target_tokens": count}
+
+
+# ---------------------------------------------------------------------- throughput accounting
+def flops_per_token(config: OPTConfig, seq_len: int) -> dict:
+    """Model FLOPs per trained token (forward + backward = 3 x forward, no remat counted):
+    6 N_nonembedding (weight matmuls) + 6 d V (the tied LM head) + 12 L S d (attention scores and
+    values, the labelled "attention" term)."""
+    dense = 6 * config.num_params(include_embeddings=False)
+    head = 6 * config.word_embed_proj_dim * config.vocab_size
+    attention = 12 * config.num_hidden_layers * seq_len * config.hidden_size
+    return {"dense": dense, "lm_head": head, "attention": attention, "total": dense + head + attention}
+
+
+def measure_matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5, device=None) -> float:
+    """FLOP/s of a large square matmul on one device: the roofline MFU is measured against."""
+    device = device or jax.devices()[0]
+    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+# ---------------------------------------------------------------------- checkpoints
+def checkpoint_manager(workdir: str, keep: int, async_save: bool):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def save_checkpoint(manager, state: TrainState, data_state: dict, force: bool = False) -> None:
+    import orbax.checkpoint as ocp
+
+    step = int(jax.device_get(state.step))
+    if manager.latest_step() == step:
+        return
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+                 force=force)
+
+
+def restore_checkpoint(manager, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, dict]:
+    """The latest checkpoint, restored straight into its shards, and the saved data loader state."""
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
+
+
+# ---------------------------------------------------------------------- sampling
+def greedy_generate(model, params, tokenizer, prompts, max_new_tokens: int = 32, max_len: int = 0) -> list[str]:
+    """Greedy continuations of `prompts` without a KV cache (one fixed-shape forward per token, so it
+    compiles once); a small helper for showing what a run learned, not a serving path."""
+    max_len = max_len or model.config.max_position_embeddings
+    pad = tokenizer.pad_id
+    forward = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, attention_mask=mask))
+    outputs = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, add_bos=False)[-(max_len - max_new_tokens):]
+        length = len(ids) + max_new_tokens
+        tokens = np.full((1, length), pad, np.int32)
+        tokens[0, :len(ids)] = ids
+        new = []
+        for pos in range(len(ids), length):
+            mask = (np.arange(length) < pos).astype(np.int32)[None]
+            logits = forward(params, jnp.asarray(tokens), jnp.asarray(mask))
+            token = int(jnp.argmax(logits[0, pos - 1]))
+            if token == tokenizer.eos_id:
+                break
+            tokens[0, pos] = token
+            new.append(token)
+        outputs.append(tokenizer.decode(new))
+    return outputs
+
+
+# ---------------------------------------------------------------------- the loop
+@dataclasses.dataclass
+class RunResult:
+    """What `train_and_evaluate` did: for the CLI's summary and for tests."""
+    step: int
+    state: TrainState
+    model: OPTForCausalLM
+    losses: dict  # step -> train loss (steps of this invocation)
+    eval_losses: dict  # step -> eval loss
+    interrupted: bool = False
+    final_dir: Optional[str] = None
+    samples: list = dataclasses.field(default_factory=list)
+
+
+class _Interrupt:
+    """SIGTERM (a preemption, `kill`) sets a flag; the loop saves a checkpoint and stops at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading_is_main():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint and stopping after this step")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def load_model_and_tokenizer(cfg: RunConfig, mesh, rules=DEFAULT_RULES, load_weights: bool = True):
+    """(OPTConfig, params or None, tokenizer) for cfg.model: `preset:NAME` (random init later) or a
+    checkpoint directory / hub id (params loaded into their shards unless load_weights is False)."""
+    from optiml_jax.tokenizer import OPTTokenizer
+
+    params, tokenizer = None, None
+    if cfg.model.startswith("preset:"):
+        name = cfg.model[len("preset:"):]
+        opt_config = OPTConfig.from_preset(resolve_path(name) if name.endswith((".yaml", ".yml", ".json")) else name)
+    elif load_weights:
+        from optiml_jax.pretrained import load_pretrained
+
+        loaded = load_pretrained(resolve_path(cfg.model), dtype=cfg.train.param_dtype, scan_layers=cfg.train.scan_layers,
+                                 mesh=mesh, rules=rules, load_tokenizer=cfg.tokenizer is None)
+        opt_config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
+    else:  # resuming: the architecture only; the weights come from the run's checkpoint
+        from optiml_jax.pretrained import resolve_model_path
+
+        path = resolve_model_path(resolve_path(cfg.model))
+        opt_config = OPTConfig.from_json_file(path / "config.json")
+        if cfg.tokenizer is None:
+            tokenizer = OPTTokenizer.from_pretrained(path)
+    if cfg.tokenizer is not None:
+        tokenizer = OPTTokenizer.from_pretrained(resolve_path(cfg.tokenizer))
+    if tokenizer is None:
+        raise ConfigError(f"tokenizer is not set and {cfg.model} has no tokenizer files")
+    if tokenizer.vocab_size > opt_config.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                          f"{opt_config.vocab_size}")
+    return opt_config, params, tokenizer
+
+
+def _data_config_resolved(cfg: RunConfig):
+    def fix(value):
+        if value is None:
+            return None
+        if isinstance(value, tuple):
+            return tuple(resolve_path(v) for v in value)
+        return resolve_path(value)
+
+    data = cfg.data
+    return dataclasses.replace(data, train=fix(data.train), eval=fix(data.eval), train_tasks=fix(data.train_tasks),
+                               eval_tasks=fix(data.eval_tasks))
+
+
+def _check_batch_layout(cfg: RunConfig, mesh) -> None:
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.batch_size // cfg.train.grad_accum_steps
+    if micro % data_parallel:
+        raise ConfigError(f"train.batch_size / train.grad_accum_steps = {micro} sequences per microbatch is not "
+                          f"divisible by the data-parallel devices (mesh.data x mesh.fsdp = {data_parallel})")
+    eval_batch = cfg.eval.batch_size or cfg.train.batch_size
+    if eval_batch % data_parallel:
+        raise ConfigError(f"eval batch size {eval_batch} is not divisible by mesh.data x mesh.fsdp = {data_parallel}")
+    if cfg.train.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {jax.process_count()} "
+                          f"processes")
+
+
+def train_and_evaluate(cfg: RunConfig, *, devices=None, rules=DEFAULT_RULES, progress: bool = True,
+                       stop_after_steps: Optional[int] = None) -> RunResult:
+    """Runs (or resumes, when cfg.workdir has a checkpoint) the fine-tuning job described by `cfg`.
+
+    stop_after_steps: return after that many steps of this invocation, as a preemption would (saving
+    a checkpoint first); for tests of exact resume.
+    """
+    from optiml_jax.data import build_eval_loader, build_train_loader
+
+    workdir = Path(cfg.workdir)
+    is_main = jax.process_index() == 0
+    mesh = make_mesh(cfg.mesh, devices=devices)
+    _check_batch_layout(cfg, mesh)
+    manager = checkpoint_manager(str(workdir), cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    resuming = manager.latest_step() is not None
+
+    opt_config, params, tokenizer = load_model_and_tokenizer(cfg, mesh, rules, load_weights=not resuming)
+    model = build_model(opt_config, cfg.train)
+    if cfg.train.seq_len > opt_config.max_position_embeddings:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds the model's max_position_embeddings="
+                          f"{opt_config.max_position_embeddings}")
+    tx = make_optimizer(cfg.optim, cfg.train.max_steps)
+    data_cfg = _data_config_resolved(cfg)
+    loader = build_train_loader(data_cfg, tokenizer, seed=cfg.seed, batch_size=cfg.train.batch_size,
+                                seq_len=cfg.train.seq_len)
+    eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
+    eval_loader = build_eval_loader(data_cfg, tokenizer, seed=cfg.seed, batch_size=eval_batch_size,
+                                    seq_len=cfg.train.seq_len)
+
+    if resuming:
+        abstract, shardings = state_shardings(model, tx, mesh, rules)
+        state, data_state = restore_checkpoint(manager, abstract, shardings)
+        loader.set_state(data_state)
+        log.info("resumed from %s at step %d", workdir / "checkpoints", int(state.step))
+    else:
+        state, shardings = create_train_state(model, tx, mesh, cfg.seed, params=params, rules=rules)
+        del params
+    train_step = make_train_step(model, tx, cfg.train, cfg.optim, mesh, shardings, rules)
+    eval_step = make_eval_step(model, mesh, shardings.params, rules)
+
+    writer = MetricsWriter(workdir, enabled=is_main)
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (workdir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    flops = flops_per_token(opt_config, cfg.train.seq_len)
+    peak = cfg.train.peak_flops_per_device or measure_matmul_peak(DTYPES[cfg.train.compute_dtype])
+    peak_total = peak * mesh.size
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    if is_main:
+        log.info("model: %s parameters (%s without embeddings); %.3g FLOPs/token (attention %.3g); peak %.3g "
+                 "FLOP/s per device", f"{opt_config.num_params():,}",
+                 f"{opt_config.num_params(include_embeddings=False):,}", flops["total"], flops["attention"], peak)
+
+    start_step = int(jax.device_get(state.step))
+    max_steps = cfg.train.max_steps
+    end_step = max_steps if stop_after_steps is None else min(max_steps, start_step + stop_after_steps)
+    result = RunResult(step=start_step, state=state, model=model, losses={}, eval_losses={})
+
+    def run_eval(step):
+        if eval_loader is None:
+            return
+        scalars = evaluate(eval_step, state.params, eval_loader, mesh, eval_batch_size, cfg.eval.max_batches)
+        result.eval_losses[step] = scalars["eval/loss"]
+        writer.write(step, scalars)
+        if is_main:
+            log.info("step %d: eval loss %.4f", step, scalars["eval/loss"])
+            if bar is not None:
+                bar.write(f"step {step}: eval loss {scalars['eval/loss']:.4f}")
+
+    bar = None
+    if progress and is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    if start_step == 0 and eval_loader is not None and cfg.eval.every_steps:
+        run_eval(0)
+
+    pending = None  # (step, metrics on device): read one step late so the host never stalls the device
+    window = {"loss": [], "time": time.perf_counter(), "steps": 0}
+
+    def drain(pending_item):
+        step, metrics = pending_item
+        m = jax.device_get(metrics)
+        loss = float(m["loss"])
+        result.losses[step] = loss
+        if int(m["nonfinite_in_a_row"]) >= cfg.train.max_nonfinite_in_a_row:
+            raise TrainingError(f"step {step}: {int(m['nonfinite_in_a_row'])} non-finite losses or gradients in a "
+                                f"row (train.max_nonfinite_in_a_row={cfg.train.max_nonfinite_in_a_row}); stopping")
+        window["loss"].append(loss)
+        window["steps"] += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if step % cfg.train.log_every_steps == 0 or step == max_steps:
+            now = time.perf_counter()
+            elapsed = now - window["time"]
+            tokens_per_s = tokens_per_step * window["steps"] / elapsed if elapsed > 0 else 0.0
+            scalars = {"train/loss": float(np.mean(window["loss"])), "train/step_loss": loss,
+                       "train/lr": float(m["lr"]), "train/grad_norm": float(m["grad_norm"]),
+                       "train/tokens_per_s": tokens_per_s,
+                       "train/mfu": tokens_per_s * flops["total"] / peak_total,
+                       "train/target_tokens": float(m["target_tokens"]),
+                       "train/nonfinite_total": int(m["nonfinite_total"])}
+            scalars.update({f"data/{k}": v for k, v in loader.stats().items()})
+            writer.write(step, scalars)
+            window.update(loss=[], time=now, steps=0)
+
+    interrupted = False
+    with _Interrupt() as interrupt:
+        try:
+            for step in range(start_step, end_step):
+                batch = global_batch(next(loader), mesh, cfg.train.batch_size)
+                state, metrics = train_step(state, batch)
+                if pending is not None:
+                    drain(pending)
+                else:  # the first step's time is mostly compilation: do not count it in tokens/s
+                    jax.block_until_ready(metrics)
+                    window["time"] = time.perf_counter()
+                    window["steps"] = -1
+                pending = (step + 1, metrics)
+                done = step + 1
+                if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < max_steps:
+                    save_checkpoint(manager, state, loader.get_state())
+                if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < max_steps:
+                    drain(pending)
+                    pending = None
+                    run_eval(done)
+                    window["time"] = time.perf_counter()
+                if interrupt.requested:
+                    interrupted = True
+                    break
+            if pending is not None:
+                drain(pending)
+                pending = None
+        finally:
+            if bar is not None:
+                bar.close()
+    done = int(jax.device_get(state.step))
+    result.step, result.state = done, state
+    if done < max_steps:  # preempted or stopped early: keep the position for the next invocation
+        result.interrupted = interrupted or stop_after_steps is not None
+        save_checkpoint(manager, state, loader.get_state(), force=True)
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        return result
+
+    run_eval(done)
+    save_checkpoint(manager, state, loader.get_state(), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    if is_main:
+        log.info("data: %s", loader.stats())
+    writer.write(done, {f"data/{k}": v for k, v in loader.stats().items()})
+    writer.close()
+    if cfg.checkpoint.save_final:
+        result.final_dir = save_final_model(workdir / "final", opt_config, state.params, tokenizer)
+    if cfg.eval.num_samples and eval_loader is not None:
+        result.samples = sample_heldout(model, state.params, tokenizer, eval_loader, cfg.eval)
+    return result
+
+
+def save_final_model(directory: Path, opt_config: OPTConfig, params, tokenizer) -> Optional[str]:
+    """The trained model in our converted format (config.json + tokenizer + Orbax params)."""
+    from optiml_jax import checkpoint
+
+    save_model = getattr(checkpoint, "save_model", None)
+    if save_model is None:
+        log.warning("optiml_jax.checkpoint.save_model is not available yet: the final model is only in the "
+                    "run's training checkpoints")
+        return None
+    save_model(directory, opt_config, params, tokenizer, overwrite=True)
+    return str(directory)
+
+
+def sample_heldout(model, params, tokenizer, eval_loader, eval_cfg) -> list[tuple[str, str, str]]:
+    """(prompt, reference, greedy generation) for the first example of the first few eval tasks."""
+    examples = [examples[0] for examples in list(eval_loader.tasks.values())[:eval_cfg.num_samples] if examples]
+    prompts = [e.src.rstrip(" ") for e in examples]
+    generations = greedy_generate(model, params, tokenizer, prompts, eval_cfg.sample_max_new_tokens)
+    return [(e.src, e.tgt, g) for e, g in zip(examples, generations)]

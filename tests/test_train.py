@@ -1,0 +1,250 @@
+"""Fine-tuning: config validation, loss/accumulation/mesh invariance, exact resume, non-finite handling, CLI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optiml_jax.config import ConfigError
+from optiml_jax.metrics import read_jsonl, read_tensorboard_scalars
+from optiml_jax.run_config import OptimSection, from_dict, load_run_config
+from optiml_jax.train import (TrainingError, flops_per_token, learning_rate_schedule, train_and_evaluate,
+                              weight_decay_mask)
+
+REPO = Path(__file__).resolve().parents[1]
+SNI = REPO / "data" / "sni"
+TINY_MODEL = dict(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                  max_position_embeddings=128, dropout=0.1, attention_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_preset(tmp_path_factory):
+    import yaml
+
+    path = tmp_path_factory.mktemp("model") / "opt-test.yaml"
+    path.write_text(yaml.safe_dump(TINY_MODEL))
+    return str(path)
+
+
+def run_config(tiny_preset, workdir, **sections):
+    """A tiny but complete run: 2 SNI tasks, batch 8 x 64, dropout on, no eval, no final export."""
+    data = {"model": f"preset:{tiny_preset}", "tokenizer": str(REPO / "optiml_jax/assets/demo_tokenizer"),
+            "workdir": str(workdir), "seed": 7,
+            "data": {"train": [str(SNI / "task1146_country_capital.json"), str(SNI / "task1508_wordnet_antonyms.json")]},
+            "train": {"max_steps": 4, "batch_size": 8, "seq_len": 64, "log_every_steps": 1, "peak_flops_per_device": 1e9},
+            "optim": {"lr": 3e-3, "warmup_steps": 2},
+            "mesh": {"data": -1},
+            "checkpoint": {"every_steps": 0, "keep": 2, "save_final": False},
+            "eval": {"every_steps": 0, "num_samples": 0}}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            data[key] = {**data.get(key, {}), **value}
+        else:
+            data[key] = value
+    return from_dict(data)
+
+
+def flat_params(state):
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
+
+
+# ---------------------------------------------------------------------- config
+def test_config_rejects_unknown_keys_and_bad_values_naming_them(tmp_path):
+    cfg = load_run_config(REPO / "configs/demo.yaml", ["train.max_steps=3", "optim.lr=1e-4", "mesh.fsdp=2"])
+    assert (cfg.train.max_steps, cfg.optim.lr, cfg.mesh.fsdp) == (3, 1e-4, 2)
+    for override, needle in [("train.max_stpes=3", "train.max_stpes"), ("optim.lr=fast", "optim.lr"),
+                             ("train.batch_size=0", "train.batch_size"), ("optimizer.lr=1", "optimizer"),
+                             ("data.trian=x", "data.trian"), ("train.remat_policy=some", "train.remat_policy"),
+                             ("train.grad_accum_steps=3", "grad_accum_steps"), ("mesh.data=0", "mesh.data"),
+                             ("data.template=nope", "data.template"), ("checkpoint.keep=0", "checkpoint.keep")]:
+        with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+            load_run_config(REPO / "configs/demo.yaml", [override])
+
+
+def test_cli_config_error_is_one_line_and_nonzero(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "optiml_jax.finetune", "--config", str(REPO / "configs/demo.yaml"),
+                           "train.max_stpes=3"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.max_stpes" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_shipped_recipes_load():
+    for name in ("demo", "optiml-1.3b", "optiml-30b"):
+        cfg = load_run_config(REPO / "configs" / f"{name}.yaml")
+        assert cfg.optim.b2 == 0.95 and cfg.optim.eps == 1e-8 and cfg.optim.clip_norm == 1.0
+    recipe = load_run_config(REPO / "configs/optiml-30b.yaml")
+    assert (recipe.optim.lr, recipe.optim.warmup_steps, recipe.train.batch_size, recipe.train.seq_len) == \
+        (5e-5, 60, 256, 2048)
+
+
+# ---------------------------------------------------------------------- optimizer pieces
+def test_schedule_is_warmup_then_linear_decay_to_zero():
+    schedule = learning_rate_schedule(OptimSection(lr=5e-5, warmup_steps=60), max_steps=4000)
+    assert float(schedule(0)) == pytest.approx(5e-5 / 60)
+    assert float(schedule(59)) == pytest.approx(5e-5)
+    assert float(schedule(60)) == pytest.approx(5e-5)
+    assert float(schedule(2030)) == pytest.approx(2.5e-5, rel=1e-4)
+    assert float(schedule(4000)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_weight_decay_skips_biases_and_layer_norms():
+    params = {"decoder": {"layers": {"fc1": {"kernel": 0, "bias": 0}, "final_layer_norm": {"scale": 0, "bias": 0}},
+                          "embed_tokens": {"embedding": 0}}}
+    mask = weight_decay_mask(params)
+    assert mask["decoder"]["layers"]["fc1"] == {"kernel": True, "bias": False}
+    assert mask["decoder"]["layers"]["final_layer_norm"] == {"scale": False, "bias": False}
+    assert mask["decoder"]["embed_tokens"]["embedding"] is True
+
+
+def test_flops_per_token_formula():
+    from optiml_jax.config import OPTConfig
+
+    config = OPTConfig.from_preset("125m")
+    f = flops_per_token(config, 512)
+    assert f["attention"] == 12 * 12 * 512 * 768 and f["lm_head"] == 6 * 768 * 50272
+    assert f["total"] == 6 * config.num_params(include_embeddings=False) + f["lm_head"] + f["attention"]
+
+
+# ---------------------------------------------------------------------- invariances
+def test_grad_accumulation_gives_the_same_update(tiny_preset, tmp_path):
+    runs = {}
+    for accum in (1, 4):
+        cfg = run_config(tiny_preset, tmp_path / f"accum{accum}", train={"max_steps": 3, "grad_accum_steps": accum,
+                                                                        "dropout": 0.0},
+                         mesh={"data": 2, "fsdp": 1, "tensor": 1})
+        runs[accum] = train_and_evaluate(cfg, devices=jax.devices()[:2], progress=False)
+    np.testing.assert_allclose([runs[4].losses[s] for s in (1, 2, 3)], [runs[1].losses[s] for s in (1, 2, 3)],
+                               rtol=1e-5)
+    big, small = flat_params(runs[1].state), flat_params(runs[4].state)
+    # Adam divides by sqrt(v): a weight whose true gradient is 0 (the k_proj bias: softmax ignores it)
+    # moves on float rounding alone, so the bound is 1% of one step (lr = 3e-3), not float epsilon.
+    for key in big:
+        np.testing.assert_allclose(small[key], big[key], atol=3e-5, err_msg=key)
+    assert runs[1].losses[3] < runs[1].losses[1]
+
+
+def test_mesh_shape_does_not_change_the_losses(tiny_preset, tmp_path):
+    """Dropout on: the masks come from fold_in(key, step), not from the device layout."""
+    meshes = {"2x2x2": ({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()),
+              "data8": ({"data": 8, "fsdp": 1, "tensor": 1}, jax.devices()),
+              "single": ({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])}
+    losses = {}
+    for name, (mesh, devices) in meshes.items():
+        cfg = run_config(tiny_preset, tmp_path / name, train={"max_steps": 5}, mesh=mesh)
+        result = train_and_evaluate(cfg, devices=devices, progress=False)
+        losses[name] = [result.losses[s] for s in range(1, 6)]
+    np.testing.assert_allclose(losses["2x2x2"], losses["single"], atol=1e-4)
+    np.testing.assert_allclose(losses["data8"], losses["single"], atol=1e-4)
+
+
+def test_resume_continues_exactly(tiny_preset, tmp_path, monkeypatch):
+    """4 steps in one go == 2 steps, SIGTERM (checkpoint saved), then a second invocation on the same
+    workdir for 2 more: same loss curve, same final params (dropout on)."""
+    import signal
+
+    import optiml_jax.train as train_module
+
+    whole = train_and_evaluate(run_config(tiny_preset, tmp_path / "whole"), progress=False)
+    cfg = run_config(tiny_preset, tmp_path / "split", checkpoint={"every_steps": 0})
+    real_global_batch, calls = train_module.global_batch, {"n": 0}
+
+    def sigterm_during_second_step(local, mesh, size):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_global_batch(local, mesh, size)
+
+    monkeypatch.setattr(train_module, "global_batch", sigterm_during_second_step)
+    first = train_and_evaluate(cfg, progress=False)
+    monkeypatch.setattr(train_module, "global_batch", real_global_batch)
+    assert first.interrupted and first.step == 2
+    second = train_and_evaluate(cfg, progress=False)
+    assert second.step == 4 and sorted(second.losses) == [3, 4]
+    curve = {**first.losses, **second.losses}
+    np.testing.assert_allclose([curve[s] for s in range(1, 5)], [whole.losses[s] for s in range(1, 5)], rtol=1e-6)
+    a, b = flat_params(whole.state), flat_params(second.state)
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], atol=1e-7, err_msg=key)
+    # The metrics file of the split run holds the same curve (lines of both invocations).
+    logged = {r["step"]: r["train/step_loss"] for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")
+              if "train/step_loss" in r}
+    np.testing.assert_allclose([logged[s] for s in range(1, 5)], [whole.losses[s] for s in range(1, 5)], rtol=1e-6)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_preset, tmp_path, monkeypatch):
+    import optiml_jax.train as train_module
+
+    real_global_batch = train_module.global_batch
+    calls = {"n": 0}
+
+    def poisoned(local, mesh, size):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # every step after the first gets a NaN in its loss
+            local = dict(local, loss_mask=np.where(local["loss_mask"] > 0, np.nan, 0).astype(np.float32))
+        return real_global_batch(local, mesh, size)
+
+    monkeypatch.setattr(train_module, "global_batch", poisoned)
+    cfg = run_config(tiny_preset, tmp_path / "nan", train={"max_steps": 10, "max_nonfinite_in_a_row": 3})
+    with pytest.raises(TrainingError, match="3 non-finite"):
+        train_and_evaluate(cfg, progress=False)
+    records = [r for r in read_jsonl(tmp_path / "nan" / "metrics.jsonl") if "train/nonfinite_total" in r]
+    assert records[0]["train/nonfinite_total"] == 0 and records[-1]["train/nonfinite_total"] >= 2
+
+
+def test_skipped_update_leaves_params_untouched(tiny_preset, tmp_path):
+    from optiml_jax.run_config import TrainSection
+    from optiml_jax.sharding import MeshConfig, make_mesh
+    from optiml_jax.train import build_model, create_train_state, global_batch, make_optimizer, make_train_step
+    from optiml_jax.config import OPTConfig
+
+    train = TrainSection(max_steps=5, batch_size=2, seq_len=8)
+    model = build_model(OPTConfig(**TINY_MODEL), train)
+    tx = make_optimizer(OptimSection(), 5)
+    mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    state, shardings = create_train_state(model, tx, mesh, seed=0)
+    before = flat_params(state)
+    step = make_train_step(model, tx, train, OptimSection(), mesh, shardings)
+    ones = np.ones((2, 8), np.int32)
+    batch = global_batch({"input_ids": ones * 5, "targets": ones * 6, "segment_ids": ones,
+                          "positions": np.tile(np.arange(8, dtype=np.int32), (2, 1)),
+                          "loss_mask": np.full((2, 8), np.inf, np.float32)}, mesh, 2)
+    state, metrics = step(state, batch)
+    assert int(metrics["nonfinite"]) == 1 and int(state.nonfinite_total) == 1 and int(state.step) == 1
+    after = flat_params(state)
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+
+
+# ---------------------------------------------------------------------- CLI smoke test
+def test_finetune_cli_smoke(tmp_path, capsys, tiny_preset):
+    from optiml_jax.finetune import main
+
+    workdir = tmp_path / "cli"
+    code = main(["--config", str(REPO / "configs/demo.yaml"), f"workdir={workdir}", "train.max_steps=3",
+                 f"model=preset:{tiny_preset}", "train.batch_size=8", "train.seq_len=64", "eval.every_steps=2",
+                 "eval.max_batches=2", "eval.num_samples=1", "eval.sample_max_new_tokens=3",
+                 "train.log_every_steps=1", "train.peak_flops_per_device=1e9", "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "done: step 3" in out and "eval prompt" in out
+    records = read_jsonl(workdir / "metrics.jsonl")
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    assert train_steps == [1, 2, 3]
+    row = next(r for r in records if r["step"] == 3 and "train/loss" in r)
+    for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "data/packed/rows"):
+        assert key in row
+    assert any("eval/loss" in r for r in records)
+    tags = {tag for _, tag, _ in read_tensorboard_scalars(workdir / "tensorboard")}
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "eval/loss"} <= tags
+    assert (workdir / "checkpoints" / "3").is_dir()
+    # Same workdir again: already at max_steps, nothing to train, no crash.
+    assert main(["--config", str(REPO / "configs/demo.yaml"), f"workdir={workdir}", "train.max_steps=3",
+                 f"model=preset:{tiny_preset}", "train.batch_size=8", "train.seq_len=64", "eval.num_samples=0",
+                 "eval.max_batches=1", "train.peak_flops_per_device=1e9", "--no-progress"]) == 0

@@ -1,0 +1,166 @@
+"""`python tools/benchmark.py train`: training tokens/s and MFU, ours vs Hugging Face PyTorch, same run.
+
+Both sides take the same step on the same batch shape: forward, backward, global-norm clipping at 1.0
+and an AdamW update (betas 0.9/0.95, eps 1e-8), float32, dropout 0.1, on a random-init model of the
+125m shape (OPTConfig.from_preset("125m")), batch 4 x 512 of fully packed rows.
+
+MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 6 N_nonembedding + 6 d V + 12 L S d
+(the last term is attention) and the peak the best float32 FLOP/s of a large square matmul measured
+here, with JAX and with PyTorch (the better one), in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python tools/benchmark.py train", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="125m")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per side (after 2 warm-up steps)")
+    parser.add_argument("--variants", default="scan",
+                        help="comma-separated JAX variants: scan, unscanned, scan+remat=<policy>, unscanned+remat=<policy>")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def matmul_peak_torch(size=2048, repeats=5) -> float:
+    import torch
+
+    a = torch.randn(size, size)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def bench_jax(config, batch, seq_len, steps, scan_layers=True, remat="none") -> dict:
+    import jax
+    import numpy as np
+
+    from optiml_jax.run_config import OptimSection, TrainSection
+    from optiml_jax.sharding import MeshConfig, make_mesh
+    from optiml_jax.train import create_train_state, global_batch, make_optimizer, make_train_step, build_model
+
+    train = TrainSection(max_steps=1000, batch_size=batch, seq_len=seq_len, compute_dtype="float32",
+                         scan_layers=scan_layers, remat_policy=remat, dropout=0.1, attention_dropout=0.0,
+                         embed_dropout=False)  # HF has no embedding dropout: keep the steps the same
+    optim = OptimSection(lr=5e-5, warmup_steps=0, weight_decay=0.0, clip_norm=1.0)
+    mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    model = build_model(config, train)
+    tx = make_optimizer(optim, train.max_steps)
+    state, shardings = create_train_state(model, tx, mesh, seed=0)
+    step_fn = make_train_step(model, tx, train, optim, mesh, shardings)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, config.vocab_size, size=(batch, seq_len + 1)).astype(np.int32)
+    local = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+             "loss_mask": np.ones((batch, seq_len), np.float32),
+             "segment_ids": np.ones((batch, seq_len), np.int32),
+             "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()}
+    data = global_batch(local, mesh, batch)
+    start = time.perf_counter()
+    state, metrics = step_fn(state, data)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    state, metrics = step_fn(state, data)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step_fn(state, data)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return {"step_s": float(np.median(times)), "first_step_s": compile_s, "loss": float(metrics["loss"])}
+
+
+def bench_hf(config, batch, seq_len, steps) -> dict:
+    import numpy as np
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf_config = transformers.OPTConfig(**{**config.to_dict(), "dropout": 0.1, "attention_dropout": 0.0})
+    model = transformers.OPTForCausalLM(hf_config)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    ids = torch.as_tensor(np.random.default_rng(0).integers(4, config.vocab_size, size=(batch, seq_len)))
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - start)
+    return {"step_s": float(np.median(times)), "first_step_s": first, "loss": loss,
+            "attn_implementation": model.config._attn_implementation, "threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv if argv is not None else sys.argv[1:])
+    import jax
+    import torch
+
+    from optiml_jax.config import OPTConfig
+    from optiml_jax.train import flops_per_token, measure_matmul_peak
+
+    config = OPTConfig.from_preset(args.preset)
+    flops = flops_per_token(config, args.seq_len)
+    tokens = args.batch * args.seq_len
+    peak_jax = measure_matmul_peak(size=2048)
+    peak_torch = matmul_peak_torch()
+    peak = max(peak_jax, peak_torch)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} "
+          f"({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"model {args.preset}: batch {args.batch} x {args.seq_len}; FLOPs/token {flops['total'] / 1e6:.1f} M "
+          f"= 6N {flops['dense'] / 1e6:.1f} M + 6dV {flops['lm_head'] / 1e6:.1f} M + attention 12LSd "
+          f"{flops['attention'] / 1e6:.1f} M")
+    print(f"float32 matmul peak (2048^2): jax {peak_jax / 1e9:.1f} GFLOP/s, torch {peak_torch / 1e9:.1f} GFLOP/s; "
+          f"MFU is against {peak / 1e9:.1f}")
+    results = {}
+    if not args.skip_hf:
+        results["hf-pytorch"] = bench_hf(config, args.batch, args.seq_len, args.steps)
+    for variant in args.variants.split(","):
+        parts = variant.split("+")
+        remat = next((p.split("=", 1)[1] for p in parts if p.startswith("remat=")), "none")
+        results[f"jax-{variant}"] = bench_jax(config, args.batch, args.seq_len, args.steps,
+                                              scan_layers="unscanned" not in parts, remat=remat)
+    hf_tps = tokens / results["hf-pytorch"]["step_s"] if "hf-pytorch" in results else None
+    print(f"\n| implementation | step (s) | tokens/s | MFU | vs HF PyTorch | first step (s) | loss |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        tps = tokens / r["step_s"]
+        r.update(tokens_per_s=tps, mfu=tps * flops["total"] / peak)
+        ratio = f"{tps / hf_tps:.2f}x" if hf_tps else "-"
+        print(f"| {name} | {r['step_s']:.2f} | {tps:.1f} | {100 * r['mfu']:.1f}% | {ratio} | "
+              f"{r['first_step_s']:.1f} | {r['loss']:.3f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"peak_flops": peak, "flops_per_token": flops, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
