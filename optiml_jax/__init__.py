@@ -1,6 +1,7 @@
 """optiml-jax: OPT and OPT-IML in JAX/Flax.
 
     from optiml_jax import load_pretrained, pipeline
+    from optiml_jax.generate import generate
 """
 from optiml_jax.config import ConfigError, OPTConfig
 
@@ -12,8 +13,9 @@ _LAZY = {
     "Pretrained": ("optiml_jax.pretrained", "Pretrained"),
     "OPTForCausalLM": ("optiml_jax.model", "OPTForCausalLM"),
     "OPTTokenizer": ("optiml_jax.tokenizer", "OPTTokenizer"),
-    "pipeline": ("optiml_jax.pipeline", "pipeline"),
-    "generate": ("optiml_jax.generate", "generate"),
+    # The module is `pipelines` (as in transformers): a submodule named like the function would
+    # shadow this export once imported.
+    "pipeline": ("optiml_jax.pipelines", "pipeline"),
 }
 
 
@@ -22,7 +24,9 @@ def __getattr__(name):
         import importlib
 
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
     raise AttributeError(f"module 'optiml_jax' has no attribute {name!r}")
 
 

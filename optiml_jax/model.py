@@ -97,6 +97,18 @@ def dot_product_attention(query, key, value, mask, *, dropout_rate: float = 0.0,
     return jnp.einsum("bhqk,bkhd->bqhd", probs, value)
 
 
+def cached_dot_product_attention(query, key_t, value, mask, *, dtype: Dtype = jnp.float32):
+    """`dot_product_attention` over a KV cache laid out for CPU matmuls (see `_update_cache`):
+    key_t [batch * heads, head_dim, slots], value [batch * heads, slots, head_dim]."""
+    batch, query_len, heads, head_dim = query.shape
+    query = jnp.swapaxes(query, 1, 2).reshape(batch * heads, query_len, head_dim)
+    scores = jnp.matmul(query, key_t).astype(jnp.float32).reshape(batch, heads, query_len, -1)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(batch * heads, query_len, -1)
+    out = jnp.matmul(probs, value).reshape(batch, heads, query_len, head_dim)
+    return jnp.swapaxes(out, 1, 2)
+
+
 class HeadsProjection(nn.Module):
     """A linear map into per-head features [.., heads, head_dim] (q/k/v) or back out of them (out_proj).
 
@@ -121,7 +133,13 @@ class HeadsProjection(nn.Module):
             shape, axes = (self.heads, self.head_dim, self.hidden_size), ("heads", "kv", "embed")
             bias_shape, bias_axes, equation = (self.hidden_size,), ("embed",), "bshd,hde->bse"
         kernel = self.param("kernel", _init(self.init_std, axes), shape, self.param_dtype)
-        out = jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.into_heads:
+            out = jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        else:
+            # Not jnp.einsum: it contracts (kv, heads) in that order, which made XLA on CPU transpose
+            # the whole out_proj kernel on every call (a quarter of a decode step's time at batch 1).
+            out = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                      (((2, 3), (0, 1)), ((), ())))
         if self.use_bias:
             bias = self.param("bias", _zeros(bias_axes), bias_shape, self.param_dtype)
             out = out + bias.astype(self.dtype)
@@ -149,16 +167,18 @@ class OPTAttention(nn.Module):
         key = nn.with_logical_constraint(key, qkv_axes)
         value = nn.with_logical_constraint(value, qkv_axes)
 
-        query_offset = 0
-        if self.decode:
+        if self.decode:  # inference only: no attention dropout
             key, value, query_offset = self._update_cache(key, value)
-        mask = attention_mask_for(hidden.shape[1], key_valid, query_offset, segment_ids)
-        dropout_rng = None
-        if not self.deterministic and cfg.attention_dropout > 0.0:
-            dropout_rng = self.make_rng("dropout")
-        out = dot_product_attention(query, key, value, mask, dropout_rate=cfg.attention_dropout,
-                                    dropout_rng=dropout_rng, deterministic=self.deterministic,
-                                    dtype=self.dtype)
+            mask = attention_mask_for(hidden.shape[1], key_valid, query_offset, segment_ids)
+            out = cached_dot_product_attention(query, key, value, mask, dtype=self.dtype)
+        else:
+            mask = attention_mask_for(hidden.shape[1], key_valid, 0, segment_ids)
+            dropout_rng = None
+            if not self.deterministic and cfg.attention_dropout > 0.0:
+                dropout_rng = self.make_rng("dropout")
+            out = dot_product_attention(query, key, value, mask, dropout_rate=cfg.attention_dropout,
+                                        dropout_rng=dropout_rng, deterministic=self.deterministic,
+                                        dtype=self.dtype)
         out = nn.with_logical_constraint(out, qkv_axes)
         return HeadsProjection(heads, head_dim, cfg.enable_bias, cfg.init_std, self.dtype,
                                self.param_dtype, into_heads=False, hidden_size=cfg.hidden_size,
@@ -169,7 +189,16 @@ class OPTAttention(nn.Module):
 
         The cache is preallocated at the full generation length (fixed shapes: the decode loop
         compiles once); slots past the fill level are hidden by the causal-by-slot mask.
+        Layout: keys [batch * heads, head_dim, slots], values [batch * heads, slots, head_dim], so
+        q @ K and p @ V are plain batched matmuls on the stored arrays. Stored as
+        [batch, slots, heads, head_dim], XLA on CPU copied every layer's whole cache at every step
+        (to transpose it, or, with a separate batch axis of size 1, to feed the matmul a reshaped
+        copy of the update instead of updating in place).
         """
+        batch, step_len, heads, head_dim = key.shape
+        # this step's tokens only: cheap to move
+        key = jnp.transpose(key, (0, 2, 3, 1)).reshape(batch * heads, head_dim, step_len)
+        value = jnp.swapaxes(value, 1, 2).reshape(batch * heads, step_len, head_dim)
         initialised = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
@@ -177,12 +206,11 @@ class OPTAttention(nn.Module):
         if not initialised:  # `init` only shapes the cache
             return key, value, 0
         index = cache_index.value
-        step_len = key.shape[1]
         zero = jnp.array(0, jnp.int32)
         key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                           (zero, index, zero, zero))
+                                           (zero, zero, index))
         value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype),
-                                             (zero, index, zero, zero))
+                                             (zero, index, zero))
         cached_key.value, cached_value.value = key, value
         cache_index.value = index + step_len
         return key, value, index

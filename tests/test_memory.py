@@ -1,6 +1,5 @@
 """The memory estimate: exact for sharded params, sensible for activations, and a clear refusal."""
 import jax
-import numpy as np
 import pytest
 
 from optiml_jax.config import OPTConfig

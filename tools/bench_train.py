@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         results[f"jax-{variant}"] = bench_jax(config, args.batch, args.seq_len, args.steps,
                                               scan_layers="unscanned" not in parts, remat=remat)
     hf_tps = tokens / results["hf-pytorch"]["step_s"] if "hf-pytorch" in results else None
-    print(f"\n| implementation | step (s) | tokens/s | MFU | vs HF PyTorch | first step (s) | loss |")
+    print("\n| implementation | step (s) | tokens/s | MFU | vs HF PyTorch | first step (s) | loss |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         tps = tokens / r["step_s"]

@@ -1,0 +1,421 @@
+"""Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), batched, left-padded.
+
+The whole of one `generate` call -- the prompt pass (prefill) and every decode step -- is one jitted
+function: the KV cache is preallocated at its final length and the decode loop is a `lax.while_loop`
+over fixed shapes, so nothing recompiles from one token to the next. Between calls, the prompt length
+and the new-token budget are rounded up to buckets (`PROMPT_BUCKET`, `NEW_TOKENS_BUCKET`), so a
+different prompt or `max_new_tokens` within the same buckets reuses the compiled program; only a new
+batch size, bucket, model or greedy/sampling switch compiles again.
+
+Semantics follow Hugging Face `generate`: prompts are left-padded with `pad_token_id`, generation stops
+for a row at its EOS (which is kept), later positions of a finished row hold `pad_token_id`, and the
+loop ends when every row has finished or `max_new_tokens` are produced. Sampling applies temperature,
+then top-k, then top-p, as HF's logits warpers do. The log-probability returned for each generated
+token is under the model's own distribution (log-softmax of the raw logits), before any of that.
+
+Command line (greedy unless --temperature > 0):
+
+    python -m optiml_jax.generate --model DIR --prompt "What is the capital of USA?" --max-new-tokens 20
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import sys
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+from optiml_jax import weights
+from optiml_jax.model import OPTForCausalLM, positions_from_mask
+
+# Prompts are left-padded to a multiple of this, and the new-token budget is rounded up to a multiple
+# of NEW_TOKENS_BUCKET: the compiled program depends on these rounded shapes only.
+PROMPT_BUCKET = 32
+NEW_TOKENS_BUCKET = 32
+
+# Bumped each time the generation program is traced (a compile follows each trace), so tests and
+# callers can check that a call reused a compiled program.
+_trace_count = 0
+
+
+def trace_count() -> int:
+    """How many times the generation program has been traced (= compiled) in this process."""
+    return _trace_count
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """How to pick tokens. `temperature == 0` is greedy; otherwise tokens are sampled."""
+    max_new_tokens: int = 20
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    seed: int = 0
+    eos_token_id: Optional[int] = 2  # None: never stop early
+    pad_token_id: int = 1
+    min_new_tokens: int = 0  # EOS cannot be picked before this many tokens (as HF's min_new_tokens)
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int) \
+                or self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be a non-negative integer, got {self.min_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.do_sample and (self.top_k or self.top_p < 1.0):
+            raise ValueError("top_k / top_p only apply when sampling; set temperature > 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """Generated tokens of a batch, in prompt order.
+
+    tokens: [batch, max_new_tokens] ids; after a row's EOS (included) the row holds pad_token_id.
+    logprobs: [batch, max_new_tokens] log p(token) under the unmodified model; 0 after the EOS.
+    lengths: [batch] tokens generated per row, its EOS included.
+    """
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+
+    def token_ids(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+    def token_logprobs(self) -> list[list[float]]:
+        return [row[:n].tolist() for row, n in zip(self.logprobs, self.lengths)]
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask), each [len(prompts), length], every prompt right-aligned after padding."""
+    ids = np.full((len(prompts), length), pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[row, length - len(prompt):] = prompt
+            mask[row, length - len(prompt):] = 1
+    return ids, mask
+
+
+def generate(model: OPTForCausalLM, params: Any, prompts, config: Optional[GenerationConfig] = None, *,
+             attention_mask=None, **config_overrides) -> GenerationOutput:
+    """Continues each prompt. `prompts` is a list of token-id lists (any lengths), or a 2-D array of ids
+    with `attention_mask` (1 = real token; padding on either side is dropped first).
+
+    Keyword arguments are GenerationConfig fields: `generate(model, params, prompts, max_new_tokens=8)`.
+    """
+    config = dataclasses.replace(config or GenerationConfig(), **config_overrides)
+    prompts = _as_prompt_lists(prompts, attention_mask)
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. the BOS id 2)")
+        bad = [t for t in prompt if not 0 <= t < model.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside [0, {model.config.vocab_size})")
+    longest = max(len(p) for p in prompts)
+    limit = model.config.max_position_embeddings
+    if longest + config.max_new_tokens > limit:
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={config.max_new_tokens} exceeds "
+                         f"the model's {limit} positions")
+    ids, mask = left_pad(prompts, config.pad_token_id, round_up(longest, PROMPT_BUCKET))
+    tokens, logprobs, lengths = _generate_compiled(
+        model, nn.meta.unbox(params), jnp.asarray(ids), jnp.asarray(mask),
+        jnp.int32(config.max_new_tokens), jnp.int32(config.min_new_tokens),
+        jax.random.PRNGKey(config.seed), jnp.float32(config.temperature or 1.0),
+        jnp.int32(config.top_k), jnp.float32(config.top_p),
+        new_tokens_capacity=round_up(config.max_new_tokens, NEW_TOKENS_BUCKET),
+        do_sample=config.do_sample, unstack_layers=decode_with_separate_layers(model),
+        eos_token_id=-1 if config.eos_token_id is None else config.eos_token_id,
+        pad_token_id=config.pad_token_id)
+    n = config.max_new_tokens
+    return GenerationOutput(tokens=np.asarray(tokens)[:, :n], logprobs=np.asarray(logprobs)[:, :n],
+                            lengths=np.asarray(lengths))
+
+
+def _as_prompt_lists(prompts, attention_mask) -> list[list[int]]:
+    if attention_mask is not None or (hasattr(prompts, "ndim") and prompts.ndim == 2):
+        ids = np.asarray(prompts)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if ids.shape != mask.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} differs from the ids' {ids.shape}")
+        return [[int(t) for t, m in zip(row, row_mask) if m] for row, row_mask in zip(ids, mask)]
+    if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], (int, np.integer))):
+        raise TypeError("prompts must be a list of token-id lists (a batch), not a single prompt")
+    return [[int(t) for t in prompt] for prompt in prompts]
+
+
+# ---------------------------------------------------------------------- token choice
+
+
+def lm_head_logits(model: OPTForCausalLM, params, hidden: jax.Array) -> jax.Array:
+    """Logits [batch, vocab] of final hidden states [batch, embed], as the model's own (tied) head.
+
+    Applied here rather than inside the model so the prompt pass projects only its last position.
+    """
+    if model.config.tie_word_embeddings:
+        table = params["decoder"]["embed_tokens"]["embedding"]  # [vocab, embed]
+        return jnp.einsum("be,ve->bv", hidden.astype(model.dtype), table.astype(model.dtype))
+    kernel = params["lm_head"]["kernel"]  # [embed, vocab]
+    return jnp.einsum("be,ev->bv", hidden.astype(model.dtype), kernel.astype(model.dtype))
+
+
+def filter_logits(logits: jax.Array, top_k, top_p) -> jax.Array:
+    """HF's top-k then top-p warpers: logits outside the kept set become -inf.
+
+    top-k keeps the k largest (ties with the k-th too); top-p then keeps the smallest prefix, by
+    descending probability among those, whose mass before it is below top_p (so at least one token).
+    `top_k` 0 and `top_p` 1 switch each off; both are traced values, so changing them does not
+    recompile.
+    """
+    vocab = logits.shape[-1]
+    descending = -jnp.sort(-logits, axis=-1)
+    rank = jnp.arange(vocab)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    in_top_k = rank < k
+    probs = jax.nn.softmax(jnp.where(in_top_k, descending, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))
+    threshold = jnp.take_along_axis(descending, kept.sum(-1, keepdims=True) - 1, axis=-1)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def sample_logits(key, logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """One token id per row, drawn from softmax(filtered logits / temperature)."""
+    scaled = logits.astype(jnp.float32) / temperature
+    # Sorting the vocabulary costs more than the rest of the choice; skip it when nothing is filtered.
+    scaled = jax.lax.cond((top_k > 0) | (top_p < 1.0), filter_logits, lambda x, *_: x, scaled, top_k, top_p)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------- the compiled program
+
+
+def decode_with_separate_layers(model: OPTForCausalLM) -> bool:
+    """Whether a scanned model (weights stacked on a layer axis) decodes with its layers split apart.
+
+    On CPU a scanned stack decoded ~3x slower (XLA copied each layer's weights out of the stack at
+    every step); splitting costs one copy of the layer weights per call instead. Elsewhere that
+    copy could exhaust accelerator memory, and the scanned path is kept.
+    """
+    return model.scan_layers and jax.default_backend() == "cpu"
+
+
+class DecodeState(NamedTuple):
+    """The while_loop carry: everything one decode step reads and writes."""
+    step: jax.Array  # tokens generated so far (scalar)
+    last_token: jax.Array  # [batch] the token fed to the next step
+    position: jax.Array  # [batch] its position id
+    done: jax.Array  # [batch] bool: EOS produced
+    lengths: jax.Array  # [batch] tokens generated per row, EOS included
+    cache: Any  # the model's "cache" collection
+    tokens: jax.Array  # [batch, capacity]
+    logprobs: jax.Array  # [batch, capacity]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "new_tokens_capacity", "do_sample", "eos_token_id",
+                                             "pad_token_id", "unstack_layers"))
+def _generate_compiled(model, params, prompt_ids, prompt_mask, max_new_tokens, min_new_tokens, rng,
+                       temperature, top_k, top_p, *, new_tokens_capacity, do_sample, eos_token_id,
+                       pad_token_id, unstack_layers):
+    """Prefill plus the decode loop. Returns (tokens, logprobs, lengths); eos_token_id -1 = none."""
+    global _trace_count
+    _trace_count += 1
+    if unstack_layers:
+        params = weights.unstack_layers(params, model.config)
+        model = model.clone(scan_layers=False)
+    batch, prompt_len = prompt_ids.shape
+    capacity = new_tokens_capacity
+    # Cache slot s holds the token at s: the prompt in [0, prompt_len), generated tokens after it.
+    # The mask marks every generated slot real up front; the model's causal-by-slot mask hides the
+    # slots not yet written.
+    cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, capacity), prompt_mask.dtype)], axis=1)
+
+    def forward(cache, ids, positions):
+        hidden, variables = model.apply({"params": params, "cache": cache}, ids, attention_mask=cache_mask,
+                                        position_ids=positions, decode=True, return_hidden=True,
+                                        mutable=["cache"])
+        return lm_head_logits(model, params, hidden[:, -1]).astype(jnp.float32), variables["cache"]
+
+    def choose(logits, step):
+        """(token, its log-probability under the raw logits) for each row."""
+        selectable = logits
+        if eos_token_id >= 0:
+            too_early = step < min_new_tokens
+            selectable = selectable.at[:, eos_token_id].set(
+                jnp.where(too_early, -jnp.inf, selectable[:, eos_token_id]))
+        if do_sample:
+            token = sample_logits(jax.random.fold_in(rng, step), selectable, temperature, top_k, top_p)
+        else:
+            token = jnp.argmax(selectable, axis=-1).astype(jnp.int32)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+
+    def record(state: DecodeState, token, logprob) -> DecodeState:
+        """Writes this step's token (pad for finished rows) and updates who is done."""
+        token = jnp.where(state.done, pad_token_id, token)
+        logprob = jnp.where(state.done, 0.0, logprob)
+        done = state.done | (token == eos_token_id) if eos_token_id >= 0 else state.done
+        return state._replace(
+            step=state.step + 1, last_token=token, done=done, lengths=state.lengths + ~state.done,
+            tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step)),
+            logprobs=jax.lax.dynamic_update_slice(state.logprobs, logprob[:, None], (0, state.step)))
+
+    # Prefill: the whole (left-padded) prompt in one pass; its last slot is every row's last real token.
+    cache = model.init_cache(batch, prompt_len + capacity)
+    logits, cache = forward(cache, prompt_ids, positions_from_mask(prompt_mask))
+    state = DecodeState(
+        step=jnp.int32(0), last_token=jnp.zeros((batch,), jnp.int32),
+        position=prompt_mask.sum(axis=1).astype(jnp.int32) - 1, done=jnp.zeros((batch,), bool),
+        lengths=jnp.zeros((batch,), jnp.int32),
+        cache=cache, tokens=jnp.full((batch, capacity), pad_token_id, jnp.int32),
+        logprobs=jnp.zeros((batch, capacity), jnp.float32))
+    state = record(state, *choose(logits, state.step))
+
+    def keep_going(state: DecodeState):
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+
+    def decode_step(state: DecodeState) -> DecodeState:
+        position = state.position + 1
+        logits, cache = forward(state.cache, state.last_token[:, None], position[:, None])
+        return record(state._replace(position=position, cache=cache), *choose(logits, state.step))
+
+    state = jax.lax.while_loop(keep_going, decode_step, state)
+    return state.tokens, state.logprobs, state.lengths
+
+
+# ---------------------------------------------------------------------- text in, text out
+
+
+def complete_texts(tokenizer, prompt_ids: Sequence[Sequence[int]], generated: Sequence[Sequence[int]]) -> list[str]:
+    """The text each generation adds to its prompt, as HF pipelines cut it: decode prompt + completion
+    together and drop the decoded prompt, so a character split across the boundary comes out whole."""
+    out = []
+    for prompt, new in zip(prompt_ids, generated):
+        prompt_text = tokenizer.decode(prompt)
+        out.append(tokenizer.decode(list(prompt) + list(new))[len(prompt_text):])
+    return out
+
+
+class CLIError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; we promise one line
+        raise CLIError(message)
+
+
+def _parse_args(argv):
+    parser = _Parser(prog="python -m optiml_jax.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="model directory (HF layout or converted) or hub id")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompt-file", help="a file with one prompt per line (blank lines skipped)")
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not math.isfinite(args.temperature):
+        raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 0:
+        raise CLIError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None or args.seed is not None):
+        raise CLIError("--top-k, --top-p and --seed apply to sampling only; add --temperature > 0")
+    if args.prompt and args.prompt_file:
+        raise CLIError("give --prompt or --prompt-file, not both")
+    if not args.prompt and not args.prompt_file:
+        raise CLIError("give a --prompt or a --prompt-file")
+    return args
+
+
+def _read_prompts(args) -> list[str]:
+    if not args.prompt_file:
+        prompts = args.prompt
+    else:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts = [line.rstrip("\r\n") for line in f]
+        except OSError as e:
+            raise CLIError(f"cannot read --prompt-file: {e.strerror}: {args.prompt_file}") from None
+        except UnicodeDecodeError:
+            raise CLIError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
+        prompts = [p for p in prompts if p.strip()]
+        if not prompts:
+            raise CLIError(f"--prompt-file {args.prompt_file} has no prompts (one per line)")
+    if any(not p for p in prompts):
+        raise CLIError("a prompt is empty")
+    return prompts
+
+
+def main(argv=None) -> int:
+    try:
+        args = _parse_args(argv)
+        prompts = _read_prompts(args)
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
+                                  seed=args.seed or 0)
+        from optiml_jax.pretrained import load_pretrained
+
+        # unscanned: decoding runs the layers separately anyway (see decode_with_separate_layers)
+        loaded = load_pretrained(args.model, dtype=args.dtype, scan_layers=False)
+        if loaded.tokenizer is None:
+            raise CLIError(f"{args.model} has no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
+        tokenizer = loaded.tokenizer
+        config = dataclasses.replace(config, eos_token_id=loaded.config.eos_token_id,
+                                     pad_token_id=loaded.config.pad_token_id)
+        prompt_ids = [tokenizer.encode(p) for p in prompts]
+        out = generate(loaded.model, loaded.params, prompt_ids, config)
+        completions = complete_texts(tokenizer, prompt_ids, out.token_ids())
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, TypeError, KeyError) as e:  # missing files, bad config, bad weights...
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    for prompt, ids, new_ids, logprobs, completion in zip(prompts, prompt_ids, out.token_ids(),
+                                                          out.token_logprobs(), completions):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": completion, "prompt_ids": ids,
+                              "token_ids": new_ids, "logprobs": logprobs}, ensure_ascii=False))
+        else:
+            print(prompt + completion)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
