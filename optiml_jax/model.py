@@ -57,6 +57,13 @@ def _ones(axes: tuple):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
+def _layer_norm(cfg: OPTConfig, dtype, param_dtype, name: str) -> nn.LayerNorm:
+    """OPT's LayerNorm: eps 1e-5 (HF and metaseq), affine unless layer_norm_elementwise_affine=False."""
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                        use_scale=cfg.layer_norm_elementwise_affine, use_bias=cfg.layer_norm_elementwise_affine,
+                        scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)), name=name)
+
+
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """HF/metaseq positions: 0, 1, 2... over real tokens, -1 on padding (which then reads row 1)."""
     mask = attention_mask.astype(jnp.int32)
@@ -227,10 +234,7 @@ class OPTDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, hidden, key_valid, segment_ids):
         cfg = self.config
-        layer_norm = functools.partial(
-            nn.LayerNorm, epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-            use_scale=cfg.layer_norm_elementwise_affine, use_bias=cfg.layer_norm_elementwise_affine,
-            scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)))
+        layer_norm = functools.partial(_layer_norm, cfg, self.dtype, self.param_dtype)
         dropout = nn.Dropout(rate=cfg.dropout)
         act_axes = ("activation_batch", "activation_length", "activation_embed")
 
@@ -320,11 +324,7 @@ class OPTDecoder(nn.Module):
                                    name=f"layers_{i}")(hidden, key_valid, segment_ids)
 
         if cfg.has_final_layer_norm:
-            hidden = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  use_scale=cfg.layer_norm_elementwise_affine,
-                                  use_bias=cfg.layer_norm_elementwise_affine,
-                                  scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)),
-                                  name="final_layer_norm")(hidden)
+            hidden = _layer_norm(cfg, self.dtype, self.param_dtype, name="final_layer_norm")(hidden)
         if cfg.has_projections:
             hidden = nn.Dense(cfg.word_embed_proj_dim, use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype,
