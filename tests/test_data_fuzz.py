@@ -10,15 +10,7 @@ import pytest
 from optiml_jax.data import EvalLoader, TrainLoader
 from optiml_jax.data.sources import MAX_LOGGED_PER_FILE, DataError, SkipStats, read_jsonl, read_tasks
 
-
-class ByteTokenizer:
-    eos_id, pad_id, bos_id = 2, 1, 2
-
-    def encode(self, text, add_bos=True):
-        return ([self.bos_id] if add_bos else []) + [b + 4 for b in text.encode("utf-8")]
-
-    def encode_batch(self, texts, add_bos=True):
-        return [self.encode(t, add_bos) for t in texts]
+from fake_tokenizer import ByteTokenizer
 
 
 HOSTILE = [

@@ -12,17 +12,9 @@ from optiml_jax.config import ConfigError
 from optiml_jax.data import (BATCH_KEYS, DataConfig, DataError, EvalLoader, Example, TrainLoader,
                              build_eval_loader, build_train_loader)
 
+from fake_tokenizer import ByteTokenizer
+
 SNI = Path(__file__).resolve().parents[1] / "data" / "sni"
-
-
-class ByteTokenizer:
-    eos_id, pad_id, bos_id = 2, 1, 2
-
-    def encode(self, text, add_bos=True):
-        return ([self.bos_id] if add_bos else []) + [b + 4 for b in text.encode("utf-8")]
-
-    def encode_batch(self, texts, add_bos=True):
-        return [self.encode(t, add_bos) for t in texts]
 
 
 def make_tasks(seed=0):

@@ -5,6 +5,7 @@ Public API:
     build_train_loader(cfg, tok)     -> TrainLoader (infinite, resumable: get_state / set_state)
     build_eval_loader(cfg, tok)      -> EvalLoader or None (one pass per `iter()`)
     read_tasks, SkipStats, DataError, Example
+    split_holdout                    data.eval_holdout: held-out instances of the training tasks
 
 Each batch is a dict of numpy arrays of this process's rows, [local_batch, seq_len]:
 input_ids, targets, segment_ids, positions (int32) and loss_mask (float32); see packing.py.
@@ -12,11 +13,13 @@ input_ids, targets, segment_ids, positions (int32) and loss_mask (float32); see 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Optional, Union
 
 from optiml_jax.config import ConfigError
 from optiml_jax.data import templates
+from optiml_jax.data.holdout import holdout_problem, split_holdout
 from optiml_jax.data.loader import EvalLoader, TrainLoader
 from optiml_jax.data.mixing import MixtureStream, mixing_weights
 from optiml_jax.data.packing import (BATCH_KEYS, OVERLONG_CHOICES, Packer, PackStats, TokenizedExample,
@@ -25,6 +28,8 @@ from optiml_jax.data.sources import (FORMATS, ON_ERROR_CHOICES, DataError, Examp
                                      read_sni_task, read_tasks)
 from optiml_jax.data.templates import TEMPLATES
 
+logger = logging.getLogger(__name__)
+
 Paths = Union[str, tuple[str, ...], None]
 
 
@@ -32,7 +37,12 @@ Paths = Union[str, tuple[str, ...], None]
 class DataConfig:
     """`train`/`eval`: a file or directory (or a list of them); `.json` = SNI task files, `.jsonl` =
     metaseq src/tgt lines. `train_tasks`/`eval_tasks`: optional split files (one task name per line,
-    e.g. data/sni/splits/default/train_tasks.txt) restricting which SNI tasks are read."""
+    e.g. data/sni/splits/default/train_tasks.txt) restricting which SNI tasks are read.
+
+    `eval_holdout`: instead of a separate `eval` set, withhold the last N examples (an int) or the last
+    fraction (a float in (0, 1)) of every training task from training and evaluate on them: OPT-IML's
+    "fully supervised" setting, held-out instances of seen tasks (see holdout.py). Exclusive with `eval`
+    and `eval_tasks`."""
     train: Paths = None
     eval: Paths = None
     format: str = "auto"
@@ -43,6 +53,7 @@ class DataConfig:
     on_error: str = "skip"
     train_tasks: Optional[str] = None
     eval_tasks: Optional[str] = None
+    eval_holdout: Union[int, float, None] = None
 
     def __post_init__(self):
         for name in ("train", "eval"):
@@ -77,6 +88,17 @@ class DataConfig:
         if self.template == "zero_shot" and self.num_shots != 0:
             raise ConfigError(f"data.num_shots={self.num_shots} is only used with data.template='few_shot'; "
                               f"set the template or num_shots: 0")
+        problem = holdout_problem(self.eval_holdout)
+        if problem:
+            raise ConfigError(f"data.eval_holdout {problem}")
+        if self.eval_holdout is not None:
+            for name in ("eval", "eval_tasks"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"data.eval_holdout and data.{name} are both set: the eval set is either "
+                                      f"held-out instances of the training tasks (eval_holdout) or separate "
+                                      f"data (eval, eval_tasks); remove one")
+            if self.train is None:
+                raise ConfigError("data.eval_holdout needs data.train: it holds out instances of the training tasks")
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "data") -> "DataConfig":
@@ -142,13 +164,27 @@ def _read(data: DataConfig, paths, split_file, seed: int) -> tuple[dict, SkipSta
     return tasks, stats
 
 
+def _read_split(data: DataConfig, seed: int, part: str) -> tuple[dict, SkipStats]:
+    """The training tasks (`part="train"`) or their held-out instances (`part="eval"`)."""
+    tasks, stats = _read(data, data.train, data.train_tasks, seed)
+    if data.eval_holdout is None:
+        return tasks, stats
+    train, held_out = split_holdout(tasks, data.eval_holdout)
+    if part == "eval":
+        logger.info("eval set: the last %s of every training task (data.eval_holdout=%r): %d examples of %d tasks",
+                    data.eval_holdout if isinstance(data.eval_holdout, int) else f"{data.eval_holdout:.0%}",
+                    data.eval_holdout, sum(map(len, held_out.values())), len(held_out))
+        return held_out, stats
+    return train, stats
+
+
 def build_train_loader(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
                        seq_len: Optional[int] = None, process_index: Optional[int] = None,
                        process_count: Optional[int] = None, state: Optional[dict] = None) -> TrainLoader:
     """Train loader from `cfg` (a DataConfig, or the training config: `.data`, `.seed`,
     `.train.batch_size` = global batch in sequences, `.train.seq_len`). Arguments override the config;
     process index/count default to JAX's. `loader.stats()` reports what the readers skipped and
-    how packing went."""
+    how packing went. With data.eval_holdout, the held-out instances are left out."""
     data = _data_config(cfg)
     if data.train is None:
         raise ConfigError("data.train is not set")
@@ -156,25 +192,30 @@ def build_train_loader(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch
     batch_size = _setting(batch_size, cfg, "train.batch_size")
     seq_len = _setting(seq_len, cfg, "train.seq_len")
     process_index, process_count = _processes(process_index, process_count)
-    tasks, stats = _read(data, data.train, data.train_tasks, seed)
+    tasks, stats = _read_split(data, seed, "train")
     loader = TrainLoader(tasks, tokenizer, global_batch_size=batch_size, seq_len=seq_len, eps=data.eps, seed=seed,
                          overlong=data.overlong, process_index=process_index, process_count=process_count,
-                         state=state, skip_stats=stats)
+                         state=state, skip_stats=stats, holdout=data.eval_holdout)
     return loader
 
 
 def build_eval_loader(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
                       seq_len: Optional[int] = None, process_index: Optional[int] = None,
                       process_count: Optional[int] = None) -> Optional[EvalLoader]:
-    """Eval loader over `data.eval` (None when it is not set); same arguments as build_train_loader."""
+    """Eval loader over `data.eval`, or over the held-out instances of the training tasks with
+    data.eval_holdout (None when neither is set); same arguments as build_train_loader. Its skip stats
+    are those of reading the files it came from (the training files with eval_holdout)."""
     data = _data_config(cfg)
-    if data.eval is None:
+    if data.eval is None and data.eval_holdout is None:
         return None
     seed = _setting(seed, cfg, "seed")
     batch_size = _setting(batch_size, cfg, "train.batch_size")
     seq_len = _setting(seq_len, cfg, "train.seq_len")
     process_index, process_count = _processes(process_index, process_count)
-    tasks, stats = _read(data, data.eval, data.eval_tasks, seed)
+    if data.eval_holdout is not None:
+        tasks, stats = _read_split(data, seed, "eval")
+    else:
+        tasks, stats = _read(data, data.eval, data.eval_tasks, seed)
     loader = EvalLoader(tasks, tokenizer, global_batch_size=batch_size, seq_len=seq_len, overlong=data.overlong,
                         process_index=process_index, process_count=process_count, skip_stats=stats)
     return loader
@@ -183,5 +224,5 @@ def build_eval_loader(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch_
 __all__ = [
     "BATCH_KEYS", "DataConfig", "DataError", "EvalLoader", "Example", "MixtureStream", "PackStats", "Packer",
     "SkipStats", "TokenizedExample", "TrainLoader", "build_eval_loader", "build_train_loader", "mixing_weights",
-    "read_jsonl", "read_sni_task", "read_tasks", "row_arrays", "templates", "tokenize_examples",
+    "read_jsonl", "read_sni_task", "read_tasks", "row_arrays", "split_holdout", "templates", "tokenize_examples",
 ]

@@ -18,12 +18,14 @@ Batch dict (numpy, local rows only; see packing.py for the exact layout):
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import deque
 from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from optiml_jax.data.holdout import Holdout, holdout_problem, holdout_tag
 from optiml_jax.data.mixing import MixtureStream
 from optiml_jax.data.packing import (Packer, PackStats, TokenizedExample, Tokenizer, empty_row, row_arrays,
                                      stack_rows, tokenize_examples)
@@ -60,8 +62,16 @@ class TrainLoader:
 
     def __init__(self, tasks: Mapping[str, Sequence[Example]], tokenizer: Tokenizer, *, global_batch_size: int,
                  seq_len: int, eps: int = 4096, seed: int = 0, overlong: str = "truncate", process_index: int = 0,
-                 process_count: int = 1, state: Optional[dict] = None, skip_stats: Optional[SkipStats] = None):
+                 process_count: int = 1, state: Optional[dict] = None, skip_stats: Optional[SkipStats] = None,
+                 holdout: Holdout = None):
+        """`holdout`: the data.eval_holdout that `tasks` were split with (see holdout.py); it does not change
+        the stream, but it is part of the state fingerprint, so a state saved under one split is refused
+        under another."""
         _check_seq_len(seq_len)
+        problem = holdout_problem(holdout)
+        if problem:
+            raise ValueError(f"holdout {problem}")
+        self.holdout = holdout
         self.skip_stats = skip_stats if skip_stats is not None else SkipStats()  # what the readers dropped
         self.global_batch_size = global_batch_size
         self.seq_len = seq_len
@@ -76,6 +86,15 @@ class TrainLoader:
         self._reset(0, 0)
         if state is not None:
             self.set_state(state)
+
+    @property
+    def fingerprint(self) -> str:
+        """The mixture's fingerprint (task names and sizes, eps, seed), plus the hold-out when there is one
+        (without one it is the mixture's own, so states saved before hold-outs existed stay valid)."""
+        if self.holdout is None:
+            return self.mixture.fingerprint
+        text = f"{self.mixture.fingerprint}|{holdout_tag(self.holdout)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
     def local_batch_size(self) -> int:
@@ -93,7 +112,7 @@ class TrainLoader:
     def get_state(self) -> dict:
         """JSON-able position: pass it to `set_state` (or `state=`) to continue with the same batches."""
         return {"kind": STATE_KIND, "version": STATE_VERSION, "stream_index": self._resume_index,
-                "batches": self._batches, "fingerprint": self.mixture.fingerprint, "seq_len": self.seq_len,
+                "batches": self._batches, "fingerprint": self.fingerprint, "seq_len": self.seq_len,
                 "global_batch_size": self.global_batch_size, "overlong": self.overlong}
 
     def set_state(self, state: dict) -> None:
@@ -104,10 +123,10 @@ class TrainLoader:
         index = state.get("stream_index")
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise DataError(f"TrainLoader state has a bad stream_index {index!r}")
-        if state.get("fingerprint") != self.mixture.fingerprint:
+        if state.get("fingerprint") != self.fingerprint:
             raise DataError("TrainLoader state was saved for a different data stream (task names or sizes, "
-                            "data.eps or seed changed), so its position means nothing here; start without "
-                            "the saved data state to begin the new stream from the start")
+                            "data.eps, data.eval_holdout or seed changed), so its position means nothing here; "
+                            "start without the saved data state to begin the new stream from the start")
         for key in ("seq_len", "global_batch_size", "overlong"):
             if state.get(key) != getattr(self, key):
                 logger.warning("resuming data with %s=%r (state was saved with %r): the stream continues "
