@@ -16,7 +16,6 @@ not for the model (Orbax's stock numpy handler deep-copies every array first).
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -25,7 +24,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -82,28 +81,79 @@ def check_output_dir(directory, overwrite: bool) -> Path:
     return directory
 
 
+def _multihost() -> tuple[int, int]:
+    """(process_index, process_count) when JAX is already imported, else (0, 1): the single-process
+    converter never imports jax just for this."""
+    import sys
+
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return 0, 1
+    return jax.process_index(), jax.process_count()
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(directory, overwrite: bool = False) -> Iterator[Path]:
     """Yields a temporary directory next to `directory`; renames it into place only on success.
 
     On any error the temporary directory is removed, so a failed run leaves nothing behind (and an
     existing `directory` being overwritten is untouched).
+
+    Several JAX processes (multi-host): every process must enter it, with the same `directory`. The
+    temporary name is then one all processes agree on (`.NAME.tmp-multihost`, a stale one from a dead
+    run is removed first); process 0 creates it and, once every process is past the body (a barrier),
+    renames it into place; a second barrier lets no process return before the rename. The body runs on
+    every process (Orbax writes collectively); write plain files from process 0 only.
     """
     directory = check_output_dir(directory, overwrite)
+    index, count = _multihost()
+    if count > 1:
+        yield from _atomic_output_dir_multihost(directory, index)
+        return
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    old = None
+    if directory.exists():
+        old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_output_dir_multihost(directory: Path, index: int) -> Iterator[Path]:
+    tmp = directory.parent / f".{directory.name}.tmp-multihost"
+    tag = str(directory.absolute())
+    if index == 0:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier(f"atomic_output_dir:create:{tag}")
+    try:
+        yield tmp
+        _barrier(f"atomic_output_dir:written:{tag}")
+        if index == 0:
+            _replace_dir(tmp, directory)
+        _barrier(f"atomic_output_dir:renamed:{tag}")
+    except BaseException:
+        if index == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -267,8 +317,9 @@ def save_model(directory, config: OPTConfig, params: dict, tokenizer=None, *, ov
     params = to_stacked_layout(params, config)
     check_params_shapes(params, config)
     with atomic_output_dir(directory, overwrite) as tmp:
-        write_params(tmp / PARAMS_DIR, params)
-        finish_model_dir(tmp, config, params_dtype(params), num_params(params), tokenizer, extra_marker)
+        write_params(tmp / PARAMS_DIR, params)  # collective on several processes: each writes its shards
+        if _multihost()[0] == 0:  # plain files, the marker last, from one process
+            finish_model_dir(tmp, config, params_dtype(params), num_params(params), tokenizer, extra_marker)
     return directory
 
 

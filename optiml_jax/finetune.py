@@ -1,17 +1,19 @@
 """Fine-tune OPT / OPT-IML: `python -m optiml_jax.finetune --config FILE.yaml [key.path=value ...]`.
 
 Without --config the demo (configs/demo.yaml) runs: a tiny model on the SNI sample shipped in data/sni.
-Running again with the same workdir resumes from its latest checkpoint. On several hosts run the same
-command on every host; jax.distributed.initialize() detects TPU pods, SLURM and Open MPI by itself,
-and --coordinator/--num-processes/--process-id set it up explicitly elsewhere.
+Running again with the same workdir resumes from its latest checkpoint (exactly: same data order,
+dropout and optimizer state); a config that would change the result is refused, naming the keys,
+unless --overwrite starts afresh. SIGTERM saves a checkpoint and exits. On several hosts run the same
+command on every host: --distributed (jax.distributed.initialize() detects TPU pods, SLURM and Open
+MPI), or --coordinator/--num-processes/--process-id explicitly elsewhere. Only process 0 logs.
 
-A configuration error prints one line on stderr and exits with status 2.
+A configuration or data error prints one line on stderr and exits with status 2; a run that cannot
+fit in memory or cannot continue (non-finite steps) prints the reason and exits with status 1.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -30,6 +32,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--process-id", type=int, default=None, help="this process's index")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() with auto-detection (TPU pod, SLURM, Open MPI)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a workdir holding another run (its checkpoints, metrics and final "
+                             "model are deleted)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -41,9 +46,13 @@ def init_distributed(args: argparse.Namespace) -> None:
 
     explicit = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
                 "process_id": args.process_id}
+    if not args.distributed and all(v is None for v in explicit.values()):
+        return
+    # Host (CPU) devices need a collectives implementation to span processes; GPU/TPU ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if any(v is not None for v in explicit.values()):
         jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
-    elif args.distributed:
+    else:
         jax.distributed.initialize()
 
 
@@ -63,19 +72,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_CONFIG_ERROR
 
     init_distributed(args)
+    import jax
+
+    if jax.process_index() != 0:  # logs come from process 0; the others report only problems
+        logging.getLogger().setLevel(logging.WARNING)
     from optiml_jax.data import DataError
+    from optiml_jax.memory import InsufficientMemoryError
     from optiml_jax.train import TrainingError, train_and_evaluate
 
     try:
-        result = train_and_evaluate(cfg, progress=not args.no_progress)
+        result = train_and_evaluate(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     except (ConfigError, DataError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except TrainingError as e:
+    except (TrainingError, InsufficientMemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-
-    import jax
 
     if jax.process_index() == 0:
         if result.interrupted:
@@ -90,6 +102,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"\n--- eval prompt (last 300 chars):\n    ...{tail}\n"
                       f"--- reference: {reference!r}\n--- model:     {generation!r}")
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split("\n"))
 
 
 if __name__ == "__main__":

@@ -129,8 +129,13 @@ def estimate_training_memory(config: OPTConfig, *, mesh_shape: dict, global_batc
     accumulator = grads if grad_accum_steps > 1 else 0
     micro_rows = max(global_batch // grad_accum_steps // data_parallel, 1)
     tokens = micro_rows * seq_len
-    activations = config.num_hidden_layers * activation_bytes_per_layer(
-        config, tokens, seq_len, micro_rows, tensor, remat_policy, compute_dtype)
+    saved = activation_bytes_per_layer(config, tokens, seq_len, micro_rows, tensor, remat_policy, compute_dtype)
+    activations = config.num_hidden_layers * saved
+    if remat_policy != "none":
+        # The backward pass recomputes one layer at a time and holds that layer's whole working set: without
+        # this term the "full" estimate was ~3x below XLA's compiled temp size (tests/test_reliability.py).
+        whole_layer = activation_bytes_per_layer(config, tokens, seq_len, micro_rows, tensor, "none", compute_dtype)
+        activations += max(whole_layer - saved, 0)
     # float32 logits, their softmax and the gradient wrt them over the (tensor-split) vocabulary
     logits = 3 * tokens * (config.vocab_size // tensor if config.vocab_size % tensor == 0
                            else config.vocab_size) * 4

@@ -43,6 +43,9 @@ class TrainSection:
     max_nonfinite_in_a_row: int = 10  # skipped (non-finite) updates in a row before the run stops
     log_every_steps: int = 10
     peak_flops_per_device: float = 0.0  # for MFU; 0 = measure a large matmul in compute_dtype at start
+    # Device memory the start-up check (memory.check_fits) compares the estimate with; 0 = the device's own
+    # limit (host RAM / local devices on CPU). The OPTIML_JAX_MEMORY_LIMIT_GIB environment variable overrides.
+    memory_limit_gib: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +164,9 @@ def validate(cfg: RunConfig) -> None:
     """Range and consistency checks across sections (types were checked while parsing)."""
     t, o, c, e = cfg.train, cfg.optim, cfg.checkpoint, cfg.eval
     _require(bool(cfg.model), "model is not set (a checkpoint directory, a hub id or preset:NAME)")
+    # Checkpoints, metrics and the final model are written with plain file I/O: object storage must be mounted.
+    _require("://" not in cfg.workdir, f"workdir={cfg.workdir!r}: a URL is not supported; use a filesystem path "
+             "every host can write (local disk for one host; NFS, Lustre or a bucket mounted with gcsfuse)")
     for name in ("max_steps", "batch_size", "seq_len", "grad_accum_steps", "log_every_steps"):
         _require(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}")
     _require(t.batch_size % t.grad_accum_steps == 0,
@@ -176,6 +182,7 @@ def validate(cfg: RunConfig) -> None:
         _require(value is None or 0.0 <= value < 1.0, f"train.{name} must be in [0, 1) or null, got {value}")
     _require(t.max_nonfinite_in_a_row >= 1, f"train.max_nonfinite_in_a_row must be >= 1, got {t.max_nonfinite_in_a_row}")
     _require(t.peak_flops_per_device >= 0, "train.peak_flops_per_device must be >= 0")
+    _require(t.memory_limit_gib >= 0, f"train.memory_limit_gib must be >= 0 (0 = the device's), got {t.memory_limit_gib}")
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r} is not one of {', '.join(SCHEDULES)}")
@@ -275,6 +282,53 @@ def load_run_config(path: Optional[str | os.PathLike] = None, overrides: Sequenc
     return from_dict(data, source=str(path))
 
 
+# ---------------------------------------------------------------------- resume compatibility
+# Keys that may differ between the run that wrote a workdir's checkpoints and the run resuming from them:
+# they change cadence, logging, evaluation, layout or memory, not the trained parameters. (max_steps is
+# allowed to extend or shorten a run; note that the linear/cosine decay is over the NEW max_steps from the
+# resumed step on.) A key matches when it equals one of these or starts with one followed by ".".
+RESUME_SAFE_KEYS = ("workdir", "train.max_steps", "train.log_every_steps", "train.peak_flops_per_device",
+                    "train.max_nonfinite_in_a_row", "train.memory_limit_gib", "train.remat_policy", "mesh",
+                    "checkpoint", "eval", "data.eval", "data.eval_tasks", "data.on_error")
+
+
+def flatten_config(data: Any, prefix: str = "") -> dict:
+    """{"train.max_steps": 4, ...} from a nested to_dict(); lists become tuples."""
+    out = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        return out
+    out[prefix[:-1]] = tuple(data) if isinstance(data, list) else data
+    return out
+
+
+def resume_safe(key: str) -> bool:
+    return any(key == safe or key.startswith(safe + ".") for safe in RESUME_SAFE_KEYS)
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """Keys (dotted) whose values differ between a saved and the current config (to_dict() form) and
+    that change the result of a resumed run: "train.seq_len: 64 -> 128"."""
+    old, new = flatten_config(saved), flatten_config(current)
+    conflicts = []
+    for key in sorted(set(old) | set(new)):
+        if resume_safe(key):
+            continue
+        if key not in new and key in old and _is_default(key, old[key]):
+            continue  # a key a newer version added, at its default
+        if key not in old and _is_default(key, new.get(key)):
+            continue
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            conflicts.append(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")
+    return conflicts
+
+
+def _is_default(key: str, value: Any) -> bool:
+    defaults = flatten_config(RunConfig(model="x").to_dict())
+    return key in defaults and defaults[key] == value
+
+
 def resolve_path(value: str) -> str:
     """A relative path that exists from the working directory as is, else from the repository root."""
     if os.path.isabs(value) or os.path.exists(value):
@@ -285,4 +339,4 @@ def resolve_path(value: str) -> str:
 
 __all__ = ["RunConfig", "TrainSection", "OptimSection", "CheckpointSection", "EvalSection", "MeshConfig",
            "DataConfig", "load_run_config", "from_dict", "apply_overrides", "parse_override", "resolve_path",
-           "DEMO_CONFIG"]
+           "DEMO_CONFIG", "RESUME_SAFE_KEYS", "resume_conflicts", "flatten_config"]

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -248,6 +247,11 @@ def make_train_step(model, tx, train: TrainSection, optim: OptimSection, mesh, s
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(state, batch)
 
+    def lower(state, batch):  # (abstract) state and batch -> jax.stages.Lowered, e.g. for memory_analysis()
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted.lower(state, batch)
+
+    run.lower = lower
     return run
 
 
@@ -300,7 +304,7 @@ def flops_per_token(config: OPTConfig, seq_len: int) -> dict:
 
 def measure_matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5, device=None) -> float:
     """FLOP/s of a large square matmul on one device: the roofline MFU is measured against."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     a = jax.device_put(jnp.ones((size, size), dtype), device)
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, a).block_until_ready()
@@ -331,15 +335,149 @@ def save_checkpoint(manager, state: TrainState, data_state: dict, force: bool = 
                  force=force)
 
 
+def _sync(name: str) -> None:
+    """A barrier across processes (nothing on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
 def restore_checkpoint(manager, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, dict]:
-    """The latest checkpoint, restored straight into its shards, and the saved data loader state."""
+    """The latest READABLE checkpoint, restored straight into its shards, and the saved data loader state.
+
+    Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a step
+    being written when the process died is never listed. A listed step that cannot be read (a truncated
+    or deleted array file, a disk error) is reported by a warning naming it, moved to
+    `<workdir>/checkpoints_corrupt/<step>` (so that the step can be written again), and the previous
+    one is used.
+    """
     import orbax.checkpoint as ocp
 
-    step = manager.latest_step()
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             data=ocp.args.JsonRestore()))
-    return restored["state"], restored["data"]
+    directory = Path(str(manager.directory))
+    bad = []
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                         data=ocp.args.JsonRestore()))
+                ok = isinstance(restored["data"], dict)
+                error = None if ok else "no data loader state"
+            except Exception as e:  # orbax / tensorstore raise many types for unreadable data
+                ok, error = False, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            if _all_processes_agree(ok):
+                return restored["state"], restored["data"]
+            log.warning("checkpoint %s is unreadable or incomplete (%s); falling back to the previous checkpoint",
+                        directory / str(step), error or "unreadable on another process")
+            bad.append(step)
+        raise TrainingError(f"no readable checkpoint in {directory} (tried steps {bad}); fix or remove them, or "
+                            f"pass --overwrite to start afresh")
+    finally:
+        if bad:
+            _quarantine(directory, bad)
+            manager.reload()
+
+
+def _quarantine(directory: Path, steps) -> None:
+    if jax.process_index() == 0:
+        import shutil
+
+        target_root = directory.parent / "checkpoints_corrupt"
+        target_root.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            target = target_root / f"{step}-{int(time.time())}"
+            shutil.move(str(directory / str(step)), str(target))
+            log.warning("moved the unreadable checkpoint %s to %s", directory / str(step), target)
+    _sync("optiml_jax:quarantine")
+
+
+def _has_checkpoints(workdir: Path) -> bool:
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def prepare_workdir(cfg: RunConfig, workdir: Path, overwrite: bool) -> None:
+    """Refuses to resume under a config that changes the result (ConfigError listing the keys) unless
+    `overwrite`, which clears the old run (checkpoints, metrics, TensorBoard, final model); then saves
+    the resolved config as workdir/config.yaml. Every process checks; process 0 writes."""
+    import shutil
+
+    import yaml
+
+    from optiml_jax.run_config import resume_conflicts
+
+    is_main = jax.process_index() == 0
+    saved_path = workdir / "config.yaml"
+    if overwrite:
+        if is_main:
+            for name in ("checkpoints", "checkpoints_corrupt", "tensorboard", "final"):
+                shutil.rmtree(workdir / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "config.yaml"):
+                (workdir / name).unlink(missing_ok=True)
+        _sync("optiml_jax:overwrite")
+    elif _has_checkpoints(workdir):
+        if saved_path.is_file():
+            try:
+                saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{saved_path}: not valid YAML ({str(e).splitlines()[0]}); pass --overwrite to "
+                                  f"start afresh") from None
+            conflicts = resume_conflicts(saved, cfg.to_dict())
+            if conflicts:
+                raise ConfigError(f"{workdir} holds checkpoints of a run with a different config ("
+                                  f"{'; '.join(conflicts)}): resuming would not give the same result; restore those "
+                                  f"settings, use another workdir, or pass --overwrite to start afresh")
+        else:
+            log.warning("%s has checkpoints but no config.yaml: cannot check that they match this config", workdir)
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = saved_path.with_name("config.yaml.tmp")
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        os.replace(tmp, saved_path)
+    _sync("optiml_jax:prepare_workdir")
+
+
+def memory_limit_bytes(cfg: RunConfig, mesh) -> Optional[int]:
+    """OPTIML_JAX_MEMORY_LIMIT_GIB, else train.memory_limit_gib, else what one local device of the mesh has."""
+    from optiml_jax.memory import GiB, device_memory_bytes
+
+    env = os.environ.get("OPTIML_JAX_MEMORY_LIMIT_GIB")
+    if env:
+        try:
+            return int(float(env) * GiB)
+        except ValueError:
+            raise ConfigError(f"OPTIML_JAX_MEMORY_LIMIT_GIB={env!r} is not a number") from None
+    if cfg.train.memory_limit_gib > 0:
+        return int(cfg.train.memory_limit_gib * GiB)
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    return device_memory_bytes(local[0] if local else None)
+
+
+def check_memory(cfg: RunConfig, opt_config: OPTConfig, mesh, rules=DEFAULT_RULES):
+    """Prints the per-device estimate (process 0) and raises InsufficientMemoryError when it cannot fit;
+    called before anything is allocated or compiled."""
+    from optiml_jax.memory import GiB, check_fits, estimate_training_memory
+
+    t = cfg.train
+    estimate = estimate_training_memory(opt_config, mesh_shape=dict(mesh.shape), global_batch=t.batch_size,
+                                        seq_len=t.seq_len, grad_accum_steps=t.grad_accum_steps,
+                                        remat_policy=t.remat_policy, compute_dtype=t.compute_dtype,
+                                        param_dtype=t.param_dtype, rules=rules, scan_layers=t.scan_layers)
+    available = memory_limit_bytes(cfg, mesh)
+    if jax.process_index() == 0:
+        limit = f"{available / GiB:.3f} GiB per device available" if available else "device memory unknown"
+        log.info("%s\n  (%s)", estimate.table(), limit)
+    check_fits(estimate, available)
+    return estimate
 
 
 # ---------------------------------------------------------------------- sampling
@@ -383,20 +521,35 @@ class RunResult:
 
 
 class _Interrupt:
-    """SIGTERM (a preemption, `kill`) sets a flag; the loop saves a checkpoint and stops at the next step."""
+    """SIGTERM (a preemption, `kill`) sets a flag; the loop saves a checkpoint and stops at the next step.
+
+    With several processes the notice may reach one host only: JAX's preemption sync manager (started by
+    jax.distributed.initialize) catches SIGTERM on any host and `reached_preemption_sync_point(step)`
+    becomes true on every host at the same step, where all of them save and stop."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
-        if threading_is_main():
+        # Several processes: JAX's preemption service owns SIGTERM (reached_preemption_sync_point).
+        if threading_is_main() and jax.process_count() == 1:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         log.warning("SIGTERM: saving a checkpoint and stopping after this step")
         self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # the preemption service is disabled
+                return False
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -469,8 +622,13 @@ def _check_batch_layout(cfg: RunConfig, mesh) -> None:
 
 
 def train_and_evaluate(cfg: RunConfig, *, devices=None, rules=DEFAULT_RULES, progress: bool = True,
-                       stop_after_steps: Optional[int] = None) -> RunResult:
+                       stop_after_steps: Optional[int] = None, overwrite: bool = False) -> RunResult:
     """Runs (or resumes, when cfg.workdir has a checkpoint) the fine-tuning job described by `cfg`.
+
+    Start-up, before anything is allocated or compiled: the workdir's saved config is compared with
+    `cfg` (ConfigError listing the keys that would change the result; `overwrite` clears the old run
+    instead), `cfg` is saved as workdir/config.yaml, and the per-device memory estimate is printed and
+    checked (InsufficientMemoryError when it cannot fit).
 
     stop_after_steps: return after that many steps of this invocation, as a preemption would (saving
     a checkpoint first); for tests of exact resume.
@@ -481,14 +639,32 @@ def train_and_evaluate(cfg: RunConfig, *, devices=None, rules=DEFAULT_RULES, pro
     is_main = jax.process_index() == 0
     mesh = make_mesh(cfg.mesh, devices=devices)
     _check_batch_layout(cfg, mesh)
+    prepare_workdir(cfg, workdir, overwrite)
     manager = checkpoint_manager(str(workdir), cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    resuming = manager.latest_step() is not None
+    try:
+        return _train(cfg, workdir, is_main, mesh, manager, rules, progress, stop_after_steps,
+                      build_train_loader, build_eval_loader)
+    finally:
+        try:
+            manager.wait_until_finished()
+        finally:
+            manager.close()
 
-    opt_config, params, tokenizer = load_model_and_tokenizer(cfg, mesh, rules, load_weights=not resuming)
-    model = build_model(opt_config, cfg.train)
+
+def _train(cfg, workdir, is_main, mesh, manager, rules, progress, stop_after_steps, build_train_loader,
+           build_eval_loader) -> RunResult:
+    resuming = manager.latest_step() is not None
+    preset = cfg.model.startswith("preset:")
+    # The architecture and tokenizer first (no weights): the memory check comes before any allocation.
+    opt_config, _, tokenizer = load_model_and_tokenizer(cfg, mesh, rules, load_weights=False)
     if cfg.train.seq_len > opt_config.max_position_embeddings:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds the model's max_position_embeddings="
                           f"{opt_config.max_position_embeddings}")
+    check_memory(cfg, opt_config, mesh, rules)
+    params = None
+    if not resuming and not preset:
+        opt_config, params, tokenizer = load_model_and_tokenizer(cfg, mesh, rules, load_weights=True)
+    model = build_model(opt_config, cfg.train)
     tx = make_optimizer(cfg.optim, cfg.train.max_steps)
     data_cfg = _data_config_resolved(cfg)
     loader = build_train_loader(data_cfg, tokenizer, seed=cfg.seed, batch_size=cfg.train.batch_size,
@@ -496,6 +672,10 @@ def train_and_evaluate(cfg: RunConfig, *, devices=None, rules=DEFAULT_RULES, pro
     eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
     eval_loader = build_eval_loader(data_cfg, tokenizer, seed=cfg.seed, batch_size=eval_batch_size,
                                     seq_len=cfg.train.seq_len)
+    skipped = {k: v for k, v in loader.stats().items() if k.startswith("skipped/") and v}
+    if skipped and is_main:
+        log.warning("training data: skipped %s (data.on_error=%s; the counts are logged as data/skipped/* in "
+                    "metrics)", skipped, cfg.data.on_error)
 
     if resuming:
         abstract, shardings = state_shardings(model, tx, mesh, rules)
@@ -508,12 +688,11 @@ def train_and_evaluate(cfg: RunConfig, *, devices=None, rules=DEFAULT_RULES, pro
     train_step = make_train_step(model, tx, cfg.train, cfg.optim, mesh, shardings, rules)
     eval_step = make_eval_step(model, mesh, shardings.params, rules)
 
-    writer = MetricsWriter(workdir, enabled=is_main)
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        import yaml
-
-        (workdir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    start_step = int(jax.device_get(state.step))
+    # Lines the dead run logged after its last checkpoint go; at start_step only the train line stays
+    # (evaluation at start_step, when due, runs again below).
+    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step,
+                           keep=lambda record: any(k.startswith("train/") for k in record))
     flops = flops_per_token(opt_config, cfg.train.seq_len)
     peak = cfg.train.peak_flops_per_device or measure_matmul_peak(DTYPES[cfg.train.compute_dtype])
     peak_total = peak * mesh.size
@@ -523,7 +702,6 @@ def train_and_evaluate(cfg: RunConfig, *, devices=None, rules=DEFAULT_RULES, pro
                  "FLOP/s per device", f"{opt_config.num_params():,}",
                  f"{opt_config.num_params(include_embeddings=False):,}", flops["total"], flops["attention"], peak)
 
-    start_step = int(jax.device_get(state.step))
     max_steps = cfg.train.max_steps
     end_step = max_steps if stop_after_steps is None else min(max_steps, start_step + stop_after_steps)
     result = RunResult(step=start_step, state=state, model=model, losses={}, eval_losses={})
@@ -544,26 +722,26 @@ def train_and_evaluate(cfg: RunConfig, *, devices=None, rules=DEFAULT_RULES, pro
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    if start_step == 0 and eval_loader is not None and cfg.eval.every_steps:
-        run_eval(0)
+    if (eval_loader is not None and cfg.eval.every_steps and start_step < max_steps
+            and start_step % cfg.eval.every_steps == 0):
+        run_eval(start_step)
 
     pending = None  # (step, metrics on device): read one step late so the host never stalls the device
     window = {"loss": [], "time": time.perf_counter(), "steps": 0}
+    health = {"nonfinite_in_a_row": int(jax.device_get(state.nonfinite_in_a_row))}
 
     def drain(pending_item):
         step, metrics = pending_item
         m = jax.device_get(metrics)
         loss = float(m["loss"])
         result.losses[step] = loss
-        if int(m["nonfinite_in_a_row"]) >= cfg.train.max_nonfinite_in_a_row:
-            raise TrainingError(f"step {step}: {int(m['nonfinite_in_a_row'])} non-finite losses or gradients in a "
-                                f"row (train.max_nonfinite_in_a_row={cfg.train.max_nonfinite_in_a_row}); stopping")
+        health["nonfinite_in_a_row"] = int(m["nonfinite_in_a_row"])
         window["loss"].append(loss)
         window["steps"] += 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        if step % cfg.train.log_every_steps == 0 or step == max_steps:
+        if step % cfg.train.log_every_steps == 0 or step == max_steps or int(m["nonfinite"]):
             now = time.perf_counter()
             elapsed = now - window["time"]
             tokens_per_s = tokens_per_step * window["steps"] / elapsed if elapsed > 0 else 0.0
@@ -572,10 +750,23 @@ def train_and_evaluate(cfg: RunConfig, *, devices=None, rules=DEFAULT_RULES, pro
                        "train/tokens_per_s": tokens_per_s,
                        "train/mfu": tokens_per_s * flops["total"] / peak_total,
                        "train/target_tokens": float(m["target_tokens"]),
+                       "train/nonfinite": int(m["nonfinite"]),
+                       "train/nonfinite_in_a_row": int(m["nonfinite_in_a_row"]),
                        "train/nonfinite_total": int(m["nonfinite_total"])}
             scalars.update({f"data/{k}": v for k, v in loader.stats().items()})
             writer.write(step, scalars)
             window.update(loss=[], time=now, steps=0)
+        if int(m["nonfinite_in_a_row"]) >= cfg.train.max_nonfinite_in_a_row:
+            raise TrainingError(f"step {step}: {int(m['nonfinite_in_a_row'])} non-finite losses or gradients in a "
+                                f"row (train.max_nonfinite_in_a_row={cfg.train.max_nonfinite_in_a_row}); stopping")
+
+    def checkpoint(force=False):
+        """Saves unless the state is inside a run of non-finite steps (the last good checkpoint stays)."""
+        if health["nonfinite_in_a_row"]:
+            log.warning("step %d: not checkpointing during %d non-finite step(s) in a row", int(state.step),
+                        health["nonfinite_in_a_row"])
+            return
+        save_checkpoint(manager, state, loader.get_state(), force=force)
 
     interrupted = False
     with _Interrupt() as interrupt:
@@ -592,18 +783,28 @@ def train_and_evaluate(cfg: RunConfig, *, devices=None, rules=DEFAULT_RULES, pro
                 pending = (step + 1, metrics)
                 done = step + 1
                 if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done < max_steps:
-                    save_checkpoint(manager, state, loader.get_state())
-                if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < max_steps:
-                    drain(pending)
+                    drain(pending)  # the metrics line of a step is written before its checkpoint
                     pending = None
+                    checkpoint()
+                if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < max_steps:
+                    if pending is not None:
+                        drain(pending)
+                        pending = None
                     run_eval(done)
                     window["time"] = time.perf_counter()
-                if interrupt.requested:
+                if interrupt.should_stop(done):
                     interrupted = True
                     break
             if pending is not None:
                 drain(pending)
                 pending = None
+        except TrainingError as e:
+            manager.wait_until_finished()
+            writer.close()
+            latest = manager.latest_step()
+            where = (f"the last good checkpoint is {workdir / 'checkpoints' / str(latest)}" if latest is not None
+                     else "no checkpoint was written")
+            raise TrainingError(f"{e}; {where}") from None
         finally:
             if bar is not None:
                 bar.close()
@@ -611,16 +812,16 @@ def train_and_evaluate(cfg: RunConfig, *, devices=None, rules=DEFAULT_RULES, pro
     result.step, result.state = done, state
     if done < max_steps:  # preempted or stopped early: keep the position for the next invocation
         result.interrupted = interrupted or stop_after_steps is not None
-        save_checkpoint(manager, state, loader.get_state(), force=True)
+        checkpoint(force=True)
         manager.wait_until_finished()
-        manager.close()
         writer.close()
+        if interrupted and is_main:
+            log.warning("stopped at step %d (preemption / SIGTERM); checkpoint saved", done)
         return result
 
     run_eval(done)
-    save_checkpoint(manager, state, loader.get_state(), force=True)
+    checkpoint(force=True)
     manager.wait_until_finished()
-    manager.close()
     if is_main:
         log.info("data: %s", loader.stats())
     writer.write(done, {f"data/{k}": v for k, v in loader.stats().items()})
@@ -628,7 +829,10 @@ def train_and_evaluate(cfg: RunConfig, *, devices=None, rules=DEFAULT_RULES, pro
     if cfg.checkpoint.save_final:
         result.final_dir = save_final_model(workdir / "final", opt_config, state.params, tokenizer)
     if cfg.eval.num_samples and eval_loader is not None:
-        result.samples = sample_heldout(model, state.params, tokenizer, eval_loader, cfg.eval)
+        if jax.process_count() > 1:
+            log.info("eval.num_samples: greedy samples are only generated on a single process")
+        else:
+            result.samples = sample_heldout(model, state.params, tokenizer, eval_loader, cfg.eval)
     return result
 
 

@@ -50,3 +50,16 @@ def tokenizer_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("opt_tokenizer")
     train_byte_level_bpe(_tokenizer_corpus(), vocab_size=1000).save_pretrained(directory)
     return directory
+
+
+# ---------------------------------------------------------------------- fine-tuning fixtures
+@pytest.fixture(scope="module")
+def tiny_preset(tmp_path_factory):
+    """A model preset file (2 layers, hidden 32, the demo tokenizer's 2048-entry vocabulary)."""
+    import yaml
+
+    from finetune_helpers import TINY_MODEL
+
+    path = tmp_path_factory.mktemp("model") / "opt-test.yaml"
+    path.write_text(yaml.safe_dump(TINY_MODEL))
+    return str(path)

@@ -1,52 +1,19 @@
 """Fine-tuning: config validation, loss/accumulation/mesh invariance, exact resume, non-finite handling, CLI."""
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from optiml_jax.config import ConfigError
 from optiml_jax.metrics import read_jsonl, read_tensorboard_scalars
-from optiml_jax.run_config import OptimSection, from_dict, load_run_config
+from optiml_jax.run_config import OptimSection, load_run_config
 from optiml_jax.train import (TrainingError, flops_per_token, learning_rate_schedule, train_and_evaluate,
                               weight_decay_mask)
 
-REPO = Path(__file__).resolve().parents[1]
-SNI = REPO / "data" / "sni"
-TINY_MODEL = dict(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                  max_position_embeddings=128, dropout=0.1, attention_dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def tiny_preset(tmp_path_factory):
-    import yaml
-
-    path = tmp_path_factory.mktemp("model") / "opt-test.yaml"
-    path.write_text(yaml.safe_dump(TINY_MODEL))
-    return str(path)
-
-
-def run_config(tiny_preset, workdir, **sections):
-    """A tiny but complete run: 2 SNI tasks, batch 8 x 64, dropout on, no eval, no final export."""
-    data = {"model": f"preset:{tiny_preset}", "tokenizer": str(REPO / "optiml_jax/assets/demo_tokenizer"),
-            "workdir": str(workdir), "seed": 7,
-            "data": {"train": [str(SNI / "task1146_country_capital.json"), str(SNI / "task1508_wordnet_antonyms.json")]},
-            "train": {"max_steps": 4, "batch_size": 8, "seq_len": 64, "log_every_steps": 1, "peak_flops_per_device": 1e9},
-            "optim": {"lr": 3e-3, "warmup_steps": 2},
-            "mesh": {"data": -1},
-            "checkpoint": {"every_steps": 0, "keep": 2, "save_final": False},
-            "eval": {"every_steps": 0, "num_samples": 0}}
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            data[key] = {**data.get(key, {}), **value}
-        else:
-            data[key] = value
-    return from_dict(data)
+from finetune_helpers import REPO, TINY_MODEL, run_config
 
 
 def flat_params(state):
@@ -61,7 +28,8 @@ def test_config_rejects_unknown_keys_and_bad_values_naming_them(tmp_path):
                              ("train.batch_size=0", "train.batch_size"), ("optimizer.lr=1", "optimizer"),
                              ("data.trian=x", "data.trian"), ("train.remat_policy=some", "train.remat_policy"),
                              ("train.grad_accum_steps=3", "grad_accum_steps"), ("mesh.data=0", "mesh.data"),
-                             ("data.template=nope", "data.template"), ("checkpoint.keep=0", "checkpoint.keep")]:
+                             ("data.template=nope", "data.template"), ("checkpoint.keep=0", "checkpoint.keep"),
+                             ("workdir=gs://bucket/run", "workdir")]:
         with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
             load_run_config(REPO / "configs/demo.yaml", [override])
 
