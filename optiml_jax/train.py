@@ -222,12 +222,17 @@ def make_train_step(model, tx, train: TrainSection, optim: OptimSection, mesh, s
                                             (jnp.arange(accum), microbatches))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        # A non-finite loss or gradient leaves params and Adam state untouched (and is counted).
-        keep_if_bad = lambda new, old: jnp.where(finite, new, old)
-        params = jax.tree.map(keep_if_bad, new_params, state.params)
-        opt_state = jax.tree.map(keep_if_bad, new_opt_state, state.opt_state)
+
+        def update(operands):
+            params, opt_state, grads = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A non-finite loss or gradient leaves params and Adam state untouched (and is counted). A cond,
+        # not a select of old and new trees: that select read and wrote params and both Adam moments once
+        # more (0.77 s vs 0.36 s for the update of the 125m shape on CPU).
+        params, opt_state = jax.lax.cond(finite, update, lambda operands: operands[:2],
+                                         (state.params, state.opt_state, grads))
         bad = (~finite).astype(jnp.int32)
         applied = state.step - state.nonfinite_total  # the optimizer's own count of applied updates
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng,
