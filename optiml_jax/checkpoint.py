@@ -92,10 +92,12 @@ def _multihost() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def _barrier(name: str) -> None:
-    from jax.experimental import multihost_utils
+def barrier(name: str) -> None:
+    """Waits until every JAX process reaches the barrier `name` (nothing on a single process)."""
+    if _multihost()[1] > 1:
+        from jax.experimental import multihost_utils
 
-    multihost_utils.sync_global_devices(name)
+        multihost_utils.sync_global_devices(name)
 
 
 @contextlib.contextmanager
@@ -144,13 +146,13 @@ def _atomic_output_dir_multihost(directory: Path, index: int) -> Iterator[Path]:
         directory.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    _barrier(f"atomic_output_dir:create:{tag}")
+    barrier(f"atomic_output_dir:create:{tag}")
     try:
         yield tmp
-        _barrier(f"atomic_output_dir:written:{tag}")
+        barrier(f"atomic_output_dir:written:{tag}")
         if index == 0:
             _replace_dir(tmp, directory)
-        _barrier(f"atomic_output_dir:renamed:{tag}")
+        barrier(f"atomic_output_dir:renamed:{tag}")
     except BaseException:
         if index == 0:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -311,22 +311,22 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
     """Keys (dotted) whose values differ between a saved and the current config (to_dict() form) and
     that change the result of a resumed run: "train.seq_len: 64 -> 128"."""
     old, new = flatten_config(saved), flatten_config(current)
+    defaults = flatten_config(RunConfig(model="x").to_dict())
+
+    def is_default(key, value):
+        return key in defaults and defaults[key] == value
+
     conflicts = []
     for key in sorted(set(old) | set(new)):
         if resume_safe(key):
             continue
-        if key not in new and key in old and _is_default(key, old[key]):
+        if key not in new and key in old and is_default(key, old[key]):
             continue  # a key a newer version added, at its default
-        if key not in old and _is_default(key, new.get(key)):
+        if key not in old and is_default(key, new.get(key)):
             continue
         if old.get(key, "<unset>") != new.get(key, "<unset>"):
             conflicts.append(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")
     return conflicts
-
-
-def _is_default(key: str, value: Any) -> bool:
-    defaults = flatten_config(RunConfig(model="x").to_dict())
-    return key in defaults and defaults[key] == value
 
 
 def resolve_path(value: str) -> str:

@@ -34,6 +34,7 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from optiml_jax.checkpoint import barrier
 from optiml_jax.config import ConfigError, OPTConfig
 from optiml_jax.metrics import MetricsWriter
 from optiml_jax.model import OPTForCausalLM
@@ -340,14 +341,6 @@ def save_checkpoint(manager, state: TrainState, data_state: dict, force: bool = 
                  force=force)
 
 
-def _sync(name: str) -> None:
-    """A barrier across processes (nothing on one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def _all_processes_agree(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
@@ -402,7 +395,7 @@ def _quarantine(directory: Path, steps) -> None:
             target = target_root / f"{step}-{int(time.time())}"
             shutil.move(str(directory / str(step)), str(target))
             log.warning("moved the unreadable checkpoint %s to %s", directory / str(step), target)
-    _sync("optiml_jax:quarantine")
+    barrier("optiml_jax:quarantine")
 
 
 def _has_checkpoints(workdir: Path) -> bool:
@@ -428,7 +421,7 @@ def prepare_workdir(cfg: RunConfig, workdir: Path, overwrite: bool) -> None:
                 shutil.rmtree(workdir / name, ignore_errors=True)
             for name in ("metrics.jsonl", "config.yaml"):
                 (workdir / name).unlink(missing_ok=True)
-        _sync("optiml_jax:overwrite")
+        barrier("optiml_jax:overwrite")
     elif _has_checkpoints(workdir):
         if saved_path.is_file():
             try:
@@ -448,7 +441,7 @@ def prepare_workdir(cfg: RunConfig, workdir: Path, overwrite: bool) -> None:
         tmp = saved_path.with_name("config.yaml.tmp")
         tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
         os.replace(tmp, saved_path)
-    _sync("optiml_jax:prepare_workdir")
+    barrier("optiml_jax:prepare_workdir")
 
 
 def memory_limit_bytes(cfg: RunConfig, mesh) -> Optional[int]:
@@ -483,32 +476,6 @@ def check_memory(cfg: RunConfig, opt_config: OPTConfig, mesh, rules=DEFAULT_RULE
         log.info("%s\n  (%s)", estimate.table(), limit)
     check_fits(estimate, available)
     return estimate
-
-
-# ---------------------------------------------------------------------- sampling
-def greedy_generate(model, params, tokenizer, prompts, max_new_tokens: int = 32, max_len: int = 0) -> list[str]:
-    """Greedy continuations of `prompts` without a KV cache (one fixed-shape forward per token, so it
-    compiles once); a small helper for showing what a run learned, not a serving path."""
-    max_len = max_len or model.config.max_position_embeddings
-    pad = tokenizer.pad_id
-    forward = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, attention_mask=mask))
-    outputs = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt, add_bos=False)[-(max_len - max_new_tokens):]
-        length = len(ids) + max_new_tokens
-        tokens = np.full((1, length), pad, np.int32)
-        tokens[0, :len(ids)] = ids
-        new = []
-        for pos in range(len(ids), length):
-            mask = (np.arange(length) < pos).astype(np.int32)[None]
-            logits = forward(params, jnp.asarray(tokens), jnp.asarray(mask))
-            token = int(jnp.argmax(logits[0, pos - 1]))
-            if token == tokenizer.eos_id:
-                break
-            tokens[0, pos] = token
-            new.append(token)
-        outputs.append(tokenizer.decode(new))
-    return outputs
 
 
 # ---------------------------------------------------------------------- the loop
@@ -855,8 +822,21 @@ def save_final_model(directory: Path, opt_config: OPTConfig, params, tokenizer) 
 
 
 def sample_heldout(model, params, tokenizer, eval_loader, eval_cfg) -> list[tuple[str, str, str]]:
-    """(prompt, reference, greedy generation) for the first example of the first few eval tasks."""
+    """(prompt, reference, greedy generation) for the first example of the first few eval tasks, by the
+    KV-cache decoder of optiml_jax.generate (one batch; prompts cut from the left to fit the positions)."""
+    from optiml_jax.generate import complete_texts, generate
+
+    max_new = eval_cfg.sample_max_new_tokens
+    room = model.config.max_position_embeddings - max_new
     examples = [examples[0] for examples in list(eval_loader.tasks.values())[:eval_cfg.num_samples] if examples]
-    prompts = [e.src.rstrip(" ") for e in examples]
-    generations = greedy_generate(model, params, tokenizer, prompts, eval_cfg.sample_max_new_tokens)
-    return [(e.src, e.tgt, g) for e, g in zip(examples, generations)]
+    prompts = [(e, tokenizer.encode(e.src.rstrip(" "), add_bos=False)[-room:]) for e in examples]
+    prompts = [(e, ids) for e, ids in prompts if ids]
+    if not prompts or room < 1:
+        return []
+    # Remat only matters for gradients; decoding runs the plain layers.
+    decoder = model.clone(remat_policy="none") if model.remat_policy != "none" else model
+    out = generate(decoder, params, [ids for _, ids in prompts], max_new_tokens=max_new,
+                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    generated = [ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids for ids in out.token_ids()]
+    texts = complete_texts(tokenizer, [ids for _, ids in prompts], generated)
+    return [(e.src, e.tgt, text) for (e, _), text in zip(prompts, texts)]
