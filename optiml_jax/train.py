@@ -644,7 +644,7 @@ def _train(cfg, workdir, is_main, mesh, manager, rules, progress, stop_after_ste
     eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
     eval_loader = build_eval_loader(data_cfg, tokenizer, seed=cfg.seed, batch_size=eval_batch_size,
                                     seq_len=cfg.train.seq_len)
-    skipped = {k: v for k, v in loader.stats().items() if k.startswith("skipped/") and v}
+    skipped = {k: v for k, v in loader.skip_stats.as_dict().items() if v}
     if skipped and is_main:
         log.warning("training data: skipped %s (data.on_error=%s; the counts are logged as data/skipped/* in "
                     "metrics)", skipped, cfg.data.on_error)
@@ -794,9 +794,10 @@ def _train(cfg, workdir, is_main, mesh, manager, rules, progress, stop_after_ste
     run_eval(done)
     checkpoint(force=True)
     manager.wait_until_finished()
+    data_stats = loader.stats()  # collective with several processes: every process asks
     if is_main:
-        log.info("data: %s", loader.stats())
-    writer.write(done, {f"data/{k}": v for k, v in loader.stats().items()})
+        log.info("data: %s", data_stats)
+    writer.write(done, {f"data/{k}": v for k, v in data_stats.items()})
     writer.close()
     if cfg.checkpoint.save_final:
         result.final_dir = save_final_model(workdir / "final", opt_config, state.params, tokenizer)

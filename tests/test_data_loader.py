@@ -2,6 +2,7 @@
 DataConfig validation and the build_* entry points."""
 import json
 import random
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,6 +45,51 @@ def loader(tasks=None, **kw):
 
 def take(it, n):
     return [next(it) for _ in range(n)]
+
+
+def as_processes(n, work):
+    """Runs work(process_index, allgather) for n simulated processes, one thread each, with a real
+    rendezvous allgather (every process must call it, in the same order); returns their results."""
+    barrier, slots, results, errors = threading.Barrier(n, timeout=30), [None] * n, [None] * n, []
+
+    def run(p):
+        def allgather(x):
+            slots[p] = np.asarray(x)
+            barrier.wait()
+            out = np.stack(slots)
+            barrier.wait()  # nobody overwrites its slot before everyone has read
+            return out
+        try:
+            results[p] = work(p, allgather)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in the test's thread
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+class CountingTokenizer(ByteTokenizer):
+    def __init__(self):
+        self.calls = []
+
+    def encode_batch(self, texts, add_bos=True):
+        self.calls.append(list(texts))
+        return super().encode_batch(texts, add_bos)
+
+    @property
+    def texts(self):
+        return [t for call in self.calls for t in call]
+
+    @property
+    def sources(self):  # tokenize_examples encodes a chunk's sources, then its targets
+        return [t for call in self.calls[0::2] for t in call]
 
 
 def assert_batches_equal(a, b):
@@ -138,12 +184,80 @@ def test_eval_loader_one_pass_with_padded_last_batch():
     assert empty_rows.any()  # the last batch is padded with whole empty rows
     assert (last["loss_mask"][empty_rows] == 0).all() and (last["input_ids"][empty_rows] == 1).all()
     assert_batches_equal(list(ev), batches)  # iterating again starts over
-    parts = [list(EvalLoader(tasks, ByteTokenizer(), global_batch_size=8, seq_len=64, process_index=p,
-                             process_count=2)) for p in range(2)]
-    assert len(parts[0]) == len(parts[1]) == len(batches)
+    # Row r holds examples r, r + 8, ... in order: row 0 starts with the first example of task0.
+    first = tasks["task0"][0]
+    assert bytes(b - 4 for b in batches[0]["input_ids"][0, :len(first.src)]).decode() == first.src
+    # Two processes: each tokenises only its rows' examples and they agree on the number of batches.
+    tokenizers = [CountingTokenizer(), CountingTokenizer()]
+
+    def process(p, allgather):
+        ev = EvalLoader(tasks, tokenizers[p], global_batch_size=8, seq_len=64, process_index=p, process_count=2,
+                        allgather=allgather)
+        return list(ev), ev.stats()
+
+    (part0, stats0), (part1, stats1) = as_processes(2, process)
+    assert len(part0) == len(part1) == len(batches)
     for step, batch in enumerate(batches):
-        assert_batches_equal([{k: np.concatenate([parts[0][step][k], parts[1][step][k]]) for k in BATCH_KEYS}],
-                             [batch])
+        assert_batches_equal([{k: np.concatenate([part0[step][k], part1[step][k]]) for k in BATCH_KEYS}], [batch])
+    assert stats0 == stats1 == ev.stats()
+    assert len(tokenizers[0].texts) + len(tokenizers[1].texts) == 2 * n_examples  # src and tgt, once each
+
+
+def test_each_process_tokenises_only_the_examples_of_its_rows():
+    # Row r of every batch packs stream examples r, r + B, r + 2B, ... (B = 4): hand-checkable with
+    # seq_len 8 and examples of 2..6 row slots.
+    tasks = short_tasks()
+    mixture = loader(tasks).mixture
+    stream = [example for _, example in (next(mixture) for _ in range(2000))]
+
+    def input_text(example):  # the row slots an example takes: tokens[:-1], cut from the left to 8 slots
+        return (example.src + " " + example.tgt + "\x02")[-9:][:-1]
+
+    batches = take(loader(tasks, global_batch_size=4, seq_len=8), 6)
+    for r in range(4):
+        packed = [bytes(b - 4 for b in batch["input_ids"][r][batch["segment_ids"][r] == s]).decode()
+                  for batch in batches for s in range(1, batch["segment_ids"][r].max() + 1)]
+        assert len(packed) >= 6 and packed == [input_text(e) for e in stream[r::4][:len(packed)]]
+    # Process 1 of 2 (rows 2 and 3) tokenises only stream examples 2, 3, 6, 7, 10, 11, ...
+    tokenizer = CountingTokenizer()
+    half = loader(tasks, global_batch_size=4, seq_len=8, process_index=1, process_count=2)
+    half.tokenizer = tokenizer
+    take(half, 6)
+    mine = [e.src.rstrip(" ") for i, e in enumerate(stream) if i % 4 in (2, 3)]
+    assert 12 <= len(tokenizer.sources) <= 2 * 256 and tokenizer.sources == mine[:len(tokenizer.sources)]
+
+
+def test_state_of_several_processes_is_gathered_and_resumes_anywhere():
+    reference = take(loader(), 12)
+
+    def process(p, allgather):
+        part = loader(process_index=p, process_count=2, allgather=allgather)
+        take(part, 7)
+        return part.get_state(), part.stats()
+
+    (state0, stats0), (state1, stats1) = as_processes(2, process)
+    single = loader()
+    take(single, 7)
+    assert state0 == state1 == single.get_state()
+    assert stats0 == stats1 == single.stats()
+    assert_batches_equal(take(loader(state=state0), 5), reference[7:])
+    with pytest.raises(ValueError, match="allgather"):
+        loader(process_index=0, process_count=2).get_state()
+
+
+def test_state_from_an_older_version_or_another_batch_size_continues_without_repeats():
+    state = loader().get_state()
+    v1 = {**state, "version": 1, "stream_index": 40}
+    del v1["row_starts"]
+    assert loader(state=v1).get_state()["row_starts"] == [40, 41, 42, 43]
+    moved = loader()
+    take(moved, 3)
+    starts = moved.get_state()["row_starts"]
+    wider = loader(global_batch_size=6, state=moved.get_state())
+    new = wider.get_state()["row_starts"]
+    assert min(new) >= max(starts) and sorted(i % 6 for i in new) == list(range(6))
+    with pytest.raises(DataError, match="row_starts"):
+        loader(state={**state, "row_starts": [0, 2, 1, 3]})
 
 
 def test_data_config_validation():
@@ -165,7 +279,11 @@ def test_build_loaders_from_a_training_config_on_the_sni_sample():
     train = build_train_loader(cfg, ByteTokenizer(), process_index=1, process_count=2)
     batch = next(train)
     assert batch["input_ids"].shape == (2, 256)
-    assert train.stats()["skipped/empty_target"] == 1 and train.stats()["packed/rows"] == 4
+    with pytest.raises(ValueError, match="allgather"):  # a simulated process count has no collectives
+        train.stats()
+    train = build_train_loader(cfg, ByteTokenizer(), process_index=0, process_count=1)
+    next(train)
+    assert train.stats()["skipped/empty_target"] == 1 and 4 <= train.stats()["packed/rows"] <= 8
     ev = build_eval_loader(cfg, ByteTokenizer(), process_index=0, process_count=1)
     assert ev.num_examples == 200 and sum(1 for _ in ev) >= 1
     assert build_eval_loader(DataConfig(train="x"), ByteTokenizer(), seed=0, batch_size=1, seq_len=8,

@@ -17,10 +17,12 @@ import logging
 import os
 from typing import Any, Optional, Union
 
+import numpy as np
+
 from optiml_jax.config import ConfigError
 from optiml_jax.data import templates
 from optiml_jax.data.holdout import holdout_problem, split_holdout
-from optiml_jax.data.loader import EvalLoader, TrainLoader
+from optiml_jax.data.loader import AllGather, EvalLoader, TrainLoader
 from optiml_jax.data.mixing import MixtureStream, mixing_weights
 from optiml_jax.data.packing import (BATCH_KEYS, OVERLONG_CHOICES, Packer, PackStats, TokenizedExample,
                                      row_arrays, tokenize_examples)
@@ -155,6 +157,26 @@ def _processes(process_index: Optional[int], process_count: Optional[int]) -> tu
     return process_index, process_count
 
 
+def _jax_allgather(local: np.ndarray) -> np.ndarray:
+    """[process_count, n] int64 from every process's int64 [n], through JAX's collectives. Sent as int32
+    pairs: JAX without x64 would silently narrow int64 stream positions."""
+    from jax.experimental import multihost_utils
+
+    halves = np.ascontiguousarray(np.asarray(local, np.int64)).view(np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(halves))
+    return np.ascontiguousarray(gathered.reshape(-1, halves.size)).view(np.int64)
+
+
+def _default_allgather(process_count: int) -> Optional[AllGather]:
+    """JAX's allgather when this really is one of `process_count` JAX processes (None otherwise: a
+    loader built for a simulated process count iterates, but cannot gather its state)."""
+    if process_count == 1:
+        return None
+    import jax
+
+    return _jax_allgather if jax.process_count() == process_count else None
+
+
 def _read(data: DataConfig, paths, split_file, seed: int) -> tuple[dict, SkipStats]:
     stats = SkipStats(data.on_error)
     tasks = read_tasks(paths, stats, format=data.format, split_file=split_file, template=data.template,
@@ -180,10 +202,11 @@ def _read_split(data: DataConfig, seed: int, part: str) -> tuple[dict, SkipStats
 
 def build_train_loader(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
                        seq_len: Optional[int] = None, process_index: Optional[int] = None,
-                       process_count: Optional[int] = None, state: Optional[dict] = None) -> TrainLoader:
+                       process_count: Optional[int] = None, state: Optional[dict] = None,
+                       allgather: Optional[AllGather] = None) -> TrainLoader:
     """Train loader from `cfg` (a DataConfig, or the training config: `.data`, `.seed`,
     `.train.batch_size` = global batch in sequences, `.train.seq_len`). Arguments override the config;
-    process index/count default to JAX's. `loader.stats()` reports what the readers skipped and
+    process index/count default to JAX's, `allgather` (for get_state and stats) to JAX's collectives. `loader.stats()` reports what the readers skipped and
     how packing went. With data.eval_holdout, the held-out instances are left out."""
     data = _data_config(cfg)
     if data.train is None:
@@ -195,13 +218,15 @@ def build_train_loader(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch
     tasks, stats = _read_split(data, seed, "train")
     loader = TrainLoader(tasks, tokenizer, global_batch_size=batch_size, seq_len=seq_len, eps=data.eps, seed=seed,
                          overlong=data.overlong, process_index=process_index, process_count=process_count,
-                         state=state, skip_stats=stats, holdout=data.eval_holdout)
+                         state=state, skip_stats=stats, holdout=data.eval_holdout,
+                         allgather=allgather or _default_allgather(process_count))
     return loader
 
 
 def build_eval_loader(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
                       seq_len: Optional[int] = None, process_index: Optional[int] = None,
-                      process_count: Optional[int] = None) -> Optional[EvalLoader]:
+                      process_count: Optional[int] = None,
+                      allgather: Optional[AllGather] = None) -> Optional[EvalLoader]:
     """Eval loader over `data.eval`, or over the held-out instances of the training tasks with
     data.eval_holdout (None when neither is set); same arguments as build_train_loader. Its skip stats
     are those of reading the files it came from (the training files with eval_holdout)."""
@@ -217,7 +242,8 @@ def build_eval_loader(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch_
     else:
         tasks, stats = _read(data, data.eval, data.eval_tasks, seed)
     loader = EvalLoader(tasks, tokenizer, global_batch_size=batch_size, seq_len=seq_len, overlong=data.overlong,
-                        process_index=process_index, process_count=process_count, skip_stats=stats)
+                        process_index=process_index, process_count=process_count, skip_stats=stats,
+                        allgather=allgather or _default_allgather(process_count))
     return loader
 
 

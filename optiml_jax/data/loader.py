@@ -1,16 +1,19 @@
 """Batch iterators: an infinite, host-sharded, exactly resumable train loader and a one-pass eval loader.
 
-Host sharding. Every process runs the same deterministic pipeline for the whole GLOBAL batch (mixing,
-tokenising, packing) and builds arrays only for its own rows `[process_index * local,
-(process_index + 1) * local)`. The global batch is therefore the same whatever the process count, and
-the loader state is one small global value that every process agrees on and that stays valid if a run
-is restarted on a different number of hosts. The price is that every host tokenises the whole global
-batch (~0.5M tokens per step for OPT-IML's 256 x 2048; cheap next to a training step).
+Rows of the global batch are independent sub-streams. Row r of every training batch is packed, greedily
+and in order, from the mixture stream's examples r, r + B, r + 2B, ... (B = global batch size): row r's
+k-th batch holds the next examples of that sub-stream that fit. So:
 
-Exact resume. The state is the stream index of the first example not contained in any row handed out
-so far. Greedy packing starts a fresh row with that example, so rebuilding the mixture stream at that
-index (a cheap replay of task draws, see mixing.py) with an empty packer reproduces every later batch
-bit for bit. Tokenised lookahead and closed-but-unused rows are simply recomputed.
+* Host sharding. A process owns rows `[process_index * local, (process_index + 1) * local)` and only
+  ever templates, tokenises and packs the examples of its own rows. It walks the (cheap, no-text) task
+  draws of the whole stream to find them, and skips the others without touching them. The global batch
+  is the same whatever the process count.
+* Exact resume. The state is, per row, the stream index of the first example of that row's sub-stream
+  not contained in any batch handed out so far (a row that closes because the next example does not fit
+  restarts at that example). Rebuilding the stream there (a cheap replay of task draws, see mixing.py)
+  with empty packers reproduces every later batch bit for bit, on any number of processes.
+  With several processes each knows only its own rows' positions: `get_state()` and `stats()` are then
+  collective (every process must call them) and use the `allgather` given to the loader.
 
 Batch dict (numpy, local rows only; see packing.py for the exact layout):
     input_ids, targets, segment_ids, positions: int32 [local_batch, seq_len]
@@ -21,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import deque
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -34,9 +37,12 @@ from optiml_jax.data.sources import DataError, Example, SkipStats
 logger = logging.getLogger(__name__)
 
 STATE_KIND = "optiml_jax.data.TrainLoader"
-STATE_VERSION = 1
-# Examples tokenised per encode_batch call (one call amortises the tokenizer's per-call overhead).
+STATE_VERSION = 2  # 1: one global stream index (rows filled one after another from one stream)
+# Examples of this process's rows tokenised per encode_batch call (amortises the per-call overhead).
 TOKENIZE_CHUNK = 256
+# allgather(local int64 vector) -> [process_count, len] array, every process's vector in process order
+# (jax.experimental.multihost_utils.process_allgather does this).
+AllGather = Callable[[np.ndarray], np.ndarray]
 
 
 def _local_rows(global_batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -57,16 +63,59 @@ def _check_seq_len(seq_len: int) -> None:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
 
 
+def _gather(local: Sequence[int], process_count: int, allgather: Optional[AllGather]) -> np.ndarray:
+    """Every process's `local` int64 vector, concatenated in process order."""
+    local = np.asarray(local, np.int64)
+    if process_count == 1:
+        return local
+    if allgather is None:
+        raise ValueError(f"process_count={process_count}: this needs the loader's `allgather` (e.g. jax."
+                         f"experimental.multihost_utils.process_allgather), since a process knows only its own rows")
+    return np.asarray(allgather(local), np.int64).reshape(-1)
+
+
+def _row_starts(state: dict, batch_size: int) -> list[int]:
+    """Per-row resume positions from a saved state, for a batch of `batch_size` rows."""
+    if state.get("version") == 1:  # one stream index s: rows restart at s, s + 1, ... (nothing is repeated)
+        index = state.get("stream_index")
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise DataError(f"TrainLoader state has a bad stream_index {index!r}")
+        logger.warning("resuming from a version-1 data state (one stream): the data continues at stream index "
+                       "%d, with rows laid out the current way from there", index)
+        return [index + r for r in range(batch_size)]
+    starts = state.get("row_starts")
+    if (not isinstance(starts, list) or not starts
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in starts)
+            or any(i % len(starts) != r for r, i in enumerate(starts))):
+        raise DataError(f"TrainLoader state has bad row_starts {starts!r:.200}")
+    if len(starts) == batch_size:
+        return starts
+    # Another batch size: each new row continues after the furthest old row (skips, never repeats).
+    after = max(starts)
+    return [after + (r - after) % batch_size for r in range(batch_size)]
+
+
+class _RowSlot:
+    """One row of the global batch: its packer and the rows it has closed but not yet handed out."""
+
+    def __init__(self, row: int, start: int, packer: Packer):
+        self.row = row
+        self.next_index = start  # next sub-stream example to pack
+        self.resume_index = start  # first sub-stream example not in a handed-out row (the saved state)
+        self.packer = packer
+        self.ready: deque[tuple[list[TokenizedExample], int]] = deque()
+
+
 class TrainLoader:
     """Infinite iterator of packed training batches from an EPS-capped task mixture."""
 
     def __init__(self, tasks: Mapping[str, Sequence[Example]], tokenizer: Tokenizer, *, global_batch_size: int,
                  seq_len: int, eps: int = 4096, seed: int = 0, overlong: str = "truncate", process_index: int = 0,
                  process_count: int = 1, state: Optional[dict] = None, skip_stats: Optional[SkipStats] = None,
-                 holdout: Holdout = None):
+                 holdout: Holdout = None, allgather: Optional[AllGather] = None):
         """`holdout`: the data.eval_holdout that `tasks` were split with (see holdout.py); it does not change
         the stream, but it is part of the state fingerprint, so a state saved under one split is refused
-        under another."""
+        under another. `allgather`: needed when process_count > 1 (see the module doc)."""
         _check_seq_len(seq_len)
         problem = holdout_problem(holdout)
         if problem:
@@ -78,12 +127,13 @@ class TrainLoader:
         self.overlong = overlong
         self.process_index, self.process_count = process_index, process_count
         self._lo, self._hi = _local_rows(global_batch_size, process_index, process_count)
+        self._allgather = allgather
         self.tokenizer = tokenizer
         self.mixture = MixtureStream(tasks, eps=eps, seed=seed)
-        # Counters since this loader was built (not part of the state: a resumed run starts them at 0).
+        # Counters of this process's rows since this loader was built (a resumed run starts them at 0).
         self.pack_stats = PackStats()
-        self.packer = Packer(seq_len, overlong, self.pack_stats)
-        self._reset(0, 0)
+        Packer(seq_len, overlong)  # validates `overlong`
+        self._reset(list(range(global_batch_size)), 0)
         if state is not None:
             self.set_state(state)
 
@@ -100,76 +150,100 @@ class TrainLoader:
     def local_batch_size(self) -> int:
         return self._hi - self._lo
 
-    def _reset(self, stream_index: int, batches: int) -> None:
-        self.mixture.seek(stream_index)
-        self.packer.reset()
-        self._lookahead: deque[tuple[int, TokenizedExample]] = deque()
-        self._ready: deque[tuple[list[TokenizedExample], int]] = deque()
-        self._resume_index = stream_index
+    def _reset(self, row_starts: Sequence[int], batches: int) -> None:
+        self._slots = [_RowSlot(r, row_starts[r], Packer(self.seq_len, self.overlong, self.pack_stats))
+                       for r in range(self._lo, self._hi)]
+        # Tokenised examples of this process's rows that the stream has passed but a row has not packed yet.
+        self._buffer: dict[int, TokenizedExample] = {}
+        self.mixture.seek(min(slot.next_index for slot in self._slots))
         self._batches = batches
 
     # ------------------------------------------------------------------ state
     def get_state(self) -> dict:
-        """JSON-able position: pass it to `set_state` (or `state=`) to continue with the same batches."""
-        return {"kind": STATE_KIND, "version": STATE_VERSION, "stream_index": self._resume_index,
+        """JSON-able position: pass it to `set_state` (or `state=`) to continue with the same batches.
+        Collective when process_count > 1."""
+        starts = _gather([slot.resume_index for slot in self._slots], self.process_count, self._allgather)
+        return {"kind": STATE_KIND, "version": STATE_VERSION, "row_starts": [int(i) for i in starts],
                 "batches": self._batches, "fingerprint": self.fingerprint, "seq_len": self.seq_len,
                 "global_batch_size": self.global_batch_size, "overlong": self.overlong}
 
     def set_state(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
             raise DataError(f"not a TrainLoader state: {state!r:.200}")
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"TrainLoader state version {state.get('version')!r} is not {STATE_VERSION}")
-        index = state.get("stream_index")
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise DataError(f"TrainLoader state has a bad stream_index {index!r}")
+        if state.get("version") not in (1, STATE_VERSION):
+            raise DataError(f"TrainLoader state version {state.get('version')!r} is not 1 or {STATE_VERSION}")
         if state.get("fingerprint") != self.fingerprint:
             raise DataError("TrainLoader state was saved for a different data stream (task names or sizes, "
                             "data.eps, data.eval_holdout or seed changed), so its position means nothing here; "
                             "start without the saved data state to begin the new stream from the start")
+        starts = _row_starts(state, self.global_batch_size)
         for key in ("seq_len", "global_batch_size", "overlong"):
             if state.get(key) != getattr(self, key):
                 logger.warning("resuming data with %s=%r (state was saved with %r): the stream continues "
                                "where it was, but batches differ from an uninterrupted run",
                                key, getattr(self, key), state.get(key))
-        self._reset(index, int(state.get("batches", 0)))
+        self._reset(starts, int(state.get("batches", 0)))
 
     # ------------------------------------------------------------------ iteration
-    def _next_example(self) -> tuple[int, TokenizedExample]:
-        if not self._lookahead:
-            drawn = [next(self.mixture) for _ in range(TOKENIZE_CHUNK)]
-            tokenized = tokenize_examples([example for _, example in drawn], self.tokenizer)
-            self._lookahead.extend(zip((index for index, _ in drawn), tokenized))
-        return self._lookahead.popleft()
+    def _example(self, index: int) -> TokenizedExample:
+        """Stream example `index` (one of this process's rows). Walks the stream past it if needed,
+        tokenising the examples of this process's rows on the way, TOKENIZE_CHUNK at a time."""
+        if index not in self._buffer:
+            batch, local = self.global_batch_size, self.local_batch_size
+            # Walk far enough to collect about TOKENIZE_CHUNK examples of local rows in one call.
+            stop = max(index + 1, self.mixture.position + TOKENIZE_CHUNK * batch // local)
+            wanted, examples = [], []
+            while self.mixture.position < stop:
+                i, example = next(self.mixture)  # a task draw and a list lookup: other rows' cost nothing
+                row = i % batch
+                if self._lo <= row < self._hi and i >= self._slots[row - self._lo].next_index:
+                    wanted.append(i)
+                    examples.append(example)
+            self._buffer.update(zip(wanted, tokenize_examples(examples, self.tokenizer)))
+        return self._buffer.pop(index)
 
-    def _next_row(self) -> tuple[list[TokenizedExample], int]:
-        """The next closed row and the stream index a fresh packer would continue from after it."""
-        while not self._ready:
-            index, example = self._next_example()
-            rows = self.packer.add(example)
+    def _next_row(self, slot: _RowSlot) -> tuple[list[TokenizedExample], int]:
+        """The slot's next closed row and the sub-stream index a fresh packer would continue from after it."""
+        step = self.global_batch_size
+        while not slot.ready:
+            index = slot.next_index
+            rows = slot.packer.add(self._example(index))
+            slot.next_index += step
             for k, row in enumerate(rows):
-                # A row closes either because `example` does not fit (it then starts the next row: resume
-                # at `index`) or because `example` filled it exactly (resume after it).
-                filled_by_example = k == len(rows) - 1 and not self.packer.pending
-                self._ready.append((row, index + 1 if filled_by_example else index))
-        return self._ready.popleft()
+                # A row closes either because the example does not fit (it then starts the next row: resume
+                # at `index`) or because the example filled it exactly (resume after it).
+                filled_by_example = k == len(rows) - 1 and not slot.packer.pending
+                slot.ready.append((row, index + step if filled_by_example else index))
+        return slot.ready.popleft()
 
     def __iter__(self) -> "TrainLoader":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows = []
-        for r in range(self.global_batch_size):
-            row, resume_index = self._next_row()
-            if self._lo <= r < self._hi:
-                rows.append(row_arrays(row, self.seq_len, self.tokenizer.pad_id))
-        self._resume_index = resume_index
+        for slot in self._slots:
+            row, slot.resume_index = self._next_row(slot)
+            rows.append(row_arrays(row, self.seq_len, self.tokenizer.pad_id))
         self._batches += 1
         return stack_rows(rows)
 
     def stats(self) -> dict[str, int]:
-        """Flat counters for the training log: "skipped/<reason>" and "packed/<counter>"."""
-        return _flat_stats(self.skip_stats, self.pack_stats)
+        """Flat counters for the training log: "skipped/<reason>" (what the readers dropped) and
+        "packed/<counter>" (summed over every process's rows). Collective when process_count > 1."""
+        return _flat_stats(self.skip_stats, _sum_pack_stats(self.pack_stats, self.process_count, self._allgather))
+
+
+def _sum_pack_stats(stats: PackStats, process_count: int, allgather: Optional[AllGather]) -> PackStats:
+    if process_count == 1:
+        return stats
+    # Every process must send the same keys in the same order, whichever counters it has touched.
+    keys = ("examples", "rows", "tokens", "loss_tokens", "pad_tokens", "source_truncated", "target_truncated",
+            "overlong_dropped", "empty_dropped")
+    unknown = set(stats) - set(keys)
+    if unknown:
+        raise AssertionError(f"pack counters {sorted(unknown)} are not summed across processes")
+    totals = _gather([stats[k] for k in keys], process_count, allgather).reshape(process_count, len(keys)).sum(0)
+    return PackStats({k: int(v) for k, v in zip(keys, totals) if v})
 
 
 def _flat_stats(skip_stats: SkipStats, pack_stats: PackStats) -> dict[str, int]:
@@ -179,14 +253,16 @@ def _flat_stats(skip_stats: SkipStats, pack_stats: PackStats) -> dict[str, int]:
 
 
 class EvalLoader:
-    """One pass over a finite dataset in a fixed order (tasks by name, examples in file order), packed
-    greedily like training; the last row is kept and the last batch is filled up with all-padding rows
-    (loss_mask 0, segment_ids 0), so every process yields the same number of batches. Iterating again
-    starts over."""
+    """One pass over a finite dataset (tasks by name, examples in file order). Example j goes to row j % B
+    of the global batch (B rows), and each row packs its examples greedily like training; batch k holds
+    every row's k-th packed row, or an all-padding row (loss_mask 0, segment_ids 0) for a row that has
+    run out. A process tokenises only the examples of its own rows; every process yields the same number
+    of batches (with several processes, one allgather per pass agrees on it). Iterating again starts
+    over. The loss over a pass does not depend on the row layout (segments never attend to each other)."""
 
     def __init__(self, tasks: Mapping[str, Sequence[Example]], tokenizer: Tokenizer, *, global_batch_size: int,
                  seq_len: int, overlong: str = "truncate", process_index: int = 0, process_count: int = 1,
-                 skip_stats: Optional[SkipStats] = None):
+                 skip_stats: Optional[SkipStats] = None, allgather: Optional[AllGather] = None):
         _check_seq_len(seq_len)
         self.skip_stats = skip_stats if skip_stats is not None else SkipStats()
         self.tasks = {name: list(tasks[name]) for name in sorted(tasks)}
@@ -194,42 +270,42 @@ class EvalLoader:
         self.global_batch_size = global_batch_size
         self.seq_len = seq_len
         self.overlong = overlong
+        self.process_count = process_count
         self._lo, self._hi = _local_rows(global_batch_size, process_index, process_count)
+        self._allgather = allgather
         Packer(seq_len, overlong)  # validates `overlong` now rather than at the first eval
-        self.pack_stats = PackStats()  # of the latest pass
+        self.pack_stats = PackStats()  # of the latest pass, this process's rows
 
     def stats(self) -> dict[str, int]:
-        return _flat_stats(self.skip_stats, self.pack_stats)
+        """Like TrainLoader.stats(), for the latest pass; collective when process_count > 1."""
+        return _flat_stats(self.skip_stats, _sum_pack_stats(self.pack_stats, self.process_count, self._allgather))
 
     @property
     def num_examples(self) -> int:
         return sum(len(v) for v in self.tasks.values())
 
-    def _rows(self, packer: Packer) -> Iterator[list[TokenizedExample]]:
+    def _local_rows(self, packer_stats: PackStats) -> list[list[list[TokenizedExample]]]:
+        """For each of this process's rows, its packed rows for the whole pass."""
         examples = [e for task in self.tasks.values() for e in task]
-        for start in range(0, len(examples), TOKENIZE_CHUNK):
-            for example in tokenize_examples(examples[start:start + TOKENIZE_CHUNK], self.tokenizer):
-                yield from packer.add(example)
-        last = packer.flush()
-        if last is not None:
-            yield last
+        out = []
+        for row in range(self._lo, self._hi):
+            packer = Packer(self.seq_len, self.overlong, packer_stats)
+            mine = examples[row::self.global_batch_size]
+            packed = []
+            for start in range(0, len(mine), TOKENIZE_CHUNK):
+                for example in tokenize_examples(mine[start:start + TOKENIZE_CHUNK], self.tokenizer):
+                    packed.extend(packer.add(example))
+            last = packer.flush()
+            if last is not None:
+                packed.append(last)
+            out.append(packed)
+        return out
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         self.pack_stats = PackStats()
-        packer = Packer(self.seq_len, self.overlong, self.pack_stats)
+        rows = self._local_rows(self.pack_stats)
+        num_batches = int(_gather([max(map(len, rows))], self.process_count, self._allgather).max())
         pad_id = self.tokenizer.pad_id
-        batch: list = []
-        for row in self._rows(packer):
-            batch.append(row)
-            if len(batch) == self.global_batch_size:
-                yield self._arrays(batch, pad_id)
-                batch = []
-        if batch:
-            yield self._arrays(batch, pad_id)
-
-    def _arrays(self, batch: list, pad_id: int) -> dict[str, np.ndarray]:
-        rows = []
-        for r in range(self._lo, self._hi):
-            rows.append(row_arrays(batch[r], self.seq_len, pad_id) if r < len(batch)
-                        else empty_row(self.seq_len, pad_id))
-        return stack_rows(rows)
+        for k in range(num_batches):
+            yield stack_rows([row_arrays(packed[k], self.seq_len, pad_id) if k < len(packed)
+                              else empty_row(self.seq_len, pad_id) for packed in rows])
