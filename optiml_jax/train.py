@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from optiml_jax.checkpoint import barrier
 from optiml_jax.config import ConfigError, OPTConfig
+from optiml_jax.loss import weighted_head_cross_entropy
 from optiml_jax.metrics import MetricsWriter
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.run_config import OptimSection, RunConfig, TrainSection, resolve_path
@@ -170,18 +171,20 @@ def create_train_state(model: OPTForCausalLM, tx, mesh, seed: int, params=None,
 
 
 # ---------------------------------------------------------------------- steps
-def cross_entropy(logits, targets):
-    """Per-token CE in float32: logsumexp(logits) - logits[target]."""
-    logits = logits.astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target_logits
+def head_weights(model: OPTForCausalLM, params) -> jax.Array:
+    """The LM head as [vocab, d]: the tied token embedding, or an untied lm_head kernel transposed."""
+    if model.config.tie_word_embeddings:
+        return params["decoder"]["embed_tokens"]["embedding"]
+    return params["lm_head"]["kernel"].T
 
 
-def _forward_ce(model, params, batch, deterministic, dropout_key=None):
+def lm_loss(model, params, batch, weights, deterministic, dropout_key=None):
+    """sum(weights * token CE) over the batch, the LM head fused with the loss (see loss.py)."""
     rngs = None if deterministic else {"dropout": dropout_key}
-    logits = model.apply({"params": params}, batch["input_ids"], position_ids=batch["positions"],
-                         segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rngs)
-    return cross_entropy(logits, batch["targets"]) * batch["loss_mask"]
+    hidden = model.apply({"params": params}, batch["input_ids"], position_ids=batch["positions"],
+                         segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rngs,
+                         return_hidden=True)
+    return weighted_head_cross_entropy(hidden, head_weights(model, params), batch["targets"], weights)
 
 
 def make_train_step(model, tx, train: TrainSection, optim: OptimSection, mesh, shardings: TrainState,
@@ -196,8 +199,9 @@ def make_train_step(model, tx, train: TrainSection, optim: OptimSection, mesh, s
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def loss_fn(params, microbatch, index):
-            ce = _forward_ce(model, params, microbatch, False, jax.random.fold_in(step_key, index))
-            return jnp.sum(ce) / total_tokens  # the whole batch's count: microbatch losses add up
+            # Weighted by the whole batch's count of target tokens: the microbatch losses add up.
+            return lm_loss(model, params, microbatch, microbatch["loss_mask"] / total_tokens, False,
+                           jax.random.fold_in(step_key, index))
 
         grad_fn = jax.value_and_grad(loss_fn)
         if accum == 1:
@@ -264,8 +268,7 @@ def make_train_step(model, tx, train: TrainSection, optim: OptimSection, mesh, s
 def make_eval_step(model, mesh, param_shardings, rules=DEFAULT_RULES):
     """The jitted `eval_step(params, batch) -> (sum of CE over target tokens, number of target tokens)`."""
     def eval_step(params, batch):
-        ce = _forward_ce(model, params, batch, True)
-        return jnp.sum(ce), jnp.sum(batch["loss_mask"])
+        return lm_loss(model, params, batch, batch["loss_mask"], True), jnp.sum(batch["loss_mask"])
 
     batch_shardings = {key: NamedSharding(mesh, BATCH_SPEC) for key in
                        ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}

@@ -134,6 +134,9 @@ def main(argv=None) -> int:
     peak = max(peak_jax, peak_torch)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} "
           f"({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    # Both sides run in this process, so they share the allocator settings (docs/benchmarks.md: on CPU,
+    # glibc returning and re-faulting large buffers every step costs each side 10-20%).
+    print(f"malloc: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset: glibc defaults)'}")
     print(f"model {args.preset}: batch {args.batch} x {args.seq_len}; FLOPs/token {flops['total'] / 1e6:.1f} M "
           f"= 6N {flops['dense'] / 1e6:.1f} M + 6dV {flops['lm_head'] / 1e6:.1f} M + attention 12LSd "
           f"{flops['attention'] / 1e6:.1f} M")
