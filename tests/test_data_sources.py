@@ -62,6 +62,21 @@ def test_sni_few_shot_uses_positive_examples():
     assert examples[0].src.count("Input: ") == 3 and "Input: able" in examples[0].src
 
 
+def test_sni_instances_share_their_task_text_and_are_formatted_on_demand():
+    from optiml_jax.data.templates import format_sni
+
+    task = read_sni_task(SNI / "task1508_wordnet_antonyms.json", SkipStats())
+    examples = read_tasks(SNI / "task1508_wordnet_antonyms.json", SkipStats(), template="few_shot",
+                          num_shots=2, seed=3)["task1508_wordnet_antonyms"]
+    # One definition and one exemplar tuple for the whole task, not a formatted prompt per instance.
+    assert all(e.definition is examples[0].definition and e.exemplars is examples[0].exemplars for e in examples)
+    ident, text, output = task.instances[5]
+    assert examples[5].source.endswith(f"#{ident}")
+    assert (examples[5].src, examples[5].tgt) == format_sni(task.definition, text, output,
+                                                            exemplars=task.positive_examples[:2], seed=3,
+                                                            task=task.name, index=5)
+
+
 def test_sni_raise_names_the_instance():
     with pytest.raises(DataError, match=f"task1564_triviaqa_answer_generation.json#{EMPTY_ID}: empty_target"):
         read_tasks(SNI, SkipStats("raise"))

@@ -41,6 +41,32 @@ class Example:
 
 
 @dataclasses.dataclass(frozen=True)
+class SNIExample:
+    """One SNI instance, formatted (templates.format_sni) only when its `src` is asked for.
+
+    Every instance of a task refers to the task's one definition and exemplars instead of holding its
+    own formatted copy (the definition is most of a zero-shot prompt, and k-shot prompts repeat the
+    exemplars too), and a training process formats only the instances of its own batch rows."""
+    task: str
+    source: str
+    definition: str
+    input: str
+    output: str
+    exemplars: tuple[tuple[str, str], ...]
+    seed: int
+    index: int
+
+    @property
+    def src(self) -> str:
+        return templates.format_sni(self.definition, self.input, self.output, exemplars=self.exemplars,
+                                    seed=self.seed, task=self.task, index=self.index)[0]
+
+    @property
+    def tgt(self) -> str:
+        return self.output.strip()
+
+
+@dataclasses.dataclass(frozen=True)
 class SNITask:
     """One SNI task file, validated. `instances` are (id, input, output) with one chosen output."""
     name: str
@@ -333,20 +359,17 @@ def read_sni_task(path: str | os.PathLike, stats: SkipStats) -> Optional[SNITask
 
 
 def sni_examples(task: SNITask, template: str = "zero_shot", num_shots: int = 0,
-                 seed: int = 0) -> list[Example]:
-    """Formats every instance of `task` with `templates.format_sni` (see there for the layout)."""
-    examples = []
-    for index, (ident, text, output) in enumerate(task.instances):
-        exemplars = task.positive_examples[:num_shots] if template == "few_shot" else ()
-        src, tgt = templates.format_sni(task.definition, text, output, exemplars=exemplars,
-                                        seed=seed, task=task.name, index=index)
-        examples.append(Example(task=task.name, src=src, tgt=tgt, source=f"{task.path}#{ident}"))
-    return examples
+                 seed: int = 0) -> list[SNIExample]:
+    """Every instance of `task`, to be formatted with `templates.format_sni` (see there for the layout)."""
+    exemplars = task.positive_examples[:num_shots] if template == "few_shot" else ()
+    return [SNIExample(task=task.name, source=f"{task.path}#{ident}", definition=task.definition, input=text,
+                       output=output, exemplars=exemplars, seed=seed, index=index)
+            for index, (ident, text, output) in enumerate(task.instances)]
 
 
 def read_sni_tasks(path: str | os.PathLike, stats: SkipStats, *, split_file=None, template: str = "zero_shot",
-                   num_shots: int = 0, seed: int = 0) -> dict[str, list[Example]]:
-    """Formatted examples of every usable SNI task file under `path`, grouped by task name."""
+                   num_shots: int = 0, seed: int = 0) -> dict[str, list[SNIExample]]:
+    """The examples (formatted on demand, see SNIExample) of every usable SNI task file under `path`, by task."""
     tasks: dict[str, list[Example]] = {}
     for file in sni_files(path, split_file):
         task = read_sni_task(file, stats)
