@@ -608,7 +608,7 @@ def train_and_evaluate(cfg: RunConfig, *, devices=None, rules=DEFAULT_RULES, pro
     stop_after_steps: return after that many steps of this invocation, as a preemption would (saving
     a checkpoint first); for tests of exact resume.
     """
-    from optiml_jax.data import build_eval_loader, build_train_loader
+    from optiml_jax.data import build_loaders
 
     workdir = Path(cfg.workdir)
     is_main = jax.process_index() == 0
@@ -617,8 +617,7 @@ def train_and_evaluate(cfg: RunConfig, *, devices=None, rules=DEFAULT_RULES, pro
     prepare_workdir(cfg, workdir, overwrite)
     manager = checkpoint_manager(str(workdir), cfg.checkpoint.keep, cfg.checkpoint.async_save)
     try:
-        return _train(cfg, workdir, is_main, mesh, manager, rules, progress, stop_after_steps,
-                      build_train_loader, build_eval_loader)
+        return _train(cfg, workdir, is_main, mesh, manager, rules, progress, stop_after_steps, build_loaders)
     finally:
         try:
             manager.wait_until_finished()
@@ -626,8 +625,7 @@ def train_and_evaluate(cfg: RunConfig, *, devices=None, rules=DEFAULT_RULES, pro
             manager.close()
 
 
-def _train(cfg, workdir, is_main, mesh, manager, rules, progress, stop_after_steps, build_train_loader,
-           build_eval_loader) -> RunResult:
+def _train(cfg, workdir, is_main, mesh, manager, rules, progress, stop_after_steps, build_loaders) -> RunResult:
     resuming = manager.latest_step() is not None
     preset = cfg.model.startswith("preset:")
     # The architecture and tokenizer first (no weights): the memory check comes before any allocation.
@@ -642,11 +640,9 @@ def _train(cfg, workdir, is_main, mesh, manager, rules, progress, stop_after_ste
     model = build_model(opt_config, cfg.train)
     tx = make_optimizer(cfg.optim, cfg.train.max_steps)
     data_cfg = _data_config_resolved(cfg)
-    loader = build_train_loader(data_cfg, tokenizer, seed=cfg.seed, batch_size=cfg.train.batch_size,
-                                seq_len=cfg.train.seq_len)
     eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
-    eval_loader = build_eval_loader(data_cfg, tokenizer, seed=cfg.seed, batch_size=eval_batch_size,
-                                    seq_len=cfg.train.seq_len)
+    loader, eval_loader = build_loaders(data_cfg, tokenizer, seed=cfg.seed, batch_size=cfg.train.batch_size,
+                                        eval_batch_size=eval_batch_size, seq_len=cfg.train.seq_len)
     skipped = {k: v for k, v in loader.skip_stats.as_dict().items() if v}
     if skipped and is_main:
         log.warning("training data: skipped %s (data.on_error=%s; the counts are logged as data/skipped/* in "

@@ -121,3 +121,16 @@ def test_demo_config_holds_out_instances_of_all_tasks():
     with pytest.raises(ConfigError, match="data.eval_holdout and data.eval are both set"):
         load_run_config(ROOT / "configs" / "demo.yaml", ["data.eval=data/sni"])
     assert load_run_config(ROOT / "configs" / "demo.yaml", ["data.eval_holdout=null", "data.eval=data/sni"])
+
+
+def test_build_loaders_reads_the_training_files_once_for_both_loaders(monkeypatch):
+    import optiml_jax.data as data
+
+    calls = []
+    real = data.read_tasks
+    monkeypatch.setattr(data, "read_tasks", lambda paths, *a, **kw: calls.append(paths) or real(paths, *a, **kw))
+    train, ev = data.build_loaders(run_cfg(train=str(SNI), eval_holdout=20), ByteTokenizer(), **EXPLICIT)
+    assert calls == [str(SNI)]
+    assert ev.num_examples == 8 * 20 and train.mixture.sizes.sum() + ev.num_examples == sum(
+        len(v) for v in read_tasks(SNI, SkipStats(), seed=1234).values())
+    assert ev.skip_stats is train.skip_stats  # one read: one account of what it skipped

@@ -2,6 +2,7 @@
 
 Public API:
     DataConfig                       the `data:` section of the training config
+    build_loaders(cfg, tok)          -> (TrainLoader, EvalLoader or None), each data file read once
     build_train_loader(cfg, tok)     -> TrainLoader (infinite, resumable: get_state / set_state)
     build_eval_loader(cfg, tok)      -> EvalLoader or None (one pass per `iter()`)
     read_tasks, SkipStats, DataError, Example
@@ -186,69 +187,75 @@ def _read(data: DataConfig, paths, split_file, seed: int) -> tuple[dict, SkipSta
     return tasks, stats
 
 
-def _read_split(data: DataConfig, seed: int, part: str) -> tuple[dict, SkipStats]:
-    """The training tasks (`part="train"`) or their held-out instances (`part="eval"`)."""
-    tasks, stats = _read(data, data.train, data.train_tasks, seed)
-    if data.eval_holdout is None:
-        return tasks, stats
-    train, held_out = split_holdout(tasks, data.eval_holdout)
-    if part == "eval":
-        logger.info("eval set: the last %s of every training task (data.eval_holdout=%r): %d examples of %d tasks",
-                    data.eval_holdout if isinstance(data.eval_holdout, int) else f"{data.eval_holdout:.0%}",
-                    data.eval_holdout, sum(map(len, held_out.values())), len(held_out))
-        return held_out, stats
-    return train, stats
+def _log_holdout(data: DataConfig, held_out: dict) -> None:
+    logger.info("eval set: the last %s of every training task (data.eval_holdout=%r): %d examples of %d tasks",
+                data.eval_holdout if isinstance(data.eval_holdout, int) else f"{data.eval_holdout:.0%}",
+                data.eval_holdout, sum(map(len, held_out.values())), len(held_out))
 
 
-def build_train_loader(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
-                       seq_len: Optional[int] = None, process_index: Optional[int] = None,
-                       process_count: Optional[int] = None, state: Optional[dict] = None,
-                       allgather: Optional[AllGather] = None) -> TrainLoader:
-    """Train loader from `cfg` (a DataConfig, or the training config: `.data`, `.seed`,
-    `.train.batch_size` = global batch in sequences, `.train.seq_len`). Arguments override the config;
-    process index/count default to JAX's, `allgather` (for get_state and stats) to JAX's collectives. `loader.stats()` reports what the readers skipped and
-    how packing went. With data.eval_holdout, the held-out instances are left out."""
+def build_loaders(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
+                  eval_batch_size: Optional[int] = None, seq_len: Optional[int] = None,
+                  process_index: Optional[int] = None, process_count: Optional[int] = None,
+                  state: Optional[dict] = None, allgather: Optional[AllGather] = None,
+                  train: bool = True, eval: bool = True) -> tuple[Optional[TrainLoader], Optional[EvalLoader]]:
+    """(train loader, eval loader) from `cfg` (a DataConfig, or the training config: `.data`, `.seed`,
+    `.train.batch_size` = global batch in sequences, `.train.seq_len`), reading each file once: with
+    data.eval_holdout both come from one read of the training files. Arguments override the config
+    (`eval_batch_size` defaults to `batch_size`); process index/count default to JAX's, `allgather`
+    (for get_state and stats) to JAX's collectives. `train`/`eval=False` skips building that one;
+    the eval loader is None when there is no eval set. `loader.stats()` reports what the readers
+    skipped and how packing went."""
     data = _data_config(cfg)
-    if data.train is None:
+    if train and data.train is None:
         raise ConfigError("data.train is not set")
+    want_eval = eval and (data.eval is not None or data.eval_holdout is not None)
+    if not train and not want_eval:
+        return None, None
     seed = _setting(seed, cfg, "seed")
     batch_size = _setting(batch_size, cfg, "train.batch_size")
     seq_len = _setting(seq_len, cfg, "train.seq_len")
     process_index, process_count = _processes(process_index, process_count)
-    tasks, stats = _read_split(data, seed, "train")
-    loader = TrainLoader(tasks, tokenizer, global_batch_size=batch_size, seq_len=seq_len, eps=data.eps, seed=seed,
-                         overlong=data.overlong, process_index=process_index, process_count=process_count,
-                         state=state, skip_stats=stats, holdout=data.eval_holdout,
-                         allgather=allgather or _default_allgather(process_count))
-    return loader
-
-
-def build_eval_loader(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
-                      seq_len: Optional[int] = None, process_index: Optional[int] = None,
-                      process_count: Optional[int] = None,
-                      allgather: Optional[AllGather] = None) -> Optional[EvalLoader]:
-    """Eval loader over `data.eval`, or over the held-out instances of the training tasks with
-    data.eval_holdout (None when neither is set); same arguments as build_train_loader. Its skip stats
-    are those of reading the files it came from (the training files with eval_holdout)."""
-    data = _data_config(cfg)
-    if data.eval is None and data.eval_holdout is None:
-        return None
-    seed = _setting(seed, cfg, "seed")
-    batch_size = _setting(batch_size, cfg, "train.batch_size")
-    seq_len = _setting(seq_len, cfg, "train.seq_len")
-    process_index, process_count = _processes(process_index, process_count)
-    if data.eval_holdout is not None:
-        tasks, stats = _read_split(data, seed, "eval")
+    allgather = allgather or _default_allgather(process_count)
+    train_tasks = train_stats = eval_tasks = eval_stats = None
+    if data.eval_holdout is not None:  # one read of the training files gives both
+        train_tasks, train_stats = _read(data, data.train, data.train_tasks, seed)
+        train_tasks, eval_tasks = split_holdout(train_tasks, data.eval_holdout)
+        eval_stats = train_stats  # the skips of the files it came from
+        if want_eval:
+            _log_holdout(data, eval_tasks)
     else:
-        tasks, stats = _read(data, data.eval, data.eval_tasks, seed)
-    loader = EvalLoader(tasks, tokenizer, global_batch_size=batch_size, seq_len=seq_len, overlong=data.overlong,
-                        process_index=process_index, process_count=process_count, skip_stats=stats,
-                        allgather=allgather or _default_allgather(process_count))
-    return loader
+        if train:
+            train_tasks, train_stats = _read(data, data.train, data.train_tasks, seed)
+        if want_eval:
+            eval_tasks, eval_stats = _read(data, data.eval, data.eval_tasks, seed)
+    train_loader = eval_loader = None
+    if train:
+        train_loader = TrainLoader(train_tasks, tokenizer, global_batch_size=batch_size, seq_len=seq_len,
+                                   eps=data.eps, seed=seed, overlong=data.overlong, process_index=process_index,
+                                   process_count=process_count, state=state, skip_stats=train_stats,
+                                   holdout=data.eval_holdout, allgather=allgather)
+    if want_eval:
+        eval_loader = EvalLoader(eval_tasks, tokenizer, global_batch_size=eval_batch_size or batch_size,
+                                 seq_len=seq_len, overlong=data.overlong, process_index=process_index,
+                                 process_count=process_count, skip_stats=eval_stats, allgather=allgather)
+    return train_loader, eval_loader
+
+
+def build_train_loader(cfg: Any, tokenizer, **kwargs) -> TrainLoader:
+    """The train loader of `build_loaders` (same arguments), without reading any eval-only files; with
+    data.eval_holdout the held-out instances are left out."""
+    return build_loaders(cfg, tokenizer, eval=False, **kwargs)[0]
+
+
+def build_eval_loader(cfg: Any, tokenizer, **kwargs) -> Optional[EvalLoader]:
+    """The eval loader of `build_loaders` (same arguments): over data.eval, or over the held-out
+    instances of the training tasks with data.eval_holdout; None when neither is set."""
+    return build_loaders(cfg, tokenizer, train=False, **kwargs)[1]
 
 
 __all__ = [
     "BATCH_KEYS", "DataConfig", "DataError", "EvalLoader", "Example", "MixtureStream", "PackStats", "Packer",
-    "SkipStats", "TokenizedExample", "TrainLoader", "build_eval_loader", "build_train_loader", "mixing_weights",
+    "SkipStats", "TokenizedExample", "TrainLoader", "build_eval_loader", "build_loaders", "build_train_loader",
+    "mixing_weights",
     "read_jsonl", "read_sni_task", "read_tasks", "row_arrays", "split_holdout", "templates", "tokenize_examples",
 ]
