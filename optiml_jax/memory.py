@@ -137,15 +137,15 @@ def estimate_training_memory(config: OPTConfig, *, mesh_shape: dict, global_batc
         whole_layer = activation_bytes_per_layer(config, tokens, seq_len, micro_rows, tensor, "none", compute_dtype)
         activations += max(whole_layer - saved, 0)
     # The fused head + loss (loss.py): float32 logits, softmax and their gradient for one chunk of
-    # positions over the (tensor-split) vocabulary, a float32 accumulator for the head's gradient, and the
-    # gradient wrt the final hidden states, kept from the forward pass.
+    # positions over the (tensor-split) vocabulary, this batch shard's float32 partial sum of the head's
+    # gradient (vocab x d, not split over fsdp), and the gradient wrt the final hidden states, kept from
+    # the forward pass.
     from optiml_jax.loss import DEFAULT_CHUNK
 
     local_vocab = config.vocab_size // tensor if config.vocab_size % tensor == 0 else config.vocab_size
     head_dim = config.word_embed_proj_dim if config.has_projections else config.hidden_size
-    fsdp = mesh_shape.get("fsdp", 1)
     logits = (3 * micro_rows * min(DEFAULT_CHUNK, seq_len) * local_vocab * 4
-              + local_vocab * -(-head_dim // fsdp) * 4 + tokens * head_dim * 4)
+              + local_vocab * head_dim * 4 + tokens * head_dim * 4)
     notes = [f"micro-batch of {micro_rows} sequence(s) x {seq_len} tokens per device, remat={remat_policy}",
              "XLA temporaries and fragmentation come on top; keep ~10-20% headroom"]
     return MemoryEstimate(params=params, grads=grads, optimizer=moments, grad_accumulator=accumulator,
