@@ -11,7 +11,7 @@ once each, as in plain autodiff, but on cache-sized blocks instead of 400 MB flo
 shape, 4 x 512 tokens) that are written, re-read by softmax, and freshly paged in at every step.
 
 Numerics: logits are computed in the operands' dtype with float32 accumulation and output, and the
-softmax and CE in float32 (as `cross_entropy` on float32 logits).
+softmax and CE in float32.
 """
 from __future__ import annotations
 
@@ -25,13 +25,6 @@ import jax.numpy as jnp
 # Positions per chunk: 4 x 128 tokens of 125m-shaped logits are ~100 MB, about a third of the cost of
 # the whole-array version's memory traffic; smaller chunks starve the matmuls on CPU.
 DEFAULT_CHUNK = 128
-
-
-def cross_entropy(logits, targets):
-    """Per-token CE in float32: logsumexp(logits) - logits[target]."""
-    logits = logits.astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target_logits
 
 
 def _chunk_size(length: int, chunk: int) -> int:
@@ -51,14 +44,17 @@ def _merge(x):  # inverse of _split
     return jnp.swapaxes(x, 0, 1).reshape(b, n * size, *x.shape[3:])
 
 
-def _logits(hidden_chunk, head):
-    return jnp.einsum("bcd,vd->bcv", hidden_chunk, head, preferred_element_type=jnp.float32)
+def _chunk_cross_entropy(hidden_chunk, head, targets_chunk):
+    """(float32 logits, their logsumexp, per-position CE) of one chunk."""
+    logits = jnp.einsum("bcd,vd->bcv", hidden_chunk, head, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return logits, lse, lse - jnp.take_along_axis(logits, targets_chunk[..., None], axis=-1)[..., 0]
 
 
 def _loss_only(hidden, head, targets, weights, size):
     def body(total, xs):
         h, t, w = xs
-        return total + jnp.sum(cross_entropy(_logits(h, head), t) * w), None
+        return total + jnp.sum(_chunk_cross_entropy(h, head, t)[2] * w), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
                             (_split(hidden, size), _split(targets, size), _split(weights, size)))
@@ -86,10 +82,8 @@ def _loss_and_grads(hidden, head, targets, weights, size):
     def body(carry, xs):
         total, d_head = carry
         h, t, w = xs
-        logits = _logits(h, head)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        total = total + jnp.sum((lse - target_logit) * w)
+        logits, lse, ce = _chunk_cross_entropy(h, head, t)
+        total = total + jnp.sum(ce * w)
         # d sum(w * CE) / d logits = w * (softmax - onehot(target))
         vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
         d_logits = (jnp.exp(logits - lse[..., None]) - (vocab == t[..., None])) * w[..., None]

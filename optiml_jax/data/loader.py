@@ -30,8 +30,8 @@ import numpy as np
 
 from optiml_jax.data.holdout import Holdout, holdout_problem, holdout_tag
 from optiml_jax.data.mixing import MixtureStream
-from optiml_jax.data.packing import (Packer, PackStats, TokenizedExample, Tokenizer, empty_row, row_arrays,
-                                     stack_rows, tokenize_examples)
+from optiml_jax.data.packing import (PACK_COUNTERS, Packer, PackStats, TokenizedExample, Tokenizer, empty_row,
+                                     row_arrays, stack_rows, tokenize_examples)
 from optiml_jax.data.sources import DataError, Example, SkipStats
 
 logger = logging.getLogger(__name__)
@@ -98,8 +98,7 @@ def _row_starts(state: dict, batch_size: int) -> list[int]:
 class _RowSlot:
     """One row of the global batch: its packer and the rows it has closed but not yet handed out."""
 
-    def __init__(self, row: int, start: int, packer: Packer):
-        self.row = row
+    def __init__(self, start: int, packer: Packer):
         self.next_index = start  # next sub-stream example to pack
         self.resume_index = start  # first sub-stream example not in a handed-out row (the saved state)
         self.packer = packer
@@ -151,7 +150,7 @@ class TrainLoader:
         return self._hi - self._lo
 
     def _reset(self, row_starts: Sequence[int], batches: int) -> None:
-        self._slots = [_RowSlot(r, row_starts[r], Packer(self.seq_len, self.overlong, self.pack_stats))
+        self._slots = [_RowSlot(row_starts[r], Packer(self.seq_len, self.overlong, self.pack_stats))
                        for r in range(self._lo, self._hi)]
         # Tokenised examples of this process's rows that the stream has passed but a row has not packed yet.
         self._buffer: dict[int, TokenizedExample] = {}
@@ -236,14 +235,10 @@ class TrainLoader:
 def _sum_pack_stats(stats: PackStats, process_count: int, allgather: Optional[AllGather]) -> PackStats:
     if process_count == 1:
         return stats
-    # Every process must send the same keys in the same order, whichever counters it has touched.
-    keys = ("examples", "rows", "tokens", "loss_tokens", "pad_tokens", "source_truncated", "target_truncated",
-            "overlong_dropped", "empty_dropped")
-    unknown = set(stats) - set(keys)
-    if unknown:
-        raise AssertionError(f"pack counters {sorted(unknown)} are not summed across processes")
-    totals = _gather([stats[k] for k in keys], process_count, allgather).reshape(process_count, len(keys)).sum(0)
-    return PackStats({k: int(v) for k, v in zip(keys, totals) if v})
+    # Every process sends every counter in the same order, whichever ones it has touched.
+    totals = _gather([stats[k] for k in PACK_COUNTERS], process_count, allgather)
+    totals = totals.reshape(process_count, len(PACK_COUNTERS)).sum(0)
+    return PackStats({k: int(v) for k, v in zip(PACK_COUNTERS, totals) if v})
 
 
 def _flat_stats(skip_stats: SkipStats, pack_stats: PackStats) -> dict[str, int]:
@@ -284,7 +279,7 @@ class EvalLoader:
     def num_examples(self) -> int:
         return sum(len(v) for v in self.tasks.values())
 
-    def _local_rows(self, packer_stats: PackStats) -> list[list[list[TokenizedExample]]]:
+    def _pack_own_rows(self, packer_stats: PackStats) -> list[list[list[TokenizedExample]]]:
         """For each of this process's rows, its packed rows for the whole pass."""
         examples = [e for task in self.tasks.values() for e in task]
         out = []
@@ -303,7 +298,7 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         self.pack_stats = PackStats()
-        rows = self._local_rows(self.pack_stats)
+        rows = self._pack_own_rows(self.pack_stats)
         num_batches = int(_gather([max(map(len, rows))], self.process_count, self._allgather).max())
         pad_id = self.tokenizer.pad_id
         for k in range(num_batches):

@@ -62,9 +62,13 @@ class TokenizedExample:
     source: str = ""  # where the example came from, for messages
 
 
+# What PackStats counts (tokens = row slots holding an example).
+PACK_COUNTERS = ("examples", "rows", "tokens", "loss_tokens", "pad_tokens", "source_truncated", "target_truncated",
+                 "overlong_dropped", "empty_dropped")
+
+
 class PackStats(Counter):
-    """Counts: examples, rows, source_truncated, target_truncated, overlong_dropped, empty_dropped,
-    tokens (slots holding an example), loss_tokens, pad_tokens."""
+    """Counts of PACK_COUNTERS."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.items()))
