@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from optiml_jax.data import EvalLoader, TrainLoader
-from optiml_jax.data.sources import MAX_LOGGED_PER_FILE, DataError, SkipStats, read_jsonl, read_tasks
+from optiml_jax.data.records import read_jsonl, read_tasks
+from optiml_jax.data.sources import MAX_LOGGED_PER_FILE, DataError, SkipStats
 
 from fake_tokenizer import ByteTokenizer
 

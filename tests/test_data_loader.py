@@ -2,7 +2,6 @@
 DataConfig validation and the build_* entry points."""
 import json
 import random
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +13,7 @@ from optiml_jax.data import (BATCH_KEYS, DataConfig, DataError, EvalLoader, Exam
                              build_eval_loader, build_train_loader)
 
 from fake_tokenizer import ByteTokenizer
+from simulated_processes import as_processes
 
 SNI = Path(__file__).resolve().parents[1] / "data" / "sni"
 
@@ -45,34 +45,6 @@ def loader(tasks=None, **kw):
 
 def take(it, n):
     return [next(it) for _ in range(n)]
-
-
-def as_processes(n, work):
-    """Runs work(process_index, allgather) for n simulated processes, one thread each, with a real
-    rendezvous allgather (every process must call it, in the same order); returns their results."""
-    barrier, slots, results, errors = threading.Barrier(n, timeout=30), [None] * n, [None] * n, []
-
-    def run(p):
-        def allgather(x):
-            slots[p] = np.asarray(x)
-            barrier.wait()
-            out = np.stack(slots)
-            barrier.wait()  # nobody overwrites its slot before everyone has read
-            return out
-        try:
-            results[p] = work(p, allgather)
-        except BaseException as e:  # noqa: BLE001 - re-raised below, in the test's thread
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(p,)) for p in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
 
 
 class CountingTokenizer(ByteTokenizer):

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from optiml_jax.data.sources import (DataError, SkipStats, detect_format, read_jsonl, read_sni_task, read_tasks)
+from optiml_jax.data.records import read_jsonl, read_tasks
+from optiml_jax.data.sources import DataError, SkipStats, detect_format, read_sni_task
 
 SNI = Path(__file__).resolve().parents[1] / "data" / "sni"
 TASK1564 = SNI / "task1564_triviaqa_answer_generation.json"

@@ -6,6 +6,7 @@ Public API:
     build_train_loader(cfg, tok)     -> TrainLoader (infinite, resumable: get_state / set_state)
     build_eval_loader(cfg, tok)      -> EvalLoader or None (one pass per `iter()`)
     read_tasks, SkipStats, DataError, Example
+    TaskRecords, Shard                a task's examples, read from disk on demand; a process's reading share
     split_holdout                    data.eval_holdout: held-out instances of the training tasks
 
 Each batch is a dict of numpy arrays of this process's rows, [local_batch, seq_len]:
@@ -27,8 +28,8 @@ from optiml_jax.data.loader import AllGather, EvalLoader, TrainLoader
 from optiml_jax.data.mixing import MixtureStream, mixing_weights
 from optiml_jax.data.packing import (BATCH_KEYS, OVERLONG_CHOICES, Packer, PackStats, TokenizedExample,
                                      row_arrays, tokenize_examples)
-from optiml_jax.data.sources import (FORMATS, ON_ERROR_CHOICES, DataError, Example, SkipStats, read_jsonl,
-                                     read_sni_task, read_tasks)
+from optiml_jax.data.records import Shard, TaskRecords, read_jsonl, read_tasks
+from optiml_jax.data.sources import FORMATS, ON_ERROR_CHOICES, DataError, Example, SkipStats, read_sni_task
 from optiml_jax.data.templates import TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -178,10 +179,11 @@ def _default_allgather(process_count: int) -> Optional[AllGather]:
     return _jax_allgather if jax.process_count() == process_count else None
 
 
-def _read(data: DataConfig, paths, split_file, seed: int) -> tuple[dict, SkipStats]:
-    stats = SkipStats(data.on_error)
+def _read(data: DataConfig, paths, split_file, seed: int, shard: Shard) -> tuple[dict, SkipStats]:
+    # Every process ends up with the same tasks and skip counts; only the first logs the skips.
+    stats = SkipStats(data.on_error, log=shard.index == 0)
     tasks = read_tasks(paths, stats, format=data.format, split_file=split_file, template=data.template,
-                       num_shots=data.num_shots, seed=seed)
+                       num_shots=data.num_shots, seed=seed, shard=shard)
     if not tasks:
         raise DataError(f"{paths}: no usable examples (skipped: {stats.as_dict()})")
     return tasks, stats
@@ -216,18 +218,20 @@ def build_loaders(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch_size
     seq_len = _setting(seq_len, cfg, "train.seq_len")
     process_index, process_count = _processes(process_index, process_count)
     allgather = allgather or _default_allgather(process_count)
+    # Each process reads its share of the files at start-up and records on demand (see records.py).
+    shard = Shard(process_index, process_count, allgather)
     train_tasks = train_stats = eval_tasks = eval_stats = None
     if data.eval_holdout is not None:  # one read of the training files gives both
-        train_tasks, train_stats = _read(data, data.train, data.train_tasks, seed)
+        train_tasks, train_stats = _read(data, data.train, data.train_tasks, seed, shard)
         train_tasks, eval_tasks = split_holdout(train_tasks, data.eval_holdout)
         eval_stats = train_stats  # the skips of the files it came from
         if want_eval:
             _log_holdout(data, eval_tasks)
     else:
         if train:
-            train_tasks, train_stats = _read(data, data.train, data.train_tasks, seed)
+            train_tasks, train_stats = _read(data, data.train, data.train_tasks, seed, shard)
         if want_eval:
-            eval_tasks, eval_stats = _read(data, data.eval, data.eval_tasks, seed)
+            eval_tasks, eval_stats = _read(data, data.eval, data.eval_tasks, seed, shard)
     train_loader = eval_loader = None
     if train:
         train_loader = TrainLoader(train_tasks, tokenizer, global_batch_size=batch_size, seq_len=seq_len,
@@ -255,7 +259,7 @@ def build_eval_loader(cfg: Any, tokenizer, **kwargs) -> Optional[EvalLoader]:
 
 __all__ = [
     "BATCH_KEYS", "DataConfig", "DataError", "EvalLoader", "Example", "MixtureStream", "PackStats", "Packer",
-    "SkipStats", "TokenizedExample", "TrainLoader", "build_eval_loader", "build_loaders", "build_train_loader",
+    "Shard", "SkipStats", "TaskRecords", "TokenizedExample", "TrainLoader", "build_eval_loader", "build_loaders", "build_train_loader",
     "mixing_weights",
     "read_jsonl", "read_sni_task", "read_tasks", "row_arrays", "split_holdout", "templates", "tokenize_examples",
 ]

@@ -48,16 +48,15 @@ def holdout_size(num_examples: int, holdout: Holdout) -> int:
     return holdout
 
 
-def split_holdout(tasks: Mapping[str, Sequence[T]], holdout: Holdout) -> tuple[dict[str, list[T]],
-                                                                             dict[str, list[T]]]:
+def split_holdout(tasks: Mapping[str, Sequence[T]], holdout: Holdout) -> tuple[dict[str, Sequence[T]],
+                                                                             dict[str, Sequence[T]]]:
     """(train, held_out), both task name -> examples in the original order. Held-out tasks with no
     example (a fraction of a small task) are left out of `held_out`."""
     problem = holdout_problem(holdout)
     if problem:
         raise ValueError(f"data.eval_holdout {problem}")
     train, held_out = {}, {}
-    for name, examples in tasks.items():
-        examples = list(examples)
+    for name, examples in tasks.items():  # slices: lazily read tasks (records.py) stay unread
         k = holdout_size(len(examples), holdout)
         if k >= len(examples):
             raise DataError(f"data.eval_holdout={holdout!r} would withhold all {len(examples)} usable examples "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import deque
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from optiml_jax.data.holdout import Holdout, holdout_problem, holdout_tag
 from optiml_jax.data.mixing import MixtureStream
 from optiml_jax.data.packing import (PACK_COUNTERS, Packer, PackStats, TokenizedExample, Tokenizer, empty_row,
                                      row_arrays, stack_rows, tokenize_examples)
+from optiml_jax.data.records import AllGather
 from optiml_jax.data.sources import DataError, Example, SkipStats
 
 logger = logging.getLogger(__name__)
@@ -40,9 +41,6 @@ STATE_KIND = "optiml_jax.data.TrainLoader"
 STATE_VERSION = 2  # 1: one global stream index (rows filled one after another from one stream)
 # Examples of this process's rows tokenised per encode_batch call (amortises the per-call overhead).
 TOKENIZE_CHUNK = 256
-# allgather(local int64 vector) -> [process_count, len] array, every process's vector in process order
-# (jax.experimental.multihost_utils.process_allgather does this).
-AllGather = Callable[[np.ndarray], np.ndarray]
 
 
 def _local_rows(global_batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -193,11 +191,11 @@ class TrainLoader:
             stop = max(index + 1, self.mixture.position + TOKENIZE_CHUNK * batch // local)
             wanted, examples = [], []
             while self.mixture.position < stop:
-                i, example = next(self.mixture)  # a task draw and a list lookup: other rows' cost nothing
+                i, task, j = self.mixture.advance()  # a task draw: other rows' examples are never read
                 row = i % batch
                 if self._lo <= row < self._hi and i >= self._slots[row - self._lo].next_index:
                     wanted.append(i)
-                    examples.append(example)
+                    examples.append(self.mixture.example(task, j))
             self._buffer.update(zip(wanted, tokenize_examples(examples, self.tokenizer)))
         return self._buffer.pop(index)
 
@@ -260,7 +258,7 @@ class EvalLoader:
                  skip_stats: Optional[SkipStats] = None, allgather: Optional[AllGather] = None):
         _check_seq_len(seq_len)
         self.skip_stats = skip_stats if skip_stats is not None else SkipStats()
-        self.tasks = {name: list(tasks[name]) for name in sorted(tasks)}
+        self.tasks = {name: tasks[name] for name in sorted(tasks)}
         self.tokenizer = tokenizer
         self.global_batch_size = global_batch_size
         self.seq_len = seq_len
@@ -281,11 +279,15 @@ class EvalLoader:
 
     def _pack_own_rows(self, packer_stats: PackStats) -> list[list[list[TokenizedExample]]]:
         """For each of this process's rows, its packed rows for the whole pass."""
-        examples = [e for task in self.tasks.values() for e in task]
+        sequences = list(self.tasks.values())
+        ends = np.cumsum([len(examples) for examples in sequences])
         out = []
         for row in range(self._lo, self._hi):
             packer = Packer(self.seq_len, self.overlong, packer_stats)
-            mine = examples[row::self.global_batch_size]
+            mine = []  # examples row, row + B, ... of all tasks end to end, the only ones this row reads
+            for j in range(row, self.num_examples, self.global_batch_size):
+                k = int(np.searchsorted(ends, j, side="right"))
+                mine.append(sequences[k][j - (int(ends[k - 1]) if k else 0)])
             packed = []
             for start in range(0, len(mine), TOKENIZE_CHUNK):
                 for example in tokenize_examples(mine[start:start + TOKENIZE_CHUNK], self.tokenizer):

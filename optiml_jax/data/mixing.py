@@ -96,17 +96,25 @@ class MixtureStream(Generic[T]):
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[int, T]:
+    def advance(self) -> tuple[int, int, int]:
+        """(stream index, task number, example number in the task) of the next draw, without looking the
+        example up: with lazily read tasks, the draws of other processes' rows cost no reading."""
         chunk, offset = divmod(self._index, CHUNK)
         if chunk != self._chunk_id:
             self._chunk, self._chunk_id = self._draws(chunk), chunk
         task = int(self._chunk[offset])
         epoch, j = divmod(int(self._counts[task]), int(self.sizes[task]))
-        item = self._tasks[task][int(self._order(task, epoch)[j])]
         self._counts[task] += 1
         index = self._index
         self._index += 1
-        return index, item
+        return index, task, int(self._order(task, epoch)[j])
+
+    def example(self, task: int, j: int) -> T:
+        return self._tasks[task][j]
+
+    def __next__(self) -> tuple[int, T]:
+        index, task, j = self.advance()
+        return index, self.example(task, j)
 
     def task_counts(self) -> dict[str, int]:
         """How many examples each task has contributed so far."""

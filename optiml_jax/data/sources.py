@@ -1,4 +1,6 @@
-"""Readers: Super-NaturalInstructions task files and metaseq `src`/`tgt` JSONL, as `Example`s.
+"""Data formats: Super-NaturalInstructions task files and metaseq `src`/`tgt` JSONL. Finding the files,
+checking every record, noting the byte span of each usable one (records.py indexes them and reads one
+back with a seek when a batch needs it) and turning a record into an `Example`.
 
 Bad data never crashes deep inside training. Every record that cannot be used is either skipped and
 counted in a `SkipStats` (reason -> count; the first few per file are logged with `file:line`, then a
@@ -12,9 +14,10 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional
 
 from optiml_jax.data import templates
 
@@ -79,10 +82,11 @@ class SNITask:
 class SkipStats:
     """Counts skipped records by reason and logs where they were; or raises with on_error="raise"."""
 
-    def __init__(self, on_error: str = "skip"):
+    def __init__(self, on_error: str = "skip", log: bool = True):
         if on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
         self.on_error = on_error
+        self.log = log
         self.counts: Counter = Counter()
         self.samples: dict[str, list[str]] = {}
         self._per_file: Counter = Counter()
@@ -99,13 +103,13 @@ class SkipStats:
             samples.append(where)
         self._per_file[file] += 1
         self._per_file_reasons.setdefault(file, Counter())[reason] += 1
-        if self._per_file[file] <= MAX_LOGGED_PER_FILE:
+        if self.log and self._per_file[file] <= MAX_LOGGED_PER_FILE:
             logger.warning("skipping record %s", message)
 
     def end_file(self, file: str) -> None:
         """Logs the per-file summary once a file is read (only when something was skipped)."""
         n = self._per_file.get(file, 0)
-        if n:
+        if n and self.log:
             reasons = ", ".join(f"{r}={c}" for r, c in sorted(self._per_file_reasons[file].items()))
             shown = min(n, MAX_LOGGED_PER_FILE)
             logger.warning("%s: skipped %d record(s) (%d shown above): %s", file, n, shown, reasons)
@@ -143,51 +147,75 @@ def _check_string_field(record: dict, key: str) -> Optional[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------- JSONL
-def read_jsonl(path: str | os.PathLike, stats: SkipStats, task: Optional[str] = None) -> Iterator[Example]:
-    """Yields the usable `{"src", "tgt"}` records of one metaseq JSONL file; task defaults to its stem.
+@dataclasses.dataclass
+class JsonlScan:
+    """What one scan of the lines starting in a byte range of a JSONL file found. Line numbers are
+    counted from the range's first line (1-based): the caller adds the lines of earlier ranges."""
+    lines: int = 0
+    records: list = dataclasses.field(default_factory=list)  # (start byte, end byte, line) of usable lines
+    skips: list = dataclasses.field(default_factory=list)  # (line, reason, detail)
+
+
+def check_jsonl_line(raw: bytes) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
+    """(record, None) for a usable `{"src", "tgt"}` line, (None, (reason, detail)) for an unusable one,
+    (None, None) for a blank line (not a record: e.g. a trailing newline).
 
     Empty `src` is allowed (plain language-model text has only a target); an empty or all-whitespace
-    `tgt` is skipped because the example would train only on `</s>`.
-    """
-    path = Path(path)
-    name = str(path)
-    task = task or path.stem
+    `tgt` is skipped because the example would train only on `</s>`."""
     try:
-        handle = open(path, "rb")
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, ("invalid_utf8", f"byte {e.start}: {e.reason}")
+    if not line.strip():
+        return None, None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, ("malformed_json", e.msg + f" at column {e.colno}")
+    except RecursionError:
+        return None, ("malformed_json", "nested too deeply")
+    if not isinstance(record, dict):
+        return None, ("not_an_object", f"got JSON {type(record).__name__}")
+    problem = _check_string_field(record, "src") or _check_string_field(record, "tgt")
+    if problem:
+        return None, problem
+    if not record["tgt"].strip():
+        return None, ("empty_target", "")
+    return record, None
+
+
+def open_data_file(path: str | os.PathLike):
+    try:
+        return open(path, "rb")
     except OSError as e:
-        raise DataError(f"{name}: cannot open ({e.strerror})") from None
-    with handle:
-        for lineno, raw in enumerate(handle, start=1):
-            where = f"{name}:{lineno}"
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # UTF-8 byte-order mark written by some editors
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                stats.skip("invalid_utf8", name, where, f"byte {e.start}: {e.reason}")
-                continue
-            if not line.strip():
-                continue  # blank lines (e.g. a trailing newline) are not records
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                stats.skip("malformed_json", name, where, e.msg + f" at column {e.colno}")
-                continue
-            except RecursionError:
-                stats.skip("malformed_json", name, where, "nested too deeply")
-                continue
-            if not isinstance(record, dict):
-                stats.skip("not_an_object", name, where, f"got JSON {type(record).__name__}")
-                continue
-            problem = _check_string_field(record, "src") or _check_string_field(record, "tgt")
-            if problem:
-                stats.skip(problem[0], name, where, problem[1])
-                continue
-            if not record["tgt"].strip():
-                stats.skip("empty_target", name, where)
-                continue
-            yield Example(task=task, src=record["src"], tgt=record["tgt"], source=where)
-    stats.end_file(name)
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+
+
+def scan_jsonl(path: str | os.PathLike, lo: int = 0, hi: Optional[int] = None) -> JsonlScan:
+    """Checks the lines of a JSONL file that START in bytes [lo, hi) (all of it by default), reading only
+    those lines: ranges that tile a file give every line to exactly one scan."""
+    scan = JsonlScan()
+    with open_data_file(path) as handle:
+        if lo > 0:  # the first line starting at or after lo: lo itself if the byte before it ends a line
+            handle.seek(lo - 1)
+            lo += len(handle.readline()) - 1
+            handle.seek(lo)
+        offset = lo
+        while hi is None or offset < hi:
+            raw = handle.readline()
+            if not raw:
+                break
+            start, offset = offset, offset + len(raw)
+            scan.lines += 1
+            if start == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, start = raw[3:], 3  # UTF-8 byte-order mark written by some editors
+            record, problem = check_jsonl_line(raw)
+            if record is not None:
+                end = offset - (1 if raw.endswith(b"\n") else 0)
+                scan.records.append((start, end, scan.lines))
+            elif problem is not None:
+                scan.skips.append((scan.lines, *problem))
+    return scan
 
 
 def jsonl_files(path: str | os.PathLike) -> list[Path]:
@@ -201,17 +229,6 @@ def jsonl_files(path: str | os.PathLike) -> list[Path]:
     if not files:
         raise DataError(f"{path}: directory holds no .jsonl files")
     return files
-
-
-def read_jsonl_tasks(path: str | os.PathLike, stats: SkipStats) -> dict[str, list[Example]]:
-    """Examples grouped by task. Each `.jsonl` file is one corpus (task), named by its file stem; files
-    with the same stem in different subdirectories (metaseq's shards `00/`, `01/`, ...) are the same
-    corpus and are concatenated in path order. We mix all shards at once instead of metaseq's one shard
-    per epoch: the mixer already cycles and reshuffles every task per epoch."""
-    tasks: dict[str, list[Example]] = {}
-    for file in jsonl_files(path):
-        tasks.setdefault(file.stem, []).extend(read_jsonl(file, stats, task=file.stem))
-    return tasks
 
 
 # ---------------------------------------------------------------------------------------- SNI
@@ -281,45 +298,61 @@ def _choose_output(output) -> tuple[Optional[str], str]:
     return None, "no non-empty string in 'output'"
 
 
-def read_sni_task(path: str | os.PathLike, stats: SkipStats) -> Optional[SNITask]:
-    """One SNI task file; None (counted) if the file as a whole is unusable."""
-    path = Path(path)
-    name = str(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{name}: cannot open ({e.strerror})") from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        stats.skip("invalid_utf8", name, f"{name}:{line}", f"whole task file skipped: {e.reason}")
-        stats.end_file(name)
-        return None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        stats.skip("malformed_json", name, f"{name}:{e.lineno}", f"whole task file skipped: {e.msg}")
-        stats.end_file(name)
-        return None
-    except RecursionError:
-        stats.skip("malformed_json", name, f"{name}:1", "whole task file skipped: nested too deeply")
-        stats.end_file(name)
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("Instances"), list):
-        stats.skip("bad_task_file", name, f"{name}#Instances",
-                   "whole task file skipped: expected an object with an 'Instances' list")
-        stats.end_file(name)
-        return None
-    definition = _definition_text(data.get("Definition"))
-    if definition is None:
-        stats.skip("bad_task_file", name, f"{name}#Definition",
-                   "whole task file skipped: 'Definition' missing or not (a list of) non-empty strings")
-        stats.end_file(name)
-        return None
+@dataclasses.dataclass
+class SNIScan:
+    """What parsing one SNI task file found. Byte offsets are into the file as stored."""
+    problem: Optional[tuple[str, str, str]] = None  # (reason, where, detail): the whole file is unusable
+    definition: str = ""
+    positive_examples: tuple[tuple[str, str], ...] = ()
+    instances: list = dataclasses.field(default_factory=list)  # (start, end, i) of usable Instances[i]
+    skips: list = dataclasses.field(default_factory=list)  # (reason, where, detail) of exemplars, instances
+    instances_span: tuple[int, int] = (0, 0)  # bytes of the Instances array (header readers skip it)
+    parsed: list = dataclasses.field(default_factory=list)  # (id, input, output) of usable instances
 
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _instances_spans(text: str) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """Character spans of the top-level "Instances" array and of each of its elements, in a text that
+    json.loads has already accepted (so the scan needs no error handling). Like json.loads, the last of
+    repeated keys wins."""
+    decode, skip = json.JSONDecoder().raw_decode, lambda i: _JSON_SPACE.match(text, i).end()
+    pos = skip(skip(0) + 1)  # past "{"
+    found = ((0, 0), [])
+    while text[pos] != "}":
+        key, pos = decode(text, pos)
+        pos = skip(skip(pos) + 1)  # past ":"
+        if key == "Instances":
+            array_start, spans = pos, []
+            pos = skip(pos + 1)
+            while text[pos] != "]":
+                _, end = decode(text, pos)
+                spans.append((pos, end))
+                pos = skip(end)
+                pos = skip(pos + 1) if text[pos] == "," else pos
+            pos += 1
+            found = ((array_start, pos), spans)
+        else:
+            _, pos = decode(text, pos)
+        pos = skip(pos)
+        pos = skip(pos + 1) if text[pos] == "," else pos
+    return found
+
+
+def _byte_offsets(text: str, positions: list[int], base: int) -> list[int]:
+    """Byte offsets (in the UTF-8 file, `base` bytes before the text) of character positions."""
+    if len(text) == len(text.encode("utf-8")):  # ASCII, the usual case: characters are bytes
+        return [base + p for p in positions]
+    found, char, byte = {}, 0, base
+    for p in sorted(set(positions)):
+        byte += len(text[char:p].encode("utf-8"))
+        char, found[p] = p, byte
+    return [found[p] for p in positions]
+
+
+def _sni_header(data: dict, name: str, skips: list) -> tuple[Optional[str], tuple[tuple[str, str], ...]]:
+    """(definition or None if unusable, usable positive examples) of a parsed task file."""
     positives = []
     raw_positives = data.get("Positive Examples", [])
     if not isinstance(raw_positives, list):
@@ -330,52 +363,127 @@ def read_sni_task(path: str | os.PathLike, stats: SkipStats) -> Optional[SNITask
         if ok:
             positives.append((ex["input"], ex["output"]))
         else:
-            stats.skip("bad_exemplar", name, f"{name}#Positive Examples[{i}]", "needs string input and output")
+            skips.append(("bad_exemplar", f"{name}#Positive Examples[{i}]", "needs string input and output"))
+    return _definition_text(data.get("Definition")), tuple(positives)
 
-    instances = []
+
+def _check_instance(inst, i: int, name: str) -> tuple[str, Optional[str], Optional[tuple[str, str, str]]]:
+    """(id, chosen output, None) for a usable instance, else (id, None, (reason, where, detail))."""
+    ident = inst.get("id") if isinstance(inst, dict) else None
+    ident = ident if isinstance(ident, str) and ident else f"Instances[{i}]"
+    where = f"{name}#{ident}"
+    if not isinstance(inst, dict):
+        return ident, None, ("not_an_object", where, f"instance is {type(inst).__name__}")
+    problem = _check_string_field(inst, "input")
+    if problem:
+        return ident, None, (problem[0], where, problem[1])
+    if "output" not in inst:
+        return ident, None, ("missing_field", where, "no 'output' field")
+    output, why = _choose_output(inst["output"])
+    if output is None:
+        reason = "empty_target" if why.startswith("no non-empty") else "non_string_field"
+        return ident, None, (reason, where, why)
+    return ident, output, None
+
+
+def scan_sni_file(path: str | os.PathLike, keep_parsed: bool = False) -> SNIScan:
+    """Parses and checks one SNI task file, recording the byte span of every usable instance (and, with
+    `keep_parsed`, the instances themselves)."""
+    name = str(path)
+    with open_data_file(path) as handle:
+        raw = handle.read()
+    base = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    scan = SNIScan()
+    try:
+        text = raw[base:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, base + e.start) + 1
+        scan.problem = ("invalid_utf8", f"{name}:{line}", f"whole task file skipped: {e.reason}")
+        return scan
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        scan.problem = ("malformed_json", f"{name}:{e.lineno}", f"whole task file skipped: {e.msg}")
+        return scan
+    except RecursionError:
+        scan.problem = ("malformed_json", f"{name}:1", "whole task file skipped: nested too deeply")
+        return scan
+    if not isinstance(data, dict) or not isinstance(data.get("Instances"), list):
+        scan.problem = ("bad_task_file", f"{name}#Instances",
+                        "whole task file skipped: expected an object with an 'Instances' list")
+        return scan
+    definition, scan.positive_examples = _sni_header(data, name, scan.skips)
+    if definition is None:
+        scan.problem = ("bad_task_file", f"{name}#Definition",
+                        "whole task file skipped: 'Definition' missing or not (a list of) non-empty strings")
+        scan.skips.clear()
+        return scan
+    scan.definition = definition
+    array_span, spans = _instances_spans(text)
+    usable = []
     for i, inst in enumerate(data["Instances"]):
-        ident = inst.get("id") if isinstance(inst, dict) else None
-        ident = ident if isinstance(ident, str) and ident else f"Instances[{i}]"
-        where = f"{name}#{ident}"
-        if not isinstance(inst, dict):
-            stats.skip("not_an_object", name, where, f"instance is {type(inst).__name__}")
-            continue
-        problem = _check_string_field(inst, "input")
+        ident, output, problem = _check_instance(inst, i, name)
         if problem:
-            stats.skip(problem[0], name, where, problem[1])
+            scan.skips.append(problem)
             continue
-        if "output" not in inst:
-            stats.skip("missing_field", name, where, "no 'output' field")
-            continue
-        output, why = _choose_output(inst["output"])
-        if output is None:
-            reason = "empty_target" if why.startswith("no non-empty") else "non_string_field"
-            stats.skip(reason, name, where, why)
-            continue
-        instances.append((ident, inst["input"], output))
+        usable.append(i)
+        if keep_parsed:
+            scan.parsed.append((ident, inst["input"], output))
+    offsets = _byte_offsets(text, [p for span in [array_span, *(spans[i] for i in usable)] for p in span], base)
+    scan.instances_span = (offsets[0], offsets[1])
+    scan.instances = list(zip(offsets[2::2], offsets[3::2], usable))
+    return scan
+
+
+def read_sni_header(path: str | os.PathLike, instances_span: tuple[int, int]) -> tuple[str, tuple]:
+    """(definition, positive examples) of a task file that scan_sni_file found usable, reading only the
+    bytes outside its Instances array (a few KB of a file that is mostly instances)."""
+    start, end = instances_span
+    with open_data_file(path) as handle:
+        head = handle.read(start)
+        handle.seek(end)
+        tail = handle.read()
+    data = json.loads((head + b"[]" + tail).decode("utf-8-sig"))
+    definition, positives = _sni_header(data, str(path), [])
+    return definition, positives
+
+
+def read_sni_instance(path: str | os.PathLike, start: int, end: int, position: int) -> tuple[str, str, str]:
+    """(id, input, output) of the usable instance at bytes [start, end) of a task file, which is
+    Instances[position] (that names an instance without an id)."""
+    try:
+        inst = json.loads(read_span(path, start, end))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        inst = None
+    ident, output, problem = _check_instance(inst, position, str(path))
+    if problem:
+        raise DataError(f"{path}: bytes {start}-{end} no longer hold the instance indexed there ({problem[0]}); "
+                        f"the file changed after it was read")
+    return ident, inst["input"], output
+
+
+def read_span(path: str | os.PathLike, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a data file, read with one seek."""
+    with open_data_file(path) as handle:
+        handle.seek(start)
+        raw = handle.read(end - start)
+    if len(raw) != end - start:
+        raise DataError(f"{path}: cannot read the record at bytes {start}-{end}: the file is now {start + len(raw)} "
+                        f"bytes long; it changed after it was read")
+    return raw
+
+
+def read_sni_task(path: str | os.PathLike, stats: SkipStats) -> Optional[SNITask]:
+    """One SNI task file, every usable instance parsed; None (counted) if the file as a whole is unusable."""
+    name = str(path)
+    scan = scan_sni_file(path, keep_parsed=True)
+    for reason, where, detail in [scan.problem] if scan.problem else scan.skips:
+        stats.skip(reason, name, where, detail)
     stats.end_file(name)
-    return SNITask(name=path.stem, path=name, definition=definition,
-                   positive_examples=tuple(positives), instances=tuple(instances))
-
-
-def sni_examples(task: SNITask, template: str = "zero_shot", num_shots: int = 0,
-                 seed: int = 0) -> list[SNIExample]:
-    """Every instance of `task`, to be formatted with `templates.format_sni` (see there for the layout)."""
-    exemplars = task.positive_examples[:num_shots] if template == "few_shot" else ()
-    return [SNIExample(task=task.name, source=f"{task.path}#{ident}", definition=task.definition, input=text,
-                       output=output, exemplars=exemplars, seed=seed, index=index)
-            for index, (ident, text, output) in enumerate(task.instances)]
-
-
-def read_sni_tasks(path: str | os.PathLike, stats: SkipStats, *, split_file=None, template: str = "zero_shot",
-                   num_shots: int = 0, seed: int = 0) -> dict[str, list[SNIExample]]:
-    """The examples (formatted on demand, see SNIExample) of every usable SNI task file under `path`, by task."""
-    tasks: dict[str, list[Example]] = {}
-    for file in sni_files(path, split_file):
-        task = read_sni_task(file, stats)
-        if task is not None:
-            tasks.setdefault(task.name, []).extend(sni_examples(task, template, num_shots, seed))
-    return tasks
+    if scan.problem:
+        return None
+    return SNITask(name=Path(path).stem, path=name, definition=scan.definition,
+                   positive_examples=scan.positive_examples, instances=tuple(scan.parsed))
 
 
 # ---------------------------------------------------------------------------------------- dispatch
@@ -403,39 +511,3 @@ def detect_format(path: str | os.PathLike) -> str:
     if has_jsonl:
         return "jsonl"
     raise DataError(f"{path}: holds neither SNI task*.json files nor .jsonl files")
-
-
-def read_tasks(paths: str | os.PathLike | Sequence[str | os.PathLike], stats: SkipStats, *,
-               format: str = "auto", split_file=None, template: str = "zero_shot", num_shots: int = 0,
-               seed: int = 0) -> dict[str, list[Example]]:
-    """All examples under `paths` (one path or several), grouped by task, in a deterministic order.
-
-    Task name collisions between paths merge into one task (same name = same corpus).
-    """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    tasks: dict[str, list[Example]] = {}
-    for path in paths:
-        fmt = detect_format(path) if format == "auto" else format
-        if fmt == "sni":
-            found = read_sni_tasks(path, stats, split_file=split_file, template=template,
-                                   num_shots=num_shots, seed=seed)
-        else:
-            if template != "zero_shot":
-                raise DataError(f"{path}: template {template!r} applies to SNI task files only; "
-                                f"JSONL records already hold the final src/tgt")
-            found = read_jsonl_tasks(path, stats)
-        for name, examples in found.items():
-            tasks.setdefault(name, []).extend(examples)
-    empty = [name for name, examples in tasks.items() if not examples]
-    for name in empty:
-        logger.warning("task %s has no usable examples; it is left out", name)
-        del tasks[name]
-    return tasks
-
-
-def iter_examples(tasks: dict[str, list[Example]]) -> Iterable[Example]:
-    for examples in tasks.values():
-        yield from examples

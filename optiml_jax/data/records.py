@@ -1,0 +1,318 @@
+"""Random-access records: data files indexed by byte spans, the index built in shards across processes.
+
+On a pod every process must know every task's size (the mixture may draw any task for any batch row),
+but none should read every byte of the data. So no process loads the data; each builds the same index
+of where the usable records are, and reads a record (one seek) only when a row of its own needs it:
+
+* JSONL: process p checks the lines that START in the p-th of `process_count` equal byte ranges of each
+  file, and notes the byte span of every usable line.
+* SNI task files (one JSON document each, which cannot be parsed from the middle) are dealt out whole,
+  largest first to the least loaded process; the owner parses its files and notes the byte span of every
+  usable instance and of the Instances array. Every process then reads only the rest of each file (its
+  definition and exemplars: a few KB of a file that is mostly instances).
+* One exchange (two allgathers) then gives every process every span, line count and skipped record.
+  So all processes hold the same index and count the same skips, a JSONL skip is reported with its line
+  number in the whole file, and with on_error="raise" every process raises the same error at the same
+  point: an error raised by one process alone would leave the others waiting in a collective.
+
+Records are checked once, here; reading one again at step time only re-parses it (a record that no
+longer parses means the file changed under the run, which is reported as such).
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import json
+import logging
+import os
+from collections.abc import Sequence as SequenceABC
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from optiml_jax.data.sources import (FORMATS, MAX_LOGGED_PER_FILE, DataError, Example, SkipStats, SNIExample,
+                                     check_jsonl_line, detect_format, jsonl_files, read_sni_header,
+                                     read_sni_instance, read_span, scan_jsonl, scan_sni_file, sni_files)
+
+logger = logging.getLogger(__name__)
+
+# allgather(local int64 vector) -> [process_count, len] array, every process's vector in process order
+# (jax.experimental.multihost_utils.process_allgather does this). Every process passes the same length.
+AllGather = Callable[[np.ndarray], np.ndarray]
+# A record: start byte, end byte, its number in the file (JSONL: line; SNI: position in Instances) and its
+# index among the file's usable records (SNI templates seed the answer delimiter with it).
+RECORD_COLUMNS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's part of the start-up reading: process `index` of `count`, exchanging what it found
+    through `allgather`. Without an allgather (or with one process) a process reads everything itself."""
+    index: int = 0
+    count: int = 1
+    allgather: Optional[AllGather] = None
+
+    @property
+    def splits(self) -> bool:
+        return self.count > 1 and self.allgather is not None
+
+
+# ---------------------------------------------------------------------------------------- records
+@dataclasses.dataclass(frozen=True)
+class JsonlSource:
+    path: str
+    task: str
+
+    def example(self, start: int, end: int, line: int, index: int) -> Example:
+        record, _ = check_jsonl_line(read_span(self.path, start, end))
+        if record is None:
+            raise DataError(f"{self.path}:{line}: the line no longer holds the usable record found there when "
+                            f"the run started; the file changed after it was read")
+        return Example(task=self.task, src=record["src"], tgt=record["tgt"], source=f"{self.path}:{line}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SNISource:
+    path: str
+    task: str
+    definition: str
+    exemplars: tuple[tuple[str, str], ...]
+    seed: int
+
+    def example(self, start: int, end: int, position: int, index: int) -> SNIExample:
+        ident, text, output = read_sni_instance(self.path, start, end, position)
+        return SNIExample(task=self.task, source=f"{self.path}#{ident}", definition=self.definition, input=text,
+                          output=output, exemplars=self.exemplars, seed=self.seed, index=index)
+
+
+Source = Union[JsonlSource, SNISource]
+
+
+class TaskRecords(SequenceABC):
+    """A task's usable examples, in file order, each read from its file when indexed. Slicing (step 1)
+    gives another TaskRecords without reading anything."""
+
+    def __init__(self, parts: Sequence[tuple[Source, np.ndarray]]):
+        self._parts = [(source, records) for source, records in parts if len(records)]
+        self._ends = np.cumsum([len(records) for _, records in self._parts], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, i):
+        n = len(self)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(n)
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            parts, offset = [], 0
+            for source, records in self._parts:
+                lo, hi = max(start - offset, 0), min(stop - offset, len(records))
+                if lo < hi:
+                    parts.append((source, records[lo:hi]))
+                offset += len(records)
+            return TaskRecords(parts)
+        j = int(i) + n if int(i) < 0 else int(i)
+        if not 0 <= j < n:
+            raise IndexError(f"record {i} of a task of {n}")
+        k = int(np.searchsorted(self._ends, j, side="right"))
+        source, records = self._parts[k]
+        start, end, number, index = (int(v) for v in records[j - (int(self._ends[k - 1]) if k else 0)])
+        return source.example(start, end, number, index)
+
+    def __iter__(self) -> Iterator:
+        return (self[j] for j in range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, SequenceABC) or isinstance(other, (str, bytes)) or len(other) != len(self):
+            return NotImplemented if not isinstance(other, SequenceABC) else False
+        return all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"TaskRecords({len(self)} records in {len(self._parts)} file(s))"
+
+
+# ---------------------------------------------------------------------------------------- exchange
+def _pack(meta, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    text = json.dumps(meta).encode("ascii")
+    text += b" " * (-len(text) % 8)
+    header = np.array([len(text) // 8, len(arrays), *(a.size for a in arrays)], np.int64)
+    return np.concatenate([header, np.frombuffer(text, np.int64)]
+                          + [np.asarray(a, np.int64).reshape(-1) for a in arrays])
+
+
+def _unpack(vector: np.ndarray):
+    words, count = int(vector[0]), int(vector[1])
+    sizes, pos = vector[2:2 + count], 2 + count
+    meta = json.loads(np.ascontiguousarray(vector[pos:pos + words]).tobytes())
+    pos += words
+    arrays = []
+    for size in sizes:
+        arrays.append(np.asarray(vector[pos:pos + int(size)]).reshape(-1, RECORD_COLUMNS))
+        pos += int(size)
+    return meta, arrays
+
+
+def exchange(shard: Shard, meta, arrays: Sequence[np.ndarray]) -> list:
+    """Every process's (meta, arrays), in process order: `meta` is anything JSON can carry, `arrays` are
+    int64 record arrays. Collective when the shard splits. A single process round-trips its own, so
+    both cases see the same types (JSON lists, string keys)."""
+    payload = _pack(meta, arrays)
+    if not shard.splits:
+        return [_unpack(payload)]
+    lengths = np.asarray(shard.allgather(np.array([payload.size], np.int64)), np.int64).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.int64)
+    padded[:payload.size] = payload
+    everything = np.asarray(shard.allgather(padded), np.int64).reshape(len(lengths), -1)
+    return [_unpack(everything[q, :int(lengths[q])]) for q in range(len(lengths))]
+
+
+# ---------------------------------------------------------------------------------------- index
+@dataclasses.dataclass(frozen=True)
+class _DataFile:
+    kind: str  # "jsonl" or "sni"
+    path: Path
+    task: str
+    size: int
+
+
+def _list_files(paths, format: str, split_file, template: str) -> list[_DataFile]:
+    files = []
+    for path in paths:
+        fmt = detect_format(path) if format == "auto" else format
+        if fmt == "sni":
+            found = [("sni", f) for f in sni_files(path, split_file)]
+        else:
+            if template != "zero_shot":
+                raise DataError(f"{path}: template {template!r} applies to SNI task files only; "
+                                f"JSONL records already hold the final src/tgt")
+            # Each .jsonl file is one corpus (task) named by its stem; files with the same stem in
+            # different subdirectories (metaseq's shards 00/, 01/, ...) are the same corpus, concatenated
+            # in path order. All shards are mixed at once, not one shard per epoch as in metaseq: the
+            # mixer already cycles and reshuffles every task per epoch.
+            found = [("jsonl", f) for f in jsonl_files(path)]
+        for kind, file in found:
+            try:
+                size = file.stat().st_size
+            except OSError as e:
+                raise DataError(f"{file}: cannot open ({e.strerror})") from None
+            files.append(_DataFile(kind, file, file.stem, size))
+    return files
+
+
+def deal_out(sizes: Sequence[int], count: int) -> list[int]:
+    """Owner process of each file: largest first, each to the process with the fewest bytes so far."""
+    owners = [0] * len(sizes)
+    loads = [(0, q) for q in range(count)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, q = heapq.heappop(loads)
+        owners[i] = q
+        heapq.heappush(loads, (load + sizes[i], q))
+    return owners
+
+
+def _skips_to_send(skips: list) -> list:
+    # The global first MAX_LOGGED_PER_FILE of a file are among every process's first that many, so
+    # details (the longest part) are sent only for those.
+    return [[*skip[:-1], skip[-1] if k < MAX_LOGGED_PER_FILE else ""] for k, skip in enumerate(skips)]
+
+
+def _scan_my_share(files: list[_DataFile], owners: list[int], me: int, count: int):
+    """(meta, arrays) to exchange, and the headers of the SNI files this process owns."""
+    meta, arrays, headers = {"files": {}, "error": None}, [], {}
+    try:
+        for i, file in enumerate(files):
+            if file.kind == "jsonl":
+                scan = scan_jsonl(file.path, file.size * me // count, file.size * (me + 1) // count)
+                entry = {"lines": scan.lines, "skips": _skips_to_send(scan.skips)}
+                records = [(start, end, line, 0) for start, end, line in scan.records]
+            elif owners[i] == me:
+                scan = scan_sni_file(file.path)
+                headers[i] = (scan.definition, scan.positive_examples)
+                entry = {"problem": scan.problem, "skips": scan.skips, "span": scan.instances_span}
+                records = [(start, end, position, 0) for start, end, position in scan.instances]
+            else:
+                continue
+            entry["array"] = len(arrays)
+            meta["files"][str(i)] = entry
+            arrays.append(np.array(records, np.int64).reshape(-1, RECORD_COLUMNS))
+    except DataError as e:  # reported by every process after the exchange, never by this one alone
+        meta["error"] = str(e)
+    return meta, arrays, headers
+
+
+def _numbered(records: np.ndarray) -> np.ndarray:
+    records = records.copy()
+    records[:, 3] = np.arange(len(records))
+    return records
+
+
+def read_tasks(paths, stats: SkipStats, *, format: str = "auto", split_file=None, template: str = "zero_shot",
+                num_shots: int = 0, seed: int = 0, shard: Shard = Shard()) -> dict[str, TaskRecords]:
+    """Every usable example under `paths` (a path or several), by task, in a deterministic order, read
+    lazily. Collective when `shard` splits: every process must call it, and all get the same result.
+    What is skipped goes to `stats` (see SkipStats); task name collisions merge (same name = same corpus)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    files = _list_files(paths, format, split_file, template)
+    me, count = (shard.index, shard.count) if shard.splits else (0, 1)
+    sni = [i for i, f in enumerate(files) if f.kind == "sni"]
+    owners = [0] * len(files)
+    for i, q in zip(sni, deal_out([files[i].size for i in sni], count)):
+        owners[i] = q
+    meta, arrays, headers = _scan_my_share(files, owners, me, count)
+    gathered = exchange(shard, meta, arrays)
+    for meta, _ in gathered:
+        if meta["error"]:
+            raise DataError(meta["error"])
+
+    parts: dict[str, list] = {}
+    for i, file in enumerate(files):
+        name = str(file.path)
+        if file.kind == "jsonl":
+            chunks, first_line = [], 0
+            for meta, arrays in gathered:  # process order is file order
+                entry = meta["files"][str(i)]
+                records = arrays[entry["array"]].copy()
+                records[:, 2] += first_line
+                chunks.append(records)
+                for line, reason, detail in entry["skips"]:
+                    stats.skip(reason, name, f"{name}:{first_line + line}", detail)
+                first_line += entry["lines"]
+            stats.end_file(name)
+            source = JsonlSource(name, file.task)
+            records = np.concatenate(chunks)
+        else:
+            meta, arrays = gathered[owners[i]]
+            entry = meta["files"][str(i)]
+            for reason, where, detail in [entry["problem"]] if entry["problem"] else entry["skips"]:
+                stats.skip(reason, name, where, detail)
+            stats.end_file(name)
+            if entry["problem"]:
+                continue
+            definition, positives = headers.get(i) or read_sni_header(file.path, tuple(entry["span"]))
+            source = SNISource(name, file.task, definition,
+                               positives[:num_shots] if template == "few_shot" else (), seed)
+            records = arrays[entry["array"]]
+        parts.setdefault(file.task, []).append((source, _numbered(records)))
+    tasks = {}
+    for task, task_parts in parts.items():
+        records = TaskRecords(task_parts)
+        if len(records):
+            tasks[task] = records
+        else:
+            logger.warning("task %s has no usable examples; it is left out", task)
+    return tasks
+
+
+def read_jsonl(path: str | os.PathLike, stats: SkipStats, task: Optional[str] = None) -> Iterator[Example]:
+    """The usable `{"src", "tgt"}` records of one JSONL file, in order (task defaults to its stem)."""
+    found = read_tasks([path], stats, format="jsonl")
+    for records in found.values():
+        for example in records:
+            yield example if task is None else dataclasses.replace(example, task=task)
