@@ -24,6 +24,7 @@ from optiml_jax.sharding import MeshConfig
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch")  # = model.REMAT_POLICIES (not imported: no jax here)
+HEAD_POSITIONS = ("weighted", "all")  # = loss.HEAD_POSITIONS
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -37,6 +38,9 @@ class TrainSection:
     param_dtype: str = "float32"  # master weights
     remat_policy: str = "none"  # model.REMAT_POLICIES
     scan_layers: bool = True
+    # Where the LM head and loss run: "weighted" = only positions with loss (a prompt's positions have
+    # none; loss.py gathers the others), "all" = every position. Same loss and gradients either way.
+    head_positions: str = "weighted"
     dropout: Optional[float] = None  # null: the model config's value (OPT: 0.1)
     attention_dropout: Optional[float] = None  # null: the model config's value
     embed_dropout: bool = True  # metaseq/OPT-IML also drop out the input embeddings, at `dropout`
@@ -177,6 +181,8 @@ def validate(cfg: RunConfig) -> None:
              f"{', '.join(COMPUTE_DTYPES)}")
     _require(t.remat_policy in REMAT_CHOICES, f"train.remat_policy={t.remat_policy!r} is not one of "
              f"{', '.join(REMAT_CHOICES)}")
+    _require(t.head_positions in HEAD_POSITIONS, f"train.head_positions={t.head_positions!r} is not one of "
+             f"{', '.join(HEAD_POSITIONS)}")
     for name in ("dropout", "attention_dropout"):
         value = getattr(t, name)
         _require(value is None or 0.0 <= value < 1.0, f"train.{name} must be in [0, 1) or null, got {value}")
@@ -288,7 +294,8 @@ def load_run_config(path: Optional[str | os.PathLike] = None, overrides: Sequenc
 # allowed to extend or shorten a run; note that the linear/cosine decay is over the NEW max_steps from the
 # resumed step on.) A key matches when it equals one of these or starts with one followed by ".".
 RESUME_SAFE_KEYS = ("workdir", "train.max_steps", "train.log_every_steps", "train.peak_flops_per_device",
-                    "train.max_nonfinite_in_a_row", "train.memory_limit_gib", "train.remat_policy", "mesh",
+                    "train.max_nonfinite_in_a_row", "train.memory_limit_gib", "train.remat_policy",
+                    "train.head_positions", "mesh",
                     "checkpoint", "eval", "data.eval", "data.eval_tasks", "data.on_error")
 
 

@@ -178,13 +178,15 @@ def head_weights(model: OPTForCausalLM, params) -> jax.Array:
     return params["lm_head"]["kernel"].T
 
 
-def lm_loss(model, params, batch, weights, deterministic, dropout_key=None):
-    """sum(weights * token CE) over the batch, the LM head fused with the loss (see loss.py)."""
+def lm_loss(model, params, batch, weights, deterministic, dropout_key=None, head_positions="weighted"):
+    """sum(weights * token CE) over the batch, the LM head fused with the loss and run only where
+    weights != 0 unless head_positions="all" (see loss.py)."""
     rngs = None if deterministic else {"dropout": dropout_key}
     hidden = model.apply({"params": params}, batch["input_ids"], position_ids=batch["positions"],
                          segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rngs,
                          return_hidden=True)
-    return weighted_head_cross_entropy(hidden, head_weights(model, params), batch["targets"], weights)
+    return weighted_head_cross_entropy(hidden, head_weights(model, params), batch["targets"], weights,
+                                       positions=head_positions)
 
 
 def make_train_step(model, tx, train: TrainSection, optim: OptimSection, mesh, shardings: TrainState,
@@ -201,7 +203,7 @@ def make_train_step(model, tx, train: TrainSection, optim: OptimSection, mesh, s
         def loss_fn(params, microbatch, index):
             # Weighted by the whole batch's count of target tokens: the microbatch losses add up.
             return lm_loss(model, params, microbatch, microbatch["loss_mask"] / total_tokens, False,
-                           jax.random.fold_in(step_key, index))
+                           jax.random.fold_in(step_key, index), train.head_positions)
 
         grad_fn = jax.value_and_grad(loss_fn)
         if accum == 1:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from optiml_jax.loss import weighted_head_cross_entropy
+from optiml_jax import loss as loss_module
+from optiml_jax.loss import capacities_for, weighted_head_cross_entropy
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.train import lm_loss
 from optiml_jax.weights import hf_to_params
@@ -49,6 +50,45 @@ def test_fused_loss_and_gradients_equal_logits_then_cross_entropy(chunk):
         np.testing.assert_allclose(g, 3.0 * w, atol=1e-6, rtol=1e-5)
 
 
+def _sparse_weights(batch, length, per_row, seed=0):
+    """Weights with `per_row` weighted positions in row 0 (at random places) and fewer in the others."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((batch, length), np.float32)
+    for b in range(batch):
+        mask[b, rng.choice(length, size=max(per_row - b, 0), replace=False)] = 1.0
+    return jnp.asarray(mask / max(mask.sum(), 1.0))
+
+
+def test_the_head_runs_on_the_fewest_positions_that_hold_every_weighted_one():
+    batch, length = 3, 64
+    assert capacities_for(length) == (4, 8, 16, 32)
+    hidden, head, targets, _ = _inputs(batch, length)
+    # Which branch runs, seen from inside: a stand-in for the head that returns how many positions it got.
+    branch = jax.jit(lambda w: loss_module._on_weighted_positions(
+        lambda h, e, t, w, size: jnp.float32(h.shape[1]), hidden, head, targets, w, 128,
+        capacities_for(length), False))
+    fused = {positions: jax.jit(lambda w, positions=positions: jax.value_and_grad(
+        lambda h, e: weighted_head_cross_entropy(h, e, targets, w, positions=positions), argnums=(0, 1))(hidden, head))
+        for positions in ("weighted", "all")}
+    forward = jax.jit(lambda w: weighted_head_cross_entropy(hidden, head, targets, w))
+    plain = jax.jit(jax.value_and_grad(_plain, argnums=(0, 1)))
+    # per_row: the most weighted positions in a row (the other rows have fewer) -> positions gathered
+    for per_row, capacity in [(0, 4), (1, 4), (4, 4), (5, 8), (8, 8), (9, 16), (17, 32), (32, 32), (33, 64),
+                              (64, 64)]:
+        weights = _sparse_weights(batch, length, per_row)
+        assert int(branch(weights)) == capacity, per_row
+        # The loss and both gradients are those of the plain computation, whichever branch runs.
+        want, want_grads = plain(hidden, head, targets, weights)
+        np.testing.assert_allclose(forward(weights), want, rtol=1e-6, atol=1e-7)
+        for positions, fn in fused.items():
+            value, grads = fn(weights)
+            np.testing.assert_allclose(value, want, rtol=1e-6, atol=1e-7, err_msg=f"{per_row} {positions}")
+            for g, w in zip(grads, want_grads):
+                np.testing.assert_allclose(g, w, atol=1e-7, rtol=1e-5, err_msg=f"{per_row} {positions}")
+    with pytest.raises(ValueError, match="positions must be one of"):
+        weighted_head_cross_entropy(hidden, head, targets, weights, positions="some")
+
+
 def test_fused_loss_in_bfloat16_accumulates_in_float32():
     hidden, head, targets, weights = _inputs(vocab=500)
     want = _plain(hidden, head, targets, weights)
@@ -85,14 +125,19 @@ def _hf_loss_and_grads(hf_model, ids, mask):
     return loss.item(), grads
 
 
+@pytest.mark.parametrize("mask_kind", ["dense", "targets"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_training_loss_and_every_gradient_match_hf(variant):
+def test_training_loss_and_every_gradient_match_hf(variant, mask_kind):
     config = make_config(variant)
     hf_model = make_hf_model(config)
     rng = np.random.default_rng(1)
     batch, length = 2, 17
     ids = rng.integers(3, config.vocab_size, size=(batch, length + 1))
-    mask = (rng.random((batch, length)) > 0.3).astype(np.float32)
+    if mask_kind == "dense":  # 70% of positions: the head runs on every position
+        mask = (rng.random((batch, length)) > 0.3).astype(np.float32)
+    else:  # a short target after a prompt, as in instruction data: the head runs on 4 gathered positions
+        mask = np.zeros((batch, length), np.float32)
+        mask[0, 9:13] = mask[1, 12:15] = 1.0
     mask[:, -1] = 0.0  # HF's input has no next token for the last position
     want_loss, hf_grads = _hf_loss_and_grads(hf_model, ids, mask)
 

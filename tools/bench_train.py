@@ -2,7 +2,15 @@
 
 Both sides take the same step on the same batch shape: forward, backward, global-norm clipping at 1.0
 and an AdamW update (betas 0.9/0.95, eps 1e-8), float32, dropout 0.1, on a random-init model of the
-125m shape (OPTConfig.from_preset("125m")), batch 4 x 512 of fully packed rows.
+125m shape (OPTConfig.from_preset("125m")), batch 4 x 512 of fully packed rows, with either
+  --data lm           random tokens, loss on every position (language modelling), or
+  --data instruction  rows packed from the Super-NaturalInstructions sample in data/sni exactly as
+                      fine-tuning packs them (zero-shot prompts, demo tokenizer), loss on the target
+                      tokens only: about 3% of positions. HF gets the same tokens with labels -100
+                      elsewhere (its usual way to mask a loss) and attends across the packed examples
+                      (it has no segment ids): the same FLOPs as our segment-masked attention. The
+                      last position of each row carries no loss on either side (HF's labels cannot
+                      give it a target).
 
 MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 6 N_nonembedding + 6 d V + 12 L S d
 (the last term is attention) and the peak the best float32 FLOP/s of a large square matmul measured
@@ -27,7 +35,9 @@ def parse_args(argv):
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per side (after 2 warm-up steps)")
     parser.add_argument("--variants", default="scan",
-                        help="comma-separated JAX variants: scan, unscanned, scan+remat=<policy>, unscanned+remat=<policy>")
+                        help="comma-separated JAX variants: scan or unscanned, optionally +remat=<policy> and "
+                             "+head=all (the LM head at every position, not only where there is loss)")
+    parser.add_argument("--data", default="lm", choices=("lm", "instruction"))
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser.parse_args(argv)
@@ -46,7 +56,32 @@ def matmul_peak_torch(size=2048, repeats=5) -> float:
     return 2 * size ** 3 / best
 
 
-def bench_jax(config, batch, seq_len, steps, scan_layers=True, remat="none") -> dict:
+def make_batch(kind, vocab_size, batch, seq_len) -> dict:
+    """The benchmark batch as numpy arrays in our layout (see optiml_jax/data/packing.py)."""
+    import numpy as np
+
+    if kind == "instruction":
+        from types import SimpleNamespace
+
+        from optiml_jax.data import DataConfig, build_train_loader
+        from optiml_jax.tokenizer import OPTTokenizer
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        cfg = SimpleNamespace(data=DataConfig(train=os.path.join(root, "data", "sni")), seed=0,
+                              train=SimpleNamespace(batch_size=batch, seq_len=seq_len))
+        tokenizer = OPTTokenizer.from_pretrained(os.path.join(root, "optiml_jax", "assets", "demo_tokenizer"))
+        out = dict(next(build_train_loader(cfg, tokenizer, process_index=0, process_count=1)))
+    else:
+        ids = np.random.default_rng(0).integers(4, vocab_size, size=(batch, seq_len + 1)).astype(np.int32)
+        out = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq_len), np.float32),
+               "segment_ids": np.ones((batch, seq_len), np.int32),
+               "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()}
+    out["loss_mask"] = out["loss_mask"].copy()
+    out["loss_mask"][:, -1] = 0.0  # see the module doc
+    return out
+
+
+def bench_jax(config, data, steps, scan_layers=True, remat="none", head_positions="weighted") -> dict:
     import jax
     import numpy as np
 
@@ -54,22 +89,19 @@ def bench_jax(config, batch, seq_len, steps, scan_layers=True, remat="none") -> 
     from optiml_jax.sharding import MeshConfig, make_mesh
     from optiml_jax.train import create_train_state, global_batch, make_optimizer, make_train_step, build_model
 
+    batch, seq_len = data["input_ids"].shape
+
     train = TrainSection(max_steps=1000, batch_size=batch, seq_len=seq_len, compute_dtype="float32",
                          scan_layers=scan_layers, remat_policy=remat, dropout=0.1, attention_dropout=0.0,
-                         embed_dropout=False)  # HF has no embedding dropout: keep the steps the same
+                         embed_dropout=False,  # HF has no embedding dropout: keep the steps the same
+                         head_positions=head_positions)
     optim = OptimSection(lr=5e-5, warmup_steps=0, weight_decay=0.0, clip_norm=1.0)
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     model = build_model(config, train)
     tx = make_optimizer(optim, train.max_steps)
     state, shardings = create_train_state(model, tx, mesh, seed=0)
     step_fn = make_train_step(model, tx, train, optim, mesh, shardings)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(4, config.vocab_size, size=(batch, seq_len + 1)).astype(np.int32)
-    local = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-             "loss_mask": np.ones((batch, seq_len), np.float32),
-             "segment_ids": np.ones((batch, seq_len), np.int32),
-             "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()}
-    data = global_batch(local, mesh, batch)
+    data = global_batch(data, mesh, batch)
     start = time.perf_counter()
     state, metrics = step_fn(state, data)
     jax.block_until_ready(metrics)
@@ -85,7 +117,7 @@ def bench_jax(config, batch, seq_len, steps, scan_layers=True, remat="none") -> 
     return {"step_s": float(np.median(times)), "first_step_s": compile_s, "loss": float(metrics["loss"])}
 
 
-def bench_hf(config, batch, seq_len, steps) -> dict:
+def bench_hf(config, data, steps) -> dict:
     import numpy as np
     import torch
     import transformers
@@ -95,15 +127,19 @@ def bench_hf(config, batch, seq_len, steps) -> dict:
     model = transformers.OPTForCausalLM(hf_config)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    ids = torch.as_tensor(np.random.default_rng(0).integers(4, config.vocab_size, size=(batch, seq_len)))
+    ids = torch.as_tensor(data["input_ids"], dtype=torch.long)
+    # HF predicts labels[:, t + 1] at position t: our targets, shifted, with -100 where there is no loss.
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:] = torch.where(torch.as_tensor(data["loss_mask"][:, :-1] > 0),
+                                torch.as_tensor(data["targets"][:, :-1], dtype=torch.long), -100)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     start = time.perf_counter()
     step()
@@ -142,14 +178,17 @@ def main(argv=None) -> int:
           f"{flops['attention'] / 1e6:.1f} M")
     print(f"float32 matmul peak (2048^2): jax {peak_jax / 1e9:.1f} GFLOP/s, torch {peak_torch / 1e9:.1f} GFLOP/s; "
           f"MFU is against {peak / 1e9:.1f}")
+    data = make_batch(args.data, config.vocab_size, args.batch, args.seq_len)
+    print(f"data: {args.data}; loss on {int(data['loss_mask'].sum())} of {data['loss_mask'].size} positions "
+          f"(at most {int(data['loss_mask'].sum(1).max())} in a row)")
     results = {}
     if not args.skip_hf:
-        results["hf-pytorch"] = bench_hf(config, args.batch, args.seq_len, args.steps)
+        results["hf-pytorch"] = bench_hf(config, data, args.steps)
     for variant in args.variants.split(","):
         parts = variant.split("+")
         remat = next((p.split("=", 1)[1] for p in parts if p.startswith("remat=")), "none")
-        results[f"jax-{variant}"] = bench_jax(config, args.batch, args.seq_len, args.steps,
-                                              scan_layers="unscanned" not in parts, remat=remat)
+        results[f"jax-{variant}"] = bench_jax(config, data, args.steps, scan_layers="unscanned" not in parts,
+                                              remat=remat, head_positions="all" if "head=all" in parts else "weighted")
     hf_tps = tokens / results["hf-pytorch"]["step_s"] if "hf-pytorch" in results else None
     print("\n| implementation | step (s) | tokens/s | MFU | vs HF PyTorch | first step (s) | loss |")
     print("|---|---|---|---|---|---|---|")
