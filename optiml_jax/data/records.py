@@ -228,7 +228,8 @@ def _scan_my_share(files: list[_DataFile], owners: list[int], me: int, count: in
             if file.kind == "jsonl":
                 scan = scan_jsonl(file.path, file.size * me // count, file.size * (me + 1) // count)
                 entry = {"lines": scan.lines, "skips": _skips_to_send(scan.skips)}
-                records = [(start, end, line, 0) for start, end, line in scan.records]
+                records = np.zeros((len(scan.records) // 3, RECORD_COLUMNS), np.int64)
+                records[:, :3] = np.frombuffer(scan.records, np.int64).reshape(-1, 3)
             elif owners[i] == me:
                 scan = scan_sni_file(file.path)
                 headers[i] = (scan.definition, scan.positive_examples)
