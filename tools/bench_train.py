@@ -14,7 +14,8 @@ and an AdamW update (betas 0.9/0.95, eps 1e-8), float32, dropout 0.1, on a rando
 
 MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 6 N_nonembedding + 6 d V + 12 L S d
 (the last term is attention) and the peak the best float32 FLOP/s of a large square matmul measured
-here, with JAX and with PyTorch (the better one), in the same run.
+here, with JAX and with PyTorch (the better one), in the same run. Each side, and each peak, runs in
+a fresh process of its own, one after the other.
 """
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULT_PREFIX = "BENCH_RESULT "
 
 
 def parse_args(argv):
@@ -40,6 +43,7 @@ def parse_args(argv):
     parser.add_argument("--data", default="lm", choices=("lm", "instruction"))
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement (see main)
     return parser.parse_args(argv)
 
 
@@ -154,41 +158,80 @@ def bench_hf(config, data, steps) -> dict:
             "attn_implementation": model.config._attn_implementation, "threads": torch.get_num_threads()}
 
 
+def _variant_options(variant: str) -> dict:
+    parts = variant.split("+")
+    remat = next((p.split("=", 1)[1] for p in parts if p.startswith("remat=")), "none")
+    return dict(scan_layers="unscanned" not in parts, remat=remat,
+                head_positions="all" if "head=all" in parts else "weighted")
+
+
+def run_worker(args) -> dict:
+    """One measurement, in this (fresh) process: see main()."""
+    from optiml_jax.config import OPTConfig
+
+    if args.worker == "peak-jax":
+        from optiml_jax.train import measure_matmul_peak
+
+        import jax
+
+        return {"flops": measure_matmul_peak(size=2048), "version": jax.__version__,
+                "platform": jax.devices()[0].platform}
+    if args.worker == "peak-torch":
+        import torch
+
+        return {"flops": matmul_peak_torch(), "version": torch.__version__, "threads": torch.get_num_threads()}
+    config = OPTConfig.from_preset(args.preset)
+    data = make_batch(args.data, config.vocab_size, args.batch, args.seq_len)
+    result = {"positions_with_loss": int(data["loss_mask"].sum()), "most_in_a_row": int(data["loss_mask"].sum(1).max())}
+    if args.worker == "hf-pytorch":
+        return {**result, **bench_hf(config, data, args.steps)}
+    return {**result, **bench_jax(config, data, args.steps, **_variant_options(args.worker[len("jax-"):]))}
+
+
+def _in_fresh_process(args, worker: str) -> dict:
+    # Each side gets a process of its own: run in one process, whichever side went second was 10-30%
+    # slower (the other library's thread pool and heap were still there), HF PyTorch included.
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--preset", args.preset,
+            "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--data", args.data]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"benchmark worker {worker!r} failed (exit status {proc.returncode})")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv if argv is not None else sys.argv[1:])
-    import jax
-    import torch
-
+    if args.worker:
+        print(RESULT_PREFIX + json.dumps(run_worker(args)), flush=True)
+        return 0
     from optiml_jax.config import OPTConfig
-    from optiml_jax.train import flops_per_token, measure_matmul_peak
+    from optiml_jax.train import flops_per_token
 
     config = OPTConfig.from_preset(args.preset)
     flops = flops_per_token(config, args.seq_len)
     tokens = args.batch * args.seq_len
-    peak_jax = measure_matmul_peak(size=2048)
-    peak_torch = matmul_peak_torch()
-    peak = max(peak_jax, peak_torch)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} "
-          f"({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    # Both sides run in this process, so they share the allocator settings (docs/benchmarks.md: on CPU,
-    # glibc returning and re-faulting large buffers every step costs each side 10-20%).
+    peak_jax, peak_torch = (_in_fresh_process(args, name) for name in ("peak-jax", "peak-torch"))
+    peak = max(peak_jax["flops"], peak_torch["flops"])
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {peak_jax['version']} "
+          f"({peak_jax['platform']}), torch {peak_torch['version']} ({peak_torch['threads']} threads); each side and "
+          f"each peak measured in a fresh process, one after the other")
+    # docs/benchmarks.md: on CPU, glibc returning and re-faulting large buffers every step costs each side 10-20%.
     print(f"malloc: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset: glibc defaults)'}")
     print(f"model {args.preset}: batch {args.batch} x {args.seq_len}; FLOPs/token {flops['total'] / 1e6:.1f} M "
           f"= 6N {flops['dense'] / 1e6:.1f} M + 6dV {flops['lm_head'] / 1e6:.1f} M + attention 12LSd "
           f"{flops['attention'] / 1e6:.1f} M")
-    print(f"float32 matmul peak (2048^2): jax {peak_jax / 1e9:.1f} GFLOP/s, torch {peak_torch / 1e9:.1f} GFLOP/s; "
-          f"MFU is against {peak / 1e9:.1f}")
-    data = make_batch(args.data, config.vocab_size, args.batch, args.seq_len)
-    print(f"data: {args.data}; loss on {int(data['loss_mask'].sum())} of {data['loss_mask'].size} positions "
-          f"(at most {int(data['loss_mask'].sum(1).max())} in a row)")
+    print(f"float32 matmul peak (2048^2): jax {peak_jax['flops'] / 1e9:.1f} GFLOP/s, torch "
+          f"{peak_torch['flops'] / 1e9:.1f} GFLOP/s; MFU is against {peak / 1e9:.1f}")
+    workers = ([] if args.skip_hf else ["hf-pytorch"]) + [f"jax-{v}" for v in args.variants.split(",")]
     results = {}
-    if not args.skip_hf:
-        results["hf-pytorch"] = bench_hf(config, data, args.steps)
-    for variant in args.variants.split(","):
-        parts = variant.split("+")
-        remat = next((p.split("=", 1)[1] for p in parts if p.startswith("remat=")), "none")
-        results[f"jax-{variant}"] = bench_jax(config, data, args.steps, scan_layers="unscanned" not in parts,
-                                              remat=remat, head_positions="all" if "head=all" in parts else "weighted")
+    for worker in workers:
+        results[worker] = _in_fresh_process(args, worker)
+        print(f"{worker}: {results[worker]['step_s']:.2f} s/step", flush=True)
+    first = next(iter(results.values()))
+    print(f"data: {args.data}; loss on {first['positions_with_loss']} of {tokens} positions (at most "
+          f"{first['most_in_a_row']} in a row)")
     hf_tps = tokens / results["hf-pytorch"]["step_s"] if "hf-pytorch" in results else None
     print("\n| implementation | step (s) | tokens/s | MFU | vs HF PyTorch | first step (s) | loss |")
     print("|---|---|---|---|---|---|---|")
