@@ -12,6 +12,7 @@ import pytest
 
 from optiml_jax.data import DataConfig, DataError, MixtureStream, build_loaders, read_tasks
 from optiml_jax.data import sources
+from optiml_jax.data import records as records_module
 from optiml_jax.data.records import Shard, deal_out
 from optiml_jax.data.sources import SkipStats
 
@@ -251,3 +252,54 @@ def test_a_file_changed_under_the_run_is_named(tmp_path):
 def test_shard_without_allgather_reads_everything():
     assert not Shard(1, 4).splits and Shard(1, 4, lambda x: x).splits and not Shard(0, 1, lambda x: x).splits
     assert deal_out([5, 1, 9, 3, 3], 2) == [1, 0, 0, 1, 1]  # 9 | 5, then 3 -> 8 | 9, 3 -> 11, 1 -> 10
+
+
+def test_hosts_that_see_different_files_all_stop_with_one_clear_error(tmp_path):
+    """Hosts reading their own copies of the data (local disks) must hold the same files; one host missing
+    the data entirely must not leave the others waiting in the exchange."""
+    same, other = tmp_path / "a", tmp_path / "b"
+    for root, n in ((same, 3), (other, 4)):
+        root.mkdir()
+        for i in range(n):
+            write_jsonl(root / f"t{i}.jsonl", [json.dumps({"src": "q", "tgt": "a"}).encode()])
+
+    def read(roots):
+        def work(p, g):
+            try:
+                read_tasks(roots[p], SkipStats(), shard=Shard(p, 2, g))
+            except DataError as e:
+                return str(e)
+        return as_processes(2, work)
+
+    messages = read([same, other])
+    assert all("the processes see different data files" in m and "process 0: 3 files" in m
+               and "process 1: 4 files" in m for m in messages)
+    messages = read([same, tmp_path / "missing"])
+    assert messages[1] == f"{tmp_path / 'missing'}: no such file or directory"
+    assert messages[0] == f"process 1: {messages[1]}"
+
+
+def test_an_sni_file_changed_before_another_host_reads_its_header_stops_every_process(tmp_path, monkeypatch):
+    root = tmp_path / "sni"
+    root.mkdir()
+    for name in ("task1146_country_capital.json", "task1508_wordnet_antonyms.json"):
+        shutil.copy(SNI / name, root / name)
+    real = sources.read_sni_header
+
+    def changed_under_us(path, span):  # the owner's scan saw task1146 whole; then it was cut short
+        if "task1146" in str(path):
+            Path(path).write_bytes(Path(path).read_bytes()[:100])
+        return real(path, span)
+    monkeypatch.setattr(records_module, "read_sni_header", changed_under_us)
+
+    def work(p, g):
+        try:
+            read_tasks(root, SkipStats(), shard=Shard(p, 2, g))
+        except DataError as e:
+            return str(e)
+    messages = as_processes(2, work)
+    assert all("task1146_country_capital.json: its definition and exemplars no longer parse" in m
+               and "the file changed after it was read" in m for m in messages)
+    # The process that read the header says so; the other, which read its own share fine, names it.
+    found = [p for p, m in enumerate(messages) if not m.startswith("process ")]
+    assert len(found) == 1 and messages[1 - found[0]].startswith(f"process {found[0]}: ")

@@ -21,6 +21,7 @@ longer parses means the file changed under the run, which is reported as such).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import heapq
 import json
 import logging
@@ -260,17 +261,51 @@ def read_tasks(paths, stats: SkipStats, *, format: str = "auto", split_file=None
         paths = [paths]
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    files = _list_files(paths, format, split_file, template)
     me, count = (shard.index, shard.count) if shard.splits else (0, 1)
+    try:
+        files = _list_files(paths, format, split_file, template)
+    except DataError as e:  # raised after the exchange, on every process (this one may be alone in it)
+        files, listing_error = [], str(e)
+    else:
+        listing_error = None
     sni = [i for i, f in enumerate(files) if f.kind == "sni"]
     owners = [0] * len(files)
     for i, q in zip(sni, deal_out([files[i].size for i in sni], count)):
         owners[i] = q
     meta, arrays, headers = _scan_my_share(files, owners, me, count)
+    meta["error"] = listing_error or meta["error"]
+    # Hosts with their own copies of the data (local disks) must hold the same files, or the shares
+    # and the index would not fit together.
+    meta["listing"] = hashlib.sha256(json.dumps([[str(f.path), f.size] for f in files]).encode()).hexdigest()[:16]
+    meta["num_files"] = len(files)
     gathered = exchange(shard, meta, arrays)
-    for meta, _ in gathered:
-        if meta["error"]:
-            raise DataError(meta["error"])
+    for q, (their, _) in enumerate(gathered):
+        if their["error"]:
+            raise DataError(their["error"] if q == me else f"process {q}: {their['error']}")
+    listings = {(their["listing"], their["num_files"]) for their, _ in gathered}
+    if len(listings) > 1:
+        seen = "; ".join(f"process {q}: {their['num_files']} files ({their['listing']})"
+                         for q, (their, _) in enumerate(gathered))
+        raise DataError(f"{', '.join(map(str, paths))}: the processes see different data files (paths or sizes "
+                        f"differ: {seen}); every host must read the same data, e.g. from a shared filesystem")
+
+    # The definitions and exemplars of the SNI files other processes own. A failure here (a file that
+    # changed since its owner read it) is this process's alone, so it is exchanged like the others.
+    header_error = None
+    for i, file in enumerate(files):
+        entry = gathered[owners[i]][0]["files"].get(str(i), {})
+        if file.kind == "sni" and i not in headers and not entry.get("problem"):
+            try:
+                headers[i] = read_sni_header(file.path, tuple(entry["span"]))
+            except DataError as e:
+                header_error = str(e)
+                break
+    if shard.splits:
+        for q, (their, _) in enumerate(exchange(shard, {"error": header_error}, [])):
+            if their["error"]:
+                raise DataError(their["error"] if q == me else f"process {q}: {their['error']}")
+    elif header_error:
+        raise DataError(header_error)
 
     parts: dict[str, list] = {}
     for i, file in enumerate(files):
@@ -296,7 +331,7 @@ def read_tasks(paths, stats: SkipStats, *, format: str = "auto", split_file=None
             stats.end_file(name)
             if entry["problem"]:
                 continue
-            definition, positives = headers.get(i) or read_sni_header(file.path, tuple(entry["span"]))
+            definition, positives = headers[i]
             source = SNISource(name, file.task, definition,
                                positives[:num_shots] if template == "few_shot" else (), seed)
             records = arrays[entry["array"]]

@@ -445,8 +445,14 @@ def read_sni_header(path: str | os.PathLike, instances_span: tuple[int, int]) ->
         head = handle.read(start)
         handle.seek(end)
         tail = handle.read()
-    data = json.loads((head + b"[]" + tail).decode("utf-8-sig"))
-    definition, positives = _sni_header(data, str(path), [])
+    try:
+        data = json.loads((head + b"[]" + tail).decode("utf-8-sig"))
+        definition, positives = _sni_header(data, str(path), [])
+        if definition is None:
+            raise ValueError("no usable definition")
+    except (ValueError, AttributeError) as e:  # JSON and UTF-8 errors are ValueErrors; a non-object has no .get
+        raise DataError(f"{path}: its definition and exemplars no longer parse ({e}); the file changed after "
+                        f"it was read") from None
     return definition, positives
 
 
