@@ -303,3 +303,17 @@ def test_an_sni_file_changed_before_another_host_reads_its_header_stops_every_pr
     # The process that read the header says so; the other, which read its own share fine, names it.
     found = [p for p, m in enumerate(messages) if not m.startswith("process ")]
     assert len(found) == 1 and messages[1 - found[0]].startswith(f"process {found[0]}: ")
+
+
+def test_task_files_are_parsed_once_exactly_as_json_loads_would():
+    for file in sorted(SNI.glob("task*.json")):
+        text = file.read_text(encoding="utf-8")
+        data, (start, end), spans = sources._parse_task(text)
+        assert data == json.loads(text) and json.loads(text[start:end]) == data["Instances"]
+        assert [json.loads(text[a:b]) for a, b in spans] == data["Instances"]
+    for text in ['{}', ' {"Instances": []} ', '{"Instances": [1], "Instances": 3}', '{"k" :\t"v\\"}"\r}']:
+        assert sources._parse_task(text)[0] == json.loads(text)
+    for text in ['{"a" 1}', '{"a": 1,}', '{"a": 1 "b": 2}', '{"Instances": [1,]}', '{"Instances": [1 2]}',
+                 '{} x', '{1: 2}', '{"a": 1', '[1]', '{,}', '{"Instances": [,1]}']:
+        with pytest.raises(ValueError):
+            sources._parse_task(text)

@@ -126,9 +126,9 @@ class TaskRecords(SequenceABC):
         return (self[j] for j in range(len(self)))
 
     def __eq__(self, other) -> bool:
-        if not isinstance(other, SequenceABC) or isinstance(other, (str, bytes)) or len(other) != len(self):
-            return NotImplemented if not isinstance(other, SequenceABC) else False
-        return all(a == b for a, b in zip(self, other))
+        if not isinstance(other, SequenceABC) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(other) == len(self) and all(a == b for a, b in zip(self, other))
 
     __hash__ = None
 

@@ -315,31 +315,52 @@ class SNIScan:
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
-def _instances_spans(text: str) -> tuple[tuple[int, int], list[tuple[int, int]]]:
-    """Character spans of the top-level "Instances" array and of each of its elements, in a text that
-    json.loads has already accepted (so the scan needs no error handling). Like json.loads, the last of
-    repeated keys wins."""
-    decode, skip = json.JSONDecoder().raw_decode, lambda i: _JSON_SPACE.match(text, i).end()
-    pos = skip(skip(0) + 1)  # past "{"
-    found = ((0, 0), [])
-    while text[pos] != "}":
+def _parse_task(text: str) -> tuple[dict, tuple[int, int], list[tuple[int, int]]]:
+    """(the top-level object, character span of its "Instances" array, spans of the array's elements),
+    parsed once with the standard decoder, value by value. Raises ValueError (or RecursionError) where
+    the text is not one JSON object; the caller then asks json.loads for its canonical message. Like
+    json.loads, the last of repeated keys wins."""
+    decode = json.JSONDecoder().raw_decode
+
+    def skip(i):
+        return _JSON_SPACE.match(text, i).end()
+
+    def expect(i, char):
+        if text[i:i + 1] != char:
+            raise ValueError(f"expected {char!r} at character {i}")
+        return skip(i + 1)
+
+    data, array_span, spans = {}, (0, 0), []
+    pos = expect(skip(0), "{")
+    while text[pos:pos + 1] != "}":
         key, pos = decode(text, pos)
-        pos = skip(skip(pos) + 1)  # past ":"
-        if key == "Instances":
-            array_start, spans = pos, []
+        if not isinstance(key, str):
+            raise ValueError(f"object key at character {pos} is not a string")
+        pos = expect(skip(pos), ":")
+        if key == "Instances" and text[pos:pos + 1] == "[":
+            start, items, spans = pos, [], []
             pos = skip(pos + 1)
-            while text[pos] != "]":
-                _, end = decode(text, pos)
+            while text[pos:pos + 1] != "]":
+                value, end = decode(text, pos)
+                items.append(value)
                 spans.append((pos, end))
                 pos = skip(end)
-                pos = skip(pos + 1) if text[pos] == "," else pos
-            pos += 1
-            found = ((array_start, pos), spans)
+                if text[pos:pos + 1] != "]":
+                    pos = expect(pos, ",")
+                    if text[pos:pos + 1] == "]":
+                        raise ValueError(f"trailing comma before character {pos}")
+            array_span, value, pos = (start, pos + 1), items, skip(pos + 1)
         else:
-            _, pos = decode(text, pos)
-        pos = skip(pos)
-        pos = skip(pos + 1) if text[pos] == "," else pos
-    return found
+            value, pos = decode(text, pos)
+            pos = skip(pos)
+        data[key] = value
+        if text[pos:pos + 1] != "}":
+            pos = expect(pos, ",")
+            if text[pos:pos + 1] == "}":
+                raise ValueError(f"trailing comma before character {pos}")
+    if skip(pos + 1) != len(text):
+        raise ValueError(f"extra data after the object at character {pos + 1}")
+    return data, array_span, spans
 
 
 def _byte_offsets(text: str, positions: list[int], base: int) -> list[int]:
@@ -403,13 +424,18 @@ def scan_sni_file(path: str | os.PathLike, keep_parsed: bool = False) -> SNIScan
         scan.problem = ("invalid_utf8", f"{name}:{line}", f"whole task file skipped: {e.reason}")
         return scan
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        scan.problem = ("malformed_json", f"{name}:{e.lineno}", f"whole task file skipped: {e.msg}")
-        return scan
-    except RecursionError:
-        scan.problem = ("malformed_json", f"{name}:1", "whole task file skipped: nested too deeply")
-        return scan
+        data, array_span, spans = _parse_task(text)
+    except (ValueError, RecursionError):
+        try:
+            data = json.loads(text)  # for its message; or valid JSON that is not an object
+        except json.JSONDecodeError as e:
+            scan.problem = ("malformed_json", f"{name}:{e.lineno}", f"whole task file skipped: {e.msg}")
+            return scan
+        except RecursionError:
+            scan.problem = ("malformed_json", f"{name}:1", "whole task file skipped: nested too deeply")
+            return scan
+        if isinstance(data, dict):  # _parse_task reads every JSON object json.loads reads
+            raise AssertionError(f"{name}: parsed by json.loads but not by _parse_task") from None
     if not isinstance(data, dict) or not isinstance(data.get("Instances"), list):
         scan.problem = ("bad_task_file", f"{name}#Instances",
                         "whole task file skipped: expected an object with an 'Instances' list")
@@ -421,7 +447,6 @@ def scan_sni_file(path: str | os.PathLike, keep_parsed: bool = False) -> SNIScan
         scan.skips.clear()
         return scan
     scan.definition = definition
-    array_span, spans = _instances_spans(text)
     usable = []
     for i, inst in enumerate(data["Instances"]):
         ident, output, problem = _check_instance(inst, i, name)
