@@ -29,7 +29,7 @@ def test_config_rejects_unknown_keys_and_bad_values_naming_them(tmp_path):
                              ("data.trian=x", "data.trian"), ("train.remat_policy=some", "train.remat_policy"),
                              ("train.grad_accum_steps=3", "grad_accum_steps"), ("mesh.data=0", "mesh.data"),
                              ("data.template=nope", "data.template"), ("checkpoint.keep=0", "checkpoint.keep"),
-                             ("workdir=gs://bucket/run", "workdir")]:
+                             ("workdir=gs://bucket/run", "workdir"), ("train.head_positions=some", "train.head_positions")]:
         with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
             load_run_config(REPO / "configs/demo.yaml", [override])
 
