@@ -259,7 +259,7 @@ def build_eval_loader(cfg: Any, tokenizer, **kwargs) -> Optional[EvalLoader]:
 
 __all__ = [
     "BATCH_KEYS", "DataConfig", "DataError", "EvalLoader", "Example", "MixtureStream", "PackStats", "Packer",
-    "Shard", "SkipStats", "TaskRecords", "TokenizedExample", "TrainLoader", "build_eval_loader", "build_loaders", "build_train_loader",
-    "mixing_weights",
+    "Shard", "SkipStats", "TaskRecords", "TokenizedExample", "TrainLoader", "build_eval_loader", "build_loaders",
+    "build_train_loader", "mixing_weights",
     "read_jsonl", "read_sni_task", "read_tasks", "row_arrays", "split_holdout", "templates", "tokenize_examples",
 ]

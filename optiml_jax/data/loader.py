@@ -32,7 +32,7 @@ from optiml_jax.data.holdout import Holdout, holdout_problem, holdout_tag
 from optiml_jax.data.mixing import MixtureStream
 from optiml_jax.data.packing import (PACK_COUNTERS, Packer, PackStats, TokenizedExample, Tokenizer, empty_row,
                                      row_arrays, stack_rows, tokenize_examples)
-from optiml_jax.data.records import AllGather
+from optiml_jax.data.records import AllGather, locate
 from optiml_jax.data.sources import DataError, Example, SkipStats
 
 logger = logging.getLogger(__name__)
@@ -286,8 +286,8 @@ class EvalLoader:
             packer = Packer(self.seq_len, self.overlong, packer_stats)
             mine = []  # examples row, row + B, ... of all tasks end to end, the only ones this row reads
             for j in range(row, self.num_examples, self.global_batch_size):
-                k = int(np.searchsorted(ends, j, side="right"))
-                mine.append(sequences[k][j - (int(ends[k - 1]) if k else 0)])
+                task, i = locate(ends, j)
+                mine.append(sequences[task][i])
             packed = []
             for start in range(0, len(mine), TOKENIZE_CHUNK):
                 for example in tokenize_examples(mine[start:start + TOKENIZE_CHUNK], self.tokenizer):

@@ -90,6 +90,12 @@ class SNISource:
 Source = Union[JsonlSource, SNISource]
 
 
+def locate(ends: np.ndarray, i: int) -> tuple[int, int]:
+    """(part, index in that part) of item i of sequences laid end to end, `ends` their cumulative lengths."""
+    k = int(np.searchsorted(ends, i, side="right"))
+    return k, i - (int(ends[k - 1]) if k else 0)
+
+
 class TaskRecords(SequenceABC):
     """A task's usable examples, in file order, each read from its file when indexed. Slicing (step 1)
     gives another TaskRecords without reading anything."""
@@ -117,9 +123,9 @@ class TaskRecords(SequenceABC):
         j = int(i) + n if int(i) < 0 else int(i)
         if not 0 <= j < n:
             raise IndexError(f"record {i} of a task of {n}")
-        k = int(np.searchsorted(self._ends, j, side="right"))
+        k, row = locate(self._ends, j)
         source, records = self._parts[k]
-        start, end, number, index = (int(v) for v in records[j - (int(self._ends[k - 1]) if k else 0)])
+        start, end, number, index = (int(v) for v in records[row])
         return source.example(start, end, number, index)
 
     def __iter__(self) -> Iterator:
