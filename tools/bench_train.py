@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +42,9 @@ def parse_args(argv):
                         help="comma-separated JAX variants: scan or unscanned, optionally +remat=<policy> and "
                              "+head=all (the LM head at every position, not only where there is loss)")
     parser.add_argument("--data", default="lm", choices=("lm", "instruction"))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every side this many times, alternating (HF, ours, HF, ours...); the table "
+                             "gives the median step and the median of each round's ratio to HF")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement (see main)
@@ -225,21 +229,34 @@ def main(argv=None) -> int:
     print(f"float32 matmul peak (2048^2): jax {peak_jax['flops'] / 1e9:.1f} GFLOP/s, torch "
           f"{peak_torch['flops'] / 1e9:.1f} GFLOP/s; MFU is against {peak / 1e9:.1f}")
     workers = ([] if args.skip_hf else ["hf-pytorch"]) + [f"jax-{v}" for v in args.variants.split(",")]
+    # This VM's speed drifts by 20-40% within an hour, so one run of each side can land in different
+    # phases. Alternating rounds, each side's ratio taken against HF of the same round, drift less.
+    rounds = []
+    for round_index in range(max(1, args.rounds)):
+        rounds.append({})
+        for worker in workers:
+            rounds[-1][worker] = _in_fresh_process(args, worker)
+            print(f"round {round_index + 1}: {worker}: {rounds[-1][worker]['step_s']:.2f} s/step", flush=True)
     results = {}
     for worker in workers:
-        results[worker] = _in_fresh_process(args, worker)
-        print(f"{worker}: {results[worker]['step_s']:.2f} s/step", flush=True)
+        runs = [r[worker] for r in rounds]
+        results[worker] = {**runs[-1], "step_s": statistics.median(r["step_s"] for r in runs),
+                           "step_s_per_round": [r["step_s"] for r in runs]}
+        if "hf-pytorch" in workers:
+            results[worker]["ratio_per_round"] = [r["hf-pytorch"]["step_s"] / r[worker]["step_s"] for r in rounds]
     first = next(iter(results.values()))
     print(f"data: {args.data}; loss on {first['positions_with_loss']} of {tokens} positions (at most "
-          f"{first['most_in_a_row']} in a row)")
-    hf_tps = tokens / results["hf-pytorch"]["step_s"] if "hf-pytorch" in results else None
-    print("\n| implementation | step (s) | tokens/s | MFU | vs HF PyTorch | first step (s) | loss |")
-    print("|---|---|---|---|---|---|---|")
+          f"{first['most_in_a_row']} in a row); {len(rounds)} round(s)")
+    print("\n| implementation | step (s) | tokens/s | MFU | vs HF PyTorch | per round | first step (s) | loss |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         tps = tokens / r["step_s"]
         r.update(tokens_per_s=tps, mfu=tps * flops["total"] / peak)
-        ratio = f"{tps / hf_tps:.2f}x" if hf_tps else "-"
-        print(f"| {name} | {r['step_s']:.2f} | {tps:.1f} | {100 * r['mfu']:.1f}% | {ratio} | "
+        ratios = r.get("ratio_per_round")
+        ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+        per_round = ", ".join(f"{s:.2f} s" + (f" ({q:.2f}x)" if ratios else "")
+                              for s, q in zip(r["step_s_per_round"], ratios or [None] * len(rounds)))
+        print(f"| {name} | {r['step_s']:.2f} | {tps:.1f} | {100 * r['mfu']:.1f}% | {ratio} | {per_round} | "
               f"{r['first_step_s']:.1f} | {r['loss']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
