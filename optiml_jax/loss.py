@@ -56,16 +56,23 @@ def _merge(x):  # inverse of _split
 
 
 def _chunk_cross_entropy(hidden_chunk, head, targets_chunk):
-    """(float32 logits, their logsumexp, per-position CE) of one chunk."""
+    """(float32 logits, exp(logits - max), their sums, per-position CE) of one chunk.
+
+    exp(logits - max) is computed once and serves both the logsumexp and the softmax of the gradient:
+    XLA on CPU then writes it out with a vectorised loop, where the fused exp-and-sum reduction of
+    jax.nn.logsumexp ran at a quarter of the speed (0.2 s a 512-position chunk of the 125m head)."""
     logits = jnp.einsum("bcd,vd->bcv", hidden_chunk, head, preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    return logits, lse, lse - jnp.take_along_axis(logits, targets_chunk[..., None], axis=-1)[..., 0]
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    exps = jnp.exp(logits - peak)
+    sums = jnp.sum(exps, axis=-1)
+    lse = peak[..., 0] + jnp.log(sums)
+    return logits, exps, sums, lse - jnp.take_along_axis(logits, targets_chunk[..., None], axis=-1)[..., 0]
 
 
 def _loss_only(hidden, head, targets, weights, size):
     def body(total, xs):
         h, t, w = xs
-        return total + jnp.sum(_chunk_cross_entropy(h, head, t)[2] * w), None
+        return total + jnp.sum(_chunk_cross_entropy(h, head, t)[3] * w), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
                             (_split(hidden, size), _split(targets, size), _split(weights, size)))
@@ -93,15 +100,7 @@ def _loss_and_grads(hidden, head, targets, weights, size):
     def body(carry, xs):
         total, d_head_t = carry
         h, t, w = xs
-        logits = jnp.einsum("bcd,vd->bcv", h, head, preferred_element_type=jnp.float32)
-        # exp(logits - max) is computed once and serves both the logsumexp and the softmax of the
-        # gradient: XLA on CPU then writes it out with a vectorised loop, where the fused
-        # exp-and-sum reduction of jax.nn.logsumexp ran at a quarter of the speed (0.2 s a chunk).
-        peak = jnp.max(logits, axis=-1, keepdims=True)
-        exps = jnp.exp(logits - peak)
-        sums = jnp.sum(exps, axis=-1)
-        lse = peak[..., 0] + jnp.log(sums)
-        ce = lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        logits, exps, sums, ce = _chunk_cross_entropy(h, head, t)
         total = total + jnp.sum(ce * w)
         # d sum(w * CE) / d logits = w * (softmax - onehot(target))
         vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)

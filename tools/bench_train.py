@@ -48,7 +48,10 @@ def parse_args(argv):
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement (see main)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    return args
 
 
 def matmul_peak_torch(size=2048, repeats=5) -> float:
@@ -232,7 +235,7 @@ def main(argv=None) -> int:
     # This VM's speed drifts by 20-40% within an hour, so one run of each side can land in different
     # phases. Alternating rounds, each side's ratio taken against HF of the same round, drift less.
     rounds = []
-    for round_index in range(max(1, args.rounds)):
+    for round_index in range(args.rounds):
         rounds.append({})
         for worker in workers:
             rounds[-1][worker] = _in_fresh_process(args, worker)
@@ -254,8 +257,10 @@ def main(argv=None) -> int:
         r.update(tokens_per_s=tps, mfu=tps * flops["total"] / peak)
         ratios = r.get("ratio_per_round")
         ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
-        per_round = ", ".join(f"{s:.2f} s" + (f" ({q:.2f}x)" if ratios else "")
-                              for s, q in zip(r["step_s_per_round"], ratios or [None] * len(rounds)))
+        per_round = [f"{s:.2f} s" for s in r["step_s_per_round"]]
+        if ratios:
+            per_round = [f"{s} ({q:.2f}x)" for s, q in zip(per_round, ratios)]
+        per_round = ", ".join(per_round)
         print(f"| {name} | {r['step_s']:.2f} | {tps:.1f} | {100 * r['mfu']:.1f}% | {ratio} | {per_round} | "
               f"{r['first_step_s']:.1f} | {r['loss']:.3f} |")
     if args.json:

@@ -258,6 +258,13 @@ def _numbered(records: np.ndarray) -> np.ndarray:
     return records
 
 
+def _raise_first_error(gathered: list, me: int) -> None:
+    """Every process raises the first error any process met, named by the process that met it."""
+    for q, (their, _) in enumerate(gathered):
+        if their["error"]:
+            raise DataError(their["error"] if q == me else f"process {q}: {their['error']}")
+
+
 def read_tasks(paths, stats: SkipStats, *, format: str = "auto", split_file=None, template: str = "zero_shot",
                 num_shots: int = 0, seed: int = 0, shard: Shard = Shard()) -> dict[str, TaskRecords]:
     """Every usable example under `paths` (a path or several), by task, in a deterministic order, read
@@ -285,9 +292,7 @@ def read_tasks(paths, stats: SkipStats, *, format: str = "auto", split_file=None
     meta["listing"] = hashlib.sha256(json.dumps([[str(f.path), f.size] for f in files]).encode()).hexdigest()[:16]
     meta["num_files"] = len(files)
     gathered = exchange(shard, meta, arrays)
-    for q, (their, _) in enumerate(gathered):
-        if their["error"]:
-            raise DataError(their["error"] if q == me else f"process {q}: {their['error']}")
+    _raise_first_error(gathered, me)
     listings = {(their["listing"], their["num_files"]) for their, _ in gathered}
     if len(listings) > 1:
         seen = "; ".join(f"process {q}: {their['num_files']} files ({their['listing']})"
@@ -307,9 +312,7 @@ def read_tasks(paths, stats: SkipStats, *, format: str = "auto", split_file=None
                 header_error = str(e)
                 break
     if shard.splits:
-        for q, (their, _) in enumerate(exchange(shard, {"error": header_error}, [])):
-            if their["error"]:
-                raise DataError(their["error"] if q == me else f"process {q}: {their['error']}")
+        _raise_first_error(exchange(shard, {"error": header_error}, []), me)
     elif header_error:
         raise DataError(header_error)
 
