@@ -98,17 +98,20 @@ def activation_bytes_per_layer(config: OPTConfig, tokens: int, seq_len: int, bat
     h, f, heads = config.hidden_size, config.ffn_dim, config.num_attention_heads
     act = _dtype_bytes(compute_dtype)
     local_heads = max(heads // tensor, 1)
-    scores = batch_rows * local_heads * seq_len * seq_len  # attention scores / probabilities
+    # Attention's backward pass recomputes the probabilities from the boolean mask (one per row,
+    # shared by the heads) and a float32 log-sum-exp per query (model.dot_product_attention).
+    attention_state = batch_rows * seq_len * seq_len + tokens * local_heads * 4
     if remat_policy == "full":
         return tokens * h * act  # the layer input only; the layer is recomputed in the backward pass
     if remat_policy == "dots_no_batch":
         # weight matmul outputs: q, k, v, out_proj, fc1, fc2 (attention einsums are recomputed)
         return tokens * (4 * h // tensor + f // tensor + h) * act
     if remat_policy == "dots":
-        return tokens * (4 * h // tensor + f // tensor + h) * act + 2 * scores * act
-    # "none": everything the backward pass reads (Korthikanti et al.: 34 s b h + 5 a s^2 b, 16-bit),
-    # scaled to the compute dtype; float32 softmax statistics add the 4-byte scores term.
-    return tokens * (17 * h + 2 * f // tensor) * act + scores * (2 * act + 4)
+        # the same and attention's output and softmax statistics (model.REMAT_POLICIES)
+        return tokens * (5 * h // tensor + f // tensor + h) * act + attention_state
+    # "none": everything the backward pass reads outside attention (Korthikanti et al.: 34 s b h,
+    # 16-bit), scaled to the compute dtype, plus the attention state above.
+    return tokens * (17 * h + 2 * f // tensor) * act + attention_state
 
 
 def estimate_training_memory(config: OPTConfig, *, mesh_shape: dict, global_batch: int, seq_len: int,
@@ -136,6 +139,9 @@ def estimate_training_memory(config: OPTConfig, *, mesh_shape: dict, global_batc
         # this term the "full" estimate was ~3x below XLA's compiled temp size (tests/test_reliability.py).
         whole_layer = activation_bytes_per_layer(config, tokens, seq_len, micro_rows, tensor, "none", compute_dtype)
         activations += max(whole_layer - saved, 0)
+    # Whatever is saved, one layer's float32 attention probabilities exist while its backward pass runs.
+    local_heads = max(config.num_attention_heads // tensor, 1)
+    activations += micro_rows * local_heads * seq_len * seq_len * 4
     # The fused head + loss (loss.py): float32 logits, softmax and their gradient for one chunk of
     # positions over the (tensor-split) vocabulary, this batch shard's float32 partial sum of the head's
     # gradient (vocab x d, not split over fsdp), and the gradient wrt the final hidden states, kept from

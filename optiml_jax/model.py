@@ -19,6 +19,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from optiml_jax.config import OPTConfig
 
@@ -30,7 +31,12 @@ POSITION_OFFSET = 2
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: keep every activation (fastest, most memory)
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the rest
+    # keep the weight matmuls' outputs and attention's output and softmax statistics, recompute the
+    # rest (jax's checkpoint_dots would also keep the float32 scores, which attention's backward
+    # recomputes anyway: more memory than "none" at long sequences)
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("attention_out", "attention_log_sum_exp")),
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
 }
 
@@ -103,30 +109,110 @@ def dot_product_attention(query, key, value, mask, *, dropout_rate: float = 0.0,
     `causal=True` promises that `mask` hides every key after its query (q == k, same slots). The
     queries are then taken in blocks of `query_block`, each against only the keys up to its last
     query: the skipped scores are all masked, so every query with a visible key gets the same result,
-    for about half the score and softmax work (1.6x faster forward+backward at 512 tokens on CPU).
-    A fully masked query (padding) is then uniform over its block's keys instead of all keys: a
-    padding position's output, which nothing reads.
+    for about half the score and softmax work. A fully masked query (padding) is then uniform over
+    its block's keys instead of all keys: a padding position's output, which nothing reads.
+
+    The gradient (`_attention_vjp_backward`) keeps only each query's log-sum-exp from the forward
+    pass and recomputes the probabilities, as FlashAttention does: the float32 score, softmax and
+    mask tensors are the largest activations of a layer (130 MB per 125m layer at 4 x 512), and under
+    `nn.scan` every saved one is also zero-filled, written and read back per layer.
     """
-    length = query.shape[1]
-    if not causal or length <= query_block or key.shape[1] != length:
-        return _attention_block(query, key, value, mask, dropout_rate, dropout_rng, deterministic, dtype)
-    outputs = []
-    for index, start in enumerate(range(0, length, query_block)):
-        end = min(start + query_block, length)
-        block_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-        outputs.append(_attention_block(query[:, start:end], key[:, :end], value[:, :end],
-                                        mask[:, :, start:end, :end], dropout_rate, block_rng, deterministic, dtype))
-    return jnp.concatenate(outputs, axis=1)
+    length, key_len = query.shape[1], key.shape[1]
+    if causal and key_len == length:
+        blocks = tuple((start, min(start + query_block, length)) for start in range(0, length, query_block))
+    else:  # one block of every query against every key
+        blocks = ((0, length),)
+    rate = float(dropout_rate) if not deterministic and dropout_rate > 0.0 else 0.0
+    return _attention(query, key, value, mask, dropout_rng if rate else None,
+                      blocks, causal and key_len == length, rate, jnp.dtype(dtype))
 
 
-def _attention_block(query, key, value, mask, dropout_rate, dropout_rng, deterministic, dtype):
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    if not deterministic and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0).astype(dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+def _to_heads_major(query, key, value):
+    """q [b, h, q, d], k as [b, h, d, k] and v [b, h, k, d]: each score and output matmul then reads
+    its operands in the layout the CPU matmul wants, without a per-block transpose."""
+    return (jnp.swapaxes(query, 1, 2), jnp.transpose(key, (0, 2, 3, 1)), jnp.swapaxes(value, 1, 2))
+
+
+def _block_keys(block, causal: bool, key_len: int) -> int:
+    return block[1] if causal else key_len
+
+
+def _masked_scores(q, k_t, mask, block, key_end):
+    start, end = block
+    scores = jnp.einsum("bhqd,bhdk->bhqk", q[:, :, start:end], k_t[..., :key_end],
+                        preferred_element_type=jnp.float32)
+    return jnp.where(mask[:, :, start:end, :key_end], scores, jnp.finfo(jnp.float32).min)
+
+
+def _dropout_keep(dropout_rng, block_index: int, rate: float, shape):
+    return jax.random.bernoulli(jax.random.fold_in(dropout_rng, block_index), 1.0 - rate, shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _attention(query, key, value, mask, dropout_rng, blocks, causal, rate, dtype):
+    return _attention_vjp_forward(query, key, value, mask, dropout_rng, blocks, causal, rate, dtype)[0]
+
+
+def _attention_vjp_forward(query, key, value, mask, dropout_rng, blocks, causal, rate, dtype):
+    q, k_t, v = _to_heads_major(query, key, value)
+    outputs, log_sum_exps = [], []
+    for index, block in enumerate(blocks):
+        key_end = _block_keys(block, causal, v.shape[2])
+        scores = _masked_scores(q, k_t, mask, block, key_end)
+        row_max = jnp.max(scores, axis=-1, keepdims=True)
+        exps = jnp.exp(scores - row_max)
+        sums = jnp.sum(exps, axis=-1, keepdims=True)
+        probs = exps / sums
+        if rate:
+            probs = jnp.where(_dropout_keep(dropout_rng, index, rate, probs.shape), probs / (1.0 - rate), 0.0)
+        outputs.append(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dtype), v[:, :, :key_end]))
+        log_sum_exps.append((row_max + jnp.log(sums))[..., 0])
+    out = checkpoint_name(jnp.swapaxes(jnp.concatenate(outputs, axis=2), 1, 2), "attention_out")
+    log_sum_exp = checkpoint_name(jnp.concatenate(log_sum_exps, axis=2), "attention_log_sum_exp")
+    # `out` is also out_proj's input, so saving it costs nothing extra.
+    return out, (query, key, value, out, mask, log_sum_exp, dropout_rng)
+
+
+def _attention_vjp_backward(blocks, causal, rate, dtype, residuals, d_out):
+    query, key, value, out, mask, log_sum_exp, dropout_rng = residuals
+    q, k_t, v = _to_heads_major(query, key, value)
+    # sum_k p_k dL/dp_k per query, from the output instead of per block: (dropped) p @ v is `out`.
+    out_dot_grad = jnp.swapaxes(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), 1, 2)
+    d_out = jnp.swapaxes(d_out, 1, 2).astype(dtype)
+    batch, heads, _, head_dim = q.shape
+    key_len = v.shape[2]
+    # d/dk and d/dv are accumulated as [b, h, d, k]: each block's contribution is then a matmul
+    # whose operands need no transpose.
+    d_key_t = jnp.zeros((batch, heads, head_dim, key_len), jnp.float32)
+    d_value_t = jnp.zeros((batch, heads, head_dim, key_len), jnp.float32)
+    d_query_blocks = []
+    for index, block in enumerate(blocks):
+        start, end = block
+        key_end = _block_keys(block, causal, key_len)
+        probs = jnp.exp(_masked_scores(q, k_t, mask, block, key_end) - log_sum_exp[:, :, start:end, None])
+        d_out_block = d_out[:, :, start:end]
+        d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out_block, v[:, :, :key_end], preferred_element_type=jnp.float32)
+        used = probs
+        if rate:
+            keep = _dropout_keep(dropout_rng, index, rate, probs.shape)
+            used = jnp.where(keep, probs / (1.0 - rate), 0.0)
+            d_probs = jnp.where(keep, d_probs / (1.0 - rate), 0.0)
+        d_value_t = d_value_t.at[..., :key_end].add(
+            jnp.einsum("bhqd,bhqk->bhdk", d_out_block, used.astype(dtype), preferred_element_type=jnp.float32))
+        # Masked scores get no gradient (jnp.where's); only a fully masked row has nonzero p there.
+        d_scores = jnp.where(mask[:, :, start:end, :key_end],
+                             probs * (d_probs - out_dot_grad[:, :, start:end, None]), 0.0).astype(dtype)
+        d_query_blocks.append(jnp.einsum("bhqk,bhdk->bhqd", d_scores, k_t[..., :key_end],
+                                         preferred_element_type=jnp.float32))
+        d_key_t = d_key_t.at[..., :key_end].add(
+            jnp.einsum("bhqd,bhqk->bhdk", q[:, :, start:end], d_scores, preferred_element_type=jnp.float32))
+    d_query = jnp.swapaxes(jnp.concatenate(d_query_blocks, axis=2), 1, 2).astype(query.dtype)
+    d_key = jnp.transpose(d_key_t, (0, 3, 1, 2)).astype(key.dtype)
+    d_value = jnp.transpose(d_value_t, (0, 3, 1, 2)).astype(value.dtype)
+    return d_query, d_key, d_value, None, None
+
+
+_attention.defvjp(_attention_vjp_forward, _attention_vjp_backward)
 
 
 def cached_dot_product_attention(query, key_t, value, mask, *, dtype: Dtype = jnp.float32):

@@ -1,4 +1,6 @@
 """Logits of our Flax OPT against transformers' PyTorch OPTForCausalLM (float32, random tiny models)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,13 +73,25 @@ def test_long_left_padded_batch_matches_hf_across_causal_query_blocks(variant):
     np.testing.assert_allclose(ours[real], ref[real], atol=ATOL, rtol=0)
 
 
-def test_causal_query_blocks_give_the_same_outputs_and_gradients_with_segments():
-    """Packed rows (segments, trailing padding): blocked causal attention equals the one-block
-    computation at every non-padding query, values and gradients."""
-    from optiml_jax.model import attention_mask_for, dot_product_attention
+def _reference_attention(q, k, v, mask, keep=None, rate=0.0):
+    """Plain softmax attention, differentiated by JAX's autodiff: the check on our hand-written VJP."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    if keep is not None:
+        probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal_blocks", "one_block"])
+def test_attention_outputs_and_gradients_match_autodiff(causal, dropout):
+    """Packed rows (segments, trailing padding), three causal query blocks (64, 64, 72): our attention
+    with its recomputing VJP equals plain softmax attention under autodiff at every non-padding
+    query, values and gradients, with attention dropout drawing the same masks."""
+    from optiml_jax.model import _dropout_keep, attention_mask_for, dot_product_attention
 
     rng = np.random.default_rng(0)
-    batch, length, heads, head_dim = 2, 200, 3, 8
+    batch, length, heads, head_dim, block = 2, 200, 3, 8, 64
     q, k, v = (jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), jnp.float32) for _ in range(3))
     segments = np.zeros((batch, length), np.int32)
     segments[0, :70], segments[0, 70:190] = 1, 2  # 10 padding tokens at the end
@@ -85,18 +99,31 @@ def test_causal_query_blocks_give_the_same_outputs_and_gradients_with_segments()
     valid = jnp.asarray(segments > 0)
     mask = attention_mask_for(length, jnp.ones((batch, length), bool), 0, jnp.asarray(segments))
     weight = jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), jnp.float32)
+    dropout_rng = jax.random.PRNGKey(7)
+    keep = None
+    if dropout:  # the masks our attention draws, block by block, laid out over all keys
+        starts = range(0, length, block) if causal else [0]
+        keep = np.zeros((batch, heads, length, length), bool)
+        for index, start in enumerate(starts):
+            end = min(start + block, length) if causal else length
+            keep[:, :, start:end, :end] = _dropout_keep(dropout_rng, index, dropout, (batch, heads, end - start, end))
+        assert 0.6 < keep[np.asarray(mask[:, :, :, :]).repeat(heads, 1)].mean() < 0.8
 
-    def loss(q, k, v, causal):
-        out = dot_product_attention(q, k, v, mask, causal=causal, query_block=64)
+    def loss(attention, q, k, v):
+        out = attention(q, k, v)
         return jnp.sum(jnp.where(valid[:, :, None, None], out * weight, 0.0)), out
 
-    (l_blocked, out_blocked), g_blocked = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, True)
-    (l_whole, out_whole), g_whole = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, False)
-    np.testing.assert_allclose(np.asarray(out_blocked)[np.asarray(valid)], np.asarray(out_whole)[np.asarray(valid)],
-                               atol=1e-5)  # float32 sums over zero-padded vs shorter rows: reordered
-    np.testing.assert_allclose(float(l_blocked), float(l_whole), rtol=1e-5)
-    for a, b in zip(g_blocked, g_whole):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    ours = functools.partial(dot_product_attention, mask=mask, causal=causal, query_block=block,
+                             dropout_rate=dropout, dropout_rng=dropout_rng, deterministic=not dropout)
+    reference = functools.partial(_reference_attention, mask=mask, keep=keep, rate=dropout)
+    (l_ours, out_ours), g_ours = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(ours, q, k, v)
+    (l_ref, out_ref), g_ref = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(reference, q, k, v)
+    real = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(out_ours)[real], np.asarray(out_ref)[real], atol=1e-5)
+    np.testing.assert_allclose(float(l_ours), float(l_ref), rtol=1e-5)
+    for name, a, b in zip("qkv", g_ours, g_ref):
+        assert float(jnp.max(jnp.abs(b))) > 0.1, name  # a gradient that could be wrong
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, err_msg=f"d/d{name}")
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])

@@ -233,7 +233,7 @@ def test_memory_estimate_is_printed_and_a_run_that_cannot_fit_stops_before_compi
     assert "needs about" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", ["none", "dots", "full"])
 def test_activation_estimate_is_within_2x_of_xla(remat):
     """The estimate's transient part (saved activations + logits + gradients) against the temp bytes of
     XLA's compiled train step (memory_analysis), for a model where activations dominate."""
