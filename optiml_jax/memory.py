@@ -109,9 +109,10 @@ def activation_bytes_per_layer(config: OPTConfig, tokens: int, seq_len: int, bat
     if remat_policy == "dots":
         # the same and attention's output and softmax statistics (model.REMAT_POLICIES)
         return tokens * (5 * h // tensor + f // tensor + h) * act + attention_state
-    # "none": everything the backward pass reads outside attention (Korthikanti et al.: 34 s b h,
-    # 16-bit), scaled to the compute dtype, plus the attention state above.
-    return tokens * (17 * h + 2 * f // tensor) * act + attention_state
+    # "none": what the backward pass reads (Korthikanti et al.'s count, less what our LayerNorm, ReLU
+    # and attention recompute): each LayerNorm's input and output, q, k, v and attention's output,
+    # the MLP activation, two boolean dropout masks, plus the attention state above.
+    return tokens * ((4 * h + 4 * h // tensor + f // tensor) * act + 2 * h) + attention_state
 
 
 def estimate_training_memory(config: OPTConfig, *, mesh_shape: dict, global_batch: int, seq_len: int,

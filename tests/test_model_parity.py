@@ -126,6 +126,44 @@ def test_attention_outputs_and_gradients_match_autodiff(causal, dropout):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, err_msg=f"d/d{name}")
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_layer_norm_values_and_gradients_match_torch(affine):
+    """Our LayerNorm (hand-written backward pass) against torch.nn.functional.layer_norm, on rows
+    with a large mean (where a one-pass variance would lose digits)."""
+    import torch
+
+    from optiml_jax.model import LayerNorm
+
+    rng = np.random.default_rng(0)
+    features = 48
+    x = (rng.standard_normal((3, 7, features)) * 2.0 + 30.0).astype(np.float32)
+    d_out = rng.standard_normal(x.shape).astype(np.float32)
+    scale = (1.0 + 0.5 * rng.standard_normal(features)).astype(np.float32)
+    bias = rng.standard_normal(features).astype(np.float32)
+    layer = LayerNorm(epsilon=1e-5, affine=affine, dtype=jnp.float32, param_dtype=jnp.float32)
+    params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}} if affine else {}
+    import flax.linen as nn
+
+    initial = nn.meta.unbox(layer.init(jax.random.PRNGKey(0), jnp.asarray(x)))
+    assert jax.tree.structure(initial) == jax.tree.structure(params)  # flax's names: scale, bias
+
+    def loss(p, x):
+        out = layer.apply(p, x)
+        return jnp.sum(out * d_out), out
+
+    (_, out), (d_params, d_x) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, jnp.asarray(x))
+    x_t = torch.tensor(x, requires_grad=True)
+    scale_t = torch.tensor(scale, requires_grad=True) if affine else None
+    bias_t = torch.tensor(bias, requires_grad=True) if affine else None
+    out_t = torch.nn.functional.layer_norm(x_t, (features,), scale_t, bias_t, 1e-5)
+    (out_t * torch.tensor(d_out)).sum().backward()
+    np.testing.assert_allclose(np.asarray(out), out_t.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(d_x), x_t.grad.numpy(), atol=1e-5)
+    if affine:
+        np.testing.assert_allclose(np.asarray(d_params["params"]["scale"]), scale_t.grad.numpy(), atol=1e-4)
+        np.testing.assert_allclose(np.asarray(d_params["params"]["bias"]), bias_t.grad.numpy(), atol=1e-4)
+
+
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_does_not_change_logits_or_grads(policy):
     config = make_config("pre_ln")
