@@ -40,8 +40,27 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
 }
 
+
+@jax.custom_vjp
+def _relu(x):
+    return jnp.maximum(x, 0)
+
+
+def _relu_vjp_forward(x):
+    out = _relu(x)
+    # The output is kept anyway (fc2's weight gradient reads it) and tells where the input was
+    # positive: jax.nn.relu's gradient kept a separate boolean mask the size of the MLP activations.
+    return out, out
+
+
+def _relu_vjp_backward(out, d_out):
+    return (jnp.where(out > 0, d_out, jnp.zeros_like(d_out)),)
+
+
+_relu.defvjp(_relu_vjp_forward, _relu_vjp_backward)
+
 _ACTIVATIONS = {
-    "relu": lambda x: _relu(x),  # defined below
+    "relu": _relu,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
@@ -123,25 +142,6 @@ def _normalize_vjp_backward(epsilon, dtype, residuals, d_out):
 _normalize.defvjp(_normalize_vjp_forward, _normalize_vjp_backward)
 
 
-@jax.custom_vjp
-def _relu(x):
-    return jnp.maximum(x, 0)
-
-
-def _relu_vjp_forward(x):
-    out = _relu(x)
-    # The output is kept anyway (fc2's weight gradient reads it) and tells where the input was
-    # positive: jax.nn.relu's gradient kept a separate boolean mask the size of the MLP activations.
-    return out, out
-
-
-def _relu_vjp_backward(out, d_out):
-    return (jnp.where(out > 0, d_out, jnp.zeros_like(d_out)),)
-
-
-_relu.defvjp(_relu_vjp_forward, _relu_vjp_backward)
-
-
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """HF/metaseq positions: 0, 1, 2... over real tokens, -1 on padding (which then reads row 1)."""
     mask = attention_mask.astype(jnp.int32)
@@ -190,13 +190,13 @@ def dot_product_attention(query, key, value, mask, *, dropout_rate: float = 0.0,
     `nn.scan` every saved one is also zero-filled, written and read back per layer.
     """
     length, key_len = query.shape[1], key.shape[1]
-    if causal and key_len == length:
-        blocks = tuple((start, min(start + query_block, length)) for start in range(0, length, query_block))
+    if causal and key_len == length:  # (first query, end of queries, end of keys) per block
+        blocks = tuple((start, min(start + query_block, length), min(start + query_block, length))
+                       for start in range(0, length, query_block))
     else:  # one block of every query against every key
-        blocks = ((0, length),)
+        blocks = ((0, length, key_len),)
     rate = float(dropout_rate) if not deterministic and dropout_rate > 0.0 else 0.0
-    return _attention(query, key, value, mask, dropout_rng if rate else None,
-                      blocks, causal and key_len == length, rate, jnp.dtype(dtype))
+    return _attention(query, key, value, mask, dropout_rng if rate else None, blocks, rate, jnp.dtype(dtype))
 
 
 def _to_heads_major(query, key, value):
@@ -205,12 +205,8 @@ def _to_heads_major(query, key, value):
     return (jnp.swapaxes(query, 1, 2), jnp.transpose(key, (0, 2, 3, 1)), jnp.swapaxes(value, 1, 2))
 
 
-def _block_keys(block, causal: bool, key_len: int) -> int:
-    return block[1] if causal else key_len
-
-
-def _masked_scores(q, k_t, mask, block, key_end):
-    start, end = block
+def _masked_scores(q, k_t, mask, block):
+    start, end, key_end = block
     scores = jnp.einsum("bhqd,bhdk->bhqk", q[:, :, start:end], k_t[..., :key_end],
                         preferred_element_type=jnp.float32)
     return jnp.where(mask[:, :, start:end, :key_end], scores, jnp.finfo(jnp.float32).min)
@@ -220,17 +216,17 @@ def _dropout_keep(dropout_rng, block_index: int, rate: float, shape):
     return jax.random.bernoulli(jax.random.fold_in(dropout_rng, block_index), 1.0 - rate, shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _attention(query, key, value, mask, dropout_rng, blocks, causal, rate, dtype):
-    return _attention_vjp_forward(query, key, value, mask, dropout_rng, blocks, causal, rate, dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(query, key, value, mask, dropout_rng, blocks, rate, dtype):
+    return _attention_vjp_forward(query, key, value, mask, dropout_rng, blocks, rate, dtype)[0]
 
 
-def _attention_vjp_forward(query, key, value, mask, dropout_rng, blocks, causal, rate, dtype):
+def _attention_vjp_forward(query, key, value, mask, dropout_rng, blocks, rate, dtype):
     q, k_t, v = _to_heads_major(query, key, value)
     outputs, log_sum_exps = [], []
     for index, block in enumerate(blocks):
-        key_end = _block_keys(block, causal, v.shape[2])
-        scores = _masked_scores(q, k_t, mask, block, key_end)
+        key_end = block[2]
+        scores = _masked_scores(q, k_t, mask, block)
         row_max = jnp.max(scores, axis=-1, keepdims=True)
         exps = jnp.exp(scores - row_max)
         sums = jnp.sum(exps, axis=-1, keepdims=True)
@@ -245,7 +241,7 @@ def _attention_vjp_forward(query, key, value, mask, dropout_rng, blocks, causal,
     return out, (query, key, value, out, mask, log_sum_exp, dropout_rng)
 
 
-def _attention_vjp_backward(blocks, causal, rate, dtype, residuals, d_out):
+def _attention_vjp_backward(blocks, rate, dtype, residuals, d_out):
     query, key, value, out, mask, log_sum_exp, dropout_rng = residuals
     q, k_t, v = _to_heads_major(query, key, value)
     # sum_k p_k dL/dp_k per query, from the output instead of per block: (dropped) p @ v is `out`.
@@ -259,9 +255,8 @@ def _attention_vjp_backward(blocks, causal, rate, dtype, residuals, d_out):
     d_value_t = jnp.zeros((batch, heads, head_dim, key_len), jnp.float32)
     d_query_blocks = []
     for index, block in enumerate(blocks):
-        start, end = block
-        key_end = _block_keys(block, causal, key_len)
-        probs = jnp.exp(_masked_scores(q, k_t, mask, block, key_end) - log_sum_exp[:, :, start:end, None])
+        start, end, key_end = block
+        probs = jnp.exp(_masked_scores(q, k_t, mask, block) - log_sum_exp[:, :, start:end, None])
         d_out_block = d_out[:, :, start:end]
         d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out_block, v[:, :, :key_end], preferred_element_type=jnp.float32)
         used = probs
