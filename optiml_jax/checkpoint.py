@@ -101,7 +101,7 @@ def barrier(name: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(directory, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(directory, overwrite: bool = False, collective: bool = True) -> Iterator[Path]:
     """Yields a temporary directory next to `directory`; renames it into place only on success.
 
     On any error the temporary directory is removed, so a failed run leaves nothing behind (and an
@@ -112,10 +112,11 @@ def atomic_output_dir(directory, overwrite: bool = False) -> Iterator[Path]:
     run is removed first); process 0 creates it and, once every process is past the body (a barrier),
     renames it into place; a second barrier lets no process return before the rename. The body runs on
     every process (Orbax writes collectively); write plain files from process 0 only.
+    `collective=False`: one process writes the directory alone, with no barriers.
     """
     directory = check_output_dir(directory, overwrite)
     index, count = _multihost()
-    if count > 1:
+    if count > 1 and collective:
         yield from _atomic_output_dir_multihost(directory, index)
         return
     directory.parent.mkdir(parents=True, exist_ok=True)

@@ -121,11 +121,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, length: int) -
 
 
 def generate(model: OPTForCausalLM, params: Any, prompts, config: Optional[GenerationConfig] = None, *,
-             attention_mask=None, **config_overrides) -> GenerationOutput:
+             attention_mask=None, stop_mask=None, **config_overrides) -> GenerationOutput:
     """Continues each prompt. `prompts` is a list of token-id lists (any lengths), or a 2-D array of ids
     with `attention_mask` (1 = real token; padding on either side is dropped first).
 
     Keyword arguments are GenerationConfig fields: `generate(model, params, prompts, max_new_tokens=8)`.
+    `stop_mask` (bool [vocab], see `stop_token_mask`) ends a row at any marked token, which is kept.
     """
     config = dataclasses.replace(config or GenerationConfig(), **config_overrides)
     prompts = _as_prompt_lists(prompts, attention_mask)
@@ -143,18 +144,59 @@ def generate(model: OPTForCausalLM, params: Any, prompts, config: Optional[Gener
         raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={config.max_new_tokens} exceeds "
                          f"the model's {limit} positions")
     ids, mask = left_pad(prompts, config.pad_token_id, round_up(longest, PROMPT_BUCKET))
-    tokens, logprobs, lengths = _generate_compiled(
-        model, nn.meta.unbox(params), jnp.asarray(ids), jnp.asarray(mask),
+    tokens, logprobs, lengths = generate_padded(model, params, jnp.asarray(ids), jnp.asarray(mask), config,
+                                                stop_mask=stop_mask)
+    n = config.max_new_tokens
+    return GenerationOutput(tokens=np.asarray(tokens)[:, :n], logprobs=np.asarray(logprobs)[:, :n],
+                            lengths=np.asarray(lengths))
+
+
+def generate_padded(model: OPTForCausalLM, params: Any, ids: jax.Array, mask: jax.Array, config: GenerationConfig,
+                    *, stop_mask=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The compiled program on left-padded `ids` / `mask` [batch, prompt_len] (device arrays, possibly
+    sharded over a mesh: call under `jax.set_mesh` and the logical axis rules then). Returns device
+    arrays (tokens, logprobs [batch, capacity], lengths [batch]) without waiting for them; the capacity
+    is max_new_tokens rounded up to NEW_TOKENS_BUCKET, every column past max_new_tokens padding."""
+    vocab = model.config.vocab_size
+    stop_mask = jnp.zeros((vocab,), bool) if stop_mask is None else jnp.asarray(stop_mask, bool)
+    if stop_mask.shape != (vocab,):
+        raise ValueError(f"stop_mask must be a bool [{vocab}] array, got shape {stop_mask.shape}")
+    return _generate_compiled(
+        model, nn.meta.unbox(params), ids, mask,
         jnp.int32(config.max_new_tokens), jnp.int32(config.min_new_tokens),
         jax.random.PRNGKey(config.seed), jnp.float32(config.temperature or 1.0),
-        jnp.int32(config.top_k), jnp.float32(config.top_p),
+        jnp.int32(config.top_k), jnp.float32(config.top_p), stop_mask,
         new_tokens_capacity=round_up(config.max_new_tokens, NEW_TOKENS_BUCKET),
         do_sample=config.do_sample, unstack_layers=decode_with_separate_layers(model),
         eos_token_id=-1 if config.eos_token_id is None else config.eos_token_id,
         pad_token_id=config.pad_token_id)
-    n = config.max_new_tokens
-    return GenerationOutput(tokens=np.asarray(tokens)[:, :n], logprobs=np.asarray(logprobs)[:, :n],
-                            lengths=np.asarray(lengths))
+
+
+def stop_token_mask(tokenizer, stop_strings: Sequence[str], vocab_size: int) -> np.ndarray:
+    """bool [vocab_size]: tokens whose own text contains one of `stop_strings`. Generating one means
+    the stop string has appeared, so the decode loop may end that row there; a stop string spread over
+    several tokens is not caught here and is cut afterwards (`cut_at_stop`), so the text is the same
+    either way and only the loop may run longer."""
+    mask = np.zeros((vocab_size,), bool)
+    stop_strings = [s for s in stop_strings if s]
+    if not stop_strings:
+        return mask
+    texts = tokenizer.decode_batch([[i] for i in range(min(vocab_size, tokenizer.vocab_size))])
+    for token_id, text in enumerate(texts):
+        if "\ufffd" not in text and any(s in text for s in stop_strings):  # U+FFFD: a partial character
+            mask[token_id] = True
+    return mask
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` up to (without) the earliest occurrence of any stop string."""
+    cut = len(text)
+    for stop in stop_strings:
+        if stop:
+            found = text.find(stop)
+            if 0 <= found < cut:
+                cut = found
+    return text[:cut]
 
 
 def _as_prompt_lists(prompts, attention_mask) -> list[list[int]]:
@@ -240,7 +282,7 @@ class DecodeState(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("model", "new_tokens_capacity", "do_sample", "eos_token_id",
                                              "pad_token_id", "unstack_layers"))
 def _generate_compiled(model, params, prompt_ids, prompt_mask, max_new_tokens, min_new_tokens, rng,
-                       temperature, top_k, top_p, *, new_tokens_capacity, do_sample, eos_token_id,
+                       temperature, top_k, top_p, stop_mask, *, new_tokens_capacity, do_sample, eos_token_id,
                        pad_token_id, unstack_layers):
     """Prefill plus the decode loop. Returns (tokens, logprobs, lengths); eos_token_id -1 = none."""
     global _trace_count
@@ -279,7 +321,9 @@ def _generate_compiled(model, params, prompt_ids, prompt_mask, max_new_tokens, m
         """Writes this step's token (pad for finished rows) and updates who is done."""
         token = jnp.where(state.done, pad_token_id, token)
         logprob = jnp.where(state.done, 0.0, logprob)
-        done = state.done | (token == eos_token_id) if eos_token_id >= 0 else state.done
+        done = state.done | stop_mask[token]
+        if eos_token_id >= 0:
+            done = done | (token == eos_token_id)
         return state._replace(
             step=state.step + 1, last_token=token, done=done, lengths=state.lengths + ~state.done,
             tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step)),

@@ -18,7 +18,8 @@ paper puts demonstrations for task-level instructions):
 
     Input: {input}{delimiter}
 
-The delimiter is one of the paper's eight answer delimiters, sampled uniformly per example, and it is
+In training the delimiter is one of the paper's eight answer delimiters, sampled uniformly per example
+(evaluation passes one fixed delimiter instead, see optiml_jax/eval/prompts.py), and it is
 only inserted where the text before it does not already end with ":" (e.g. an input that ends with
 "Search result URL:" gets none). One delimiter is drawn per example and used for its exemplars too, so
 a prompt is self-consistent. The packer joins src and tgt with a single space, so a prompt never ends
@@ -28,7 +29,7 @@ in whitespace here. Fields are stripped of surrounding whitespace (SNI inputs of
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Optional, Sequence
 
 ANSWER_DELIMITERS = ("\nAnswer:", " Answer:", "\nA:", " A:", "\nOutput:", " Output:", "\nanswer:", "\noutput:")
 TEMPLATES = ("zero_shot", "few_shot")
@@ -48,12 +49,14 @@ def add_delimiter(prompt: str, delimiter: str) -> str:
 
 
 def format_sni(definition: str, input: str, output: str, exemplars: Sequence[tuple[str, str]] = (), *,
-               seed: int = 0, task: str = "", index: int = 0) -> tuple[str, str]:
+               seed: int = 0, task: str = "", index: int = 0, delimiter: Optional[str] = None) -> tuple[str, str]:
     """(src, tgt) for one SNI instance; `exemplars` are (input, output) pairs (empty = zero-shot).
+    `delimiter` fixes the answer delimiter; by default it is sampled from (seed, task, index).
 
     Asking for more shots than a task has positive examples gives as many as it has (SNI tasks have
     at least 2 in the full release; the shared sample keeps exactly 2)."""
-    delimiter = sample_delimiter(seed, task, index)
+    if delimiter is None:
+        delimiter = sample_delimiter(seed, task, index)
     parts = [f"Instructions: {definition.strip()}"]
     for ex_input, ex_output in exemplars:
         parts.append(add_delimiter(f"Input: {ex_input.strip()}", delimiter) + " " + ex_output.strip())

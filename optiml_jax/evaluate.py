@@ -1,0 +1,191 @@
+"""Evaluate a model on held-out tasks as OPT-IML reports it: greedy answers scored by exact match and ROUGE-L.
+
+    python -m optiml_jax.evaluate --model DIR|HUB_ID --data natural-instructions/tasks \\
+        --split natural-instructions/splits/default/test_tasks.txt --output runs/eval-sni
+
+writes OUTPUT/predictions.jsonl (one line per instance: task, id, category, prompt, prediction,
+references and its scores), OUTPUT/metrics.json (overall, per category, per task, settings; percent)
+and OUTPUT/report.md (the same as tables), all at once when the run has finished. `--predictions FILE`
+re-scores an existing predictions file without a model. The scores are the official SNI ones (see
+optiml_jax/eval/metrics.py); `--template tk_instruct --shots 2` gives Tk-Instruct's "definition + 2
+positive examples" prompts. In --delimiter and --stop, "\\n" and "\\t" stand for newline and tab.
+
+Bad input (no task matching the split file, an instance without references, an unreadable model, an
+existing output directory without --overwrite) prints one line on stderr and exits with status 2.
+On several hosts run the same command on every host with --distributed (or --coordinator ...), as
+for fine-tuning; every host reads the data, process 0 writes the output.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+EXIT_BAD_INPUT = 2
+
+
+class CLIError(Exception):
+    """Bad command-line input: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise CLIError(message)
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _mesh_config(text: str):
+    from optiml_jax.sharding import MeshConfig
+
+    sizes = {}
+    for part in filter(None, text.split(",")):
+        name, sep, value = part.partition("=")
+        if not sep or name.strip() not in ("data", "fsdp", "tensor"):
+            raise CLIError(f"--mesh {text!r}: expected axis=size pairs of data, fsdp, tensor (e.g. data=-1,tensor=2)")
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            raise CLIError(f"--mesh {text!r}: {value!r} is not an integer") from None
+    return MeshConfig(**sizes)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    from optiml_jax.eval.prompts import DEFAULT_DELIMITER, PROMPT_TEMPLATES
+    from optiml_jax.eval.tasks import DEFAULT_MAX_INSTANCES
+
+    parser = _Parser(prog="python -m optiml_jax.evaluate", description=__doc__.split("\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    parser.add_argument("--model", help="model directory (Hugging Face or converted) or hub id")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    parser.add_argument("--data", help="SNI task file or directory of task*.json, or a JSONL file or directory")
+    parser.add_argument("--split", help="split file listing the tasks to evaluate (e.g. splits/default/test_tasks.txt)")
+    parser.add_argument("--format", default="auto", choices=["auto", "sni", "jsonl"])
+    parser.add_argument("--max-instances", type=int, default=DEFAULT_MAX_INSTANCES,
+                        help=f"first N instances of each task (default {DEFAULT_MAX_INSTANCES}, SNI's; 0 = all)")
+    parser.add_argument("--shots", type=int, default=0, help="the task's first K positive examples in the prompt")
+    parser.add_argument("--template", default="optiml", choices=PROMPT_TEMPLATES)
+    parser.add_argument("--delimiter", default=DEFAULT_DELIMITER.replace("\n", "\\n"),
+                        help="answer cue of the optiml template (default %(default)s)")
+    parser.add_argument("--stop", action="append", default=[], help="cut answers before this string (repeatable)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="prompts per generation batch (default: 8 per data-parallel device)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--mesh", default="data=-1", help="mesh axis sizes, as in fine-tuning (default data=-1)")
+    parser.add_argument("--add-bos", action="store_true", help="start prompts with </s> (fine-tuning data does not)")
+    parser.add_argument("--predictions", help="re-score this predictions.jsonl instead of running a model")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--coordinator", help="host:port of process 0 (multi-host)")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with auto-detection")
+    args = parser.parse_args(argv)
+    if args.predictions:
+        extra = [flag for flag, value in (("--model", args.model), ("--data", args.data), ("--split", args.split))
+                 if value]
+        if extra:
+            raise CLIError(f"--predictions re-scores a file; {', '.join(extra)} would be unused")
+    elif not args.model or not args.data:
+        raise CLIError("give --model and --data (or --predictions FILE to re-score)")
+    for flag, value, low in (("--max-instances", args.max_instances, 0), ("--shots", args.shots, 0),
+                             ("--max-new-tokens", args.max_new_tokens, 1), ("--batch-size", args.batch_size, 1)):
+        if value is not None and value < low:
+            raise CLIError(f"{flag} must be >= {low}, got {value}")
+    args.delimiter = _unescape(args.delimiter)
+    args.stop = tuple(_unescape(s) for s in args.stop)
+    if any(not s for s in args.stop):
+        raise CLIError("--stop needs a non-empty string")
+    args.mesh = _mesh_config(args.mesh)
+    return args
+
+
+def _evaluate_model(args):
+    import jax
+
+    from optiml_jax.eval.generation import data_parallel_size
+    from optiml_jax.eval.runner import EvalSettings, evaluate_generation
+    from optiml_jax.eval.tasks import load_eval_tasks
+    from optiml_jax.pretrained import load_pretrained
+    from optiml_jax.sharding import make_mesh
+    from optiml_jax.tokenizer import OPTTokenizer
+
+    tasks = load_eval_tasks(args.data, args.split, args.max_instances, args.format)
+    try:
+        mesh = make_mesh(args.mesh)
+    except ValueError as e:
+        raise CLIError(f"--mesh: {e}") from None
+    batch_size = args.batch_size or 8 * data_parallel_size(mesh)
+    settings = EvalSettings(template=args.template, shots=args.shots, delimiter=args.delimiter,
+                            max_new_tokens=args.max_new_tokens, batch_size=batch_size, stop=args.stop,
+                            add_bos=args.add_bos)
+    # Decoding on CPU runs unscanned layers anyway (generate.decode_with_separate_layers).
+    loaded = load_pretrained(args.model, dtype=args.dtype, scan_layers=jax.default_backend() != "cpu", mesh=mesh,
+                             load_tokenizer=args.tokenizer is None)
+    tokenizer = OPTTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else loaded.tokenizer
+    if tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer files; pass --tokenizer DIR")
+    log = logging.getLogger("optiml_jax.evaluate")
+    log.info("%d tasks, %d instances; %s", len(tasks), sum(len(t.instances) for t in tasks), settings)
+    result = evaluate_generation(loaded.model, loaded.params, tokenizer, tasks, settings, mesh=mesh,
+                                 progress=not args.no_progress)
+    result.metrics["settings"].update(model=str(args.model), data=str(args.data), split=args.split,
+                                      max_instances=args.max_instances, dtype=args.dtype)
+    return result
+
+
+def summary(metrics: dict) -> str:
+    overall = metrics["overall"]
+    lines = [f"{'task':<56} {'n':>5} {'EM':>7} {'ROUGE-L':>8}"]
+    for name, m in metrics["per_task"].items():
+        lines.append(f"{name[:56]:<56} {m['instances']:>5} {m['exact_match']:>7.2f} {m['rougeL']:>8.2f}")
+    lines.append(f"{'overall':<56} {overall['instances']:>5} {overall['exact_match']:>7.2f} {overall['rougeL']:>8.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        args = parse_args(argv)
+        from optiml_jax.checkpoint import CheckpointError, check_output_dir
+
+        check_output_dir(args.output, args.overwrite)  # before hours of generation, not after
+        if args.predictions:
+            from optiml_jax.eval.runner import rescore
+
+            result, is_main = rescore(args.predictions), True
+        else:
+            from optiml_jax.finetune import init_distributed
+
+            init_distributed(args)
+            import jax
+
+            is_main = jax.process_index() == 0
+            result = _evaluate_model(args)
+        if is_main:
+            from optiml_jax.eval.runner import write_results
+
+            write_results(args.output, result, overwrite=args.overwrite)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (CheckpointError, OSError, ValueError, KeyError) as e:  # bad data, model files, config...
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if is_main:
+        print(summary(result.metrics))
+        print(f"wrote {args.output}/predictions.jsonl, metrics.json, report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
