@@ -36,7 +36,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="start afresh in a workdir holding another run (its checkpoints, metrics and final "
                              "model are deleted)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    # intermixed: overrides may come before or after the flags (`--overwrite train.max_steps=10`)
+    return parser.parse_intermixed_args(argv)
 
 
 def init_distributed(args: argparse.Namespace) -> None:
@@ -97,6 +98,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"done: step {result.step}, workdir {cfg.workdir}" + (f"; eval loss by step {{{evals}}}" if evals else ""))
             if result.final_dir:
                 print(f"final model: {result.final_dir}")
+            if result.task_metrics:
+                from optiml_jax.eval.runner import progress_table
+
+                print(f"\nheld-out tasks, exact match (EM) and ROUGE-L in percent "
+                      f"(predictions and report.md in {cfg.workdir}/eval/<step>/):")
+                print(progress_table(result.task_metrics))
             for prompt, reference, generation in result.samples:
                 tail = prompt[-300:].replace("\n", "\n    ")
                 print(f"\n--- eval prompt (last 300 chars):\n    ...{tail}\n"

@@ -18,11 +18,13 @@ import yaml
 
 from optiml_jax.config import ConfigError
 from optiml_jax.data import DataConfig
+from optiml_jax.eval.prompts import PROMPT_TEMPLATES
 from optiml_jax.sharding import MeshConfig
 
 # The shipped demo: `python -m optiml_jax.finetune` without --config runs it.
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+HOLDOUT = "holdout"  # eval.tasks.data: the held-out instances of data.eval_holdout
 REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch")  # = model.REMAT_POLICIES (not imported: no jax here)
 HEAD_POSITIONS = ("weighted", "all")  # = loss.HEAD_POSITIONS
 SCHEDULES = ("linear", "cosine", "constant")
@@ -76,12 +78,40 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalTasksSection:
+    """Held-out task metrics (exact match, ROUGE-L) of greedy answers, at every evaluation (optiml_jax/eval/).
+    The keys are `python -m optiml_jax.evaluate`'s flags."""
+    data: str = HOLDOUT  # SNI task file(s) or JSONL; "holdout" = the data.eval_holdout instances
+    split: Optional[str] = None  # split file listing the tasks of `data` (SNI)
+    format: str = "auto"  # auto, sni, jsonl
+    max_instances: int = 100  # first N instances of each task (SNI's protocol); 0 = all
+    shots: int = 0  # the task's first K positive examples in the prompt
+    template: str = "optiml"  # optiml (the training template, fixed delimiter) or tk_instruct
+    delimiter: str = "\nOutput:"
+    max_new_tokens: int = 256
+    batch_size: Optional[int] = None  # null = eval.batch_size, else train.batch_size
+    stop: tuple[str, ...] = ()  # answers are cut before the first of these strings
+
+    def __post_init__(self):
+        if self.template not in PROMPT_TEMPLATES:
+            raise ConfigError(f"template={self.template!r} is not one of {', '.join(PROMPT_TEMPLATES)}")
+        if self.format not in ("auto", "sni", "jsonl"):
+            raise ConfigError(f"format={self.format!r} is not one of auto, sni, jsonl")
+        for name, low in (("max_instances", 0), ("shots", 0), ("max_new_tokens", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSection:
     every_steps: int = 500  # 0 = only at the end
     batch_size: Optional[int] = None  # null = train.batch_size
     max_batches: int = 0  # 0 = the whole eval set
     num_samples: int = 2  # greedy generations printed for held-out prompts at the end
     sample_max_new_tokens: int = 32
+    tasks: Optional[EvalTasksSection] = None  # null = loss only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +130,8 @@ class RunConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["data"] = self.data.to_dict()
+        if out["eval"]["tasks"] is not None:  # YAML has lists, not tuples
+            out["eval"]["tasks"]["stop"] = list(out["eval"]["tasks"]["stop"])
         return out
 
 
@@ -139,6 +171,13 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str) and value:
             return value
         raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+    if typing.get_origin(annotation) is tuple:  # tuple[str, ...]: a list of strings, or one string
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(v, str) and v for v in items):
+            return tuple(items)
+        raise ConfigError(f"{name} must be a list of non-empty strings, got {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        return _section(annotation, value, name)
     return value
 
 
@@ -204,6 +243,10 @@ def validate(cfg: RunConfig) -> None:
     _require(e.batch_size is None or e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
     for name in ("max_batches", "num_samples", "sample_max_new_tokens"):
         _require(getattr(e, name) >= 0, f"eval.{name} must be >= 0, got {getattr(e, name)}")
+    if e.tasks is not None and e.tasks.data == HOLDOUT:
+        _require(cfg.data.eval_holdout is not None, "eval.tasks.data=holdout evaluates the instances held out by "
+                 "data.eval_holdout, which is not set; set it, or give eval.tasks.data a path of tasks")
+        _require(e.tasks.split is None, "eval.tasks.split selects tasks of a path; eval.tasks.data=holdout has none")
     try:
         cfg.mesh.resolve(max(1, abs(cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor)))
     except ValueError as err:

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -302,6 +303,20 @@ def evaluate(eval_step, params, loader, mesh, batch_size: int, max_batches: int 
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/target_tokens": count}
 
 
+def evaluate_tasks(model, params, tokenizer, task_eval, mesh, rules, workdir: Path, step: int, writer) -> dict:
+    """eval.tasks at `step`: greedy answers scored by optiml_jax.eval, logged as scalars and written to
+    workdir/eval/<step>/ (predictions.jsonl, metrics.json, report.md) by process 0."""
+    from optiml_jax.eval.runner import evaluate_generation, metric_scalars, write_results
+
+    tasks, settings = task_eval
+    outcome = evaluate_generation(model, params, tokenizer, tasks, settings, mesh=mesh, rules=rules)
+    outcome.metrics["settings"]["step"] = step
+    writer.write(step, metric_scalars(outcome.metrics))
+    if jax.process_index() == 0:
+        write_results(workdir / "eval" / str(step), outcome, overwrite=True, title=f"Held-out tasks at step {step}")
+    return outcome.metrics
+
+
 # ---------------------------------------------------------------------- throughput accounting
 def flops_per_token(config: OPTConfig, seq_len: int) -> dict:
     """Model FLOPs per trained token (forward + backward = 3 x forward, no remat counted):
@@ -492,6 +507,7 @@ class RunResult:
     model: OPTForCausalLM
     losses: dict  # step -> train loss (steps of this invocation)
     eval_losses: dict  # step -> eval loss
+    task_metrics: dict = dataclasses.field(default_factory=dict)  # step -> metrics.json of eval.tasks
     interrupted: bool = False
     final_dir: Optional[str] = None
     samples: list = dataclasses.field(default_factory=list)
@@ -593,6 +609,10 @@ def _check_batch_layout(cfg: RunConfig, mesh) -> None:
     eval_batch = cfg.eval.batch_size or cfg.train.batch_size
     if eval_batch % data_parallel:
         raise ConfigError(f"eval batch size {eval_batch} is not divisible by mesh.data x mesh.fsdp = {data_parallel}")
+    tasks_batch = cfg.eval.tasks.batch_size if cfg.eval.tasks is not None else None
+    if tasks_batch and tasks_batch % data_parallel:
+        raise ConfigError(f"eval.tasks.batch_size={tasks_batch} is not divisible by mesh.data x mesh.fsdp = "
+                          f"{data_parallel}")
     if cfg.train.batch_size % jax.process_count():
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {jax.process_count()} "
                           f"processes")
@@ -645,6 +665,12 @@ def _train(cfg, workdir, is_main, mesh, manager, rules, progress, stop_after_ste
     eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
     loader, eval_loader = build_loaders(data_cfg, tokenizer, seed=cfg.seed, batch_size=cfg.train.batch_size,
                                         eval_batch_size=eval_batch_size, seq_len=cfg.train.seq_len)
+    task_eval = None
+    if cfg.eval.tasks is not None:
+        from optiml_jax.eval.runner import settings_from_config, tasks_from_config
+
+        task_eval = (tasks_from_config(cfg.eval.tasks, eval_loader.tasks if eval_loader else None, resolve_path),
+                     settings_from_config(cfg.eval.tasks, eval_batch_size))
     skipped = {k: v for k, v in loader.skip_stats.as_dict().items() if v}
     if skipped and is_main:
         log.warning("training data: skipped %s (data.on_error=%s; the counts are logged as data/skipped/* in "
@@ -680,22 +706,30 @@ def _train(cfg, workdir, is_main, mesh, manager, rules, progress, stop_after_ste
     result = RunResult(step=start_step, state=state, model=model, losses={}, eval_losses={})
 
     def run_eval(step):
-        if eval_loader is None:
-            return
-        scalars = evaluate(eval_step, state.params, eval_loader, mesh, eval_batch_size, cfg.eval.max_batches)
-        result.eval_losses[step] = scalars["eval/loss"]
-        writer.write(step, scalars)
+        if eval_loader is not None:
+            scalars = evaluate(eval_step, state.params, eval_loader, mesh, eval_batch_size, cfg.eval.max_batches)
+            result.eval_losses[step] = scalars["eval/loss"]
+            writer.write(step, scalars)
+            report(f"step {step}: eval loss {scalars['eval/loss']:.4f}")
+        if task_eval is not None:
+            result.task_metrics[step] = evaluate_tasks(model, state.params, tokenizer, task_eval, mesh, rules,
+                                                       workdir, step, writer)
+            overall = result.task_metrics[step]["overall"]
+            report(f"step {step}: held-out tasks exact match {overall['exact_match']:.2f}, ROUGE-L "
+                   f"{overall['rougeL']:.2f} ({overall['instances']} instances)")
+
+    def report(line):
         if is_main:
-            log.info("step %d: eval loss %.4f", step, scalars["eval/loss"])
+            log.info("%s", line)
             if bar is not None:
-                bar.write(f"step {step}: eval loss {scalars['eval/loss']:.4f}")
+                bar.write(line)
 
     bar = None
     if progress and is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    if (eval_loader is not None and cfg.eval.every_steps and start_step < max_steps
+    if ((eval_loader is not None or task_eval is not None) and cfg.eval.every_steps and start_step < max_steps
             and start_step % cfg.eval.every_steps == 0):
         run_eval(start_step)
 
@@ -802,6 +836,13 @@ def _train(cfg, workdir, is_main, mesh, manager, rules, progress, stop_after_ste
     writer.close()
     if cfg.checkpoint.save_final:
         result.final_dir = save_final_model(workdir / "final", opt_config, state.params, tokenizer)
+        if done in result.task_metrics and is_main:  # the model's scores travel with it
+            from optiml_jax.eval.runner import METRICS_FILE
+
+            final_metrics = workdir / "eval" / str(done) / METRICS_FILE
+            tmp = workdir / "final" / f".{METRICS_FILE}.tmp"
+            shutil.copyfile(final_metrics, tmp)
+            os.replace(tmp, workdir / "final" / METRICS_FILE)
     if cfg.eval.num_samples and eval_loader is not None:
         if jax.process_count() > 1:
             log.info("eval.num_samples: greedy samples are only generated on a single process")

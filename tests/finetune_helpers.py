@@ -39,7 +39,7 @@ def run_config(tiny_preset, workdir, **sections):
 
 def cli_overrides(config: dict) -> list[str]:
     """`key.path=value` overrides reproducing `config` on top of configs/demo.yaml."""
-    out = ["data.eval_holdout=null"]
+    out = ["data.eval_holdout=null", "eval.tasks=null"]
 
     def walk(prefix, value):
         if isinstance(value, dict):

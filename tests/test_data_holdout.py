@@ -120,7 +120,10 @@ def test_demo_config_holds_out_instances_of_all_tasks():
     assert demo.data.train == "data/sni" and demo.data.eval is None and demo.data.eval_holdout == 20
     with pytest.raises(ConfigError, match="data.eval_holdout and data.eval are both set"):
         load_run_config(ROOT / "configs" / "demo.yaml", ["data.eval=data/sni"])
-    assert load_run_config(ROOT / "configs" / "demo.yaml", ["data.eval_holdout=null", "data.eval=data/sni"])
+    with pytest.raises(ConfigError, match="eval.tasks.data=holdout evaluates the instances held out by data.eval_holdout"):
+        load_run_config(ROOT / "configs" / "demo.yaml", ["data.eval_holdout=null", "data.eval=data/sni"])
+    assert load_run_config(ROOT / "configs" / "demo.yaml", ["data.eval_holdout=null", "data.eval=data/sni",
+                                                            "eval.tasks.data=data/sni"])
 
 
 def test_build_loaders_reads_the_training_files_once_for_both_loaders(monkeypatch):

@@ -10,7 +10,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from finetune_helpers import cli, cli_env, config_dict, final_params, flat, step_losses
+from finetune_helpers import TASKS, cli, cli_env, config_dict, final_params, flat, step_losses
+from optiml_jax.metrics import read_jsonl
 from optiml_jax.run_config import from_dict
 from optiml_jax.train import train_and_evaluate
 
@@ -41,8 +42,10 @@ def run_two_processes(config: dict, cwd: Path) -> list[tuple[int, str, str]]:
 
 def test_two_processes_match_one_process(tiny_preset, tmp_path):
     # A constant lr after warmup: extending max_steps on resume then leaves the schedule unchanged.
+    # eval.tasks: held-out task generation runs collectively too; only process 0 writes its files
     sections = dict(mesh={"data": 2, "fsdp": 2, "tensor": 1}, optim={"schedule": "constant"},
-                    checkpoint={"every_steps": 2, "keep": 2, "save_final": True})
+                    checkpoint={"every_steps": 2, "keep": 2, "save_final": True},
+                    eval={"tasks": {"data": TASKS[0], "max_instances": 6, "max_new_tokens": 4, "batch_size": 4}})
     reference = train_and_evaluate(from_dict(config_dict(tiny_preset, tmp_path / "single", train={"max_steps": 5},
                                                          **sections)), devices=jax.devices()[:4], progress=False)
     workdir = tmp_path / "multi"
@@ -66,3 +69,7 @@ def test_two_processes_match_one_process(tiny_preset, tmp_path):
     got, want = final_params(workdir, tiny_preset), flat(reference.state.params)
     for key in want:
         np.testing.assert_allclose(got[key], want[key], atol=1e-4, err_msg=key)
+    multi_eval = read_jsonl(workdir / "eval" / "5" / "predictions.jsonl")
+    single_eval = read_jsonl(tmp_path / "single" / "eval" / "5" / "predictions.jsonl")
+    assert len(multi_eval) == 6 and [r["prediction"] for r in multi_eval] == [r["prediction"] for r in single_eval]
+    assert (workdir / "final" / "metrics.json").is_file() and not list((workdir / "eval").glob(".*"))

@@ -1,4 +1,5 @@
 """Fine-tuning: config validation, loss/accumulation/mesh invariance, exact resume, non-finite handling, CLI."""
+import json
 import os
 import subprocess
 import sys
@@ -198,10 +199,19 @@ def test_finetune_cli_smoke(tmp_path, capsys, tiny_preset):
     code = main(["--config", str(REPO / "configs/demo.yaml"), f"workdir={workdir}", "train.max_steps=3",
                  f"model=preset:{tiny_preset}", "train.batch_size=8", "train.seq_len=64", "eval.every_steps=2",
                  "eval.max_batches=2", "eval.num_samples=1", "eval.sample_max_new_tokens=3",
+                 "eval.tasks.max_instances=3", "eval.tasks.max_new_tokens=4",  # the demo's held-out task metrics
                  "train.log_every_steps=1", "train.peak_flops_per_device=1e9", "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
     assert "done: step 3" in out and "eval prompt" in out
+    # eval.tasks: every evaluation writes its predictions and scores, the final one also beside the model
+    assert "EM@0" in out and "RL@3" in out and "task833_poem_sentiment_classification" in out
+    for step in (0, 2, 3):
+        predictions = read_jsonl(workdir / "eval" / str(step) / "predictions.jsonl")
+        assert len(predictions) == 8 * 3 and {"prediction", "references", "exact_match", "rougeL"} <= set(predictions[0])
+    final_metrics = json.loads((workdir / "final" / "metrics.json").read_text())
+    assert final_metrics == json.loads((workdir / "eval" / "3" / "metrics.json").read_text())
+    assert final_metrics["overall"]["instances"] == 24 and final_metrics["settings"]["step"] == 3
     records = read_jsonl(workdir / "metrics.jsonl")
     train_steps = [r["step"] for r in records if "train/loss" in r]
     assert train_steps == [1, 2, 3]
@@ -211,8 +221,10 @@ def test_finetune_cli_smoke(tmp_path, capsys, tiny_preset):
     assert any("eval/loss" in r for r in records)
     tags = {tag for _, tag, _ in read_tensorboard_scalars(workdir / "tensorboard")}
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "eval/loss"} <= tags
+    assert {"eval_tasks/exact_match", "eval_tasks/rougeL", "eval_tasks/task1146_country_capital/rougeL"} <= tags
+    assert any("eval_tasks/rouge1" in r for r in records if r["step"] == 3)
     assert (workdir / "checkpoints" / "3").is_dir()
     # Same workdir again: already at max_steps, nothing to train, no crash.
     assert main(["--config", str(REPO / "configs/demo.yaml"), f"workdir={workdir}", "train.max_steps=3",
                  f"model=preset:{tiny_preset}", "train.batch_size=8", "train.seq_len=64", "eval.num_samples=0",
-                 "eval.max_batches=1", "train.peak_flops_per_device=1e9", "--no-progress"]) == 0
+                 "eval.max_batches=1", "eval.tasks=null", "train.peak_flops_per_device=1e9", "--no-progress"]) == 0
