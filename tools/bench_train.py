@@ -24,12 +24,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RESULT_PREFIX = "BENCH_RESULT "
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_worker import report, run_in_fresh_process  # noqa: E402
 
 
 def parse_args(argv):
@@ -196,22 +196,14 @@ def run_worker(args) -> dict:
 
 
 def _in_fresh_process(args, worker: str) -> dict:
-    # Each side gets a process of its own: run in one process, whichever side went second was 10-30%
-    # slower (the other library's thread pool and heap were still there), HF PyTorch included.
-    argv = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--preset", args.preset,
-            "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--data", args.data]
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-3000:])
-        raise SystemExit(f"benchmark worker {worker!r} failed (exit status {proc.returncode})")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    return run_in_fresh_process(__file__, worker, ["--preset", args.preset, "--batch", str(args.batch), "--seq-len",
+                                                   str(args.seq_len), "--steps", str(args.steps), "--data", args.data])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.worker:
-        print(RESULT_PREFIX + json.dumps(run_worker(args)), flush=True)
+        report(run_worker(args))
         return 0
     from optiml_jax.config import OPTConfig
     from optiml_jax.train import flops_per_token

@@ -3,6 +3,7 @@
     python tools/benchmark.py generate [options]   decode tokens/s, batch 1 and 8, 125m shape
     python tools/benchmark.py convert  [options]   converter peak RSS on a generated ~1 GB checkpoint
     python tools/benchmark.py train    [options]   training tokens/s and MFU, 125m shape, 4 x 512
+    python tools/benchmark.py evaluate [options]   generation-evaluation instances/s, 125m shape, 64 SNI prompts
 
 Figures go into docs/benchmarks.md. Each subcommand lives in tools/bench_<name>.py.
 """
@@ -10,7 +11,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("generate", "convert", "train")
+COMMANDS = ("generate", "convert", "train", "evaluate")
 
 
 def main(argv=None) -> int:

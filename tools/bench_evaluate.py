@@ -1,0 +1,183 @@
+"""`python tools/benchmark.py evaluate`: instances/s of generation evaluation, ours vs HF PyTorch `generate`.
+
+Both sides answer the same 64 SNI prompts (8 per task of data/sni, zero-shot optiml template, demo
+tokenizer ids: 40 to 320 tokens) with the same random float32 weights of the 125m shape, greedy, up to
+32 new tokens, stopping at </s>. Ours is the evaluation path itself (`eval.generation.
+generate_completions`: length-sorted batches in bucketed shapes, decoded and cut). HF gets what a
+careful HF evaluation does: the same length-sorted batches, left-padded, one `generate` call each, then
+`batch_decode`. Compilation (ours) and a warm-up (HF) are excluded and reported; the best of
+`--repeats` timed passes is kept. Each side runs in a fresh process of its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_worker import report, run_in_fresh_process  # noqa: E402
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python tools/benchmark.py evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="125m")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the sides this many times")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error("--rounds and --repeats must be at least 1")
+    return args
+
+
+def benchmark_prompts(count: int):
+    """(demo tokenizer, token ids of `count` SNI prompts), the same on both sides."""
+    from optiml_jax.eval import build_prompt, load_eval_tasks
+    from optiml_jax.tokenizer import OPTTokenizer
+
+    tokenizer = OPTTokenizer.from_pretrained(os.path.join(ROOT, "optiml_jax", "assets", "demo_tokenizer"))
+    tasks = load_eval_tasks(os.path.join(ROOT, "data", "sni"), max_instances=-(-count // 8))
+    texts = [build_prompt(task, inst) for inst_index in range(-(-count // 8)) for task in tasks
+             for inst in task.instances[inst_index:inst_index + 1]][:count]
+    return tokenizer, tokenizer.encode_batch(texts, add_bos=False)
+
+
+def _hf_model(config):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(transformers.OPTConfig(**config.to_dict())).eval().float()
+
+
+def _timed(fn, repeats):
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def bench_ours(config, tokenizer, prompts, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from optiml_jax.eval.generation import generate_completions
+    from optiml_jax.model import OPTForCausalLM
+    from optiml_jax.weights import hf_to_params
+
+    state = {k: v.detach().numpy() for k, v in _hf_model(config).state_dict().items()}
+    params = jax.tree_util.tree_map(jnp.asarray, hf_to_params(state, config, scan_layers=False))
+    model = OPTForCausalLM(config, scan_layers=False)
+
+    def run():
+        return generate_completions(model, params, tokenizer, prompts, max_new_tokens=args.new_tokens,
+                                    batch_size=args.batch_size)
+
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    seconds, (_, _, stats) = _timed(run, args.repeats)
+    return {"seconds": seconds, "first_call_s": first, "new_tokens": stats.new_tokens, "programs": stats.programs,
+            "batches": stats.batches}
+
+
+def bench_hf(config, tokenizer, prompts, args) -> dict:
+    import torch
+
+    model = _hf_model(config)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    batches = [order[s:s + args.batch_size] for s in range(0, len(order), args.batch_size)]
+
+    def run():
+        new_tokens = 0
+        for rows in batches:
+            length = max(len(prompts[i]) for i in rows)
+            ids = torch.full((len(rows), length), 1, dtype=torch.long)
+            mask = torch.zeros((len(rows), length), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, length - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[r, length - len(prompts[i]):] = 1
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
+                                     eos_token_id=2, pad_token_id=1)
+            new = out[:, length:]
+            new_tokens += int(((new != 1).cumsum(1) > 0).sum())
+            tokenizer.decode_batch([[t for t in row if t < tokenizer.vocab_size] for row in new.tolist()])
+        return new_tokens
+
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    seconds, new_tokens = _timed(run, args.repeats)
+    return {"seconds": seconds, "first_call_s": first, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+            "attn_implementation": model.config._attn_implementation}
+
+
+def run_worker(args) -> dict:
+    from optiml_jax.config import OPTConfig
+
+    config = OPTConfig.from_preset(args.preset, dropout=0.0)
+    tokenizer, prompts = benchmark_prompts(args.prompts)
+    result = {"prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))]}
+    if args.worker == "hf-pytorch":
+        return {**result, **bench_hf(config, tokenizer, prompts, args)}
+    import jax
+
+    return {**result, **bench_ours(config, tokenizer, prompts, args), "jax": jax.__version__}
+
+
+def _in_fresh_process(args, worker: str) -> dict:
+    return run_in_fresh_process(__file__, worker, ["--preset", args.preset, "--prompts", str(args.prompts),
+                                                   "--new-tokens", str(args.new_tokens), "--batch-size",
+                                                   str(args.batch_size), "--repeats", str(args.repeats)])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv if argv is not None else sys.argv[1:])
+    if args.worker:
+        report(run_worker(args))
+        return 0
+    import statistics
+
+    workers = ["jax"] + ([] if args.skip_hf else ["hf-pytorch"])
+    rounds = []
+    for index in range(args.rounds):
+        rounds.append({w: _in_fresh_process(args, w) for w in (workers if index % 2 == 0 else workers[::-1])})
+        print(f"round {index + 1}: " + ", ".join(f"{w} {r['seconds']:.2f} s" for w, r in rounds[-1].items()), flush=True)
+    ours = {**rounds[-1]["jax"], "seconds": statistics.median(r["jax"]["seconds"] for r in rounds)}
+    figures = {"preset": args.preset, "prompts": args.prompts, "new_tokens_max": args.new_tokens,
+               "batch_size": args.batch_size, "machine": f"{platform.processor() or platform.machine()}, "
+               f"{os.cpu_count()} CPUs", "ours": {**ours, "instances_per_s": args.prompts / ours["seconds"]}}
+    print(f"machine: {figures['machine']}; jax {ours['jax']}; each side in a fresh process")
+    print(f"{args.prompts} SNI prompts of {ours['prompt_tokens'][0]}-{ours['prompt_tokens'][1]} tokens, up to "
+          f"{args.new_tokens} new tokens, greedy, batch {args.batch_size}, {args.preset} shape, float32")
+    print("\n| side | seconds | instances/s | new tokens | first call (s) | vs HF |\n|---|---|---|---|---|---|")
+    if not args.skip_hf:
+        hf = {**rounds[-1]["hf-pytorch"], "seconds": statistics.median(r["hf-pytorch"]["seconds"] for r in rounds)}
+        figures["hf"] = {**hf, "instances_per_s": args.prompts / hf["seconds"]}
+        figures["speedup_vs_hf"] = statistics.median(r["hf-pytorch"]["seconds"] / r["jax"]["seconds"] for r in rounds)
+        print(f"| HF PyTorch generate ({hf['threads']} threads, {hf['attn_implementation']}) | {hf['seconds']:.2f} | "
+              f"{figures['hf']['instances_per_s']:.2f} | {hf['new_tokens']} | {hf['first_call_s']:.2f} | 1.00x |")
+    speedup = f"{figures['speedup_vs_hf']:.2f}x" if "speedup_vs_hf" in figures else "-"
+    print(f"| optiml_jax evaluation ({ours['programs']} programs, {ours['batches']} batches) | {ours['seconds']:.2f} | "
+          f"{figures['ours']['instances_per_s']:.2f} | {ours['new_tokens']} | {ours['first_call_s']:.2f} | {speedup} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
