@@ -1,6 +1,6 @@
 """optiml-jax: OPT and OPT-IML in JAX/Flax.
 
-    from optiml_jax import load_pretrained, pipeline
+    from optiml_jax import load_pretrained, pipeline, score
     from optiml_jax.generate import generate
 """
 from optiml_jax.config import ConfigError, OPTConfig
@@ -16,6 +16,8 @@ _LAZY = {
     # The module is `pipelines` (as in transformers): a submodule named like the function would
     # shadow this export once imported.
     "pipeline": ("optiml_jax.pipelines", "pipeline"),
+    "score": ("optiml_jax.eval.scoring", "score"),
+    "Scorer": ("optiml_jax.eval.scoring", "Scorer"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Evaluate a model on held-out tasks as OPT-IML reports it: greedy answers scored by exact match and ROUGE-L.
+"""Evaluate a model on held-out tasks as OPT-IML reports it: greedy answers scored by exact match and ROUGE-L,
+or rank classification over answer options (accuracy).
 
     python -m optiml_jax.evaluate --model DIR|HUB_ID --data natural-instructions/tasks \\
         --split natural-instructions/splits/default/test_tasks.txt --output runs/eval-sni
@@ -8,7 +9,11 @@ references and its scores), OUTPUT/metrics.json (overall, per category, per task
 and OUTPUT/report.md (the same as tables), all at once when the run has finished. `--predictions FILE`
 re-scores an existing predictions file without a model. The scores are the official SNI ones (see
 optiml_jax/eval/metrics.py); `--template tk_instruct --shots 2` gives Tk-Instruct's "definition + 2
-positive examples" prompts. In --delimiter and --stop, "\\n" and "\\t" stand for newline and tab.
+positive examples" prompts. A JSONL record with an "options" list (and its answer as "tgt" or "label",
+an index) is ranked: every option is scored by its log-likelihood after the prompt (as " " + option),
+and acc / acc_norm (log-likelihood per character) report whether the likeliest option is right;
+`--mode rank` ranks SNI tasks over their distinct outputs too. In --delimiter and --stop, "\\n" and
+"\\t" stand for newline and tab.
 
 Bad input (no task matching the split file, an instance without references, an unreadable model, an
 existing output directory without --overwrite) prints one line on stderr and exits with status 2.
@@ -55,6 +60,7 @@ def _mesh_config(text: str):
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     from optiml_jax.eval.prompts import DEFAULT_DELIMITER, PROMPT_TEMPLATES
+    from optiml_jax.eval.runner import MODES
     from optiml_jax.eval.tasks import DEFAULT_MAX_INSTANCES
 
     parser = _Parser(prog="python -m optiml_jax.evaluate", description=__doc__.split("\n")[0],
@@ -68,6 +74,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help=f"first N instances of each task (default {DEFAULT_MAX_INSTANCES}, SNI's; 0 = all)")
     parser.add_argument("--shots", type=int, default=0, help="the task's first K positive examples in the prompt")
     parser.add_argument("--template", default="optiml", choices=PROMPT_TEMPLATES)
+    parser.add_argument("--mode", default="auto", choices=MODES,
+                        help="auto: rank the tasks whose records list options, generate the rest; rank: also rank "
+                             "SNI tasks over their distinct outputs; generate: generate everything")
+    parser.add_argument("--max-options", type=int, default=10,
+                        help="--mode rank: an SNI task with more distinct outputs is skipped (default 10)")
     parser.add_argument("--delimiter", default=DEFAULT_DELIMITER.replace("\n", "\\n"),
                         help="answer cue of the optiml template (default %(default)s)")
     parser.add_argument("--stop", action="append", default=[], help="cut answers before this string (repeatable)")
@@ -94,7 +105,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     elif not args.model or not args.data:
         raise CLIError("give --model and --data (or --predictions FILE to re-score)")
     for flag, value, low in (("--max-instances", args.max_instances, 0), ("--shots", args.shots, 0),
-                             ("--max-new-tokens", args.max_new_tokens, 1), ("--batch-size", args.batch_size, 1)):
+                             ("--max-new-tokens", args.max_new_tokens, 1), ("--batch-size", args.batch_size, 1),
+                             ("--max-options", args.max_options, 2)):
         if value is not None and value < low:
             raise CLIError(f"{flag} must be >= {low}, got {value}")
     args.delimiter = _unescape(args.delimiter)
@@ -109,7 +121,7 @@ def _evaluate_model(args):
     import jax
 
     from optiml_jax.eval.generation import data_parallel_size
-    from optiml_jax.eval.runner import EvalSettings, evaluate_generation
+    from optiml_jax.eval.runner import EvalSettings, evaluate
     from optiml_jax.eval.tasks import load_eval_tasks
     from optiml_jax.pretrained import load_pretrained
     from optiml_jax.sharding import make_mesh
@@ -123,7 +135,7 @@ def _evaluate_model(args):
     batch_size = args.batch_size or 8 * data_parallel_size(mesh)
     settings = EvalSettings(template=args.template, shots=args.shots, delimiter=args.delimiter,
                             max_new_tokens=args.max_new_tokens, batch_size=batch_size, stop=args.stop,
-                            add_bos=args.add_bos)
+                            add_bos=args.add_bos, mode=args.mode, max_options=args.max_options)
     # Decoding on CPU runs unscanned layers anyway (generate.decode_with_separate_layers).
     loaded = load_pretrained(args.model, dtype=args.dtype, scan_layers=jax.default_backend() != "cpu", mesh=mesh,
                              load_tokenizer=args.tokenizer is None)
@@ -132,20 +144,11 @@ def _evaluate_model(args):
         raise CLIError(f"{args.model} has no tokenizer files; pass --tokenizer DIR")
     log = logging.getLogger("optiml_jax.evaluate")
     log.info("%d tasks, %d instances; %s", len(tasks), sum(len(t.instances) for t in tasks), settings)
-    result = evaluate_generation(loaded.model, loaded.params, tokenizer, tasks, settings, mesh=mesh,
+    result = evaluate(loaded.model, loaded.params, tokenizer, tasks, settings, mesh=mesh,
                                  progress=not args.no_progress)
     result.metrics["settings"].update(model=str(args.model), data=str(args.data), split=args.split,
                                       max_instances=args.max_instances, dtype=args.dtype)
     return result
-
-
-def summary(metrics: dict) -> str:
-    overall = metrics["overall"]
-    lines = [f"{'task':<56} {'n':>5} {'EM':>7} {'ROUGE-L':>8}"]
-    for name, m in metrics["per_task"].items():
-        lines.append(f"{name[:56]:<56} {m['instances']:>5} {m['exact_match']:>7.2f} {m['rougeL']:>8.2f}")
-    lines.append(f"{'overall':<56} {overall['instances']:>5} {overall['exact_match']:>7.2f} {overall['rougeL']:>8.2f}")
-    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -182,7 +185,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if is_main:
-        print(summary(result.metrics))
+        from optiml_jax.eval.runner import summary_table
+
+        print(summary_table(result.metrics))
         print(f"wrote {args.output}/predictions.jsonl, metrics.json, report.md")
     return 0
 

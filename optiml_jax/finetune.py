@@ -101,8 +101,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if result.task_metrics:
                 from optiml_jax.eval.runner import progress_table
 
-                print(f"\nheld-out tasks, exact match (EM) and ROUGE-L in percent "
-                      f"(predictions and report.md in {cfg.workdir}/eval/<step>/):")
+                print(f"\nheld-out tasks at the first and last evaluated steps, in percent: exact match (EM) and "
+                      f"ROUGE-L (RL), or for ranked tasks acc and acc_norm (predictions and report.md in "
+                      f"{cfg.workdir}/eval/<step>/):")
                 print(progress_table(result.task_metrics))
             for prompt, reference, generation in result.samples:
                 tail = prompt[-300:].replace("\n", "\n    ")

@@ -148,20 +148,35 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.cumsum(mask, axis=1) * mask - 1
 
 
+# A segment id may carry a branch number above this bit: branch b > 0 of segment s is the id
+# s + (b << SEGMENT_BRANCH_SHIFT). Scoring packs one context (branch 0) and its answer options
+# (branches 1, 2, ...) into one segment: each option sees the context and itself, not the others,
+# so the context is computed once for all of them. Training ids (< 2**16 per row) have no branches.
+SEGMENT_BRANCH_SHIFT = 16
+
+
+def branch_segment_ids(segment, branch):
+    """The segment id of `branch` (0 = the shared trunk) of `segment` (see SEGMENT_BRANCH_SHIFT)."""
+    return segment + (branch << SEGMENT_BRANCH_SHIFT)
+
+
 def attention_mask_for(query_len: int, key_valid: jax.Array, query_offset,
                        segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """Boolean [batch, 1, query, key] mask: causal by slot, padded keys hidden, no cross-example attention.
 
     Query i sits in key slot `query_offset + i` (the offset is the KV-cache fill level when decoding).
-    `segment_ids` (packed training) keeps each example's tokens attending only within the example.
+    `segment_ids` (packed training) keeps each example's tokens attending only within the example;
+    a branch of an example also sees the example's trunk, but no other branch (SEGMENT_BRANCH_SHIFT).
     """
     key_len = key_valid.shape[1]
     query_slots = query_offset + jnp.arange(query_len, dtype=jnp.int32)
     causal = jnp.arange(key_len, dtype=jnp.int32)[None, :] <= query_slots[:, None]
     mask = causal[None, None] & key_valid.astype(bool)[:, None, None, :]
     if segment_ids is not None:
-        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-        mask = mask & same
+        query_ids, key_ids = segment_ids[:, None, :, None], segment_ids[:, None, None, :]
+        low = (1 << SEGMENT_BRANCH_SHIFT) - 1
+        key_is_trunk = (key_ids >> SEGMENT_BRANCH_SHIFT) == 0
+        mask = mask & ((query_ids == key_ids) | (key_is_trunk & ((query_ids & low) == (key_ids & low))))
     return mask
 
 

@@ -91,10 +91,16 @@ class EvalTasksSection:
     max_new_tokens: int = 256
     batch_size: Optional[int] = None  # null = eval.batch_size, else train.batch_size
     stop: tuple[str, ...] = ()  # answers are cut before the first of these strings
+    mode: str = "auto"  # auto (rank tasks with options, generate the rest), generate, rank
+    max_options: int = 10  # mode rank: SNI tasks with at most this many distinct outputs are ranked
 
     def __post_init__(self):
         if self.template not in PROMPT_TEMPLATES:
             raise ConfigError(f"template={self.template!r} is not one of {', '.join(PROMPT_TEMPLATES)}")
+        if self.mode not in ("auto", "generate", "rank"):
+            raise ConfigError(f"mode={self.mode!r} is not one of auto, generate, rank")
+        if self.max_options < 2:
+            raise ConfigError(f"max_options must be >= 2, got {self.max_options}")
         if self.format not in ("auto", "sni", "jsonl"):
             raise ConfigError(f"format={self.format!r} is not one of auto, sni, jsonl")
         for name, low in (("max_instances", 0), ("shots", 0), ("max_new_tokens", 1)):

@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from optiml_jax.checkpoint import barrier
 from optiml_jax.config import ConfigError, OPTConfig
+from optiml_jax.eval.metrics import ALL_METRICS
 from optiml_jax.loss import weighted_head_cross_entropy
 from optiml_jax.metrics import MetricsWriter
 from optiml_jax.model import OPTForCausalLM
@@ -304,12 +305,12 @@ def evaluate(eval_step, params, loader, mesh, batch_size: int, max_batches: int 
 
 
 def evaluate_tasks(model, params, tokenizer, task_eval, mesh, rules, workdir: Path, step: int, writer) -> dict:
-    """eval.tasks at `step`: greedy answers scored by optiml_jax.eval, logged as scalars and written to
+    """eval.tasks at `step`: answers generated or ranked and scored by optiml_jax.eval, logged as scalars and written to
     workdir/eval/<step>/ (predictions.jsonl, metrics.json, report.md) by process 0."""
-    from optiml_jax.eval.runner import evaluate_generation, metric_scalars, write_results
+    from optiml_jax.eval.runner import evaluate, metric_scalars, write_results
 
     tasks, settings = task_eval
-    outcome = evaluate_generation(model, params, tokenizer, tasks, settings, mesh=mesh, rules=rules)
+    outcome = evaluate(model, params, tokenizer, tasks, settings, mesh=mesh, rules=rules)
     outcome.metrics["settings"]["step"] = step
     writer.write(step, metric_scalars(outcome.metrics))
     if jax.process_index() == 0:
@@ -715,8 +716,8 @@ def _train(cfg, workdir, is_main, mesh, manager, rules, progress, stop_after_ste
             result.task_metrics[step] = evaluate_tasks(model, state.params, tokenizer, task_eval, mesh, rules,
                                                        workdir, step, writer)
             overall = result.task_metrics[step]["overall"]
-            report(f"step {step}: held-out tasks exact match {overall['exact_match']:.2f}, ROUGE-L "
-                   f"{overall['rougeL']:.2f} ({overall['instances']} instances)")
+            figures = ", ".join(f"{name} {overall[name]:.2f}" for name in ALL_METRICS if name in overall)
+            report(f"step {step}: held-out tasks {figures} ({overall['instances']} instances)")
 
     def report(line):
         if is_main:

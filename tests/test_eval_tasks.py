@@ -69,7 +69,7 @@ def test_jsonl_references_from_tgt_list_or_references_field(tmp_path):
     assert qa.category == "uncategorized"
     assert build_prompt(qa, qa.instances[0]) == "Q1"  # trailing spaces go, as in training
     path.write_text(json.dumps({"src": "Q"}) + "\n")
-    with pytest.raises(EvalDataError, match=r"qa.jsonl:1: no 'tgt' or 'references'"):
+    with pytest.raises(EvalDataError, match=r"qa.jsonl:1: no 'tgt', 'references' or 'label'"):
         load_eval_tasks(path)
 
 

@@ -4,6 +4,7 @@ line and leaves no output behind."""
 import json
 
 import jax
+import numpy as np
 import pytest
 import torch
 
@@ -155,3 +156,54 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(hf_model_dir, tmp_path, ca
     else:
         assert not out.exists()
     assert not list(tmp_path.glob(".out.tmp*"))
+
+
+def test_rank_classification_of_jsonl_options_and_sni_label_sets(hf_model_dir, tmp_path, capsys):
+    from optiml_jax.eval.scoring import encode_pair
+
+    directory, hf = hf_model_dir
+    tokenizer = OPTTokenizer.from_pretrained(directory)
+    data = tmp_path / "mc.jsonl"
+    rows = [{"src": "Sky color?\nAnswer:", "options": ["blue", "green", "red"], "tgt": "blue"},
+            {"src": "Bees make\nAnswer:", "options": ["milk", "honey"], "label": 1},
+            {"src": "2 + 2 =", "options": ["3", "4", "22", "five"], "references": ["4"]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, stdout, err = run_cli(capsys, "--model", directory, "--data", data, "--output", tmp_path / "mc",
+                                "--batch-size", 2, "--mesh", "data=2,tensor=4")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "mc" / "predictions.jsonl").read_text().splitlines()]
+    for row, record in zip(rows, records):
+        # independently: HF log-probabilities of " " + option after the prompt (no BOS, as the CLI's default)
+        logprobs = []
+        for option in row["options"]:
+            context, continuation = encode_pair(tokenizer, row["src"], " " + option, add_bos=False)
+            with torch.no_grad():
+                lp = torch.log_softmax(hf(input_ids=torch.tensor([context + continuation[:-1]])).logits.float(), -1)[0]
+            n = len(continuation)
+            logprobs.append(float(lp[-n:].gather(-1, torch.tensor(continuation)[:, None]).sum()))
+        assert record["option_logprobs"] == pytest.approx(logprobs, abs=1e-4)
+        best = row["options"][int(np.argmax(logprobs))]
+        best_norm = row["options"][int(np.argmax([lp / len(o) for lp, o in zip(logprobs, row["options"])]))]
+        assert record["prediction"] == best and record["prediction_norm"] == best_norm
+        assert record["acc"] == 100.0 * (best in record["references"])
+        assert record["acc_norm"] == 100.0 * (best_norm in record["references"])
+    assert records[1]["references"] == ["honey"]
+    metrics = json.loads((tmp_path / "mc" / "metrics.json").read_text())
+    assert metrics["overall"]["acc"] == pytest.approx(np.mean([r["acc"] for r in records]), abs=1e-4)
+    assert metrics["per_category"]["uncategorized"]["primary_metric"] == "acc" and "exact_match" not in metrics["overall"]
+    assert "acc" in stdout
+
+    # SNI tasks ranked over their distinct outputs; those with more than --max-options are skipped
+    code, _, err = run_cli(capsys, "--model", directory, "--data", SNI, "--mode", "rank", "--max-options", 6,
+                           "--max-instances", 2, "--output", tmp_path / "rank", "--batch-size", 4, "--mesh", "data=4,tensor=2")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "rank" / "metrics.json").read_text())
+    assert set(metrics["per_task"]) == {"task833_poem_sentiment_classification", "task1135_xcsr_en_commonsense_mc_classification",
+                                        "task1418_bless_semantic_relation_classification"}
+    assert len(metrics["settings"]["skipped_tasks"]) == 5 and "skipping" not in err
+    records = [json.loads(line) for line in (tmp_path / "rank" / "predictions.jsonl").read_text().splitlines()]
+    assert {frozenset(r["options"]) for r in records if r["task"].startswith("task833")} == {frozenset({"negative", "positive"})}
+    # re-scoring a ranked file recomputes accuracy from the stored log-probabilities
+    code, _, err = run_cli(capsys, "--predictions", tmp_path / "rank" / "predictions.jsonl", "--output", tmp_path / "re")
+    again = json.loads((tmp_path / "re" / "metrics.json").read_text())
+    assert code == 0 and again["overall"] == metrics["overall"]

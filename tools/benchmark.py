@@ -4,6 +4,7 @@
     python tools/benchmark.py convert  [options]   converter peak RSS on a generated ~1 GB checkpoint
     python tools/benchmark.py train    [options]   training tokens/s and MFU, 125m shape, 4 x 512
     python tools/benchmark.py evaluate [options]   generation-evaluation instances/s, 125m shape, 64 SNI prompts
+    python tools/benchmark.py score    [options]   rank-classification requests/s vs lm_eval's hf model, 125m shape
 
 Figures go into docs/benchmarks.md. Each subcommand lives in tools/bench_<name>.py.
 """
@@ -11,7 +12,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("generate", "convert", "train", "evaluate")
+COMMANDS = ("generate", "convert", "train", "evaluate", "score")
 
 
 def main(argv=None) -> int:

@@ -96,6 +96,20 @@ def generate_completions(model, params, tokenizer, prompts: Sequence[Sequence[in
     A completion ends at EOS or after `max_new_tokens`; it is decoded with the prompt (so a character
     split across the boundary comes out whole), cut before the first of the `stop` strings, and stripped.
     """
+    stop = [s for s in stop if s]
+    new_ids, kept, truncated, stats = generate_token_ids(model, params, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                                         batch_size=batch_size, stop=stop, mesh=mesh, rules=rules,
+                                                         progress=progress)
+    texts = [cut_at_stop(text, stop).strip() for text in complete_texts(tokenizer, kept, new_ids)]
+    return texts, truncated, stats
+
+
+def generate_token_ids(model, params, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                       batch_size: int, stop: Sequence[str] = (), mesh=None, rules=DEFAULT_RULES,
+                       progress: bool = False, temperature: float = 0.0, seed: int = 0):
+    """(new token ids without EOS, the prompts as kept, truncated flags, stats) for token-id `prompts`,
+    in their order; greedy unless `temperature` > 0. A row ends early at a token whose text holds a
+    `stop` string (the ids keep it: cut the text afterwards)."""
     config = model.config
     room = config.max_position_embeddings - max_new_tokens
     if room < 1:
@@ -110,15 +124,14 @@ def generate_completions(model, params, tokenizer, prompts: Sequence[Sequence[in
     truncated = [len(p) > room for p in prompts]
     stats = GenerationStats(prompts=len(cut), truncated=sum(truncated))
     gen_config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
-                                  pad_token_id=tokenizer.pad_id)
-    stop = [s for s in stop if s]
-    stop_mask = jnp.asarray(stop_token_mask(tokenizer, stop, config.vocab_size))
+                                  pad_token_id=tokenizer.pad_id, temperature=temperature, seed=seed)
+    stop_mask = jnp.asarray(stop_token_mask(tokenizer, [s for s in stop if s], config.vocab_size))
     decoder = model.clone(remat_policy="none") if model.remat_policy != "none" else model
     params = nn.meta.unbox(params)
     buckets = prompt_buckets(room)
     order = sorted(range(len(cut)), key=lambda i: -len(cut[i]))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    texts: list[Optional[str]] = [None] * len(cut)
+    new_ids: list[Optional[list[int]]] = [None] * len(cut)
     shapes = set()
     bar = None
     if progress and jax.process_index() == 0:
@@ -126,25 +139,23 @@ def generate_completions(model, params, tokenizer, prompts: Sequence[Sequence[in
 
         bar = tqdm(total=len(cut), desc="generate", unit="prompt", dynamic_ncols=True)
 
-    def dispatch(rows):
+    def dispatch(rows, index):
         batch_prompts = [cut[i] for i in rows] + [[tokenizer.eos_id]] * (batch_size - len(rows))
         length = next(b for b in buckets if b >= max(len(p) for p in batch_prompts))
         shapes.add(length)
         ids, mask = left_pad(batch_prompts, tokenizer.pad_id, length)
-        return generate_padded(decoder, params, _device_array(ids, mesh), _device_array(mask, mesh), gen_config,
+        batch_config = dataclasses.replace(gen_config, seed=seed + index) if temperature else gen_config
+        return generate_padded(decoder, params, _device_array(ids, mesh), _device_array(mask, mesh), batch_config,
                                stop_mask=stop_mask)
 
     def collect(rows, outputs):
         tokens, _, lengths = outputs
         tokens, lengths = _to_host(tokens), _to_host(lengths)
-        new_ids = []
-        for r in range(len(rows)):
+        for r, i in enumerate(rows):
             ids = tokens[r, :lengths[r]].tolist()
             stats.new_tokens += len(ids)
             # ids past the tokenizer (the embedding's padding rows) have no text
-            new_ids.append([t for t in ids if t != tokenizer.eos_id and t < tokenizer.vocab_size])
-        for i, completion in zip(rows, complete_texts(tokenizer, [cut[i] for i in rows], new_ids)):
-            texts[i] = cut_at_stop(completion, stop).strip()
+            new_ids[i] = [t for t in ids if t != tokenizer.eos_id and t < tokenizer.vocab_size]
         if bar is not None:
             bar.update(len(rows))
 
@@ -155,8 +166,8 @@ def generate_completions(model, params, tokenizer, prompts: Sequence[Sequence[in
                 context.enter_context(jax.set_mesh(mesh))
                 context.enter_context(nn.logical_axis_rules(rules))
             pending = None
-            for rows in batches:  # dispatch the next batch before reading the last: the host decodes meanwhile
-                outputs = dispatch(rows)
+            for index, rows in enumerate(batches):  # dispatch the next batch before reading the last one
+                outputs = dispatch(rows, index)
                 if pending is not None:
                     collect(*pending)
                 pending = (rows, outputs)
@@ -167,4 +178,4 @@ def generate_completions(model, params, tokenizer, prompts: Sequence[Sequence[in
             bar.close()
     stats.seconds = time.perf_counter() - start
     stats.batches, stats.programs = len(batches), len(shapes)
-    return texts, truncated, stats
+    return new_ids, cut, truncated, stats

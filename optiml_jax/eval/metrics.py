@@ -13,6 +13,10 @@ An instance's score is the best over its references; a group's is 100 x the mean
 (micro-average), rounded to 4 decimals. Groups are the whole set, each task, and each category
 (`Categories[0]` of the task file, lowercased, words joined by "_"). Tk-Instruct reports exact match as
 the primary metric of six classification-like categories and ROUGE-L for every other one.
+
+Rank classification (tasks with answer options) reports `acc` (the option of highest summed
+log-probability is a reference) and `acc_norm` (the same after dividing each option's log-probability
+by its length in characters), lm-evaluation-harness's conventions.
 """
 from __future__ import annotations
 
@@ -66,17 +70,26 @@ class InstanceScorer:
                 "rougeL": 100.0 * max(r["rougeL"].fmeasure for r in rouge)}
 
 
+RANK_METRICS = ("acc", "acc_norm")  # rank classification (scoring.py): the likeliest option is right
+ALL_METRICS = METRICS + RANK_METRICS
+
+
 def mean_scores(scores: Sequence[Mapping[str, float]]) -> dict:
-    """{metric: mean over instances (rounded), "instances": n} of per-instance scores (in percent)."""
-    n = len(scores)
-    out = {metric: round(sum(s[metric] for s in scores) / n, DECIMALS) if n else 0.0 for metric in METRICS}
-    out["instances"] = n
+    """{metric: mean (rounded) over the instances that have it, "instances": n} of per-instance scores
+    (in percent). A group of generated and ranked tasks has both kinds of metric."""
+    out = {}
+    for metric in ALL_METRICS:
+        values = [s[metric] for s in scores if metric in s]
+        if values:
+            out[metric] = round(sum(values) / len(values), DECIMALS)
+    out["instances"] = len(scores)
     return out
 
 
 def aggregate(records: Iterable[Mapping]) -> dict:
     """metrics.json's "overall", "per_category" and "per_task" from scored records, each a mapping with
-    "task", "category" and the METRICS. Groups appear in order of first appearance."""
+    "task", "category" and its metrics. Groups appear in order of first appearance. A category's primary
+    metric is Tk-Instruct's for generated answers, accuracy for ranked ones."""
     records = list(records)
     by_task: dict[str, list] = {}
     by_category: dict[str, list] = {}
@@ -85,6 +98,7 @@ def aggregate(records: Iterable[Mapping]) -> dict:
         by_category.setdefault(record["category"], []).append(record)
     per_category = {}
     for name, group in by_category.items():
-        per_category[name] = {**mean_scores(group), "primary_metric": primary_metric(name)}
+        ranked = all("acc" in r for r in group)
+        per_category[name] = {**mean_scores(group), "primary_metric": "acc" if ranked else primary_metric(name)}
     return {"overall": mean_scores(records), "per_category": per_category,
             "per_task": {name: mean_scores(group) for name, group in by_task.items()}}

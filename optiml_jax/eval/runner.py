@@ -1,25 +1,33 @@
 """Generation evaluation end to end: tasks -> prompts -> greedy completions -> official scores -> files.
 
     tasks = load_eval_tasks("natural-instructions/tasks", "natural-instructions/splits/default/test_tasks.txt")
-    result = evaluate_generation(model, params, tokenizer, tasks, EvalSettings(shots=2))
+    result = evaluate(model, params, tokenizer, tasks, EvalSettings(shots=2))
     write_results("out/", result)        # predictions.jsonl, metrics.json, report.md
 
-The fine-tuning loop and `python -m optiml_jax.evaluate` both call these; `rescore` scores an existing
+Tasks are answered by greedy generation, or, where they have answer options (settings.mode), by rank
+classification: every option scored by its log-likelihood (scoring.py). The fine-tuning loop and
+`python -m optiml_jax.evaluate` both call these; `rescore` scores an existing
 predictions file with no model, so other systems' outputs are scored by the same code.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from optiml_jax.eval.metrics import METRICS, UNCATEGORIZED, InstanceScorer, aggregate
+import numpy as np
+
+from optiml_jax.eval.metrics import ALL_METRICS, UNCATEGORIZED, InstanceScorer, aggregate
 from optiml_jax.eval.prompts import DEFAULT_DELIMITER, PROMPT_TEMPLATES, build_prompt
 from optiml_jax.eval.tasks import EvalDataError, EvalTask, jsonl_objects
 
+log = logging.getLogger(__name__)
+
 PREDICTIONS_FILE, METRICS_FILE, REPORT_FILE = "predictions.jsonl", "metrics.json", "report.md"
+MODES = ("auto", "generate", "rank")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +41,18 @@ class EvalSettings:
     batch_size: int = 8  # global: rows of one generation batch, split over the data-parallel devices
     stop: tuple[str, ...] = ()  # a completion is cut before the first of these
     add_bos: bool = False  # prompts start without </s>, as the fine-tuning data does (data/packing.py)
+    # MODES: "auto" ranks the tasks whose every instance lists options (JSONL) and generates the rest;
+    # "rank" also ranks SNI tasks over their label set (when it has at most max_options labels)
+    mode: str = "auto"
+    max_options: int = 10
 
     def __post_init__(self):
         if self.template not in PROMPT_TEMPLATES:
             raise ValueError(f"template must be one of {', '.join(PROMPT_TEMPLATES)}, got {self.template!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if isinstance(self.max_options, bool) or not isinstance(self.max_options, int) or self.max_options < 2:
+            raise ValueError(f"max_options must be an integer >= 2, got {self.max_options!r}")
         for name in ("shots", "max_new_tokens", "batch_size"):
             value, low = getattr(self, name), 0 if name == "shots" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -51,40 +67,138 @@ class EvalResult:
     metrics: dict  # metrics.json
 
 
-def prompts_for(tasks: Sequence[EvalTask], settings: EvalSettings) -> list[tuple[EvalTask, object, str]]:
-    """(task, instance, prompt) for every instance, in task order."""
-    if settings.shots and not any(task.is_sni for task in tasks):
-        raise EvalDataError("shots > 0 takes the tasks' positive examples, which only SNI task files have")
-    return [(task, instance, build_prompt(task, instance, template=settings.template, shots=settings.shots,
-                                          delimiter=settings.delimiter))
-            for task in tasks for instance in task.instances]
-
-
 def score_records(records: Iterable[dict], scorer: Optional[InstanceScorer] = None) -> list[dict]:
-    """Adds each metric (percent) to records holding "prediction" and "references"."""
+    """Each record's metrics (percent), recomputed: accuracy from the option log-probabilities of a
+    ranked record, exact match and ROUGE of the "prediction" against the "references" otherwise."""
     scorer = scorer or InstanceScorer()
-    return [{**record, **scorer(record["prediction"], record["references"])} for record in records]
+    out = []
+    for record in records:
+        record = {k: v for k, v in record.items() if k not in ALL_METRICS}
+        if "option_logprobs" in record:
+            out.append({**record, **_rank_scores(record["options"], record["option_logprobs"], record["references"])})
+        else:
+            out.append({**record, **scorer(record["prediction"], record["references"])})
+    return out
+
+
+def _rank_scores(options, logprobs, references) -> dict:
+    """The likeliest option, with and without dividing by its length in characters, and whether each is right."""
+    best = options[int(np.argmax(logprobs))]
+    best_norm = options[int(np.argmax([lp / len(option) for lp, option in zip(logprobs, options)]))]
+    return {"prediction": best, "prediction_norm": best_norm, "acc": 100.0 * (best in references),
+            "acc_norm": 100.0 * (best_norm in references)}
+
+
+def evaluate(model, params, tokenizer, tasks: Sequence[EvalTask], settings: EvalSettings = EvalSettings(), *,
+             mesh=None, rules=None, progress: bool = False) -> EvalResult:
+    """Every instance of `tasks`, generated and scored as the official SNI scorer does, or ranked by
+    likelihood over its options (settings.mode); records in task order."""
+    from optiml_jax.sharding import DEFAULT_RULES
+
+    rules = rules or DEFAULT_RULES
+    ranked, generated, skipped = _split_by_mode(tasks, settings)
+    records, extra = {}, {"tasks": len(tasks) - len(skipped)}
+    if skipped:
+        log.warning("mode=rank: %d task(s) have more than %d distinct outputs (or none listed) and are not "
+                    "evaluated: %s", len(skipped), settings.max_options, ", ".join(skipped[:5]))
+        extra["skipped_tasks"] = skipped
+    if generated:
+        generation_records, stats = _generate_records(model, params, tokenizer, generated, settings, mesh, rules,
+                                                      progress)
+        records.update(generation_records)
+        extra["generation"] = stats
+    if ranked:
+        rank_records, stats = _rank_records(model, params, tokenizer, ranked, settings, mesh, rules)
+        records.update(rank_records)
+        extra["ranking"] = stats
+    ordered = [records[(task.name, i)] for task in tasks for i in range(len(task.instances)) if (task.name, i) in records]
+    if not ordered:
+        raise EvalDataError("nothing to evaluate: every task was skipped")
+    metrics = aggregate(ordered)
+    metrics["settings"] = {**dataclasses.asdict(settings), "stop": list(settings.stop), **extra}
+    return EvalResult(records=ordered, metrics=metrics)
 
 
 def evaluate_generation(model, params, tokenizer, tasks: Sequence[EvalTask], settings: EvalSettings = EvalSettings(),
-                        *, mesh=None, rules=None, progress: bool = False) -> EvalResult:
-    """Greedy answers to every instance of `tasks`, scored as the official SNI scorer does."""
-    from optiml_jax.eval.generation import generate_completions
-    from optiml_jax.sharding import DEFAULT_RULES
+                        **kwargs) -> EvalResult:
+    """`evaluate` with every task answered by generation."""
+    return evaluate(model, params, tokenizer, tasks, dataclasses.replace(settings, mode="generate"), **kwargs)
 
-    items = prompts_for(tasks, settings)
-    prompt_ids = tokenizer.encode_batch([prompt for _, _, prompt in items], add_bos=settings.add_bos)
+
+def _split_by_mode(tasks, settings):
+    """(tasks to rank with their options per instance, tasks to generate, names of skipped tasks)."""
+    ranked, generated, skipped = [], [], []
+    for task in tasks:
+        with_options = all(instance.options for instance in task.instances)
+        if settings.mode == "generate" or (settings.mode == "auto" and not with_options):
+            generated.append(task)
+        elif with_options:
+            ranked.append((task, [instance.options for instance in task.instances]))
+        elif task.labels and len(task.labels) <= settings.max_options:
+            ranked.append((task, [task.labels] * len(task.instances)))
+        else:
+            skipped.append(task.name)
+    return ranked, generated, skipped
+
+
+def _record(task, index, instance, prompt) -> dict:
+    return {"task": task.name, "id": instance.id, "category": task.category, "prompt": prompt,
+            "references": list(instance.references)}
+
+
+def _generate_records(model, params, tokenizer, tasks, settings, mesh, rules, progress):
+    from optiml_jax.eval.generation import generate_completions
+
+    items = [(task, i, instance, prompt) for task, i, instance, prompt in _prompts(tasks, settings)]
+    prompt_ids = tokenizer.encode_batch([item[3] for item in items], add_bos=settings.add_bos)
     texts, truncated, stats = generate_completions(
         model, params, tokenizer, prompt_ids, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-        stop=settings.stop, mesh=mesh, rules=rules or DEFAULT_RULES, progress=progress)
-    records = [{"task": task.name, "id": instance.id, "category": task.category, "prompt": prompt,
-                "prediction": text, "references": list(instance.references), "truncated": cut}
-               for (task, instance, prompt), text, cut in zip(items, texts, truncated)]
-    records = score_records(records)
-    metrics = aggregate(records)
-    metrics["settings"] = {**dataclasses.asdict(settings), "stop": list(settings.stop),
-                           "tasks": len(tasks), "generation": stats.as_dict()}
-    return EvalResult(records=records, metrics=metrics)
+        stop=settings.stop, mesh=mesh, rules=rules, progress=progress)
+    scorer = InstanceScorer()
+    records = {}
+    for (task, i, instance, prompt), text, cut in zip(items, texts, truncated):
+        record = {**_record(task, i, instance, prompt), "prediction": text, "truncated": cut}
+        records[(task.name, i)] = {**record, **scorer(text, record["references"])}
+    return records, stats.as_dict()
+
+
+def _rank_records(model, params, tokenizer, ranked, settings, mesh, rules):
+    """Rank classification: every option's summed log-probability as the continuation " " + option."""
+    import time
+
+    from optiml_jax.eval.scoring import Scorer, encode_pair
+
+    tasks = [task for task, _ in ranked]
+    options_of = {task.name: options for task, options in ranked}
+    items = list(_prompts(tasks, settings))
+    groups = []
+    for task, i, instance, prompt in items:
+        encoded = [encode_pair(tokenizer, prompt, " " + option, settings.add_bos) for option in options_of[task.name][i]]
+        groups.append((encoded[0][0], [ids for _, ids in encoded]))
+    scorer = Scorer(model, params, tokenizer, batch_size=settings.batch_size, add_bos=settings.add_bos, mesh=mesh,
+                    rules=rules)
+    start = time.perf_counter()
+    scores = scorer.score_groups(groups)
+    seconds = time.perf_counter() - start
+    records = {}
+    for (task, i, instance, prompt), option_scores in zip(items, scores):
+        options, logprobs = list(options_of[task.name][i]), [s.logprob for s in option_scores]
+        records[(task.name, i)] = {**_record(task, i, instance, prompt), "options": options, "option_logprobs": logprobs,
+                                   "option_tokens": [s.tokens for s in option_scores],
+                                   **_rank_scores(options, logprobs, instance.references)}
+    stats = {"instances": len(items), "options": sum(len(g[1]) for g in groups), "seconds": round(seconds, 3),
+             "programs": len(scorer.shapes)}
+    return records, stats
+
+
+def _prompts(tasks, settings):
+    """(task, index, instance, prompt) of every instance, in task order."""
+    if settings.shots and not any(task.is_sni for task in tasks):
+        raise EvalDataError("shots > 0 takes the tasks' positive examples, which only SNI task files have")
+    for task in tasks:
+        for i, instance in enumerate(task.instances):
+            yield task, i, instance, build_prompt(task, instance, template=settings.template, shots=settings.shots,
+                                                  delimiter=settings.delimiter)
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
@@ -108,28 +222,33 @@ def read_predictions(path: str | os.PathLike) -> list[dict]:
 
 def rescore(path: str | os.PathLike) -> EvalResult:
     """Scores an existing predictions file with no model (old metric fields are recomputed)."""
-    records = [{k: v for k, v in r.items() if k not in METRICS} for r in read_predictions(path)]
-    records = score_records(records)
+    records = score_records(read_predictions(path))
     metrics = aggregate(records)
     metrics["settings"] = {"predictions": str(path)}
     return EvalResult(records=records, metrics=metrics)
 
 
 # ---------------------------------------------------------------------- files
+def _value(m: dict, metric: str) -> str:
+    return f"{m[metric]:.2f}" if metric in m else "-"
+
+
 def report_markdown(metrics: dict, title: str = "Evaluation") -> str:
     """A per-category and per-task table a person reads (values in percent)."""
+    shown = [m for m in ALL_METRICS if m in metrics["overall"]]
+    names = {"exact_match": "exact match", "rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "acc": "acc", "acc_norm": "acc_norm"}
+    header = " | ".join(names[m] for m in shown)
+
     def row(name, m, extra=""):
-        return (f"| {name} |{extra} {m['instances']} | {m['exact_match']:.2f} | {m['rouge1']:.2f} | "
-                f"{m['rougeL']:.2f} |")
+        return f"| {name} |{extra} {m['instances']} | " + " | ".join(_value(m, k) for k in shown) + " |"
 
     overall = metrics["overall"]
-    lines = [f"# {title}", "",
-             f"{overall['instances']} instances: exact match {overall['exact_match']:.2f}, "
-             f"ROUGE-1 {overall['rouge1']:.2f}, ROUGE-L {overall['rougeL']:.2f} (percent, micro-averaged).", "",
-             "## Per category", "", "| category | primary metric | instances | exact match | ROUGE-1 | ROUGE-L |",
-             "|---|---|---:|---:|---:|---:|"]
+    summary = ", ".join(f"{names[m]} {overall[m]:.2f}" for m in shown)
+    lines = [f"# {title}", "", f"{overall['instances']} instances: {summary} (percent, micro-averaged).", "",
+             "## Per category", "", f"| category | primary metric | instances | {header} |",
+             "|---|---|---:|" + "---:|" * len(shown)]
     lines += [row(name, m, f" {m['primary_metric']} |") for name, m in metrics["per_category"].items()]
-    lines += ["", "## Per task", "", "| task | instances | exact match | ROUGE-1 | ROUGE-L |", "|---|---:|---:|---:|---:|"]
+    lines += ["", "## Per task", "", f"| task | instances | {header} |", "|---|---:|" + "---:|" * len(shown)]
     lines += [row(name, m) for name, m in metrics["per_task"].items()]
     settings = metrics.get("settings")
     if settings:
@@ -158,7 +277,7 @@ def settings_from_config(tasks_cfg, batch_size: int) -> EvalSettings:
     """EvalSettings of a run config's `eval.tasks` section (batch_size when the section leaves it unset)."""
     return EvalSettings(template=tasks_cfg.template, shots=tasks_cfg.shots, delimiter=tasks_cfg.delimiter,
                         max_new_tokens=tasks_cfg.max_new_tokens, batch_size=tasks_cfg.batch_size or batch_size,
-                        stop=tuple(tasks_cfg.stop))
+                        stop=tuple(tasks_cfg.stop), mode=tasks_cfg.mode, max_options=tasks_cfg.max_options)
 
 
 def tasks_from_config(tasks_cfg, held_out=None, resolve=lambda path: path) -> list[EvalTask]:
@@ -175,10 +294,12 @@ def tasks_from_config(tasks_cfg, held_out=None, resolve=lambda path: path) -> li
 
 
 def metric_scalars(metrics: dict, prefix: str = "eval_tasks") -> dict[str, float]:
-    """TensorBoard / metrics.jsonl scalars: every metric overall, exact match and ROUGE-L per task."""
-    out = {f"{prefix}/{m}": metrics["overall"][m] for m in METRICS}
+    """TensorBoard / metrics.jsonl scalars: every metric overall; per task exact match and ROUGE-L, or
+    acc and acc_norm for ranked tasks."""
+    out = {f"{prefix}/{m}": v for m, v in metrics["overall"].items() if m in ALL_METRICS}
     for task, values in metrics["per_task"].items():
-        out.update({f"{prefix}/{task}/exact_match": values["exact_match"], f"{prefix}/{task}/rougeL": values["rougeL"]})
+        out.update({f"{prefix}/{task}/{m}": values[m] for m in ("exact_match", "rougeL", "acc", "acc_norm")
+                    if m in values})
     generation = metrics.get("settings", {}).get("generation", {})
     if generation:
         out[f"{prefix}/seconds"] = generation["seconds"]
@@ -186,17 +307,33 @@ def metric_scalars(metrics: dict, prefix: str = "eval_tasks") -> dict[str, float
     return out
 
 
+def headline(m: dict) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The two figures a table shows for a group: (EM, ROUGE-L) for generated answers, (acc, acc_norm)
+    for ranked ones: ((label, key), (label, key))."""
+    if "exact_match" in m:
+        return ("EM", "exact_match"), ("RL", "rougeL")
+    return ("acc", "acc"), ("accn", "acc_norm")
+
+
+def summary_table(metrics: dict) -> str:
+    """Per task and overall, the headline figures of one evaluation (plain text)."""
+    lines = [f"{'task':<56} {'n':>5}   figures"]
+    for name, m in [*metrics["per_task"].items(), ("overall", metrics["overall"])]:
+        figures = "  ".join(f"{label} {m[key]:>6.2f}" for label, key in headline(m))
+        lines.append(f"{name[:56]:<56} {m['instances']:>5}   {figures}")
+    return "\n".join(lines)
+
+
 def progress_table(by_step: dict[int, dict]) -> str:
-    """Per-task exact match and ROUGE-L at the first and last evaluated steps (a plain-text table)."""
+    """Per task, the headline figures (EM and ROUGE-L, or acc and acc_norm) at the first and last
+    evaluated steps (a plain-text table)."""
     first, last = min(by_step), max(by_step)
     steps = [first] if first == last else [first, last]
-    header = f"{'task':<50}" + "".join(f" {'EM@' + str(s):>9} {'RL@' + str(s):>9}" for s in steps)
-    lines = [header]
-    names = list(by_step[last]["per_task"]) + ["overall"]
-    for name in names:
+    lines = [f"{'task':<50}" + "".join(f" {'@' + str(s):>21}" for s in steps)]
+    for name in [*by_step[last]["per_task"], "overall"]:
         row = f"{name[:50]:<50}"
         for s in steps:
             m = by_step[s]["overall"] if name == "overall" else by_step[s]["per_task"].get(name)
-            row += f" {m['exact_match']:>9.2f} {m['rougeL']:>9.2f}" if m else f" {'-':>9} {'-':>9}"
+            row += " " + ("  ".join(f"{label} {m[key]:>6.2f}" for label, key in headline(m)) if m else "-").rjust(21)
         lines.append(row)
     return "\n".join(lines)

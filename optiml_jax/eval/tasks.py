@@ -28,6 +28,7 @@ from optiml_jax.eval.metrics import UNCATEGORIZED, category_name
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_INSTANCES = 100  # SNI's evaluation instances per task
+MAX_LABELS = 100  # distinct outputs of a task kept as its label set
 
 
 class EvalDataError(DataError):
@@ -40,6 +41,7 @@ class EvalInstance:
     input: str  # SNI: the instance's input (prompts.py builds the prompt); JSONL: the whole prompt
     references: tuple[str, ...]
     source: str  # "file#id" or "file:line", for messages
+    options: tuple[str, ...] = ()  # answer candidates of a JSONL record: ranked by likelihood (scoring.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,9 @@ class EvalTask:
     instances: tuple[EvalInstance, ...]
     definition: Optional[str] = None  # SNI; None for JSONL, whose inputs are ready prompts
     positive_examples: tuple[tuple[str, str], ...] = ()  # (input, output), in file order
+    # SNI: the distinct reference outputs of all the file's instances, in order of first appearance
+    # (None when there are more than MAX_LABELS): the candidates of rank classification
+    labels: Optional[tuple[str, ...]] = None
 
     @property
     def is_sni(self) -> bool:
@@ -167,7 +172,28 @@ def _read_sni_task(path: Path, max_instances: int) -> EvalTask:
     if not instances:
         raise EvalDataError(f"{path}#Instances: no instances")
     return EvalTask(name=path.stem, category=_category(data), path=where, instances=tuple(instances),
-                    definition=_definition(data, where), positive_examples=_positive_examples(data, where))
+                    definition=_definition(data, where), positive_examples=_positive_examples(data, where),
+                    labels=_label_set(data["Instances"]))
+
+
+def _label_set(instances: list) -> Optional[tuple[str, ...]]:
+    labels: dict[str, None] = {}
+    for inst in instances:
+        outputs = inst.get("output") if isinstance(inst, dict) else None
+        for output in [outputs] if isinstance(outputs, str) else outputs if isinstance(outputs, list) else ():
+            if isinstance(output, str) and output.strip():
+                labels[output] = None
+                if len(labels) > MAX_LABELS:
+                    return None
+    return tuple(labels)
+
+
+def _options(record: dict, at: str) -> tuple[str, ...]:
+    options = record.get("options", [])
+    if not isinstance(options, list) or not all(isinstance(o, str) and o for o in options) \
+            or len(set(options)) != len(options) or len(options) == 1:
+        raise EvalDataError(f"{at}: 'options' must be a list of at least two distinct non-empty strings")
+    return tuple(options)
 
 
 def jsonl_objects(path: str | Path) -> Iterator[tuple[int, str, dict]]:
@@ -199,17 +225,26 @@ def read_jsonl_tasks(path: str | Path, max_instances: int = DEFAULT_MAX_INSTANCE
     for number, at, record in jsonl_objects(path):
         if not isinstance(record.get("src"), str):
             raise EvalDataError(f"{at}: 'src' must be a string (the prompt)")
-        key = "references" if "references" in record else "tgt"
-        if key not in record:
-            raise EvalDataError(f"{at}: no 'tgt' or 'references' (the reference outputs)")
-        references = _references(record[key], at, key)
+        options = _options(record, at)
+        if "label" in record and options:
+            label = record["label"]
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(options):
+                raise EvalDataError(f"{at}: 'label' must be an index into the {len(options)} options, got {label!r:.40}")
+            key, references = "label", (options[label],)
+        else:
+            key = "references" if "references" in record else "tgt"
+            if key not in record:
+                raise EvalDataError(f"{at}: no 'tgt', 'references' or 'label' (the reference outputs)")
+            references = _references(record[key], at, key)
+        if options and not set(references) & set(options):
+            raise EvalDataError(f"{at}: no reference ({key!r}) is one of the 'options'")
         task = record.get("task", path.stem)
         category = record.get("category", UNCATEGORIZED)
         if not isinstance(task, str) or not task or not isinstance(category, str):
             raise EvalDataError(f"{at}: 'task' and 'category' must be non-empty strings")
         category, instances = tasks.setdefault(task, (category_name(category), []))
         if not max_instances or len(instances) < max_instances:
-            instances.append(EvalInstance(number, record["src"], references, at))
+            instances.append(EvalInstance(number, record["src"], references, at, options))
     if not tasks:
         raise EvalDataError(f"{path}: no records")
     return [EvalTask(name=name, category=category, path=str(path), instances=tuple(instances))
