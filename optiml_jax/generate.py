@@ -33,7 +33,7 @@ import numpy as np
 import flax.linen as nn
 
 from optiml_jax import weights
-from optiml_jax.model import OPTForCausalLM, positions_from_mask
+from optiml_jax.model import OPTForCausalLM, lm_head_logits, positions_from_mask
 
 # Prompts are left-padded to a multiple of this, and the new-token budget is rounded up to a multiple
 # of NEW_TOKENS_BUCKET: the compiled program depends on these rounded shapes only.
@@ -212,18 +212,6 @@ def _as_prompt_lists(prompts, attention_mask) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------- token choice
-
-
-def lm_head_logits(model: OPTForCausalLM, params, hidden: jax.Array) -> jax.Array:
-    """Logits [batch, vocab] of final hidden states [batch, embed], as the model's own (tied) head.
-
-    Applied here rather than inside the model so the prompt pass projects only its last position.
-    """
-    if model.config.tie_word_embeddings:
-        table = params["decoder"]["embed_tokens"]["embedding"]  # [vocab, embed]
-        return jnp.einsum("be,ve->bv", hidden.astype(model.dtype), table.astype(model.dtype))
-    kernel = params["lm_head"]["kernel"]  # [embed, vocab]
-    return jnp.einsum("be,ev->bv", hidden.astype(model.dtype), kernel.astype(model.dtype))
 
 
 def filter_logits(logits: jax.Array, top_k, top_p) -> jax.Array:

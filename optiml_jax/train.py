@@ -40,7 +40,7 @@ from optiml_jax.config import ConfigError, OPTConfig
 from optiml_jax.eval.metrics import ALL_METRICS
 from optiml_jax.loss import weighted_head_cross_entropy
 from optiml_jax.metrics import MetricsWriter
-from optiml_jax.model import OPTForCausalLM
+from optiml_jax.model import OPTForCausalLM, lm_head_weights
 from optiml_jax.run_config import OptimSection, RunConfig, TrainSection, resolve_path
 from optiml_jax.sharding import DEFAULT_RULES, abstract_params, logical_shardings, make_mesh, replicated
 
@@ -173,13 +173,6 @@ def create_train_state(model: OPTForCausalLM, tx, mesh, seed: int, params=None,
 
 
 # ---------------------------------------------------------------------- steps
-def head_weights(model: OPTForCausalLM, params) -> jax.Array:
-    """The LM head as [vocab, d]: the tied token embedding, or an untied lm_head kernel transposed."""
-    if model.config.tie_word_embeddings:
-        return params["decoder"]["embed_tokens"]["embedding"]
-    return params["lm_head"]["kernel"].T
-
-
 def lm_loss(model, params, batch, weights, deterministic, dropout_key=None, head_positions="weighted"):
     """sum(weights * token CE) over the batch, the LM head fused with the loss and run only where
     weights != 0 unless head_positions="all" (see loss.py)."""
@@ -187,7 +180,7 @@ def lm_loss(model, params, batch, weights, deterministic, dropout_key=None, head
     hidden = model.apply({"params": params}, batch["input_ids"], position_ids=batch["positions"],
                          segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rngs,
                          return_hidden=True)
-    return weighted_head_cross_entropy(hidden, head_weights(model, params), batch["targets"], weights,
+    return weighted_head_cross_entropy(hidden, lm_head_weights(model.config, params), batch["targets"], weights,
                                        positions=head_positions)
 
 

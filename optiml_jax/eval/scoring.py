@@ -34,8 +34,7 @@ import numpy as np
 import flax.linen as nn
 
 from optiml_jax.eval.generation import _device_array, _to_host, data_parallel_size, prompt_buckets
-from optiml_jax.generate import lm_head_logits
-from optiml_jax.model import branch_segment_ids
+from optiml_jax.model import branch_segment_ids, lm_head_logits
 from optiml_jax.sharding import DEFAULT_RULES
 
 DEFAULT_ROW_LENGTH = 512  # longer rows pack more units but attend across all of them (masked, still computed)

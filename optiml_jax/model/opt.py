@@ -1,7 +1,8 @@
 """The OPT decoder (Zhang et al. 2022, arXiv 2205.01068) in Flax, exact to Hugging Face's PyTorch OPT.
 
 Every parameter and large activation carries logical axis names (see `sharding.py` for how they map
-onto a device mesh), so this one file serves a CPU test, one GPU and a TPU pod unchanged.
+onto a device mesh), so this one file serves a CPU test, one GPU and a TPU pod unchanged. The attention kernels live in
+attention.py, the norm and activation with their hand-written gradients in layers.py.
 
 Parity traps handled here (see docs and the HF source for the reference semantics):
   * positions come from the attention mask (`cumsum(mask) * mask - 1`) and index a learned table
@@ -19,9 +20,10 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-from jax.ad_checkpoint import checkpoint_name
 
 from optiml_jax.config import OPTConfig
+from optiml_jax.model.attention import attention_mask_for, cached_dot_product_attention, dot_product_attention
+from optiml_jax.model.layers import ACTIVATIONS, LayerNorm, init_normal, init_zeros
 
 Dtype = Any
 
@@ -41,272 +43,16 @@ REMAT_POLICIES = {
 }
 
 
-@jax.custom_vjp
-def _relu(x):
-    return jnp.maximum(x, 0)
-
-
-def _relu_vjp_forward(x):
-    out = _relu(x)
-    # The output is kept anyway (fc2's weight gradient reads it) and tells where the input was
-    # positive: jax.nn.relu's gradient kept a separate boolean mask the size of the MLP activations.
-    return out, out
-
-
-def _relu_vjp_backward(out, d_out):
-    return (jnp.where(out > 0, d_out, jnp.zeros_like(d_out)),)
-
-
-_relu.defvjp(_relu_vjp_forward, _relu_vjp_backward)
-
-_ACTIVATIONS = {
-    "relu": _relu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
-
-
-def _init(stddev: float, axes: tuple):
-    return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
-
-
-def _zeros(axes: tuple):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-
-
-def _ones(axes: tuple):
-    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
-
-
 def _layer_norm(cfg: OPTConfig, dtype, param_dtype, name: str) -> "LayerNorm":
     """OPT's LayerNorm: eps 1e-5 (HF and metaseq), affine unless layer_norm_elementwise_affine=False."""
     return LayerNorm(epsilon=1e-5, affine=cfg.layer_norm_elementwise_affine, dtype=dtype,
                      param_dtype=param_dtype, name=name)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm over the last axis, statistics in float32 (mean, then the variance about it, as
-    PyTorch). Parameters `scale` and `bias`, as flax's nn.LayerNorm.
-
-    Its backward pass (`_normalize_vjp_backward`) keeps only the input and two numbers per row and
-    recomputes the normalised values: autodiff of the plain formula kept three more activations of
-    the input's size per LayerNorm, which under `nn.scan` are stacked, zero-filled and copied per layer.
-    """
-    epsilon: float
-    affine: bool
-    dtype: Dtype
-    param_dtype: Dtype
-
-    @nn.compact
-    def __call__(self, x):
-        features = (x.shape[-1],)
-        if self.affine:
-            scale = self.param("scale", _ones(("embed",)), features, self.param_dtype)
-            bias = self.param("bias", _zeros(("embed",)), features, self.param_dtype)
-        else:
-            scale, bias = jnp.ones(features, jnp.float32), jnp.zeros(features, jnp.float32)
-        return _normalize(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _normalize(x, scale, bias, epsilon, dtype):
-    return _normalize_vjp_forward(x, scale, bias, epsilon, dtype)[0]
-
-
-def _normalize_vjp_forward(x, scale, bias, epsilon, dtype):
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    centered = x32 - mean
-    inv_std = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + epsilon)
-    out = centered * inv_std * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return out.astype(dtype), (x, mean, inv_std, scale, bias)
-
-
-def _normalize_vjp_backward(epsilon, dtype, residuals, d_out):
-    x, mean, inv_std, scale, bias = residuals
-    normalized = (x.astype(jnp.float32) - mean) * inv_std
-    d_out = d_out.astype(jnp.float32)
-    rows = tuple(range(d_out.ndim - 1))
-    d_scale = jnp.sum(d_out * normalized, axis=rows)
-    d_bias = jnp.sum(d_out, axis=rows)
-    d_normalized = d_out * scale.astype(jnp.float32)
-    d_x = inv_std * (d_normalized - jnp.mean(d_normalized, axis=-1, keepdims=True)
-                     - normalized * jnp.mean(d_normalized * normalized, axis=-1, keepdims=True))
-    return d_x.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
-
-
-_normalize.defvjp(_normalize_vjp_forward, _normalize_vjp_backward)
-
-
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """HF/metaseq positions: 0, 1, 2... over real tokens, -1 on padding (which then reads row 1)."""
     mask = attention_mask.astype(jnp.int32)
     return jnp.cumsum(mask, axis=1) * mask - 1
-
-
-# A segment id may carry a branch number above this bit: branch b > 0 of segment s is the id
-# s + (b << SEGMENT_BRANCH_SHIFT). Scoring packs one context (branch 0) and its answer options
-# (branches 1, 2, ...) into one segment: each option sees the context and itself, not the others,
-# so the context is computed once for all of them. Training ids (< 2**16 per row) have no branches.
-SEGMENT_BRANCH_SHIFT = 16
-
-
-def branch_segment_ids(segment, branch):
-    """The segment id of `branch` (0 = the shared trunk) of `segment` (see SEGMENT_BRANCH_SHIFT)."""
-    return segment + (branch << SEGMENT_BRANCH_SHIFT)
-
-
-def attention_mask_for(query_len: int, key_valid: jax.Array, query_offset,
-                       segment_ids: Optional[jax.Array] = None) -> jax.Array:
-    """Boolean [batch, 1, query, key] mask: causal by slot, padded keys hidden, no cross-example attention.
-
-    Query i sits in key slot `query_offset + i` (the offset is the KV-cache fill level when decoding).
-    `segment_ids` (packed training) keeps each example's tokens attending only within the example;
-    a branch of an example also sees the example's trunk, but no other branch (SEGMENT_BRANCH_SHIFT).
-    """
-    key_len = key_valid.shape[1]
-    query_slots = query_offset + jnp.arange(query_len, dtype=jnp.int32)
-    causal = jnp.arange(key_len, dtype=jnp.int32)[None, :] <= query_slots[:, None]
-    mask = causal[None, None] & key_valid.astype(bool)[:, None, None, :]
-    if segment_ids is not None:
-        query_ids, key_ids = segment_ids[:, None, :, None], segment_ids[:, None, None, :]
-        low = (1 << SEGMENT_BRANCH_SHIFT) - 1
-        key_is_trunk = (key_ids >> SEGMENT_BRANCH_SHIFT) == 0
-        mask = mask & ((query_ids == key_ids) | (key_is_trunk & ((query_ids & low) == (key_ids & low))))
-    return mask
-
-
-# Query block of causal attention: keys past a block's last query are never computed (see below).
-CAUSAL_QUERY_BLOCK = 128
-
-
-def dot_product_attention(query, key, value, mask, *, dropout_rate: float = 0.0,
-                          dropout_rng=None, deterministic: bool = True, dtype: Dtype = jnp.float32,
-                          causal: bool = False, query_block: int = CAUSAL_QUERY_BLOCK):
-    """softmax(q k^T) v with q already scaled. The one place a fused kernel would plug in.
-
-    query [b, q, heads, d], key/value [b, k, heads, d], mask bool [b, 1|heads, q, k].
-    Scores are taken to float32 before masking and softmax (HF does softmax in float32), and a
-    fully masked row (a padding query) becomes uniform, as with HF's additive finfo.min mask.
-
-    `causal=True` promises that `mask` hides every key after its query (q == k, same slots). The
-    queries are then taken in blocks of `query_block`, each against only the keys up to its last
-    query: the skipped scores are all masked, so every query with a visible key gets the same result,
-    for about half the score and softmax work. A fully masked query (padding) is then uniform over
-    its block's keys instead of all keys: a padding position's output, which nothing reads.
-
-    The gradient (`_attention_vjp_backward`) keeps only each query's log-sum-exp from the forward
-    pass and recomputes the probabilities, as FlashAttention does: the float32 score, softmax and
-    mask tensors are the largest activations of a layer (130 MB per 125m layer at 4 x 512), and under
-    `nn.scan` every saved one is also zero-filled, written and read back per layer.
-    """
-    length, key_len = query.shape[1], key.shape[1]
-    if causal and key_len == length:  # (first query, end of queries, end of keys) per block
-        blocks = tuple((start, min(start + query_block, length), min(start + query_block, length))
-                       for start in range(0, length, query_block))
-    else:  # one block of every query against every key
-        blocks = ((0, length, key_len),)
-    rate = float(dropout_rate) if not deterministic and dropout_rate > 0.0 else 0.0
-    return _attention(query, key, value, mask, dropout_rng if rate else None, blocks, rate, jnp.dtype(dtype))
-
-
-def _to_heads_major(query, key, value):
-    """q [b, h, q, d], k as [b, h, d, k] and v [b, h, k, d]: each score and output matmul then reads
-    its operands in the layout the CPU matmul wants, without a per-block transpose."""
-    return (jnp.swapaxes(query, 1, 2), jnp.transpose(key, (0, 2, 3, 1)), jnp.swapaxes(value, 1, 2))
-
-
-def _masked_scores(q, k_t, mask, block):
-    start, end, key_end = block
-    scores = jnp.einsum("bhqd,bhdk->bhqk", q[:, :, start:end], k_t[..., :key_end],
-                        preferred_element_type=jnp.float32)
-    return jnp.where(mask[:, :, start:end, :key_end], scores, jnp.finfo(jnp.float32).min)
-
-
-def _dropout_keep(dropout_rng, block_index: int, rate: float, shape):
-    return jax.random.bernoulli(jax.random.fold_in(dropout_rng, block_index), 1.0 - rate, shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attention(query, key, value, mask, dropout_rng, blocks, rate, dtype):
-    return _attention_vjp_forward(query, key, value, mask, dropout_rng, blocks, rate, dtype)[0]
-
-
-def _attention_vjp_forward(query, key, value, mask, dropout_rng, blocks, rate, dtype):
-    q, k_t, v = _to_heads_major(query, key, value)
-    outputs, log_sum_exps = [], []
-    for index, block in enumerate(blocks):
-        key_end = block[2]
-        scores = _masked_scores(q, k_t, mask, block)
-        row_max = jnp.max(scores, axis=-1, keepdims=True)
-        exps = jnp.exp(scores - row_max)
-        sums = jnp.sum(exps, axis=-1, keepdims=True)
-        probs = exps / sums
-        if rate:
-            probs = jnp.where(_dropout_keep(dropout_rng, index, rate, probs.shape), probs / (1.0 - rate), 0.0)
-        outputs.append(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dtype), v[:, :, :key_end]))
-        log_sum_exps.append((row_max + jnp.log(sums))[..., 0])
-    out = checkpoint_name(jnp.swapaxes(jnp.concatenate(outputs, axis=2), 1, 2), "attention_out")
-    log_sum_exp = checkpoint_name(jnp.concatenate(log_sum_exps, axis=2), "attention_log_sum_exp")
-    # `out` is also out_proj's input, so saving it costs nothing extra.
-    return out, (query, key, value, out, mask, log_sum_exp, dropout_rng)
-
-
-def _attention_vjp_backward(blocks, rate, dtype, residuals, d_out):
-    query, key, value, out, mask, log_sum_exp, dropout_rng = residuals
-    q, k_t, v = _to_heads_major(query, key, value)
-    # sum_k p_k dL/dp_k per query, from the output instead of per block: (dropped) p @ v is `out`.
-    out_dot_grad = jnp.swapaxes(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), 1, 2)
-    d_out = jnp.swapaxes(d_out, 1, 2).astype(dtype)
-    batch, heads, _, head_dim = q.shape
-    key_len = v.shape[2]
-    # d/dk and d/dv are accumulated as [b, h, d, k]: each block's contribution is then a matmul
-    # whose operands need no transpose.
-    d_key_t = jnp.zeros((batch, heads, head_dim, key_len), jnp.float32)
-    d_value_t = jnp.zeros((batch, heads, head_dim, key_len), jnp.float32)
-    d_query_blocks = []
-    for index, block in enumerate(blocks):
-        start, end, key_end = block
-        probs = jnp.exp(_masked_scores(q, k_t, mask, block) - log_sum_exp[:, :, start:end, None])
-        d_out_block = d_out[:, :, start:end]
-        d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out_block, v[:, :, :key_end], preferred_element_type=jnp.float32)
-        used = probs
-        if rate:
-            keep = _dropout_keep(dropout_rng, index, rate, probs.shape)
-            used = jnp.where(keep, probs / (1.0 - rate), 0.0)
-            d_probs = jnp.where(keep, d_probs / (1.0 - rate), 0.0)
-        d_value_t = d_value_t.at[..., :key_end].add(
-            jnp.einsum("bhqd,bhqk->bhdk", d_out_block, used.astype(dtype), preferred_element_type=jnp.float32))
-        # Masked scores get no gradient (jnp.where's); only a fully masked row has nonzero p there.
-        d_scores = jnp.where(mask[:, :, start:end, :key_end],
-                             probs * (d_probs - out_dot_grad[:, :, start:end, None]), 0.0).astype(dtype)
-        d_query_blocks.append(jnp.einsum("bhqk,bhdk->bhqd", d_scores, k_t[..., :key_end],
-                                         preferred_element_type=jnp.float32))
-        d_key_t = d_key_t.at[..., :key_end].add(
-            jnp.einsum("bhqd,bhqk->bhdk", q[:, :, start:end], d_scores, preferred_element_type=jnp.float32))
-    d_query = jnp.swapaxes(jnp.concatenate(d_query_blocks, axis=2), 1, 2).astype(query.dtype)
-    d_key = jnp.transpose(d_key_t, (0, 3, 1, 2)).astype(key.dtype)
-    d_value = jnp.transpose(d_value_t, (0, 3, 1, 2)).astype(value.dtype)
-    return d_query, d_key, d_value, None, None
-
-
-_attention.defvjp(_attention_vjp_forward, _attention_vjp_backward)
-
-
-def cached_dot_product_attention(query, key_t, value, mask, *, dtype: Dtype = jnp.float32):
-    """`dot_product_attention` over a KV cache laid out for CPU matmuls (see `_update_cache`):
-    key_t [batch * heads, head_dim, slots], value [batch * heads, slots, head_dim]."""
-    batch, query_len, heads, head_dim = query.shape
-    query = jnp.swapaxes(query, 1, 2).reshape(batch * heads, query_len, head_dim)
-    scores = jnp.matmul(query, key_t).astype(jnp.float32).reshape(batch, heads, query_len, -1)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(batch * heads, query_len, -1)
-    out = jnp.matmul(probs, value).reshape(batch, heads, query_len, head_dim)
-    return jnp.swapaxes(out, 1, 2)
 
 
 class HeadsProjection(nn.Module):
@@ -332,7 +78,7 @@ class HeadsProjection(nn.Module):
         else:
             shape, axes = (self.heads, self.head_dim, self.hidden_size), ("heads", "kv", "embed")
             bias_shape, bias_axes, equation = (self.hidden_size,), ("embed",), "bshd,hde->bse"
-        kernel = self.param("kernel", _init(self.init_std, axes), shape, self.param_dtype)
+        kernel = self.param("kernel", init_normal(self.init_std, axes), shape, self.param_dtype)
         if self.into_heads:
             out = jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
         else:
@@ -341,7 +87,7 @@ class HeadsProjection(nn.Module):
             out = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                                       (((2, 3), (0, 1)), ((), ())))
         if self.use_bias:
-            bias = self.param("bias", _zeros(bias_axes), bias_shape, self.param_dtype)
+            bias = self.param("bias", init_zeros(bias_axes), bias_shape, self.param_dtype)
             out = out + bias.astype(self.dtype)
         return out
 
@@ -446,14 +192,14 @@ class OPTDecoderLayer(nn.Module):
         if cfg.do_layer_norm_before:
             hidden = layer_norm(name="final_layer_norm")(hidden)
         hidden = nn.Dense(cfg.ffn_dim, use_bias=cfg.enable_bias, dtype=self.dtype,
-                          param_dtype=self.param_dtype, kernel_init=_init(cfg.init_std, ("embed", "mlp")),
-                          bias_init=_zeros(("mlp",)), name="fc1")(hidden)
+                          param_dtype=self.param_dtype, kernel_init=init_normal(cfg.init_std, ("embed", "mlp")),
+                          bias_init=init_zeros(("mlp",)), name="fc1")(hidden)
         hidden = nn.with_logical_constraint(
             hidden, ("activation_batch", "activation_length", "activation_mlp"))
-        hidden = _ACTIVATIONS[cfg.activation_function](hidden)
+        hidden = ACTIVATIONS[cfg.activation_function](hidden)
         hidden = nn.Dense(cfg.hidden_size, use_bias=cfg.enable_bias, dtype=self.dtype,
-                          param_dtype=self.param_dtype, kernel_init=_init(cfg.init_std, ("mlp", "embed")),
-                          bias_init=_zeros(("embed",)), name="fc2")(hidden)
+                          param_dtype=self.param_dtype, kernel_init=init_normal(cfg.init_std, ("mlp", "embed")),
+                          bias_init=init_zeros(("embed",)), name="fc2")(hidden)
         hidden = residual + dropout(hidden, deterministic=self.deterministic)
         if not cfg.do_layer_norm_before:
             hidden = layer_norm(name="final_layer_norm")(hidden)
@@ -485,16 +231,16 @@ class OPTDecoder(nn.Module):
         act_axes = ("activation_batch", "activation_length", "activation_embed")
         embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.word_embed_proj_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-            embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed_tokens")
+            embedding_init=init_normal(cfg.init_std, ("vocab", "embed")), name="embed_tokens")
         hidden = embed_tokens(input_ids)  # no sqrt(d) scaling: OPT trained without it
         if cfg.has_projections:
             hidden = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype,
-                              kernel_init=_init(cfg.init_std, ("embed_proj", "embed")),
+                              kernel_init=init_normal(cfg.init_std, ("embed_proj", "embed")),
                               name="project_in")(hidden)
         positions = nn.Embed(cfg.num_positions, cfg.hidden_size, dtype=self.dtype,
                              param_dtype=self.param_dtype,
-                             embedding_init=_init(cfg.init_std, ("positions", "embed")),
+                             embedding_init=init_normal(cfg.init_std, ("positions", "embed")),
                              name="embed_positions")(position_ids + POSITION_OFFSET)
         hidden = nn.with_logical_constraint(hidden + positions, act_axes)
         # HF applies no dropout here; metaseq (and the OPT-IML fine-tuning recipe) does.
@@ -521,7 +267,7 @@ class OPTDecoder(nn.Module):
         if cfg.has_projections:
             hidden = nn.Dense(cfg.word_embed_proj_dim, use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype,
-                              kernel_init=_init(cfg.init_std, ("embed", "embed_proj")),
+                              kernel_init=init_normal(cfg.init_std, ("embed", "embed_proj")),
                               name="project_out")(hidden)
         if tied_head:  # logits over every embedding row, the vocabulary's padding rows included
             return embed_tokens.attend(hidden)
@@ -576,7 +322,7 @@ class OPTForCausalLM(nn.Module):
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype,
-                              kernel_init=_init(cfg.init_std, ("embed", "vocab")), name="lm_head")(out)
+                              kernel_init=init_normal(cfg.init_std, ("embed", "vocab")), name="lm_head")(out)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
     def init_cache(self, batch_size: int, max_length: int):
@@ -586,3 +332,20 @@ class OPTForCausalLM(nn.Module):
             lambda: self.init(jax.random.PRNGKey(0), ids, attention_mask=ids, position_ids=ids,
                               decode=True)["cache"])
         return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def lm_head_weights(config: OPTConfig, params) -> jax.Array:
+    """The LM head as [vocab, word_embed_proj_dim]: the tied token embedding, or lm_head's kernel
+    transposed. For code that applies the head itself (the fused training loss, decoding's last
+    position, scoring's scored positions) without reading the parameter tree's layout."""
+    if config.tie_word_embeddings:
+        return params["decoder"]["embed_tokens"]["embedding"]
+    return params["lm_head"]["kernel"].T
+
+
+def lm_head_logits(model: OPTForCausalLM, params, hidden: jax.Array) -> jax.Array:
+    """Logits [..., vocab] of final hidden states [..., word_embed_proj_dim] (`return_hidden=True`
+    outputs), in the model's compute dtype."""
+    table = lm_head_weights(model.config, params).astype(model.dtype)
+    return jnp.einsum("...e,ve->...v", hidden.astype(model.dtype), table)
+
