@@ -9,13 +9,15 @@ __version__ = "0.1.0"
 
 # Heavier entry points are imported on first use, so `import optiml_jax` stays cheap.
 _LAZY = {
-    "load_pretrained": ("optiml_jax.pretrained", "load_pretrained"),
-    "Pretrained": ("optiml_jax.pretrained", "Pretrained"),
+    "load_pretrained": ("optiml_jax.checkpoints.pretrained", "load_pretrained"),
+    "Pretrained": ("optiml_jax.checkpoints.pretrained", "Pretrained"),
     "OPTForCausalLM": ("optiml_jax.model", "OPTForCausalLM"),
     "OPTTokenizer": ("optiml_jax.tokenizer", "OPTTokenizer"),
     # The module is `pipelines` (as in transformers): a submodule named like the function would
     # shadow this export once imported.
     "pipeline": ("optiml_jax.pipelines", "pipeline"),
+    "convert": ("optiml_jax.checkpoints.convert", "convert"),
+    "export_hf": ("optiml_jax.checkpoints.export", "export_hf"),
     "score": ("optiml_jax.eval.scoring", "score"),
     "Scorer": ("optiml_jax.eval.scoring", "Scorer"),
 }

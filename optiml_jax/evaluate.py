@@ -123,7 +123,7 @@ def _evaluate_model(args):
     from optiml_jax.eval.generation import data_parallel_size
     from optiml_jax.eval.runner import EvalSettings, evaluate
     from optiml_jax.eval.tasks import load_eval_tasks
-    from optiml_jax.pretrained import load_pretrained
+    from optiml_jax.checkpoints.pretrained import load_pretrained
     from optiml_jax.sharding import make_mesh
     from optiml_jax.tokenizer import OPTTokenizer
 
@@ -158,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         args = parse_args(argv)
-        from optiml_jax.checkpoint import CheckpointError, check_output_dir
+        from optiml_jax.fileio import check_output_dir
 
         check_output_dir(args.output, args.overwrite)  # before hours of generation, not after
         if args.predictions:
@@ -180,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (CheckpointError, OSError, ValueError, KeyError) as e:  # bad data, model files, config...
+    except (OSError, ValueError, KeyError) as e:  # bad data, model files, config...
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from optiml_jax import weights
+from optiml_jax.checkpoints import mapping as weights
 from optiml_jax.model import OPTForCausalLM, lm_head_logits, positions_from_mask
 
 # Prompts are left-padded to a multiple of this, and the new-token budget is rounded up to a multiple
@@ -276,7 +276,7 @@ def _generate_compiled(model, params, prompt_ids, prompt_mask, max_new_tokens, m
     global _trace_count
     _trace_count += 1
     if unstack_layers:
-        params = weights.unstack_layers(params, model.config)
+        params = weights.unstack_layers(params, model.config.num_hidden_layers)
         model = model.clone(scan_layers=False)
     batch, prompt_len = prompt_ids.shape
     capacity = new_tokens_capacity
@@ -420,7 +420,7 @@ def main(argv=None) -> int:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
                                   seed=args.seed or 0)
-        from optiml_jax.pretrained import load_pretrained
+        from optiml_jax.checkpoints.pretrained import load_pretrained
 
         # unscanned: decoding runs the layers separately anyway (see decode_with_separate_layers)
         loaded = load_pretrained(args.model, dtype=args.dtype, scan_layers=False)

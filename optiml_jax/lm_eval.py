@@ -60,7 +60,7 @@ class OptimlJaxLM(TemplateLM):
         from optiml_jax.eval.generation import data_parallel_size
         from optiml_jax.eval.scoring import Scorer
         from optiml_jax.evaluate import _mesh_config
-        from optiml_jax.pretrained import load_pretrained
+        from optiml_jax.checkpoints.pretrained import load_pretrained
         from optiml_jax.sharding import make_mesh
         from optiml_jax.tokenizer import OPTTokenizer
 

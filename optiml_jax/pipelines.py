@@ -83,7 +83,7 @@ def pipeline(task: str = "text-generation", model=None, *, dtype=None, scan_laye
         raise ValueError(f"unsupported task {task!r}; optiml_jax supports {', '.join(TASKS)}")
     if model is None:
         raise ValueError("pipeline() needs model= (a model directory, a hub id, or a Pretrained)")
-    from optiml_jax.pretrained import Pretrained, load_pretrained
+    from optiml_jax.checkpoints.pretrained import Pretrained, load_pretrained
     from optiml_jax.tokenizer import OPTTokenizer
 
     loaded = model if isinstance(model, Pretrained) else load_pretrained(

@@ -35,7 +35,7 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optiml_jax.checkpoint import barrier
+from optiml_jax.fileio import barrier
 from optiml_jax.config import ConfigError, OPTConfig
 from optiml_jax.eval.metrics import ALL_METRICS
 from optiml_jax.loss import weighted_head_cross_entropy
@@ -559,13 +559,13 @@ def load_model_and_tokenizer(cfg: RunConfig, mesh, rules=DEFAULT_RULES, load_wei
         name = cfg.model[len("preset:"):]
         opt_config = OPTConfig.from_preset(resolve_path(name) if name.endswith((".yaml", ".yml", ".json")) else name)
     elif load_weights:
-        from optiml_jax.pretrained import load_pretrained
+        from optiml_jax.checkpoints.pretrained import load_pretrained
 
         loaded = load_pretrained(resolve_path(cfg.model), dtype=cfg.train.param_dtype, scan_layers=cfg.train.scan_layers,
                                  mesh=mesh, rules=rules, load_tokenizer=cfg.tokenizer is None)
         opt_config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
     else:  # resuming: the architecture only; the weights come from the run's checkpoint
-        from optiml_jax.pretrained import resolve_model_path
+        from optiml_jax.checkpoints.pretrained import resolve_model_path
 
         path = resolve_model_path(resolve_path(cfg.model))
         opt_config = OPTConfig.from_json_file(path / "config.json")
@@ -847,11 +847,11 @@ def _train(cfg, workdir, is_main, mesh, manager, rules, progress, stop_after_ste
 
 def save_final_model(directory: Path, opt_config: OPTConfig, params, tokenizer) -> Optional[str]:
     """The trained model in our converted format (config.json + tokenizer + Orbax params)."""
-    from optiml_jax import checkpoint
+    from optiml_jax.checkpoints import model_format as checkpoint
 
     save_model = getattr(checkpoint, "save_model", None)
     if save_model is None:
-        log.warning("optiml_jax.checkpoint.save_model is not available yet: the final model is only in the "
+        log.warning("optiml_jax.checkpoints.model_format.save_model is not available yet: the final model is only in the "
                     "run's training checkpoints")
         return None
     save_model(directory, opt_config, params, tokenizer, overwrite=True)

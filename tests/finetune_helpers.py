@@ -57,7 +57,7 @@ def flat(params):
 
 
 def final_params(workdir, tiny_preset):
-    from optiml_jax.checkpoint import restore_params
+    from optiml_jax.checkpoints.model_format import restore_params
     from optiml_jax.config import OPTConfig
     from optiml_jax.model import OPTForCausalLM
 

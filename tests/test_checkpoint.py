@@ -8,11 +8,12 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from hf_reference import hf_state_dict, make_config, make_hf_model
-from optiml_jax import checkpoint
+from optiml_jax.checkpoints import model_format as checkpoint
+from optiml_jax.fileio import OutputDirError
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.sharding import MeshConfig, init_params_sharded, make_mesh
 from optiml_jax.tokenizer import DEMO_TOKENIZER_DIR, OPTTokenizer
-from optiml_jax.weights import hf_to_params
+from optiml_jax.checkpoints.mapping import hf_to_params
 
 CONFIG = make_config("pre_ln", hidden_size=64, num_attention_heads=4, ffn_dim=128)
 
@@ -61,7 +62,7 @@ def test_save_is_atomic_and_refuses_to_clobber(tmp_path):
     target = tmp_path / "m"
     target.mkdir()
     (target / "notes.txt").write_text("keep")
-    with pytest.raises(checkpoint.CheckpointError, match="not empty"):
+    with pytest.raises(OutputDirError, match="not empty"):
         checkpoint.save_model(target, CONFIG, params)
     broken = jax.tree_util.tree_map(lambda x: x, params)
     del broken["decoder"]["layers"]["fc2"]

@@ -12,8 +12,8 @@ import transformers
 
 import checkpoint_fixtures as fixtures
 from hf_reference import hf_logits, make_config, make_hf_model
-from optiml_jax import checkpoint
-from optiml_jax.convert import convert
+from optiml_jax.checkpoints import model_format as checkpoint
+from optiml_jax.checkpoints.convert import convert
 from optiml_jax.model import OPTForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))

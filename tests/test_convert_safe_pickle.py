@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from optiml_jax import torch_pickle
+from optiml_jax.checkpoints import torch_pickle
 
 
 class _RunsShellOnLoad:

@@ -11,7 +11,7 @@ import torch
 from optiml_jax import generate as gen
 from optiml_jax.generate import GenerationConfig, filter_logits, generate, sample_logits
 from optiml_jax.model import OPTForCausalLM
-from optiml_jax.weights import hf_to_params
+from optiml_jax.checkpoints.mapping import hf_to_params
 
 from hf_reference import hf_state_dict, make_config, make_hf_model
 

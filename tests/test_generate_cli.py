@@ -53,7 +53,7 @@ def test_prompt_file_is_one_left_padded_batch_with_json_output(model_dir, tmp_pa
         assert row["completion"] == gen.complete_texts(tokenizer, [row["prompt_ids"]], [row["token_ids"]])[0]
 
     # the same greedy tokens as the Python API on the same batch
-    from optiml_jax.pretrained import load_pretrained
+    from optiml_jax.checkpoints.pretrained import load_pretrained
 
     loaded = load_pretrained(model_dir)
     out = gen.generate(loaded.model, loaded.params, [r["prompt_ids"] for r in rows], max_new_tokens=6)

@@ -25,8 +25,8 @@ MODEL = dict(vocab_size=2048, hidden_size=32, num_hidden_layers=2, ffn_dim=64, n
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(our converted directory, its Hugging Face export): one set of random weights."""
-    from optiml_jax.convert import convert
-    from optiml_jax.hf_export import export_hf
+    from optiml_jax.checkpoints.convert import convert
+    from optiml_jax.checkpoints.export import export_hf
 
     root = tmp_path_factory.mktemp("lm_eval_models")
     make_hf_model(OPTConfig(**MODEL), seed=5).save_pretrained(root / "source")

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec
 import checkpoint_fixtures as fixtures
 from hf_reference import hf_logits, make_config, make_hf_model
 from optiml_jax import load_pretrained
-from optiml_jax.convert import convert
+from optiml_jax.checkpoints.convert import convert
 from optiml_jax.sharding import MeshConfig, make_mesh
 from optiml_jax.tokenizer import DEMO_TOKENIZER_DIR
 

@@ -10,7 +10,7 @@ from optiml_jax import loss as loss_module
 from optiml_jax.loss import capacities_for, weighted_head_cross_entropy
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.train import lm_loss
-from optiml_jax.weights import hf_to_params
+from optiml_jax.checkpoints.mapping import hf_to_params
 
 from hf_reference import VARIANTS, hf_state_dict, make_config, make_hf_model
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from optiml_jax.model import OPTForCausalLM
-from optiml_jax.weights import hf_to_params
+from optiml_jax.checkpoints.mapping import hf_to_params
 
 from hf_reference import VARIANTS, hf_logits, hf_state_dict, make_config, make_hf_model
 
@@ -212,7 +212,7 @@ def test_half_precision_compute_stays_close(dtype):
 
 
 def test_weights_errors_name_the_key():
-    from optiml_jax.weights import WeightsError
+    from optiml_jax.checkpoints.mapping import WeightsError
 
     config = make_config("pre_ln")
     sd = hf_state_dict(make_hf_model(config))

@@ -14,7 +14,7 @@ from optiml_jax.eval.scoring import encode_pair
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.sharding import MeshConfig, make_mesh
 from optiml_jax.tokenizer import OPTTokenizer
-from optiml_jax.weights import hf_to_params
+from optiml_jax.checkpoints.mapping import hf_to_params
 
 LIMIT = 64  # hf_reference.TINY's positions
 

@@ -7,7 +7,7 @@ import pytest
 
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.sharding import DEFAULT_RULES, MeshConfig, init_params_sharded, make_mesh
-from optiml_jax.weights import hf_to_params
+from optiml_jax.checkpoints.mapping import hf_to_params
 
 from hf_reference import hf_logits, hf_state_dict, make_config, make_hf_model
 

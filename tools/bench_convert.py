@@ -32,7 +32,7 @@ def status():
     return out
 sys.path.insert(0, sys.argv[1])
 import jax, orbax.checkpoint, tensorstore
-from optiml_jax import convert
+from optiml_jax.checkpoints import convert
 jax.devices()  # the backend is initialised during a save anyway; count it in the baseline
 baseline = status()['VmRSS']
 start = time.perf_counter()
@@ -95,7 +95,7 @@ def write_hf_shards(directory: Path, config, shards: int, seed: int = 0) -> list
     """Sharded model.safetensors with its index, in HF names, fp16."""
     from safetensors.numpy import save_file
 
-    from optiml_jax.weights import tensor_specs
+    from optiml_jax.checkpoints.mapping import tensor_specs
 
     specs = tensor_specs(config)
     total = sum(math.prod(s.hf_shape) * 2 for s in specs)

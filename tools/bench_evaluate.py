@@ -75,7 +75,7 @@ def bench_ours(config, tokenizer, prompts, args) -> dict:
 
     from optiml_jax.eval.generation import generate_completions
     from optiml_jax.model import OPTForCausalLM
-    from optiml_jax.weights import hf_to_params
+    from optiml_jax.checkpoints.mapping import hf_to_params
 
     state = {k: v.detach().numpy() for k, v in _hf_model(config).state_dict().items()}
     params = jax.tree_util.tree_map(jnp.asarray, hf_to_params(state, config, scan_layers=False))

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from optiml_jax.config import OPTConfig
     from optiml_jax.generate import generate
     from optiml_jax.model import OPTForCausalLM
-    from optiml_jax.weights import hf_to_params
+    from optiml_jax.checkpoints.mapping import hf_to_params
 
     config = OPTConfig.from_preset(args.preset, dropout=0.0)
     torch.manual_seed(0)

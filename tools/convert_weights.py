@@ -42,13 +42,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.to_hf:
-            from optiml_jax.hf_export import export_hf
+            from optiml_jax.checkpoints.export import export_hf
 
             out = export_hf(args.input, args.output, max_shard_size=args.max_shard_size, dtype=args.dtype,
                             overwrite=args.overwrite)
             print(f"exported {args.input} -> {out} (Hugging Face format)")
         else:
-            from optiml_jax.convert import convert
+            from optiml_jax.checkpoints.convert import convert
 
             summary = convert(args.input, args.output, dtype=args.dtype or "float32", config=args.config,
                               tokenizer=args.tokenizer, overwrite=args.overwrite, fmt=args.format,

@@ -260,7 +260,7 @@ def write_results(directory: str | os.PathLike, result: EvalResult, *, overwrite
                   title: str = "Evaluation") -> Path:
     """predictions.jsonl, metrics.json and report.md, written into a temporary directory and renamed
     into place (from one process: other processes must not call this)."""
-    from optiml_jax.checkpoint import atomic_output_dir
+    from optiml_jax.fileio import atomic_output_dir
 
     with atomic_output_dir(directory, overwrite=overwrite, collective=False) as tmp:
         with open(tmp / PREDICTIONS_FILE, "w", encoding="utf-8") as f:

@@ -17,9 +17,10 @@ from typing import Optional
 
 import numpy as np
 
-from optiml_jax import checkpoint
+from optiml_jax.checkpoints import model_format as checkpoint
+from optiml_jax.fileio import atomic_output_dir, check_output_dir
 from optiml_jax.config import OPTConfig
-from optiml_jax.weights import tensor_specs
+from optiml_jax.checkpoints.mapping import stacked_location, tensor_specs
 
 _SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -44,7 +45,7 @@ def parse_size(size) -> int:
 def export_hf(model_dir, output_dir, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, dtype: Optional[str] = None,
               overwrite: bool = False) -> Path:
     """Writes `model_dir` (an optiml_jax directory) as a Hugging Face OPT directory at `output_dir`."""
-    from optiml_jax.pretrained import as_dtype
+    from optiml_jax.checkpoints.pretrained import as_dtype
 
     model_dir = Path(model_dir)
     marker = checkpoint.read_marker(model_dir)
@@ -53,15 +54,12 @@ def export_hf(model_dir, output_dir, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, d
     if out_dtype.name not in _SAFETENSORS_NAMES:
         raise ValueError(f"cannot export dtype {out_dtype.name}")
     limit = parse_size(max_shard_size)
-    checkpoint.check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite)
 
     # Tensor order: grouped by stored array, so each stacked array is read once.
     groups: dict[tuple, list] = {}
     for spec in tensor_specs(config):
-        if spec.path[1].startswith("layers_"):
-            stored, layer = ("decoder", "layers") + spec.path[2:], int(spec.path[1][len("layers_"):])
-        else:
-            stored, layer = spec.path, None
+        stored, layer = stacked_location(spec.path)
         groups.setdefault(stored, []).append((spec, layer))
     plan = [(spec, layer, stored) for stored, items in groups.items() for spec, layer in items]
     shards, current, current_bytes = [], [], 0
@@ -75,7 +73,7 @@ def export_hf(model_dir, output_dir, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, d
     if current:
         shards.append(current)
 
-    with checkpoint.atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite) as tmp:
         reader = checkpoint.ParamsReader(model_dir)
         weight_map, total = {}, 0
         names = (["model.safetensors"] if len(shards) == 1 else

@@ -18,9 +18,11 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from optiml_jax import checkpoint, hf_checkpoint, metaseq
+from optiml_jax.checkpoints import hf as hf_checkpoint, metaseq, model_format as checkpoint
+from optiml_jax.checkpoints.streamed import StreamedArray
+from optiml_jax.fileio import atomic_output_dir, check_output_dir
 from optiml_jax.config import OPTConfig
-from optiml_jax.weights import _IGNORABLE, WeightsError, normalize_hf_key, tensor_specs
+from optiml_jax.checkpoints.mapping import TensorChecker, stacked_location
 
 FORMATS = ("hf", "metaseq")
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
@@ -148,45 +150,28 @@ class ParamStager:
         self.dtype = np.dtype(dtype)
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.specs = {spec.hf_key: spec for spec in tensor_specs(config)}
+        self.checker = TensorChecker(config)
+        self.specs = self.checker.specs
         self.arrays: dict[tuple, tuple] = {}  # stored path -> (file, shape)
         self.slots: dict[str, _Slot] = {}
         layers = config.num_hidden_layers
         for spec in self.specs.values():
             flax_shape = tuple(spec.to_flax(np.empty(spec.hf_shape, np.uint8)).shape)
-            if spec.path[1].startswith("layers_"):
-                stored = ("decoder", "layers") + spec.path[2:]
-                layer = int(spec.path[1][len("layers_"):])
-                shape = (layers,) + flax_shape
-            else:
-                stored, layer, shape = spec.path, None, flax_shape
+            stored, layer = stacked_location(spec.path)
+            shape = flax_shape if layer is None else (layers,) + flax_shape
             if stored not in self.arrays:
                 file = directory / (".".join(stored) + ".raw")
                 with open(file, "wb") as f:
                     f.truncate(math.prod(shape) * self.dtype.itemsize)
                 self.arrays[stored] = (file, shape)
             self.slots[spec.hf_key] = _Slot(self.arrays[stored][0], shape, layer)
-        self.seen: set[str] = set()
         self.bytes_read = 0
 
     def add(self, raw_key: str, array: np.ndarray, source: str) -> None:
-        key = normalize_hf_key(raw_key)
-        if self.config.tie_word_embeddings and key == "lm_head.weight":
-            expected = (self.config.vocab_size, self.config.word_embed_proj_dim)
-            if tuple(array.shape) != expected:
-                raise WeightsError(f"{source}: {raw_key} has shape {tuple(array.shape)}, expected {expected}")
-            return  # tied: the head reads embed_tokens
-        spec = self.specs.get(key)
+        spec = self.checker.check(raw_key, array.shape, source)
         if spec is None:
-            if _IGNORABLE.match(key):
-                return
-            raise WeightsError(f"{source}: unexpected tensor {raw_key} for this OPT config")
-        if key in self.seen:
-            raise WeightsError(f"{source}: tensor {raw_key} appears twice")
-        if tuple(array.shape) != spec.hf_shape:
-            raise WeightsError(f"{source}: {raw_key} has shape {tuple(array.shape)}, expected {spec.hf_shape} "
-                               f"for this config")
-        self.seen.add(key)
+            return
+        key = spec.hf_key
         self.bytes_read += array.nbytes
         slot = self.slots[key]
         if spec.to_flax.__name__ != "_identity":  # transposes: per-layer tensors, converted whole
@@ -202,20 +187,15 @@ class ParamStager:
                 block = np.ascontiguousarray(flat[start:start + rows], dtype=self.dtype)
                 f.write(memoryview(block.reshape(-1).view(np.uint8)))
 
-    def missing(self) -> list:
-        return [k for k in self.specs if k not in self.seen]
-
     def params(self) -> dict:
         """The staged tree of StreamedArrays (after every tensor was added)."""
-        missing = self.missing()
-        if missing:
-            raise WeightsError(f"missing tensor(s): {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+        self.checker.check_complete("the checkpoint")
         tree: dict = {}
         for stored, (file, shape) in self.arrays.items():
             node = tree
             for key in stored[:-1]:
                 node = node.setdefault(key, {})
-            node[stored[-1]] = checkpoint.StreamedArray.from_raw_file(file, shape, self.dtype)
+            node[stored[-1]] = StreamedArray.from_raw_file(file, shape, self.dtype)
         return tree
 
 
@@ -223,18 +203,18 @@ class ParamStager:
 def convert(input_path, output_dir, *, dtype: str = "float32", config=None, tokenizer=None,
             overwrite: bool = False, fmt: Optional[str] = None, progress: bool = True) -> ConversionSummary:
     """Converts a checkpoint into an optiml_jax model directory (atomically: all or nothing)."""
-    from optiml_jax.pretrained import as_dtype
+    from optiml_jax.checkpoints.pretrained import as_dtype
 
     start = time.perf_counter()
     if str(dtype) not in OUTPUT_DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     np_dtype = np.dtype(as_dtype(dtype))
-    output_dir = checkpoint.check_output_dir(output_dir, overwrite)  # fail before reading anything
+    output_dir = check_output_dir(output_dir, overwrite)  # fail before reading anything
     tokenizer_obj = _load_tokenizer(tokenizer) if tokenizer is not None else None
     source = open_source(input_path, fmt, config)
     if tokenizer_obj is None and source.tokenizer_dir is not None:
         tokenizer_obj = _load_tokenizer(source.tokenizer_dir)
-    with checkpoint.atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite) as tmp:
         staging = tmp / ".staging"
         stager = ParamStager(source.config, np_dtype, staging)
         count = 0
@@ -273,9 +253,9 @@ def _report_reads(params: dict, bar) -> dict:
             bar.update(block.nbytes)
             return block
 
-        return checkpoint.StreamedArray(leaf.shape, leaf.dtype, read_rows)
+        return StreamedArray(leaf.shape, leaf.dtype, read_rows)
 
-    return jax.tree_util.tree_map(wrap, params, is_leaf=lambda x: isinstance(x, checkpoint.StreamedArray))
+    return jax.tree_util.tree_map(wrap, params, is_leaf=lambda x: isinstance(x, StreamedArray))
 
 
 def _load_tokenizer(directory):

@@ -5,13 +5,14 @@ take what we return. Every check (missing, unexpected, wrongly shaped tensors) n
 
 Our params are the contents of the Flax "params" collection. Layers are either unstacked
 (`decoder/layers_{i}/...`, the model with scan_layers=False) or stacked on a leading axis
-(`decoder/layers/...`, scan_layers=True); `stack_layers` / `unstack_layers` convert.
+(`decoder/layers/...`, scan_layers=True); `stack_layers` / `unstack_layers` convert, and
+`stacked_location` says where one layer's array lives in the stacked tree.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -127,91 +128,114 @@ def normalize_hf_key(key: str) -> str:
     return key[len("model."):] if key.startswith("model.") else key
 
 
+class TensorChecker:
+    """Checks HF tensors against a config as they stream by, one at a time: every key known (or one that
+    holds no weights of ours), none twice, every shape right, none missing at the end. A tied
+    `lm_head.weight` is checked for shape and then skipped (the head reads embed_tokens; several hub
+    checkpoints omit it). Loading (hf_to_params) and converting (convert.ParamStager) both use it;
+    errors name `source` and the key."""
+
+    def __init__(self, config: OPTConfig, source: str = "checkpoint"):
+        self.config, self.source = config, source
+        self.specs = {spec.hf_key: spec for spec in tensor_specs(config)}
+        self.seen: set[str] = set()
+
+    def check(self, raw_key: str, shape, source: Optional[str] = None) -> Optional[TensorSpec]:
+        """The spec of a tensor to keep, or None for one to skip; WeightsError for a bad one."""
+        source = source or self.source
+        key = normalize_hf_key(raw_key)
+        shape = tuple(shape)
+        if self.config.tie_word_embeddings and key == "lm_head.weight":
+            expected = (self.config.vocab_size, self.config.word_embed_proj_dim)
+            if shape != expected:
+                raise WeightsError(f"{source}: {raw_key} has shape {shape}, expected {expected}")
+            return None
+        spec = self.specs.get(key)
+        if spec is None:
+            if _IGNORABLE.match(key):
+                return None
+            raise WeightsError(f"{source}: unexpected tensor {raw_key} for this OPT config")
+        if key in self.seen:
+            raise WeightsError(f"{source}: tensor {raw_key} appears twice (with and without 'model.'?)")
+        if shape != spec.hf_shape:
+            raise WeightsError(f"{source}: {raw_key} has shape {shape}, expected {spec.hf_shape} for this config")
+        self.seen.add(key)
+        return spec
+
+    def missing(self) -> list[str]:
+        return [k for k in self.specs if k not in self.seen]
+
+    def check_complete(self, source: Optional[str] = None) -> None:
+        missing = self.missing()
+        if missing:
+            raise WeightsError(f"{source or self.source}: missing tensor(s): {', '.join(missing[:10])}"
+                               + (" ..." if len(missing) > 10 else ""))
+
+
 def hf_to_params(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
                  config: OPTConfig, *, scan_layers: bool = False, dtype=None,
                  source: str = "checkpoint") -> dict:
-    """Builds our params from HF (key, tensor) pairs, checking every key and shape.
-
-    A missing `lm_head.weight` with tied embeddings is normal (several hub checkpoints omit it);
-    a present one is checked for shape and otherwise ignored, since the head reads embed_tokens.
-    `source` names the file(s) in errors.
-    """
-    by_key = {spec.hf_key: spec for spec in tensor_specs(config)}
+    """Builds our params from HF (key, tensor) pairs, each checked by a TensorChecker; `source` names the
+    file(s) in errors."""
+    checker = TensorChecker(config, source)
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     params: dict = {}
-    seen = set()
-    unexpected = []
     for raw_key, tensor in items:
-        key = normalize_hf_key(raw_key)
-        if config.tie_word_embeddings and key == "lm_head.weight":
-            expected = (config.vocab_size, config.word_embed_proj_dim)
-            if tuple(tensor.shape) != expected:
-                raise WeightsError(f"{source}: {raw_key} has shape {tuple(tensor.shape)}, expected {expected}")
-            continue
-        spec = by_key.get(key)
-        if spec is None:
-            if not _IGNORABLE.match(key):
-                unexpected.append(raw_key)
-            continue
-        if key in seen:
-            raise WeightsError(f"{source}: tensor {raw_key} appears twice (with and without 'model.'?)")
-        seen.add(key)
         array = np.asarray(tensor)
-        if tuple(array.shape) != spec.hf_shape:
-            raise WeightsError(f"{source}: {raw_key} has shape {tuple(array.shape)}, expected "
-                               f"{spec.hf_shape} for this config")
+        spec = checker.check(raw_key, array.shape)
+        if spec is None:
+            continue
         array = spec.to_flax(array)
         if dtype is not None:
             array = array.astype(dtype)
         set_path(params, spec.path, array)
-    if unexpected:
-        raise WeightsError(f"{source}: unexpected tensor(s) for this OPT config: "
-                           f"{', '.join(sorted(unexpected)[:10])}" + (" ..." if len(unexpected) > 10 else ""))
-    missing = [k for k in by_key if k not in seen]
-    if missing:
-        raise WeightsError(f"{source}: missing tensor(s): {', '.join(missing[:10])}"
-                           + (" ..." if len(missing) > 10 else ""))
-    return stack_layers(params, config) if scan_layers else params
+    checker.check_complete()
+    return stack_layers(params, config.num_hidden_layers) if scan_layers else params
 
 
-def params_to_hf(params: dict, config: OPTConfig, *, prefix: str = "model.",
-                 include_lm_head: bool = True) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields HF (key, tensor) pairs, one at a time, from stacked or unstacked params.
-
-    The tied `lm_head.weight` is yielded (as the embedding) when `include_lm_head`, because
-    `transformers` expects to find it in the files it writes itself.
-    """
-    stacked = "layers" in params.get("decoder", {})
-    for spec in tensor_specs(config):
-        if stacked and spec.path[1].startswith("layers_"):
-            layer = int(spec.path[1][len("layers_"):])
-            array = np.asarray(get_path(params, ("decoder", "layers") + spec.path[2:])[layer])
-        else:
-            array = np.asarray(get_path(params, spec.path))
-        key = spec.hf_key if spec.hf_key == "lm_head.weight" else prefix + spec.hf_key
-        yield key, spec.to_hf(array)
-    if include_lm_head and config.tie_word_embeddings:
-        yield "lm_head.weight", np.asarray(get_path(params, ("decoder", "embed_tokens", "embedding")))
+def stacked_location(path: Path) -> tuple[Path, Optional[int]]:
+    """Where an unstacked path lives in the stacked layout: ("decoder", "layers_3", "fc1", "kernel") ->
+    (("decoder", "layers", "fc1", "kernel"), 3); a path outside the layers -> (path, None)."""
+    if len(path) > 1 and path[0] == "decoder" and path[1].startswith("layers_"):
+        return ("decoder", "layers") + tuple(path[2:]), int(path[1][len("layers_"):])
+    return tuple(path), None
 
 
-def stack_layers(params: dict, config: OPTConfig) -> dict:
-    """`decoder/layers_{i}/...` -> `decoder/layers/...` with a leading layer axis (for nn.scan)."""
-    decoder = dict(params["decoder"])
-    layers = [decoder.pop(f"layers_{i}") for i in range(config.num_hidden_layers)]
+def stack_layers(params: dict, num_layers: int, stack: Optional[Callable] = None) -> dict:
+    """`decoder/layers_{i}/...` -> `decoder/layers/...` with a leading layer axis (what nn.scan uses).
+    `stack(*per_layer_arrays)` builds each stacked leaf (default np.stack; pass jnp.stack for device
+    arrays, or something lazy to avoid a copy)."""
     import jax  # local: keep this module importable without initialising a backend
 
-    decoder["layers"] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *layers)
+    stack = stack or (lambda *xs: np.stack(xs))
+    decoder = dict(params["decoder"])
+    if "layers" in decoder:
+        return params
+    layers = [decoder.pop(f"layers_{i}") for i in range(num_layers)]
+    decoder["layers"] = jax.tree_util.tree_map(stack, *layers)
     return {**params, "decoder": decoder}
 
 
-def unstack_layers(params: dict, config: OPTConfig) -> dict:
-    """Inverse of `stack_layers`."""
+def unstack_layers(params: dict, num_layers: int, shardings: Optional[dict] = None) -> dict:
+    """Inverse of `stack_layers`, for numpy, device or traced arrays. Each stacked array is dropped
+    from the tree once split, so outside jit the stack and its layers are not all held at once; with
+    `shardings` (of the unstacked params) each layer's array is placed into its shards."""
     import jax
 
     decoder = dict(params["decoder"])
-    stacked = decoder.pop("layers")
-    for i in range(config.num_hidden_layers):
-        decoder[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+    flat, treedef = jax.tree_util.tree_flatten(decoder.pop("layers"))
+    targets = None
+    if shardings is not None:
+        targets = [jax.tree_util.tree_flatten(shardings["decoder"][f"layers_{i}"])[0] for i in range(num_layers)]
+    per_layer = [[None] * len(flat) for _ in range(num_layers)]
+    for j in range(len(flat)):
+        leaf, flat[j] = flat[j], None
+        for i in range(num_layers):
+            piece = leaf[i]
+            per_layer[i][j] = piece if targets is None else jax.device_put(piece, targets[i][j])
+        del leaf
+    for i in range(num_layers):
+        decoder[f"layers_{i}"] = jax.tree_util.tree_unflatten(treedef, per_layer[i])
     return {**params, "decoder": decoder}
 
 

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from optiml_jax.config import OPTConfig
-from optiml_jax.hf_checkpoint import WEIGHT_FILES, find_weight_files, iter_directory_tensors
+from optiml_jax.checkpoints.hf import WEIGHT_FILES, find_weight_files, iter_directory_tensors
 from optiml_jax.model import OPTForCausalLM
-from optiml_jax.weights import hf_to_params
+from optiml_jax.checkpoints.mapping import hf_to_params
 
 HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
                 "pytorch_model.bin.index.json", "vocab.json", "merges.txt", "tokenizer.json",
@@ -85,7 +85,7 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtyp
     config = OPTConfig.from_json_file(path / "config.json")
     model = OPTForCausalLM(config, dtype=compute_dtype, param_dtype=storage_dtype, scan_layers=scan_layers)
 
-    from optiml_jax import checkpoint  # our converted format
+    from optiml_jax.checkpoints import model_format as checkpoint  # our converted format
 
     if checkpoint.is_converted_checkpoint(path):
         params = checkpoint.restore_params(path, model, mesh=mesh, rules=rules)

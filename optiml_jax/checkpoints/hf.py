@@ -111,7 +111,7 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def _iter_torch_file(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    from optiml_jax import torch_pickle
+    from optiml_jax.checkpoints import torch_pickle
 
     try:
         state = torch_pickle.load(path)

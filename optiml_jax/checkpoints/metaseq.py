@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from optiml_jax import torch_pickle
+from optiml_jax.checkpoints import torch_pickle
 from optiml_jax.config import ConfigError, OPTConfig
 
 PART_PATTERN = re.compile(r"^(?P<prefix>.*?)-?model_part-(?P<part>\d+)(?:-shard(?P<shard>\d+))?\.pt$")
