@@ -15,7 +15,40 @@ from typing import Any, Optional
 
 import yaml
 
-SUPPORTED_ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish", "tanh")
+# The dtypes a model may compute in or be stored as, everywhere (CLIs, run configs, converter, loader).
+DTYPES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_name(value) -> str:
+    """The canonical name ("float32", "bfloat16", "float16") of a dtype given by name, alias (bf16...)
+    or dtype object; ValueError naming the choices otherwise."""
+    import numpy as np
+
+    if isinstance(value, str):
+        name = _DTYPE_ALIASES.get(value.lower(), value.lower())
+    else:
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so np.dtype() knows its name)
+
+        try:
+            name = np.dtype(value).name
+        except TypeError:
+            name = str(value)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
+    return name
+
+
+def as_dtype(value):
+    """The numpy dtype (bfloat16 through ml_dtypes, which JAX uses too) of a name, alias or dtype;
+    None stays None."""
+    if value is None:
+        return None
+    import ml_dtypes
+    import numpy as np
+
+    name = dtype_name(value)
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 # Keys that PretrainedConfig (or an old hub config.json) writes but that do not change the
 # architecture. They are accepted and dropped; anything else unknown is an error, because a typo in
@@ -134,9 +167,11 @@ class OPTConfig:
             raise ConfigError(
                 f"OPTConfig.hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}")
-        if self.activation_function not in SUPPORTED_ACTIVATIONS:
+        from optiml_jax.model.layers import ACTIVATIONS  # the table the model uses: the one list of names
+
+        if self.activation_function not in ACTIVATIONS:
             raise ConfigError(f"OPTConfig.activation_function={self.activation_function!r} is not one of "
-                              f"{', '.join(SUPPORTED_ACTIVATIONS)}")
+                              f"{', '.join(ACTIVATIONS)}")
         if not isinstance(self.init_std, (int, float)) or self.init_std <= 0:
             raise ConfigError(f"OPTConfig.init_std must be positive, got {self.init_std!r}")
 

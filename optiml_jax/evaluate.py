@@ -59,6 +59,7 @@ def _mesh_config(text: str):
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    from optiml_jax.config import DTYPES
     from optiml_jax.eval.prompts import DEFAULT_DELIMITER, PROMPT_TEMPLATES
     from optiml_jax.eval.runner import MODES
     from optiml_jax.eval.tasks import DEFAULT_MAX_INSTANCES
@@ -85,7 +86,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="prompts per generation batch (default: 8 per data-parallel device)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--mesh", default="data=-1", help="mesh axis sizes, as in fine-tuning (default data=-1)")
     parser.add_argument("--add-bos", action="store_true", help="start prompts with </s> (fine-tuning data does not)")
     parser.add_argument("--predictions", help="re-score this predictions.jsonl instead of running a model")

@@ -78,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if jax.process_index() != 0:  # logs come from process 0; the others report only problems
         logging.getLogger().setLevel(logging.WARNING)
     from optiml_jax.data import DataError
-    from optiml_jax.memory import InsufficientMemoryError
+    from optiml_jax.train.memory import InsufficientMemoryError
     from optiml_jax.train import TrainingError, train_and_evaluate
 
     try:

@@ -33,22 +33,13 @@ import numpy as np
 import flax.linen as nn
 
 from optiml_jax.checkpoints import mapping as weights
+from optiml_jax.config import DTYPES
 from optiml_jax.model import OPTForCausalLM, lm_head_logits, positions_from_mask
 
 # Prompts are left-padded to a multiple of this, and the new-token budget is rounded up to a multiple
 # of NEW_TOKENS_BUCKET: the compiled program depends on these rounded shapes only.
 PROMPT_BUCKET = 32
 NEW_TOKENS_BUCKET = 32
-
-# Bumped each time the generation program is traced (a compile follows each trace), so tests and
-# callers can check that a call reused a compiled program.
-_trace_count = 0
-
-
-def trace_count() -> int:
-    """How many times the generation program has been traced (= compiled) in this process."""
-    return _trace_count
-
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
@@ -273,8 +264,6 @@ def _generate_compiled(model, params, prompt_ids, prompt_mask, max_new_tokens, m
                        temperature, top_k, top_p, stop_mask, *, new_tokens_capacity, do_sample, eos_token_id,
                        pad_token_id, unstack_layers):
     """Prefill plus the decode loop. Returns (tokens, logprobs, lengths); eos_token_id -1 = none."""
-    global _trace_count
-    _trace_count += 1
     if unstack_layers:
         params = weights.unstack_layers(params, model.config.num_hidden_layers)
         model = model.clone(scan_layers=False)
@@ -372,7 +361,7 @@ def _parse_args(argv):
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:

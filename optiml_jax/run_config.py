@@ -16,17 +16,14 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from optiml_jax.config import ConfigError
+from optiml_jax.config import DTYPES, ConfigError
 from optiml_jax.data import DataConfig
 from optiml_jax.eval.prompts import PROMPT_TEMPLATES
 from optiml_jax.sharding import MeshConfig
 
 # The shipped demo: `python -m optiml_jax.finetune` without --config runs it.
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 HOLDOUT = "holdout"  # eval.tasks.data: the held-out instances of data.eval_holdout
-REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch")  # = model.REMAT_POLICIES (not imported: no jax here)
-HEAD_POSITIONS = ("weighted", "all")  # = loss.HEAD_POSITIONS
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -220,12 +217,15 @@ def validate(cfg: RunConfig) -> None:
         _require(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}")
     _require(t.batch_size % t.grad_accum_steps == 0,
              f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
-    _require(t.compute_dtype in COMPUTE_DTYPES, f"train.compute_dtype={t.compute_dtype!r} is not one of "
-             f"{', '.join(COMPUTE_DTYPES)}")
-    _require(t.param_dtype in COMPUTE_DTYPES, f"train.param_dtype={t.param_dtype!r} is not one of "
-             f"{', '.join(COMPUTE_DTYPES)}")
-    _require(t.remat_policy in REMAT_CHOICES, f"train.remat_policy={t.remat_policy!r} is not one of "
-             f"{', '.join(REMAT_CHOICES)}")
+    _require(t.compute_dtype in DTYPES, f"train.compute_dtype={t.compute_dtype!r} is not one of {', '.join(DTYPES)}")
+    _require(t.param_dtype in DTYPES, f"train.param_dtype={t.param_dtype!r} is not one of {', '.join(DTYPES)}")
+    # the tables that use these names own them (imported here, not at the top: the train package
+    # imports this module)
+    from optiml_jax.model import REMAT_POLICIES
+    from optiml_jax.train.loss import HEAD_POSITIONS
+
+    _require(t.remat_policy in REMAT_POLICIES, f"train.remat_policy={t.remat_policy!r} is not one of "
+             f"{', '.join(REMAT_POLICIES)}")
     _require(t.head_positions in HEAD_POSITIONS, f"train.head_positions={t.head_positions!r} is not one of "
              f"{', '.join(HEAD_POSITIONS)}")
     for name in ("dropout", "attention_dropout"):

@@ -125,9 +125,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over every data-parallel axis."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+# Logical axes of every model input [batch, length] (token ids, positions, segments, targets, masks).
+BATCH_AXES = ("activation_batch", "activation_length")
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, *, microbatched: bool = False) -> NamedSharding:
+    """The sharding of a [batch, length] model input (with `microbatched`, [microbatch, batch, length]):
+    rows split as the rules split the activations' batch axis (every data-parallel mesh axis)."""
+    logical = PartitionSpec(None, *BATCH_AXES) if microbatched else PartitionSpec(*BATCH_AXES)
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(logical, rules))
 
 
 def init_params_sharded(model: nn.Module, rng: jax.Array, mesh: Mesh, rules=DEFAULT_RULES,

@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from optiml_jax.metrics import read_jsonl
+from optiml_jax.train.metrics_log import read_jsonl
 from optiml_jax.run_config import from_dict
 
 REPO = Path(__file__).resolve().parents[1]

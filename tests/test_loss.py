@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from optiml_jax import loss as loss_module
-from optiml_jax.loss import capacities_for, weighted_head_cross_entropy
+from optiml_jax.train import loss as loss_module
+from optiml_jax.train.loss import capacities_for, weighted_head_cross_entropy
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.train import lm_loss
 from optiml_jax.checkpoints.mapping import hf_to_params

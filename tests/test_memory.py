@@ -3,7 +3,7 @@ import jax
 import pytest
 
 from optiml_jax.config import OPTConfig
-from optiml_jax.memory import (InsufficientMemoryError, check_fits, estimate_training_memory,
+from optiml_jax.train.memory import (InsufficientMemoryError, check_fits, estimate_training_memory,
                                sharded_param_bytes)
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.sharding import DEFAULT_RULES, MeshConfig, init_params_sharded, make_mesh

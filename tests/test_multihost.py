@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from finetune_helpers import TASKS, cli, cli_env, config_dict, final_params, flat, step_losses
-from optiml_jax.metrics import read_jsonl
+from optiml_jax.train.metrics_log import read_jsonl
 from optiml_jax.run_config import from_dict
 from optiml_jax.train import train_and_evaluate
 

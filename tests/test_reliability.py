@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from optiml_jax.config import ConfigError
-from optiml_jax.metrics import read_jsonl
+from optiml_jax.train.metrics_log import read_jsonl
 from optiml_jax.run_config import from_dict
 from optiml_jax.train import train_and_evaluate
 
@@ -211,7 +211,7 @@ def test_hostile_jsonl_is_skipped_and_counted_or_one_line_error(tiny_preset, tmp
 # ---------------------------------------------------------------------- memory
 def test_memory_estimate_is_printed_and_a_run_that_cannot_fit_stops_before_compiling(tiny_preset, tmp_path,
                                                                                    capsys, caplog, monkeypatch):
-    import optiml_jax.train as train_module
+    import optiml_jax.train.loop as train_module
     from optiml_jax.finetune import main
 
     def must_not_run(*args, **kwargs):
@@ -238,13 +238,12 @@ def test_activation_estimate_is_within_2x_of_xla(remat):
     """The estimate's transient part (saved activations + logits + gradients) against the temp bytes of
     XLA's compiled train step (memory_analysis), for a model where activations dominate."""
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding
 
     from optiml_jax.config import OPTConfig
-    from optiml_jax.memory import estimate_training_memory
+    from optiml_jax.train.memory import estimate_training_memory
     from optiml_jax.run_config import OptimSection, TrainSection
-    from optiml_jax.sharding import MeshConfig, make_mesh
-    from optiml_jax.train import BATCH_SPEC, build_model, make_optimizer, make_train_step, state_shardings
+    from optiml_jax.sharding import MeshConfig, batch_sharding, make_mesh
+    from optiml_jax.train import build_model, make_optimizer, make_train_step, state_shardings
 
     config = OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, ffn_dim=256,
                        max_position_embeddings=512)
@@ -255,7 +254,7 @@ def test_activation_estimate_is_within_2x_of_xla(remat):
     abstract, shardings = state_shardings(model, tx, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     batch_spec = {k: jax.ShapeDtypeStruct((batch, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                          sharding=NamedSharding(mesh, BATCH_SPEC))
+                                          sharding=batch_sharding(mesh))
                   for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
     analysis = make_train_step(model, tx, train, OptimSection(), mesh, shardings).lower(state, batch_spec) \
         .compile().memory_analysis()

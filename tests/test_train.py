@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from optiml_jax.config import ConfigError
-from optiml_jax.metrics import read_jsonl, read_tensorboard_scalars
+from optiml_jax.train.metrics_log import read_jsonl, read_tensorboard_scalars
 from optiml_jax.run_config import OptimSection, load_run_config
 from optiml_jax.train import (TrainingError, flops_per_token, learning_rate_schedule, train_and_evaluate,
                               weight_decay_mask)
@@ -118,7 +118,7 @@ def test_resume_continues_exactly(tiny_preset, tmp_path, monkeypatch):
     workdir for 2 more: same loss curve, same final params (dropout on)."""
     import signal
 
-    import optiml_jax.train as train_module
+    import optiml_jax.train.loop as train_module
 
     whole = train_and_evaluate(run_config(tiny_preset, tmp_path / "whole"), progress=False)
     cfg = run_config(tiny_preset, tmp_path / "split", checkpoint={"every_steps": 0})
@@ -148,7 +148,7 @@ def test_resume_continues_exactly(tiny_preset, tmp_path, monkeypatch):
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_preset, tmp_path, monkeypatch):
-    import optiml_jax.train as train_module
+    import optiml_jax.train.loop as train_module
 
     real_global_batch = train_module.global_batch
     calls = {"n": 0}

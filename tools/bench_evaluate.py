@@ -10,34 +10,24 @@ careful HF evaluation does: the same length-sorted batches, left-padded, one `ge
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
+import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_worker import report, run_in_fresh_process  # noqa: E402
+from bench_worker import (alternating_rounds, best_of, parse_checked, random_hf_model, report,  # noqa: E402
+                          side_by_side_parser, write_figures)
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python tools/benchmark.py evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="125m")
+    parser = side_by_side_parser("evaluate", __doc__.split("\n")[0], repeats=2)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1, help="alternate the sides this many times")
-    parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--json", default=None, help="also write the figures here")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or args.repeats < 1:
-        parser.error("--rounds and --repeats must be at least 1")
-    return args
+    return parse_checked(parser, argv)
 
 
 def benchmark_prompts(count: int):
@@ -52,23 +42,6 @@ def benchmark_prompts(count: int):
     return tokenizer, tokenizer.encode_batch(texts, add_bos=False)
 
 
-def _hf_model(config):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    return transformers.OPTForCausalLM(transformers.OPTConfig(**config.to_dict())).eval().float()
-
-
-def _timed(fn, repeats):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def bench_ours(config, tokenizer, prompts, args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -77,7 +50,7 @@ def bench_ours(config, tokenizer, prompts, args) -> dict:
     from optiml_jax.model import OPTForCausalLM
     from optiml_jax.checkpoints.mapping import hf_to_params
 
-    state = {k: v.detach().numpy() for k, v in _hf_model(config).state_dict().items()}
+    state = {k: v.detach().numpy() for k, v in random_hf_model(config).state_dict().items()}
     params = jax.tree_util.tree_map(jnp.asarray, hf_to_params(state, config, scan_layers=False))
     model = OPTForCausalLM(config, scan_layers=False)
 
@@ -85,10 +58,7 @@ def bench_ours(config, tokenizer, prompts, args) -> dict:
         return generate_completions(model, params, tokenizer, prompts, max_new_tokens=args.new_tokens,
                                     batch_size=args.batch_size)
 
-    start = time.perf_counter()
-    run()
-    first = time.perf_counter() - start
-    seconds, (_, _, stats) = _timed(run, args.repeats)
+    seconds, first, (_, _, stats) = best_of(run, args.repeats)
     return {"seconds": seconds, "first_call_s": first, "new_tokens": stats.new_tokens, "programs": stats.programs,
             "batches": stats.batches}
 
@@ -96,7 +66,7 @@ def bench_ours(config, tokenizer, prompts, args) -> dict:
 def bench_hf(config, tokenizer, prompts, args) -> dict:
     import torch
 
-    model = _hf_model(config)
+    model = random_hf_model(config)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     batches = [order[s:s + args.batch_size] for s in range(0, len(order), args.batch_size)]
 
@@ -117,10 +87,7 @@ def bench_hf(config, tokenizer, prompts, args) -> dict:
             tokenizer.decode_batch([[t for t in row if t < tokenizer.vocab_size] for row in new.tolist()])
         return new_tokens
 
-    start = time.perf_counter()
-    run()
-    first = time.perf_counter() - start
-    seconds, new_tokens = _timed(run, args.repeats)
+    seconds, first, new_tokens = best_of(run, args.repeats)
     return {"seconds": seconds, "first_call_s": first, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
             "attn_implementation": model.config._attn_implementation}
 
@@ -138,24 +105,14 @@ def run_worker(args) -> dict:
     return {**result, **bench_ours(config, tokenizer, prompts, args), "jax": jax.__version__}
 
 
-def _in_fresh_process(args, worker: str) -> dict:
-    return run_in_fresh_process(__file__, worker, ["--preset", args.preset, "--prompts", str(args.prompts),
-                                                   "--new-tokens", str(args.new_tokens), "--batch-size",
-                                                   str(args.batch_size), "--repeats", str(args.repeats)])
-
-
 def main(argv=None) -> int:
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.worker:
-        report(run_worker(args))
-        return 0
-    import statistics
-
+        return report(run_worker(args))
     workers = ["jax"] + ([] if args.skip_hf else ["hf-pytorch"])
-    rounds = []
-    for index in range(args.rounds):
-        rounds.append({w: _in_fresh_process(args, w) for w in (workers if index % 2 == 0 else workers[::-1])})
-        print(f"round {index + 1}: " + ", ".join(f"{w} {r['seconds']:.2f} s" for w, r in rounds[-1].items()), flush=True)
+    rounds = alternating_rounds(__file__, workers, ["--preset", args.preset, "--prompts", str(args.prompts),
+                                                    "--new-tokens", str(args.new_tokens), "--batch-size",
+                                                    str(args.batch_size), "--repeats", str(args.repeats)], args.rounds)
     ours = {**rounds[-1]["jax"], "seconds": statistics.median(r["jax"]["seconds"] for r in rounds)}
     figures = {"preset": args.preset, "prompts": args.prompts, "new_tokens_max": args.new_tokens,
                "batch_size": args.batch_size, "machine": f"{platform.processor() or platform.machine()}, "
@@ -173,10 +130,7 @@ def main(argv=None) -> int:
     speedup = f"{figures['speedup_vs_hf']:.2f}x" if "speedup_vs_hf" in figures else "-"
     print(f"| optiml_jax evaluation ({ours['programs']} programs, {ours['batches']} batches) | {ours['seconds']:.2f} | "
           f"{figures['ours']['instances_per_s']:.2f} | {ours['new_tokens']} | {ours['first_call_s']:.2f} | {speedup} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
-    return 0
+    return write_figures(args.json, figures)
 
 
 if __name__ == "__main__":

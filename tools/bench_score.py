@@ -12,36 +12,25 @@ process; "vs HF" is the median of the per-round ratios (`speedup_vs_hf` in `--js
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_worker import report, run_in_fresh_process  # noqa: E402
+from bench_worker import (alternating_rounds, best_of, parse_checked, random_hf_model, report,  # noqa: E402
+                          side_by_side_parser, write_figures)
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python tools/benchmark.py score", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="125m")
+    parser = side_by_side_parser("score", __doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--options", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass on each side")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=1, help="alternate the sides this many times")
-    parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--json", default=None, help="also write the figures here")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or args.repeats < 1:
-        parser.error("--rounds and --repeats must be at least 1")
-    return args
+    return parse_checked(parser, argv)
 
 
 def make_requests(args):
@@ -54,27 +43,6 @@ def make_requests(args):
             for _ in range(args.requests)]
 
 
-def _hf_model(config):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    return transformers.OPTForCausalLM(transformers.OPTConfig(**config.to_dict())).eval().float()
-
-
-def _timed(fn, repeats, warm_up=None):
-    """(best of `repeats` timed calls of fn, seconds of the warm-up call, fn's result)."""
-    start = time.perf_counter()
-    result = (warm_up or fn)()
-    first = time.perf_counter() - start
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, first, result
-
-
 def bench_ours(config, requests, args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -83,11 +51,11 @@ def bench_ours(config, requests, args) -> dict:
     from optiml_jax.model import OPTForCausalLM
     from optiml_jax.checkpoints.mapping import hf_to_params
 
-    state = {k: v.detach().numpy() for k, v in _hf_model(config).state_dict().items()}
+    state = {k: v.detach().numpy() for k, v in random_hf_model(config).state_dict().items()}
     params = jax.tree_util.tree_map(jnp.asarray, hf_to_params(state, config, scan_layers=True))
     # rows of 512 tokens hold two requests here: batch_size / 2 rows see as many requests as HF's batch
     scorer = Scorer(OPTForCausalLM(config, scan_layers=True), params, batch_size=max(1, args.batch_size // 2))
-    seconds, first, scores = _timed(lambda: scorer.score_groups(requests), args.repeats)
+    seconds, first, scores = best_of(lambda: scorer.score_groups(requests), args.repeats)
     return {"seconds": seconds, "first_call_s": first, "programs": len(scorer.shapes), "jax": jax.__version__,
             "logprob_sum": sum(s.logprob for group in scores for s in group)}
 
@@ -98,10 +66,10 @@ def bench_hf(config, requests, args) -> dict:
     from lm_eval.models.huggingface import HFLM
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(ROOT, "optiml_jax", "assets", "demo_tokenizer"))
-    lm = HFLM(pretrained=_hf_model(config), tokenizer=tokenizer, batch_size=args.batch_size, device="cpu")
+    lm = HFLM(pretrained=random_hf_model(config), tokenizer=tokenizer, batch_size=args.batch_size, device="cpu")
     flat = [(("", ""), context, option) for context, options in requests for option in options]
     # warm-up: one batch (PyTorch has nothing to compile; a whole extra pass would only cost minutes)
-    seconds, first, scores = _timed(lambda: lm._loglikelihood_tokens(flat, disable_tqdm=True), args.repeats,
+    seconds, first, scores = best_of(lambda: lm._loglikelihood_tokens(flat, disable_tqdm=True), args.repeats,
                                     warm_up=lambda: lm._loglikelihood_tokens(flat[:args.batch_size], disable_tqdm=True))
     return {"seconds": seconds, "first_call_s": first, "threads": torch.get_num_threads(),
             "logprob_sum": sum(logprob for logprob, _ in scores)}
@@ -118,16 +86,11 @@ def run_worker(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.worker:
-        report(run_worker(args))
-        return 0
+        return report(run_worker(args))
     workers = ["jax"] + ([] if args.skip_hf else ["hf-lm-eval"])
     worker_args = ["--preset", args.preset, "--requests", str(args.requests), "--context", str(args.context),
                    "--options", str(args.options), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
-    rounds = []
-    for index in range(args.rounds):
-        rounds.append({w: run_in_fresh_process(__file__, w, worker_args)
-                       for w in (workers if index % 2 == 0 else workers[::-1])})
-        print(f"round {index + 1}: " + ", ".join(f"{w} {r['seconds']:.2f} s" for w, r in rounds[-1].items()), flush=True)
+    rounds = alternating_rounds(__file__, workers, worker_args, args.rounds)
     figures = {"preset": args.preset, "requests": args.requests, "context_tokens": args.context,
                "options": args.options, "batch_size": args.batch_size,
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"}
@@ -153,10 +116,7 @@ def main(argv=None) -> int:
           f"{ours['first_call_s']:.2f} | {speedup} |")
     if "logprob_sum_difference" in figures:
         print(f"sum of the 1,024 log-likelihoods differs by {figures['logprob_sum_difference']:.2e} between the sides")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
-    return 0
+    return write_figures(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -203,8 +203,7 @@ def _in_fresh_process(args, worker: str) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.worker:
-        report(run_worker(args))
-        return 0
+        return report(run_worker(args))
     from optiml_jax.config import OPTConfig
     from optiml_jax.train import flops_per_token
 

@@ -14,9 +14,10 @@ import sys
 RESULT_PREFIX = "BENCH_RESULT "
 
 
-def report(result: dict) -> None:
-    """What a worker prints as its last line."""
+def report(result: dict) -> int:
+    """What a worker prints as its last line; its exit status."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
 
 
 def run_in_fresh_process(script: str, worker: str, argv: list[str]) -> dict:
@@ -28,3 +29,69 @@ def run_in_fresh_process(script: str, worker: str, argv: list[str]) -> dict:
         sys.stderr.write(proc.stderr[-3000:])
         raise SystemExit(f"benchmark worker {worker!r} failed (exit status {proc.returncode})")
     return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def side_by_side_parser(name: str, description: str, *, repeats: int = 1):
+    """The arguments every side-by-side benchmark takes; add the benchmark's own, then `parse_checked`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python tools/benchmark.py {name}", description=description)
+    parser.add_argument("--preset", default="125m")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed passes per process (best kept)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every side this many times, alternating; figures are medians over rounds")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one side, in this process
+    return parser
+
+
+def parse_checked(parser, argv):
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error(f"--rounds and --repeats must be at least 1, got {args.rounds} and {args.repeats}")
+    return args
+
+
+def random_hf_model(config):
+    """The benchmarks' reference: a random-init float32 transformers OPTForCausalLM of `config`
+    (seed 0, so every process builds the same weights)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(transformers.OPTConfig(**config.to_dict())).eval().float()
+
+
+def best_of(fn, repeats: int, warm_up=None):
+    """(best seconds of `repeats` calls of fn, seconds of the warm-up call (default: fn), fn's result)."""
+    import time
+
+    start = time.perf_counter()
+    result = (warm_up or fn)()
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, first, result
+
+
+def alternating_rounds(script: str, workers: list, worker_argv: list, rounds: int) -> list[dict]:
+    """`rounds` measurements of every worker, each in a fresh process, the order reversed every other
+    round (this VM drifts by 20-40% within an hour: alternating keeps the sides in the same phases)."""
+    out = []
+    for index in range(rounds):
+        order = workers if index % 2 == 0 else workers[::-1]
+        out.append({w: run_in_fresh_process(script, w, worker_argv) for w in order})
+        print(f"round {index + 1}: " + ", ".join(f"{w} {r['seconds']:.2f} s" for w, r in out[-1].items()), flush=True)
+    return out
+
+
+def write_figures(path, figures: dict) -> int:
+    """`--json FILE`: the figures as JSON (nothing without a path); the benchmark's exit status."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=2)
+    return 0

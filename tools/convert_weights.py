@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from optiml_jax.config import DTYPES  # noqa: E402  (jax-free: --help stays fast)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--to-hf", action="store_true",
                         help="export an optiml_jax directory (converted or fine-tuned) to Hugging Face format")
     parser.add_argument("--format", choices=("hf", "metaseq"), help="input format (default: detected)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", choices=DTYPES,
                         help="stored dtype (default: float32; with --to-hf: as stored)")
     parser.add_argument("--config", help="preset (e.g. 1.3b, opt-iml-max-30b) or config.json, when the "
                                          "checkpoint does not say enough")

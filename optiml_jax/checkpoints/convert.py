@@ -21,11 +21,10 @@ import numpy as np
 from optiml_jax.checkpoints import hf as hf_checkpoint, metaseq, model_format as checkpoint
 from optiml_jax.checkpoints.streamed import StreamedArray
 from optiml_jax.fileio import atomic_output_dir, check_output_dir
-from optiml_jax.config import OPTConfig
+from optiml_jax.config import DTYPES, OPTConfig, as_dtype
 from optiml_jax.checkpoints.mapping import TensorChecker, stacked_location
 
 FORMATS = ("hf", "metaseq")
-OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
 STAGE_BLOCK_BYTES = 8 << 20
 
 
@@ -203,12 +202,10 @@ class ParamStager:
 def convert(input_path, output_dir, *, dtype: str = "float32", config=None, tokenizer=None,
             overwrite: bool = False, fmt: Optional[str] = None, progress: bool = True) -> ConversionSummary:
     """Converts a checkpoint into an optiml_jax model directory (atomically: all or nothing)."""
-    from optiml_jax.checkpoints.pretrained import as_dtype
-
     start = time.perf_counter()
-    if str(dtype) not in OUTPUT_DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
-    np_dtype = np.dtype(as_dtype(dtype))
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    np_dtype = as_dtype(dtype)
     output_dir = check_output_dir(output_dir, overwrite)  # fail before reading anything
     tokenizer_obj = _load_tokenizer(tokenizer) if tokenizer is not None else None
     source = open_source(input_path, fmt, config)

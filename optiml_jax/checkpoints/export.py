@@ -19,7 +19,7 @@ import numpy as np
 
 from optiml_jax.checkpoints import model_format as checkpoint
 from optiml_jax.fileio import atomic_output_dir, check_output_dir
-from optiml_jax.config import OPTConfig
+from optiml_jax.config import OPTConfig, as_dtype
 from optiml_jax.checkpoints.mapping import stacked_location, tensor_specs
 
 _SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
@@ -45,7 +45,6 @@ def parse_size(size) -> int:
 def export_hf(model_dir, output_dir, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, dtype: Optional[str] = None,
               overwrite: bool = False) -> Path:
     """Writes `model_dir` (an optiml_jax directory) as a Hugging Face OPT directory at `output_dir`."""
-    from optiml_jax.checkpoints.pretrained import as_dtype
 
     model_dir = Path(model_dir)
     marker = checkpoint.read_marker(model_dir)

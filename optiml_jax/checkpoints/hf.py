@@ -52,7 +52,8 @@ def find_weight_files(directory: str | Path) -> list[Path]:
 
 
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, array) pairs of one weight file; arrays are views of a memory map where possible."""
+    """(key, array) pairs of one weight file, each array read from the file when its turn comes (see
+    the module doc for why not a memory map)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         yield from _iter_safetensors(path)

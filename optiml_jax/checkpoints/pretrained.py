@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optiml_jax.config import OPTConfig
+from optiml_jax.config import OPTConfig, as_dtype
 from optiml_jax.checkpoints.hf import WEIGHT_FILES, find_weight_files, iter_directory_tensors
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.checkpoints.mapping import hf_to_params
@@ -24,8 +24,6 @@ HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "pyt
                 "pytorch_model.bin.index.json", "vocab.json", "merges.txt", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json"]
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
-          "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
 
 @dataclasses.dataclass
@@ -36,15 +34,6 @@ class Pretrained:
     config: OPTConfig
     tokenizer: Any  # OPTTokenizer, or None when the directory has no tokenizer files
     path: Path
-
-
-def as_dtype(dtype) -> Any:
-    if dtype is None or not isinstance(dtype, str):
-        return dtype
-    try:
-        return DTYPES[dtype.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
 
 
 def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:
@@ -79,7 +68,7 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtyp
     scan_layers: stacked layer weights under nn.scan (fast compiles) or one module per layer.
     mesh: a `jax.sharding.Mesh`; params are then placed in their shards per `rules`.
     """
-    compute_dtype = as_dtype(dtype) or jnp.float32
+    compute_dtype = as_dtype(dtype) or as_dtype("float32")
     storage_dtype = as_dtype(param_dtype) or compute_dtype
     path = resolve_model_path(path_or_hub_id)
     config = OPTConfig.from_json_file(path / "config.json")
@@ -117,4 +106,4 @@ def _maybe_tokenizer(path: Path):
     return OPTTokenizer.from_pretrained(path)
 
 
-__all__ = ["Pretrained", "load_pretrained", "resolve_model_path", "as_dtype", "WEIGHT_FILES"]
+__all__ = ["Pretrained", "load_pretrained", "resolve_model_path", "WEIGHT_FILES"]

@@ -300,8 +300,14 @@ def read_tasks(paths, stats: SkipStats, *, format: str = "auto", split_file=None
         raise DataError(f"{', '.join(map(str, paths))}: the processes see different data files (paths or sizes "
                         f"differ: {seen}); every host must read the same data, e.g. from a shared filesystem")
 
-    # The definitions and exemplars of the SNI files other processes own. A failure here (a file that
-    # changed since its owner read it) is this process's alone, so it is exchanged like the others.
+    _read_other_headers(files, owners, gathered, headers, shard, me)
+    return _assemble_tasks(files, owners, gathered, headers, stats, template, num_shots, seed)
+
+
+def _read_other_headers(files, owners, gathered, headers: dict, shard: Shard, me: int) -> None:
+    """Adds to `headers` the definitions and exemplars of the SNI files other processes own. A failure
+    here (a file that changed since its owner read it) is this process's alone, so it is exchanged like
+    the others (collective when `shard` splits)."""
     header_error = None
     for i, file in enumerate(files):
         entry = gathered[owners[i]][0]["files"].get(str(i), {})
@@ -316,6 +322,10 @@ def read_tasks(paths, stats: SkipStats, *, format: str = "auto", split_file=None
     elif header_error:
         raise DataError(header_error)
 
+
+def _assemble_tasks(files, owners, gathered, headers, stats: SkipStats, template: str, num_shots: int,
+                    seed: int) -> dict[str, TaskRecords]:
+    """The tasks from every process's share of the index, with skips counted in file order."""
     parts: dict[str, list] = {}
     for i, file in enumerate(files):
         name = str(file.path)

@@ -27,14 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
-from jax.sharding import NamedSharding, PartitionSpec
 
 from optiml_jax.generate import (GenerationConfig, complete_texts, cut_at_stop, generate_padded, left_pad, round_up,
                                  stop_token_mask)
-from optiml_jax.sharding import DEFAULT_RULES
+from optiml_jax.sharding import DEFAULT_RULES, batch_sharding
 
 SMALLEST_BUCKET = 64
-ROWS_SPEC = PartitionSpec(("data", "fsdp"), None)
 
 
 @dataclasses.dataclass
@@ -73,14 +71,15 @@ def data_parallel_size(mesh) -> int:
     return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def _device_array(array: np.ndarray, mesh):
+def device_rows(array: np.ndarray, mesh, rules=DEFAULT_RULES):
+    """A [batch, length] host array (the same on every process) as a device array split by rows like the
+    model's inputs (sharding.batch_sharding); one device without a mesh."""
     if mesh is None:
         return jnp.asarray(array)
-    sharding = NamedSharding(mesh, ROWS_SPEC)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    return jax.make_array_from_callback(array.shape, batch_sharding(mesh, rules), lambda index: array[index])
 
 
-def _to_host(array) -> np.ndarray:
+def to_host(array) -> np.ndarray:
     if jax.process_count() > 1 and not array.is_fully_addressable:
         from jax.experimental import multihost_utils
 
@@ -145,12 +144,12 @@ def generate_token_ids(model, params, tokenizer, prompts: Sequence[Sequence[int]
         shapes.add(length)
         ids, mask = left_pad(batch_prompts, tokenizer.pad_id, length)
         batch_config = dataclasses.replace(gen_config, seed=seed + index) if temperature else gen_config
-        return generate_padded(decoder, params, _device_array(ids, mesh), _device_array(mask, mesh), batch_config,
+        return generate_padded(decoder, params, device_rows(ids, mesh, rules), device_rows(mask, mesh, rules), batch_config,
                                stop_mask=stop_mask)
 
     def collect(rows, outputs):
         tokens, _, lengths = outputs
-        tokens, lengths = _to_host(tokens), _to_host(lengths)
+        tokens, lengths = to_host(tokens), to_host(lengths)
         for r, i in enumerate(rows):
             ids = tokens[r, :lengths[r]].tolist()
             stats.new_tokens += len(ids)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from optiml_jax.eval.generation import _device_array, _to_host, data_parallel_size, prompt_buckets
+from optiml_jax.eval.generation import to_host, data_parallel_size, device_rows, prompt_buckets
 from optiml_jax.model import branch_segment_ids, lm_head_logits
 from optiml_jax.sharding import DEFAULT_RULES
 
@@ -172,11 +172,11 @@ class Scorer:
         length, scored = self._buckets(rows)
         self.shapes.add((length, scored))
         arrays = _row_arrays(rows, self.batch_size, length, scored, self.tokenizer.pad_id if self.tokenizer else 1)
-        arrays = {k: _device_array(v, self.mesh) for k, v in arrays.items()}
+        arrays = {k: device_rows(v, self.mesh, self.rules) for k, v in arrays.items()}
         return _score_compiled(self.model, self.params, **arrays)
 
     def _collect(self, rows, outputs, results):
-        logprobs, greedy = (_to_host(x) for x in outputs)
+        logprobs, greedy = (to_host(x) for x in outputs)
         for r, row in enumerate(rows):
             k = 0
             for unit in row:

@@ -9,13 +9,20 @@ Recomputation in Large Transformer Models", section 4), adapted to what each JAX
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from typing import Optional
 
 import numpy as np
 
-from optiml_jax.config import OPTConfig
+import jax
+
+from optiml_jax.config import ConfigError, OPTConfig
+from optiml_jax.run_config import RunConfig
+from optiml_jax.sharding import DEFAULT_RULES
+
+log = logging.getLogger(__name__)
 
 GiB = 1024 ** 3
 
@@ -120,7 +127,6 @@ def estimate_training_memory(config: OPTConfig, *, mesh_shape: dict, global_batc
                              compute_dtype="float32", param_dtype="float32", rules=None,
                              scan_layers: bool = True) -> MemoryEstimate:
     """Per-device bytes of one training step with AdamW (float32 moments)."""
-    from optiml_jax.sharding import DEFAULT_RULES
 
     rules = rules or DEFAULT_RULES
     devices = math.prod(mesh_shape.values())
@@ -147,7 +153,7 @@ def estimate_training_memory(config: OPTConfig, *, mesh_shape: dict, global_batc
     # positions over the (tensor-split) vocabulary, this batch shard's float32 partial sum of the head's
     # gradient (vocab x d, not split over fsdp), and the gradient wrt the final hidden states, kept from
     # the forward pass.
-    from optiml_jax.loss import DEFAULT_CHUNK
+    from optiml_jax.train.loss import DEFAULT_CHUNK
 
     local_vocab = config.vocab_size // tensor if config.vocab_size % tensor == 0 else config.vocab_size
     head_dim = config.word_embed_proj_dim if config.has_projections else config.hidden_size
@@ -186,5 +192,36 @@ def check_fits(estimate: MemoryEstimate, available: Optional[int], *, headroom: 
     raise InsufficientMemoryError(
         f"this run needs about {estimate.total / GiB:.2f} GiB per device but {available / GiB:.2f} GiB "
         f"is available ({headroom:.0%} usable).\n{estimate.table()}\n"
-        "Try: a smaller train.batch_size or more train.grad_accum_steps, model.remat_policy=full, "
+        "Try: a smaller train.batch_size or more train.grad_accum_steps, train.remat_policy=full, "
         "bfloat16 compute, or more fsdp/tensor parallelism in mesh.*")
+
+
+# ---------------------------------------------------------------------- the start-up check of a run
+def memory_limit_bytes(cfg: RunConfig, mesh) -> Optional[int]:
+    """OPTIML_JAX_MEMORY_LIMIT_GIB, else train.memory_limit_gib, else what one local device of the mesh has."""
+    env = os.environ.get("OPTIML_JAX_MEMORY_LIMIT_GIB")
+    if env:
+        try:
+            return int(float(env) * GiB)
+        except ValueError:
+            raise ConfigError(f"OPTIML_JAX_MEMORY_LIMIT_GIB={env!r} is not a number") from None
+    if cfg.train.memory_limit_gib > 0:
+        return int(cfg.train.memory_limit_gib * GiB)
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    return device_memory_bytes(local[0] if local else None)
+
+
+def check_memory(cfg: RunConfig, opt_config: OPTConfig, mesh, rules=DEFAULT_RULES):
+    """Prints the per-device estimate (process 0) and raises InsufficientMemoryError when it cannot fit;
+    called before anything is allocated or compiled."""
+    t = cfg.train
+    estimate = estimate_training_memory(opt_config, mesh_shape=dict(mesh.shape), global_batch=t.batch_size,
+                                        seq_len=t.seq_len, grad_accum_steps=t.grad_accum_steps,
+                                        remat_policy=t.remat_policy, compute_dtype=t.compute_dtype,
+                                        param_dtype=t.param_dtype, rules=rules, scan_layers=t.scan_layers)
+    available = memory_limit_bytes(cfg, mesh)
+    if jax.process_index() == 0:
+        limit = f"{available / GiB:.3f} GiB per device available" if available else "device memory unknown"
+        log.info("%s\n  (%s)", estimate.table(), limit)
+    check_fits(estimate, available)
+    return estimate
