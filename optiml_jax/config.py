@@ -167,11 +167,7 @@ class OPTConfig:
             raise ConfigError(
                 f"OPTConfig.hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}")
-        from optiml_jax.model.layers import ACTIVATIONS  # the table the model uses: the one list of names
-
-        if self.activation_function not in ACTIVATIONS:
-            raise ConfigError(f"OPTConfig.activation_function={self.activation_function!r} is not one of "
-                              f"{', '.join(ACTIVATIONS)}")
+        # activation_function is checked by the model, which owns the table (model/layers.ACTIVATIONS)
         if not isinstance(self.init_std, (int, float)) or self.init_std <= 0:
             raise ConfigError(f"OPTConfig.init_std must be positive, got {self.init_std!r}")
 

@@ -42,6 +42,15 @@ ACTIVATIONS = {
 
 
 
+def activation(name: str):
+    """The activation function of a config's `activation_function`; ConfigError naming it otherwise."""
+    if name not in ACTIVATIONS:
+        from optiml_jax.config import ConfigError
+
+        raise ConfigError(f"OPTConfig.activation_function={name!r} is not one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 def init_normal(stddev: float, axes: tuple):
     return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
 

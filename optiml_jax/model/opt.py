@@ -23,7 +23,7 @@ import flax.linen as nn
 
 from optiml_jax.config import OPTConfig
 from optiml_jax.model.attention import attention_mask_for, cached_dot_product_attention, dot_product_attention
-from optiml_jax.model.layers import ACTIVATIONS, LayerNorm, init_normal, init_zeros
+from optiml_jax.model.layers import LayerNorm, activation, init_normal, init_zeros
 
 Dtype = Any
 
@@ -196,7 +196,7 @@ class OPTDecoderLayer(nn.Module):
                           bias_init=init_zeros(("mlp",)), name="fc1")(hidden)
         hidden = nn.with_logical_constraint(
             hidden, ("activation_batch", "activation_length", "activation_mlp"))
-        hidden = ACTIVATIONS[cfg.activation_function](hidden)
+        hidden = activation(cfg.activation_function)(hidden)
         hidden = nn.Dense(cfg.hidden_size, use_bias=cfg.enable_bias, dtype=self.dtype,
                           param_dtype=self.param_dtype, kernel_init=init_normal(cfg.init_std, ("mlp", "embed")),
                           bias_init=init_zeros(("embed",)), name="fc2")(hidden)
