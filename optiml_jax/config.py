@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -258,14 +257,14 @@ class OPTConfig:
         return cls.from_dict(data or {}, source=str(path))
 
 
+# Files that ship inside the package (setup.cfg's package_data), so an installed wheel has them too:
+# the run configs (configs/), the model presets (configs/models/), the demo tokenizer and the SNI sample.
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+
 def presets_dir() -> Path:
-    """`configs/models/` in a source checkout, or where setup.cfg's data_files installed it."""
-    candidates = [Path(__file__).resolve().parents[1] / "configs" / "models",
-                  Path(sys.prefix) / "share" / "optiml_jax" / "configs" / "models"]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    return candidates[0]
+    """The model presets: configs/models/ (optiml_jax/assets/configs links to the repository's configs/)."""
+    return ASSETS_DIR / "configs" / "models"
 
 
 def preset_key(name: str) -> str:

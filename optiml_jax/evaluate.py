@@ -62,6 +62,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     from optiml_jax.config import DTYPES
     from optiml_jax.eval.prompts import DEFAULT_DELIMITER, PROMPT_TEMPLATES
     from optiml_jax.eval.runner import MODES
+    from optiml_jax.model.attention import IMPLEMENTATIONS
     from optiml_jax.eval.tasks import DEFAULT_MAX_INSTANCES
 
     parser = _Parser(prog="python -m optiml_jax.evaluate", description=__doc__.split("\n")[0],
@@ -87,6 +88,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="prompts per generation batch (default: 8 per data-parallel device)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
+                        help="attention kernel of the scoring passes (default auto: per platform and dtype)")
     parser.add_argument("--mesh", default="data=-1", help="mesh axis sizes, as in fine-tuning (default data=-1)")
     parser.add_argument("--add-bos", action="store_true", help="start prompts with </s> (fine-tuning data does not)")
     parser.add_argument("--predictions", help="re-score this predictions.jsonl instead of running a model")
@@ -128,17 +131,21 @@ def _evaluate_model(args):
     from optiml_jax.sharding import make_mesh
     from optiml_jax.tokenizer import OPTTokenizer
 
-    tasks = load_eval_tasks(args.data, args.split, args.max_instances, args.format)
-    try:
+    try:  # the configuration first: it fails in a second, before any data or model is read
         mesh = make_mesh(args.mesh)
     except ValueError as e:
         raise CLIError(f"--mesh: {e}") from None
+    if args.batch_size and args.batch_size % data_parallel_size(mesh):
+        raise CLIError(f"--batch-size {args.batch_size} is not divisible by the mesh's data-parallel devices "
+                       f"(data x fsdp = {data_parallel_size(mesh)})")
+    tasks = load_eval_tasks(args.data, args.split, args.max_instances, args.format)
     batch_size = args.batch_size or 8 * data_parallel_size(mesh)
     settings = EvalSettings(template=args.template, shots=args.shots, delimiter=args.delimiter,
                             max_new_tokens=args.max_new_tokens, batch_size=batch_size, stop=args.stop,
                             add_bos=args.add_bos, mode=args.mode, max_options=args.max_options)
     # Decoding on CPU runs unscanned layers anyway (generate.decode_with_separate_layers).
     loaded = load_pretrained(args.model, dtype=args.dtype, scan_layers=jax.default_backend() != "cpu", mesh=mesh,
+                             attention=args.attention,
                              load_tokenizer=args.tokenizer is None)
     tokenizer = OPTTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else loaded.tokenizer
     if tokenizer is None:

@@ -1,14 +1,20 @@
-"""Fine-tune OPT / OPT-IML: `python -m optiml_jax.finetune --config FILE.yaml [key.path=value ...]`.
+"""Fine-tune OPT / OPT-IML: `optiml-finetune --config FILE.yaml|NAME [key.path=value ...]` (installed
+with the package; the same as `python -m optiml_jax.finetune`).
 
-Without --config the demo (configs/demo.yaml) runs: a tiny model on the SNI sample shipped in data/sni.
+Without --config the demo (`--config demo`, configs/demo.yaml) runs: a tiny model on the SNI sample
+shipped in data/sni. NAME is a config shipped in the package (demo, optiml-1.3b, optiml-30b); a
+relative path that does not exist from the working directory is looked up there too
+(optiml_jax/assets/), so the shipped configs run from any directory.
 Running again with the same workdir resumes from its latest checkpoint (exactly: same data order,
 dropout and optimizer state); a config that would change the result is refused, naming the keys,
 unless --overwrite starts afresh. SIGTERM saves a checkpoint and exits. On several hosts run the same
 command on every host: --distributed (jax.distributed.initialize() detects TPU pods, SLURM and Open
 MPI), or --coordinator/--num-processes/--process-id explicitly elsewhere. Only process 0 logs.
 
-A configuration or data error prints one line on stderr and exits with status 2; a run that cannot
-fit in memory or cannot continue (non-finite steps) prints the reason and exits with status 1.
+A configuration or data error (a mesh that does not fit the devices, a batch they do not divide, a
+dtype outside float32/bfloat16/float16 included) prints one line on stderr and exits with status 2,
+before anything is compiled; a run that cannot fit in memory or cannot continue (non-finite steps)
+prints the reason and exits with status 1.
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ EXIT_CONFIG_ERROR = 2
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m optiml_jax.finetune", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="run config YAML (default: configs/demo.yaml)")
+    parser.add_argument("--config", default=None,
+                        help="run config YAML, or the name of a shipped one: demo (the default), optiml-1.3b, "
+                             "optiml-30b")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
                         help="config overrides, e.g. train.max_steps=100 optim.lr=3e-5 mesh.fsdp=8")
     parser.add_argument("--coordinator", default=None,
@@ -69,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
     init_distributed(args)

@@ -8,7 +8,9 @@ or in Python, after `import optiml_jax.lm_eval`:
     lm_eval.simple_evaluate(model="optiml_jax", model_args="pretrained=DIR", tasks=[...])
 
 lm_eval's own CLI only knows the models of its own package, so `python -m optiml_jax.lm_eval` registers
-this one and hands every argument over to lm_eval's CLI.
+this one and hands every argument over to lm_eval's CLI. model_args that cannot give a model (a dtype
+outside float32/bfloat16/float16, a mesh that does not fit the devices, a missing model directory) are
+one line on stderr and exit status 2, as lm_eval's own bad arguments are.
 
 The class behaves as lm_eval's `hf` model does on OPT, so their scores agree (tested): text is
 encoded with `</s>` first (OPT's Hugging Face tokenizer adds it; `add_bos_token=False` in model_args
@@ -35,8 +37,11 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from optiml_jax.config import ConfigError
+
 log = logging.getLogger(__name__)
 MODEL_NAME = "optiml_jax"
+EXIT_CONFIG_ERROR = 2
 
 
 def _as_bool(value) -> bool:
@@ -57,14 +62,20 @@ class OptimlJaxLM(TemplateLM):
         super().__init__()
         import jax
 
+        from optiml_jax.config import dtype_name
         from optiml_jax.eval.generation import data_parallel_size
         from optiml_jax.eval.scoring import Scorer
-        from optiml_jax.evaluate import _mesh_config
-        from optiml_jax.checkpoints.pretrained import load_pretrained
+        from optiml_jax.evaluate import CLIError, _mesh_config
+        from optiml_jax.checkpoints.pretrained import load_pretrained, resolve_model_path
         from optiml_jax.sharding import make_mesh
         from optiml_jax.tokenizer import OPTTokenizer
 
-        self._mesh = make_mesh(_mesh_config(mesh))
+        try:  # the configuration first, before anything is loaded or compiled
+            dtype_name(dtype)
+            self._mesh = make_mesh(_mesh_config(mesh))
+            resolve_model_path(pretrained)
+        except (ValueError, OSError, CLIError) as e:
+            raise ConfigError(f"model_args: {e}") from None
         # lm_eval's "auto" searches for the largest batch that fits; we take 8 rows per device instead
         devices = data_parallel_size(self._mesh)
         wanted = 8 * devices if batch_size in (None, "") or str(batch_size).startswith("auto") else int(batch_size)
@@ -74,7 +85,7 @@ class OptimlJaxLM(TemplateLM):
         self._model, self._params = loaded.model, loaded.params
         self.tokenizer = OPTTokenizer.from_pretrained(tokenizer) if tokenizer else loaded.tokenizer
         if self.tokenizer is None:
-            raise ValueError(f"{pretrained} has no tokenizer files; pass tokenizer=DIR in model_args")
+            raise ConfigError(f"{pretrained} has no tokenizer files; pass tokenizer=DIR in model_args")
         self._max_length = int(max_length) if max_length else loaded.config.max_position_embeddings
         self.add_bos_token = _as_bool(add_bos_token)
         self._scorer = Scorer(self._model, self._params, self.tokenizer, batch_size=self._batch_size,
@@ -180,7 +191,11 @@ def main(argv=None) -> int:
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ConfigError as e:  # ours; lm_eval's own bad arguments exit 2 from argparse
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     return 0
 
 

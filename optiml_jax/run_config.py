@@ -1,6 +1,6 @@
 """The fine-tuning run configuration: a YAML file (plus `key.path=value` overrides) validated into dataclasses.
 
-    cfg = load_run_config("configs/demo.yaml", ["train.max_steps=3", "optim.lr=1e-4"])
+    cfg = load_run_config("demo", ["train.max_steps=3", "optim.lr=1e-4"])
 
 Every section is a frozen dataclass; an unknown key or a value of the wrong type or range raises
 ConfigError naming the key (`train.max_stpes`, `optim.lr`), so a typo never silently falls back to a
@@ -16,13 +16,15 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from optiml_jax.config import DTYPES, ConfigError
+from optiml_jax.config import ASSETS_DIR, DTYPES, ConfigError
 from optiml_jax.data import DataConfig
 from optiml_jax.eval.prompts import PROMPT_TEMPLATES
 from optiml_jax.sharding import MeshConfig
 
-# The shipped demo: `python -m optiml_jax.finetune` without --config runs it.
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# The shipped run configs: `--config NAME` is CONFIGS_DIR/NAME.yaml; `python -m optiml_jax.finetune`
+# without --config runs the demo.
+CONFIGS_DIR = ASSETS_DIR / "configs"
+DEMO_CONFIG = CONFIGS_DIR / "demo.yaml"
 HOLDOUT = "holdout"  # eval.tasks.data: the held-out instances of data.eval_holdout
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -37,6 +39,9 @@ class TrainSection:
     param_dtype: str = "float32"  # master weights
     remat_policy: str = "none"  # model.REMAT_POLICIES
     scan_layers: bool = True
+    # The attention kernel (model/attention.py IMPLEMENTATIONS): auto = per platform and dtype (CPU:
+    # blockwise; GPU bfloat16/float16: cuDNN; TPU: splash), logged with the reason at start.
+    attention: str = "auto"
     # Where the LM head and loss run: "weighted" = only positions with loss (a prompt's positions have
     # none; loss.py gathers the others), "all" = every position. Same loss and gradients either way.
     head_positions: str = "weighted"
@@ -226,6 +231,10 @@ def validate(cfg: RunConfig) -> None:
 
     _require(t.remat_policy in REMAT_POLICIES, f"train.remat_policy={t.remat_policy!r} is not one of "
              f"{', '.join(REMAT_POLICIES)}")
+    from optiml_jax.model.attention import IMPLEMENTATIONS
+
+    _require(t.attention in IMPLEMENTATIONS, f"train.attention={t.attention!r} is not one of "
+             f"{', '.join(IMPLEMENTATIONS)}")
     _require(t.head_positions in HEAD_POSITIONS, f"train.head_positions={t.head_positions!r} is not one of "
              f"{', '.join(HEAD_POSITIONS)}")
     for name in ("dropout", "attention_dropout"):
@@ -319,16 +328,15 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 
 
 def load_run_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """The YAML file at `path` (the demo config when None) with `overrides` applied, validated.
-
-    Relative data/model/tokenizer paths in a shipped config are relative to the repository root when
-    they do not exist relative to the working directory, so `configs/demo.yaml` runs from anywhere.
+    """The YAML file at `path` (see `config_path`; the demo config when None) with `overrides` applied,
+    validated. Its relative model/tokenizer/data paths are resolved when used (`resolve_path`).
     """
-    path = Path(path) if path is not None else DEMO_CONFIG
+    given, path = path, config_path(path) if path is not None else DEMO_CONFIG
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
+        shipped = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file {given} not found (the shipped configs, by name: {shipped})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -343,7 +351,7 @@ def load_run_config(path: Optional[str | os.PathLike] = None, overrides: Sequenc
 # allowed to extend or shorten a run; note that the linear/cosine decay is over the NEW max_steps from the
 # resumed step on.) A key matches when it equals one of these or starts with one followed by ".".
 RESUME_SAFE_KEYS = ("workdir", "train.max_steps", "train.log_every_steps", "train.peak_flops_per_device",
-                    "train.max_nonfinite_in_a_row", "train.memory_limit_gib", "train.remat_policy",
+                    "train.max_nonfinite_in_a_row", "train.memory_limit_gib", "train.remat_policy", "train.attention",
                     "train.head_positions", "mesh",
                     "checkpoint", "eval", "data.eval", "data.eval_tasks", "data.on_error")
 
@@ -386,13 +394,23 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
 
 
 def resolve_path(value: str) -> str:
-    """A relative path that exists from the working directory as is, else from the repository root."""
+    """A relative path that exists from the working directory as is, else the shipped file of that
+    name under optiml_jax/assets/ (`configs/demo.yaml`, `data/sni`, `demo_tokenizer`), so the
+    shipped configs run from any directory, from a checkout or an installed wheel alike."""
     if os.path.isabs(value) or os.path.exists(value):
         return value
-    candidate = Path(__file__).resolve().parents[1] / value
+    candidate = ASSETS_DIR / value
     return str(candidate) if candidate.exists() else value
+
+
+def config_path(value: str | os.PathLike) -> Path:
+    """--config: a file (as `resolve_path` finds it), or a shipped config by name (`demo`, `optiml-1.3b`)."""
+    path = Path(resolve_path(str(value)))
+    if not path.exists() and path.parent == Path(".") and path.suffix not in (".yaml", ".yml"):
+        return CONFIGS_DIR / f"{path.name}.yaml"
+    return path
 
 
 __all__ = ["RunConfig", "TrainSection", "OptimSection", "CheckpointSection", "EvalSection", "MeshConfig",
            "DataConfig", "load_run_config", "from_dict", "apply_overrides", "parse_override", "resolve_path",
-           "DEMO_CONFIG", "RESUME_SAFE_KEYS", "resume_conflicts", "flatten_config"]
+           "config_path", "CONFIGS_DIR", "DEMO_CONFIG", "RESUME_SAFE_KEYS", "resume_conflicts", "flatten_config"]

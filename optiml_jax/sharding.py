@@ -19,6 +19,8 @@ import numpy as np
 import flax.linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from optiml_jax.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -53,32 +55,41 @@ class MeshConfig:
     tensor: int = 1
 
     def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        """The axis sizes on `num_devices` devices; ConfigError (a ValueError) naming the axes when
+        they do not multiply to the device count."""
         sizes = [self.data, self.fsdp, self.tensor]
         for name, size in zip(MESH_AXES, sizes):
             if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
-                raise ValueError(f"mesh.{name} must be a positive integer or -1, got {size!r}")
+                raise ConfigError(f"mesh.{name} must be a positive integer or -1, got {size!r}")
         free = [i for i, s in enumerate(sizes) if s == -1]
         if len(free) > 1:
-            raise ValueError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+            raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
         fixed = math.prod(s for s in sizes if s != -1)
+        given = " x ".join(f"mesh.{name}={size}" for name, size in zip(MESH_AXES, sizes))
         if free:
             if num_devices % fixed:
-                raise ValueError(f"mesh: {num_devices} devices cannot be split into "
-                                 f"{'x'.join(str(s) for s in sizes)} (the fixed axes multiply to {fixed})")
+                raise ConfigError(f"{given}: the {num_devices} devices cannot be split so (the fixed axes "
+                                  f"multiply to {fixed}, which does not divide {num_devices})")
             sizes[free[0]] = num_devices // fixed
         if math.prod(sizes) != num_devices:
-            raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
-                             f"{math.prod(sizes)} devices, but {num_devices} are available")
+            raise ConfigError(f"{given} = {math.prod(sizes)} devices, but {num_devices} are available; make the "
+                              f"sizes multiply to {num_devices}, or set one of them to -1 (all the remaining devices)")
         return tuple(sizes)
 
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Optional[Sequence] = None) -> Mesh:
+    """The mesh over `devices` (default: every device of every process); ConfigError when the config's
+    sizes do not fit them."""
     devices = list(devices) if devices is not None else jax.devices()
     shape = config.resolve(len(devices))
     # Auto axes: shardings are propagated by XLA from our annotations (the pjit model).
     auto = (AxisType.Auto,) * len(MESH_AXES)
     if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+        try:
+            return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+        except (ValueError, NotImplementedError) as e:  # a shape the physical topology (TPU slice) cannot take
+            raise ConfigError(f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} does not fit the "
+                              f"{len(devices)} {devices[0].platform} devices: {' '.join(str(e).split())}") from None
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 

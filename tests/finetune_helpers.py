@@ -12,7 +12,7 @@ from optiml_jax.train.metrics_log import read_jsonl
 from optiml_jax.run_config import from_dict
 
 REPO = Path(__file__).resolve().parents[1]
-SNI = REPO / "data" / "sni"
+SNI = REPO / "optiml_jax" / "assets" / "data" / "sni"
 TOKENIZER = REPO / "optiml_jax/assets/demo_tokenizer"
 TINY_MODEL = dict(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
                   max_position_embeddings=128, dropout=0.1, attention_dropout=0.0)
@@ -38,7 +38,7 @@ def run_config(tiny_preset, workdir, **sections):
 
 
 def cli_overrides(config: dict) -> list[str]:
-    """`key.path=value` overrides reproducing `config` on top of configs/demo.yaml."""
+    """`key.path=value` overrides reproducing `config` on top of the demo config."""
     out = ["data.eval_holdout=null", "eval.tasks=null"]
 
     def walk(prefix, value):
@@ -78,7 +78,7 @@ def cli_env(devices: int) -> dict:
 
 
 def cli(config: dict, devices: int = 4, extra=()) -> list[str]:
-    return [sys.executable, "-m", "optiml_jax.finetune", "--config", str(REPO / "configs/demo.yaml"),
+    return [sys.executable, "-m", "optiml_jax.finetune", "--config", "demo",
             *cli_overrides(config), "--no-progress", *extra]
 
 

@@ -14,7 +14,7 @@ from optiml_jax.run_config import load_run_config
 from fake_tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SNI = ROOT / "data" / "sni"
+SNI = ROOT / "optiml_jax" / "assets" / "data" / "sni"
 EXPLICIT = dict(process_index=0, process_count=1)
 
 
@@ -116,13 +116,13 @@ def test_holdout_config_validation():
 
 
 def test_demo_config_holds_out_instances_of_all_tasks():
-    demo = load_run_config(ROOT / "configs" / "demo.yaml")
+    demo = load_run_config("demo")
     assert demo.data.train == "data/sni" and demo.data.eval is None and demo.data.eval_holdout == 20
     with pytest.raises(ConfigError, match="data.eval_holdout and data.eval are both set"):
-        load_run_config(ROOT / "configs" / "demo.yaml", ["data.eval=data/sni"])
+        load_run_config("demo", ["data.eval=data/sni"])
     with pytest.raises(ConfigError, match="eval.tasks.data=holdout evaluates the instances held out by data.eval_holdout"):
-        load_run_config(ROOT / "configs" / "demo.yaml", ["data.eval_holdout=null", "data.eval=data/sni"])
-    assert load_run_config(ROOT / "configs" / "demo.yaml", ["data.eval_holdout=null", "data.eval=data/sni",
+        load_run_config("demo", ["data.eval_holdout=null", "data.eval=data/sni"])
+    assert load_run_config("demo", ["data.eval_holdout=null", "data.eval=data/sni",
                                                             "eval.tasks.data=data/sni"])
 
 

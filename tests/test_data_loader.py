@@ -15,7 +15,7 @@ from optiml_jax.data import (BATCH_KEYS, DataConfig, DataError, EvalLoader, Exam
 from fake_tokenizer import ByteTokenizer
 from simulated_processes import as_processes
 
-SNI = Path(__file__).resolve().parents[1] / "data" / "sni"
+SNI = Path(__file__).resolve().parents[1] / "optiml_jax" / "assets" / "data" / "sni"
 
 
 def make_tasks(seed=0):

@@ -19,7 +19,7 @@ from optiml_jax.data.sources import SkipStats
 from fake_tokenizer import ByteTokenizer
 from simulated_processes import as_processes
 
-SNI = Path(__file__).resolve().parents[1] / "data" / "sni"
+SNI = Path(__file__).resolve().parents[1] / "optiml_jax" / "assets" / "data" / "sni"
 
 
 def usable_instances(path):

@@ -8,7 +8,7 @@ import pytest
 from optiml_jax.data.records import read_jsonl, read_tasks
 from optiml_jax.data.sources import DataError, SkipStats, detect_format, read_sni_task
 
-SNI = Path(__file__).resolve().parents[1] / "data" / "sni"
+SNI = Path(__file__).resolve().parents[1] / "optiml_jax" / "assets" / "data" / "sni"
 TASK1564 = SNI / "task1564_triviaqa_answer_generation.json"
 EMPTY_ID = "task1564-1ba86d73c8224fad9b4d88f37a37a316"
 

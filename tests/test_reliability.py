@@ -16,7 +16,7 @@ from optiml_jax.train.metrics_log import read_jsonl
 from optiml_jax.run_config import from_dict
 from optiml_jax.train import train_and_evaluate
 
-from finetune_helpers import (REPO, TASKS, cli, cli_env, cli_overrides, config_dict, final_params, flat,
+from finetune_helpers import (TASKS, cli, cli_env, cli_overrides, config_dict, final_params, flat,
                               last_logged_step, run_config, step_losses)
 
 # ---------------------------------------------------------------------- exact resume of the real CLI
@@ -135,7 +135,7 @@ def test_resume_refuses_result_changing_config_unless_overwrite(tiny_preset, tmp
         assert key in str(error.value)
     assert "--overwrite" in str(error.value)
     # The CLI: one line, status 2, nothing trained.
-    code = main(["--config", str(REPO / "configs/demo.yaml"), *cli_overrides(changed), "--no-progress"])
+    code = main(["--config", "demo", *cli_overrides(changed), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "train.seq_len" in err[0] and err[0].startswith("error:")
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2]
@@ -146,7 +146,7 @@ def test_resume_refuses_result_changing_config_unless_overwrite(tiny_preset, tmp
     resumed = train_and_evaluate(from_dict(safe), progress=False)
     assert sorted(resumed.losses) == [3] and first.step == 2
     # --overwrite starts afresh under the new config.
-    code = main(["--config", str(REPO / "configs/demo.yaml"), *cli_overrides(changed), "--no-progress",
+    code = main(["--config", "demo", *cli_overrides(changed), "--no-progress",
                  "--overwrite"])
     assert code == 0
     assert [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if "train/step_loss" in r] == [1, 2, 3, 4]
@@ -166,7 +166,7 @@ def test_nonfinite_run_stops_with_a_clear_cli_message_and_keeps_the_last_good_ch
     config = config_dict(tiny_preset, workdir, train={"max_steps": 20, "max_nonfinite_in_a_row": 3},
                          optim={"lr": 1e30, "warmup_steps": 0, "schedule": "constant"},
                          checkpoint={"every_steps": 1, "keep": 20, "async_save": False})
-    code = main(["--config", str(REPO / "configs/demo.yaml"), *cli_overrides(config), "--no-progress"])
+    code = main(["--config", "demo", *cli_overrides(config), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1
     message = [line for line in err.splitlines() if line.startswith("error:")]
@@ -194,7 +194,7 @@ def test_hostile_jsonl_is_skipped_and_counted_or_one_line_error(tiny_preset, tmp
     hostile.write_bytes(b"\n".join(lines) + b"\n")
     config = config_dict(tiny_preset, tmp_path / "skip", data={"train": str(hostile), "overlong": "drop"},
                          train={"max_steps": 2})
-    assert main(["--config", str(REPO / "configs/demo.yaml"), *cli_overrides(config), "--no-progress"]) == 0
+    assert main(["--config", "demo", *cli_overrides(config), "--no-progress"]) == 0
     capsys.readouterr()
     last = [r for r in read_jsonl(tmp_path / "skip" / "metrics.jsonl") if "train/step_loss" in r][-1]
     skipped = {k: v for k, v in last.items() if k.startswith("data/skipped/")}
@@ -202,7 +202,7 @@ def test_hostile_jsonl_is_skipped_and_counted_or_one_line_error(tiny_preset, tmp
     assert skipped["data/skipped/invalid_utf8"] == 1 and skipped["data/skipped/empty_target"] == 1
 
     config = config_dict(tiny_preset, tmp_path / "raise", data={"train": str(hostile), "on_error": "raise"})
-    code = main(["--config", str(REPO / "configs/demo.yaml"), *cli_overrides(config), "--no-progress"])
+    code = main(["--config", "demo", *cli_overrides(config), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("error:") and f"{hostile}:2" in err[0] and "Traceback" not in err[0]
@@ -221,7 +221,7 @@ def test_memory_estimate_is_printed_and_a_run_that_cannot_fit_stops_before_compi
     monkeypatch.setattr(train_module, "make_train_step", must_not_run)
     config = config_dict(tiny_preset, tmp_path / "big", train={"memory_limit_gib": 1e-4})
     with caplog.at_level(logging.INFO, logger="optiml_jax.train"):
-        code = main(["--config", str(REPO / "configs/demo.yaml"), *cli_overrides(config), "--no-progress"])
+        code = main(["--config", "demo", *cli_overrides(config), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and "needs about" in err and "GiB per device" in err and "train.batch_size" in err
     # The estimate table is logged at start-up (process 0), whether or not the run fits.
@@ -229,7 +229,7 @@ def test_memory_estimate_is_printed_and_a_run_that_cannot_fit_stops_before_compi
                for r in caplog.records)
     monkeypatch.setenv("OPTIML_JAX_MEMORY_LIMIT_GIB", "0.0001")
     config = config_dict(tiny_preset, tmp_path / "env")
-    assert main(["--config", str(REPO / "configs/demo.yaml"), *cli_overrides(config), "--no-progress"]) == 1
+    assert main(["--config", "demo", *cli_overrides(config), "--no-progress"]) == 1
     assert "needs about" in capsys.readouterr().err
 
 

@@ -23,7 +23,7 @@ def flat_params(state):
 
 # ---------------------------------------------------------------------- config
 def test_config_rejects_unknown_keys_and_bad_values_naming_them(tmp_path):
-    cfg = load_run_config(REPO / "configs/demo.yaml", ["train.max_steps=3", "optim.lr=1e-4", "mesh.fsdp=2"])
+    cfg = load_run_config("demo", ["train.max_steps=3", "optim.lr=1e-4", "mesh.fsdp=2"])
     assert (cfg.train.max_steps, cfg.optim.lr, cfg.mesh.fsdp) == (3, 1e-4, 2)
     for override, needle in [("train.max_stpes=3", "train.max_stpes"), ("optim.lr=fast", "optim.lr"),
                              ("train.batch_size=0", "train.batch_size"), ("optimizer.lr=1", "optimizer"),
@@ -32,11 +32,11 @@ def test_config_rejects_unknown_keys_and_bad_values_naming_them(tmp_path):
                              ("data.template=nope", "data.template"), ("checkpoint.keep=0", "checkpoint.keep"),
                              ("workdir=gs://bucket/run", "workdir"), ("train.head_positions=some", "train.head_positions")]:
         with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
-            load_run_config(REPO / "configs/demo.yaml", [override])
+            load_run_config("demo", [override])
 
 
 def test_cli_config_error_is_one_line_and_nonzero(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "optiml_jax.finetune", "--config", str(REPO / "configs/demo.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "optiml_jax.finetune", "--config", "demo",
                            "train.max_stpes=3"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2
@@ -46,9 +46,9 @@ def test_cli_config_error_is_one_line_and_nonzero(tmp_path):
 
 def test_shipped_recipes_load():
     for name in ("demo", "optiml-1.3b", "optiml-30b"):
-        cfg = load_run_config(REPO / "configs" / f"{name}.yaml")
+        cfg = load_run_config(name)
         assert cfg.optim.b2 == 0.95 and cfg.optim.eps == 1e-8 and cfg.optim.clip_norm == 1.0
-    recipe = load_run_config(REPO / "configs/optiml-30b.yaml")
+    recipe = load_run_config("optiml-30b")
     assert (recipe.optim.lr, recipe.optim.warmup_steps, recipe.train.batch_size, recipe.train.seq_len) == \
         (5e-5, 60, 256, 2048)
 
@@ -196,7 +196,7 @@ def test_finetune_cli_smoke(tmp_path, capsys, tiny_preset):
     from optiml_jax.finetune import main
 
     workdir = tmp_path / "cli"
-    code = main(["--config", str(REPO / "configs/demo.yaml"), f"workdir={workdir}", "train.max_steps=3",
+    code = main(["--config", "demo", f"workdir={workdir}", "train.max_steps=3",
                  f"model=preset:{tiny_preset}", "train.batch_size=8", "train.seq_len=64", "eval.every_steps=2",
                  "eval.max_batches=2", "eval.num_samples=1", "eval.sample_max_new_tokens=3",
                  "eval.tasks.max_instances=3", "eval.tasks.max_new_tokens=4",  # the demo's held-out task metrics
@@ -227,6 +227,6 @@ def test_finetune_cli_smoke(tmp_path, capsys, tiny_preset):
     assert any("eval_tasks/rouge1" in r for r in records if r["step"] == 3)
     assert (workdir / "checkpoints" / "3").is_dir()
     # Same workdir again: already at max_steps, nothing to train, no crash.
-    assert main(["--config", str(REPO / "configs/demo.yaml"), f"workdir={workdir}", "train.max_steps=3",
+    assert main(["--config", "demo", f"workdir={workdir}", "train.max_steps=3",
                  f"model=preset:{tiny_preset}", "train.batch_size=8", "train.seq_len=64", "eval.num_samples=0",
                  "eval.max_batches=1", "eval.tasks=null", "train.peak_flops_per_device=1e9", "--no-progress"]) == 0

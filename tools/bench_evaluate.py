@@ -36,7 +36,7 @@ def benchmark_prompts(count: int):
     from optiml_jax.tokenizer import OPTTokenizer
 
     tokenizer = OPTTokenizer.from_pretrained(os.path.join(ROOT, "optiml_jax", "assets", "demo_tokenizer"))
-    tasks = load_eval_tasks(os.path.join(ROOT, "data", "sni"), max_instances=-(-count // 8))
+    tasks = load_eval_tasks(os.path.join(ROOT, "optiml_jax", "assets", "data", "sni"), max_instances=-(-count // 8))
     texts = [build_prompt(task, inst) for inst_index in range(-(-count // 8)) for task in tasks
              for inst in task.instances[inst_index:inst_index + 1]][:count]
     return tokenizer, tokenizer.encode_batch(texts, add_bos=False)

@@ -78,7 +78,7 @@ def make_batch(kind, vocab_size, batch, seq_len) -> dict:
         from optiml_jax.tokenizer import OPTTokenizer
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        cfg = SimpleNamespace(data=DataConfig(train=os.path.join(root, "data", "sni")), seed=0,
+        cfg = SimpleNamespace(data=DataConfig(train=os.path.join(root, "optiml_jax", "assets", "data", "sni")), seed=0,
                               train=SimpleNamespace(batch_size=batch, seq_len=seq_len))
         tokenizer = OPTTokenizer.from_pretrained(os.path.join(root, "optiml_jax", "assets", "demo_tokenizer"))
         out = dict(next(build_train_loader(cfg, tokenizer, process_index=0, process_count=1)))

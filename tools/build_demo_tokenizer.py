@@ -4,7 +4,7 @@ The real OPT vocabulary (50265 GPT-2 tokens) cannot be shipped or downloaded her
 use this stand-in. It has OPT's special ids (`<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3) and OPT's hub
 layout, so every code path is the one the real tokenizer takes.
 
-    python tools/build_demo_tokenizer.py                      # reads data/sni/*.json
+    python tools/build_demo_tokenizer.py                      # reads optiml_jax/assets/data/sni/*.json
     python tools/build_demo_tokenizer.py --sni-dir /work/shared/data/sni
 
 Texts: each task's Definition, and each instance's input and outputs. Files are read in sorted name
@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing the pack
 
 from optiml_jax.tokenizer import train_byte_level_bpe  # noqa: E402
 
-DEFAULT_SNI_DIR = REPO / "data" / "sni"
+DEFAULT_SNI_DIR = REPO / "optiml_jax" / "assets" / "data" / "sni"
 DEFAULT_OUT = REPO / "optiml_jax" / "assets" / "demo_tokenizer"
 
 

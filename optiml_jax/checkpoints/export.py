@@ -1,19 +1,27 @@
-"""Exporting one of our model directories (converted or fine-tuned) back to Hugging Face format.
+"""Exporting a model back to Hugging Face format: one of our model directories (converted, or a run's
+final model), a training checkpoint (`WORKDIR/checkpoints/STEP`, params only: the optimizer state is
+never read) or a fine-tuning workdir (its final model, else its latest checkpoint).
 
-Writes config.json, the tokenizer files and model.safetensors (or model-0000K-of-0000N.safetensors
-with model.safetensors.index.json above `max_shard_size`), which `transformers.OPTForCausalLM
-.from_pretrained` loads. The safetensors files are written by hand: every tensor's name, shape and
-dtype follow from the config, so headers are known up front and the data is streamed one tensor at
-a time (one layer's slice is read from each stacked array), so memory holds one tensor, not the model.
+Writes config.json, generation_config.json, the tokenizer files and model.safetensors (or
+model-0000K-of-0000N.safetensors with model.safetensors.index.json above `max_shard_size`), which
+`transformers.OPTForCausalLM.from_pretrained` loads. The safetensors files are written by hand: every
+tensor's name, shape and dtype follow from the config, so headers are known up front and the data is
+streamed one tensor at a time (one layer's slice is read from each stacked array), so memory holds one
+tensor, not the model.
+
+A training checkpoint holds the train state, not the architecture: that comes from the run's
+`WORKDIR/config.yaml` (its `model` and `tokenizer`, read as the training loop reads them), so a run
+whose config names relative paths is exported from the directory it was started in.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -24,6 +32,7 @@ from optiml_jax.checkpoints.mapping import stacked_location, tensor_specs
 
 _SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def parse_size(size) -> int:
@@ -42,23 +51,125 @@ def parse_size(size) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def export_hf(model_dir, output_dir, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, dtype: Optional[str] = None,
-              overwrite: bool = False) -> Path:
-    """Writes `model_dir` (an optiml_jax directory) as a Hugging Face OPT directory at `output_dir`."""
+def generation_config(config: OPTConfig) -> dict:
+    """generation_config.json as transformers writes it for OPT (`GenerationConfig.from_model_config`,
+    as on the facebook/opt-* hub repos): the special token ids."""
+    return {"_from_model_config": True, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id}
 
-    model_dir = Path(model_dir)
-    marker = checkpoint.read_marker(model_dir)
-    config = OPTConfig.from_json_file(model_dir / "config.json")
-    out_dtype = np.dtype(as_dtype(dtype) if dtype else marker["dtype"])
+
+@dataclasses.dataclass(frozen=True)
+class ExportSource:
+    """What an export reads: the architecture, and where and how the params are stored."""
+    config: OPTConfig
+    params_path: Path  # an Orbax PyTree checkpoint directory
+    prefix: tuple  # the keys above the params in it: () in a model directory, ("params",) in a train state
+    stacked: bool  # decoder/layers/... with a leading layer axis, or decoder/layers_{i}/...
+    dtype: np.dtype  # of the stored params
+    tokenizer: Any  # a directory whose tokenizer files are copied, an OPTTokenizer to save, or None
+    name: str  # for messages
+
+
+def find_source(path) -> ExportSource:
+    """The model at `path`: one of our model directories, a training checkpoint (WORKDIR/checkpoints/STEP)
+    or a workdir (its final model, else its latest checkpoint); CheckpointError saying what it is not."""
+    path = Path(path)
+    if not path.exists():
+        raise checkpoint.CheckpointError(f"{path}: no such file or directory")
+    if checkpoint.is_converted_checkpoint(path):
+        return _model_dir_source(path)
+    if path.name.isdigit() and (path / "state").is_dir():
+        return _train_checkpoint_source(path, workdir=path.parent.parent)
+    if (path / "final").is_dir() or (path / "checkpoints").is_dir():
+        if checkpoint.is_converted_checkpoint(path / "final"):
+            return _model_dir_source(path / "final")
+        steps = [int(p.name) for p in (path / "checkpoints").glob("*") if p.name.isdigit() and (p / "state").is_dir()]
+        if steps:
+            return _train_checkpoint_source(path / "checkpoints" / str(max(steps)), workdir=path)
+        raise checkpoint.CheckpointError(f"{path}: a run directory with neither a final model (final/) nor a "
+                                         f"checkpoint (checkpoints/STEP/) to export")
+    raise checkpoint.CheckpointError(
+        f"{path}: not an optiml_jax model directory (no {checkpoint.MARKER}), a training checkpoint "
+        f"(WORKDIR/checkpoints/STEP) or a fine-tuning workdir")
+
+
+def _model_dir_source(path: Path) -> ExportSource:
+    marker = checkpoint.read_marker(path)
+    if marker.get("layout") != checkpoint.LAYOUT:
+        raise checkpoint.CheckpointError(f"{path / checkpoint.MARKER}: unknown params layout {marker.get('layout')!r}")
+    from optiml_jax.tokenizer import TOKENIZER_FILES
+
+    has_tokenizer = any((path / file).is_file() for file in TOKENIZER_FILES)
+    return ExportSource(config=OPTConfig.from_json_file(path / "config.json"),
+                        params_path=path / marker.get("params_dir", checkpoint.PARAMS_DIR), prefix=(),
+                        stacked=True, dtype=np.dtype(as_dtype(marker["dtype"])), tokenizer=path if has_tokenizer else None,
+                        name=str(path))
+
+
+def _train_checkpoint_source(step_dir: Path, workdir: Path) -> ExportSource:
+    import orbax.checkpoint as ocp
+
+    config, tokenizer = _run_model(workdir)
+    state_dir = (step_dir / "state").absolute()
+    handler = ocp.PyTreeCheckpointHandler()  # not a Checkpointer: state/ has no step metadata of its own
+    try:
+        params = handler.metadata(state_dir).tree["params"]
+        dtype = np.dtype(params["decoder"]["embed_tokens"]["embedding"].dtype)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise checkpoint.CheckpointError(f"{step_dir}: cannot read the training checkpoint's params "
+                                         f"({type(e).__name__}: {str(e)[:300]})") from None
+    finally:
+        handler.close()
+    return ExportSource(config=config, params_path=state_dir, prefix=("params",), stacked="layers" in params["decoder"],
+                        dtype=dtype, tokenizer=tokenizer, name=str(step_dir))
+
+
+def _run_model(workdir: Path):
+    """(OPTConfig, OPTTokenizer) of the run in `workdir`, from its config.yaml's `model` and `tokenizer`
+    (preset:NAME, or a model directory or hub id and its tokenizer), as the training loop reads them."""
+    import yaml
+
+    from optiml_jax.checkpoints.pretrained import resolve_model_path
+    from optiml_jax.run_config import resolve_path
+    from optiml_jax.tokenizer import OPTTokenizer
+
+    run_file = workdir / "config.yaml"
+    try:
+        run = yaml.safe_load(run_file.read_text(encoding="utf-8"))
+        model, tokenizer = run["model"], run.get("tokenizer")
+    except FileNotFoundError:
+        raise checkpoint.CheckpointError(f"{run_file} is missing: the run's config names the model's architecture") from None
+    except (yaml.YAMLError, TypeError, KeyError) as e:
+        raise checkpoint.CheckpointError(f"{run_file}: not a run config with a model ({type(e).__name__})") from None
+    model_dir = None
+    if model.startswith("preset:"):
+        name = model[len("preset:"):]
+        config = OPTConfig.from_preset(resolve_path(name) if name.endswith((".yaml", ".yml", ".json")) else name)
+    else:
+        model_dir = resolve_model_path(resolve_path(model))
+        config = OPTConfig.from_json_file(model_dir / "config.json")
+    source = resolve_path(tokenizer) if tokenizer else model_dir
+    return config, OPTTokenizer.from_pretrained(source) if source is not None else None
+
+
+def export_hf(path, output_dir, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, dtype: Optional[str] = None,
+              overwrite: bool = False) -> Path:
+    """Writes the model at `path` (see `find_source`: one of our model directories, a training checkpoint
+    WORKDIR/checkpoints/STEP, or a workdir) as a Hugging Face OPT directory at `output_dir`, in `dtype`
+    (default: as stored)."""
+    limit = parse_size(max_shard_size)  # the arguments first, then the files
+    out_dtype = np.dtype(as_dtype(dtype)) if dtype else None
+    check_output_dir(output_dir, overwrite)
+    source = find_source(path)
+    out_dtype = out_dtype or source.dtype
     if out_dtype.name not in _SAFETENSORS_NAMES:
         raise ValueError(f"cannot export dtype {out_dtype.name}")
-    limit = parse_size(max_shard_size)
-    check_output_dir(output_dir, overwrite)
+    config = source.config
 
     # Tensor order: grouped by stored array, so each stacked array is read once.
     groups: dict[tuple, list] = {}
     for spec in tensor_specs(config):
-        stored, layer = stacked_location(spec.path)
+        stored, layer = stacked_location(spec.path) if source.stacked else (tuple(spec.path), None)
         groups.setdefault(stored, []).append((spec, layer))
     plan = [(spec, layer, stored) for stored, items in groups.items() for spec, layer in items]
     shards, current, current_bytes = [], [], 0
@@ -73,7 +184,7 @@ def export_hf(model_dir, output_dir, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, d
         shards.append(current)
 
     with atomic_output_dir(output_dir, overwrite) as tmp:
-        reader = checkpoint.ParamsReader(model_dir)
+        reader = checkpoint.ParamsReader(params_path=source.params_path)
         weight_map, total = {}, 0
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -92,12 +203,13 @@ def export_hf(model_dir, output_dir, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, d
                 f.write(header_bytes)
                 for spec, layer, stored in shard:
                     # One layer of a stacked array at a time: memory holds one tensor, not the model.
-                    array = reader.read(stored) if layer is None else reader.read_layer(stored, layer)
+                    keys = source.prefix + stored
+                    array = reader.read(keys) if layer is None else reader.read_layer(keys, layer)
                     tensor = np.ascontiguousarray(spec.to_hf(np.asarray(array))).astype(out_dtype, copy=False)
                     if tuple(tensor.shape) != tuple(spec.hf_shape):
                         raise checkpoint.CheckpointError(
-                            f"{model_dir}: {'/'.join(stored)} gives {spec.hf_key} shape {tensor.shape}, "
-                            f"config.json needs {spec.hf_shape}")
+                            f"{source.name}: {'/'.join(keys)} gives {spec.hf_key} shape {tensor.shape}, "
+                            f"the config needs {spec.hf_shape}")
                     f.write(memoryview(tensor.reshape(-1).view(np.uint8)))
                     key = "model." + spec.hf_key if spec.hf_key != "lm_head.weight" else spec.hf_key
                     weight_map[key] = name
@@ -108,12 +220,20 @@ def export_hf(model_dir, output_dir, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, d
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         hf_config = dict(config.to_dict(), torch_dtype=out_dtype.name)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        from optiml_jax.tokenizer import TOKENIZER_FILES
-
-        for file in TOKENIZER_FILES:
-            if (model_dir / file).is_file():
-                shutil.copy2(model_dir / file, tmp / file)
+        (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation_config(config), indent=2) + "\n")
+        _write_tokenizer(source.tokenizer, tmp)
     return Path(output_dir)
 
 
-__all__ = ["export_hf", "parse_size", "DEFAULT_MAX_SHARD_SIZE"]
+def _write_tokenizer(tokenizer, directory: Path) -> None:
+    from optiml_jax.tokenizer import TOKENIZER_FILES
+
+    if isinstance(tokenizer, Path):
+        for file in TOKENIZER_FILES:
+            if (tokenizer / file).is_file():
+                shutil.copy2(tokenizer / file, directory / file)
+    elif tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+__all__ = ["export_hf", "find_source", "ExportSource", "generation_config", "parse_size", "DEFAULT_MAX_SHARD_SIZE"]

@@ -247,14 +247,16 @@ def _check_stored_shapes(stored, expected, path: Path) -> None:
 
 class ParamsReader:
     """Reads stored arrays one at a time as numpy (Orbax partial restore), for exporters that
-    should not hold the whole model."""
+    should not hold the whole model: of one of our model directories (`path`), or of any Orbax PyTree
+    checkpoint (`params_path`; a training checkpoint's state/ holds the params under "params")."""
 
-    def __init__(self, path):
+    def __init__(self, path=None, *, params_path=None):
         import orbax.checkpoint as ocp
 
-        path = Path(path)
-        marker = read_marker(path)
-        self.params_path = (path / marker.get("params_dir", PARAMS_DIR)).absolute()
+        if params_path is None:
+            marker = read_marker(path)
+            params_path = Path(path) / marker.get("params_dir", PARAMS_DIR)
+        self.params_path = Path(params_path).absolute()
         self._checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
 
     def read(self, keys: Sequence[str]) -> np.ndarray:
