@@ -2,6 +2,7 @@
 
 Public API:
     DataConfig                       the `data:` section of the training config
+    Fields                           data.fields: which JSONL key / Parquet column holds src, tgt, task, definition
     build_loaders(cfg, tok)          -> (TrainLoader, EvalLoader or None), each data file read once
     build_train_loader(cfg, tok)     -> TrainLoader (infinite, resumable: get_state / set_state)
     build_eval_loader(cfg, tok)      -> EvalLoader or None (one pass per `iter()`)
@@ -29,7 +30,8 @@ from optiml_jax.data.mixing import MixtureStream, mixing_weights
 from optiml_jax.data.packing import (BATCH_KEYS, OVERLONG_CHOICES, Packer, PackStats, TokenizedExample,
                                      row_arrays, tokenize_examples)
 from optiml_jax.data.records import Shard, TaskRecords, read_jsonl, read_tasks
-from optiml_jax.data.sources import FORMATS, ON_ERROR_CHOICES, DataError, Example, SkipStats, read_sni_task
+from optiml_jax.data.sources import (FIELD_NAMES, FORMATS, ON_ERROR_CHOICES, DataError, Example, Fields, SkipStats,
+                                     read_sni_task)
 from optiml_jax.data.templates import TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -40,8 +42,12 @@ Paths = Union[str, tuple[str, ...], None]
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """`train`/`eval`: a file or directory (or a list of them); `.json` = SNI task files, `.jsonl` =
-    metaseq src/tgt lines. `train_tasks`/`eval_tasks`: optional split files (one task name per line,
-    e.g. data/sni/splits/default/train_tasks.txt) restricting which SNI tasks are read.
+    metaseq src/tgt lines, `.parquet` = tables (a directory: every such file under it); `hf:NAME[:SPLIT]`
+    = a hub dataset through `datasets` (hub.py). `fields`: which key / column of JSONL and Parquet
+    records holds our `src`, `tgt`, `task` and `definition` (see sources.Fields), e.g. {src: inputs,
+    tgt: targets, task: task_name}; unset = `src` and `tgt`, one task per file.
+    `train_tasks`/`eval_tasks`: optional split files (one task name per line, e.g.
+    data/sni/splits/default/train_tasks.txt) restricting which SNI tasks are read.
 
     `eval_holdout`: instead of a separate `eval` set, withhold the last N examples (an int) or the last
     fraction (a float in (0, 1)) of every training task from training and evaluate on them: OPT-IML's
@@ -58,6 +64,8 @@ class DataConfig:
     train_tasks: Optional[str] = None
     eval_tasks: Optional[str] = None
     eval_holdout: Union[int, float, None] = None
+    # our name -> column; stored as (name, column) pairs in FIELD_NAMES order, so the config stays hashable
+    fields: Union[tuple[tuple[str, str], ...], dict, None] = None
 
     def __post_init__(self):
         for name in ("train", "eval"):
@@ -68,6 +76,13 @@ class DataConfig:
                 value = tuple(os.fspath(v) if isinstance(v, os.PathLike) else v for v in value)
             object.__setattr__(self, name, value)
         self.validate()
+        if self.fields is not None:
+            given = _as_mapping(self.fields)
+            object.__setattr__(self, "fields", tuple((k, given[k]) for k in FIELD_NAMES if k in given))
+
+    @property
+    def field_map(self) -> Fields:
+        return Fields.from_mapping(_as_mapping(self.fields))
 
     def validate(self) -> None:
         for name in ("train", "eval"):
@@ -92,6 +107,10 @@ class DataConfig:
         if self.template == "zero_shot" and self.num_shots != 0:
             raise ConfigError(f"data.num_shots={self.num_shots} is only used with data.template='few_shot'; "
                               f"set the template or num_shots: 0")
+        try:
+            Fields.from_mapping(_as_mapping(self.fields))
+        except ValueError as e:
+            raise ConfigError(f"data.fields: {e}") from None
         problem = holdout_problem(self.eval_holdout)
         if problem:
             raise ConfigError(f"data.eval_holdout {problem}")
@@ -124,7 +143,16 @@ class DataConfig:
         for name in ("train", "eval"):
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
+        out["fields"] = _as_mapping(self.fields)
         return out
+
+
+def _as_mapping(fields):
+    """data.fields as a mapping: the stored (name, column) pairs made a dict again; anything else as it is
+    (for Fields.from_mapping to judge)."""
+    if isinstance(fields, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in fields):
+        return dict(fields)
+    return fields
 
 
 def _data_config(cfg: Any) -> DataConfig:
@@ -183,7 +211,7 @@ def _read(data: DataConfig, paths, split_file, seed: int, shard: Shard) -> tuple
     # Every process ends up with the same tasks and skip counts; only the first logs the skips.
     stats = SkipStats(data.on_error, log=shard.index == 0)
     tasks = read_tasks(paths, stats, format=data.format, split_file=split_file, template=data.template,
-                       num_shots=data.num_shots, seed=seed, shard=shard)
+                       num_shots=data.num_shots, seed=seed, shard=shard, fields=data.field_map)
     if not tasks:
         raise DataError(f"{paths}: no usable examples (skipped: {stats.as_dict()})")
     return tasks, stats
@@ -258,7 +286,7 @@ def build_eval_loader(cfg: Any, tokenizer, **kwargs) -> Optional[EvalLoader]:
 
 
 __all__ = [
-    "BATCH_KEYS", "DataConfig", "DataError", "EvalLoader", "Example", "MixtureStream", "PackStats", "Packer",
+    "BATCH_KEYS", "DataConfig", "DataError", "EvalLoader", "Example", "Fields", "MixtureStream", "PackStats", "Packer",
     "Shard", "SkipStats", "TaskRecords", "TokenizedExample", "TrainLoader", "build_eval_loader", "build_loaders",
     "build_train_loader", "mixing_weights",
     "read_jsonl", "read_sni_task", "read_tasks", "row_arrays", "split_holdout", "templates", "tokenize_examples",

@@ -6,6 +6,11 @@ of where the usable records are, and reads a record (one seek) only when a row o
 
 * JSONL: process p checks the lines that START in the p-th of `process_count` equal byte ranges of each
   file, and notes the byte span of every usable line.
+* Parquet: likewise with row groups: process p checks the rows of the groups that start in its byte
+  range (every process reads each file's footer), reading only the mapped columns, and notes the row
+  group and row of every usable row. While training a row group is read again (its mapped columns) when
+  a row of it is needed, and the most recent ones are kept, so the rows of a batch in one group cost
+  one read. Random access costs a row group per example: files with small row groups read fastest.
 * SNI task files (one JSON document each, which cannot be parsed from the middle) are dealt out whole,
   largest first to the least loaded process; the owner parses its files and notes the byte span of every
   usable instance and of the Instances array. Every process then reads only the rest of each file (its
@@ -26,24 +31,30 @@ import heapq
 import json
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from optiml_jax.data.sources import (FORMATS, MAX_LOGGED_PER_FILE, DataError, Example, SkipStats, SNIExample,
-                                     check_jsonl_line, detect_format, jsonl_files, read_sni_header,
-                                     read_sni_instance, read_span, scan_jsonl, scan_sni_file, sni_files)
+from optiml_jax.data import hub
+from optiml_jax.data.sources import (FORMATS, MAX_LOGGED_PER_FILE, DataError, Example, Fields, SkipStats, SNIExample,
+                                     check_jsonl_line, check_record, detect_format, jsonl_files, open_parquet,
+                                     parquet_files, read_row_group, read_sni_header, read_sni_instance, read_span,
+                                     record_example, scan_jsonl, scan_parquet, scan_sni_file, sni_files)
 
 logger = logging.getLogger(__name__)
 
 # allgather(local int64 vector) -> [process_count, len] array, every process's vector in process order
 # (jax.experimental.multihost_utils.process_allgather does this). Every process passes the same length.
 AllGather = Callable[[np.ndarray], np.ndarray]
-# A record: start byte, end byte, its number in the file (JSONL: line; SNI: position in Instances) and its
-# index among the file's usable records (SNI templates seed the answer delimiter with it).
-RECORD_COLUMNS = 4
+# A record: start byte, end byte (Parquet: row group, row in the group), its number in the file (JSONL: line;
+# SNI: position in Instances; Parquet: row), its index among its task's usable records (SNI templates seed
+# the answer delimiter with it) and, in the exchange only, the code of its task among the scan's TaskCodes.
+RECORD_COLUMNS = 5
+# Row groups of a Parquet file kept in memory while training (per file; mapped columns only).
+CACHED_ROW_GROUPS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,17 +71,80 @@ class Shard:
 
 
 # ---------------------------------------------------------------------------------------- records
+def _changed(where: str, what: str = "line") -> DataError:
+    return DataError(f"{where}: the {what} no longer holds the usable record found there when the run started; "
+                     f"the file changed after it was read")
+
+
 @dataclasses.dataclass(frozen=True)
 class JsonlSource:
     path: str
     task: str
+    fields: Fields = Fields()
+    seed: int = 0
 
-    def example(self, start: int, end: int, line: int, index: int) -> Example:
-        record, _ = check_jsonl_line(read_span(self.path, start, end))
-        if record is None:
-            raise DataError(f"{self.path}:{line}: the line no longer holds the usable record found there when "
-                            f"the run started; the file changed after it was read")
-        return Example(task=self.task, src=record["src"], tgt=record["tgt"], source=f"{self.path}:{line}")
+    def example(self, start: int, end: int, line: int, index: int) -> Union[Example, SNIExample]:
+        values, _ = check_jsonl_line(read_span(self.path, start, end), self.fields)
+        if values is None or values.get("task", self.task) != self.task:
+            raise _changed(f"{self.path}:{line}")
+        return record_example(values, self.task, f"{self.path}:{line}", self.seed, index)
+
+
+class RowGroups:
+    """The row groups of one Parquet file, read (mapped columns only) when a row of theirs is needed; the
+    CACHED_ROW_GROUPS most recent are kept, as Arrow tables. One per file, shared by the tasks with rows
+    in it."""
+
+    def __init__(self, path: str, fields: Fields):
+        self.path, self.fields = path, fields
+        self._cache: OrderedDict = OrderedDict()  # group -> pyarrow Table
+        self._footer = None  # (size, mtime) of the file when its metadata was read, the metadata
+
+    def _open(self):
+        # Opened per read, so a run over many files holds no descriptors; the footer is parsed again only
+        # when the file changed (parsing it costs as much as reading a group of a thousand rows).
+        try:
+            stat = os.stat(self.path)
+        except OSError as e:
+            raise DataError(f"{self.path}: cannot open ({e.strerror})") from None
+        version = (stat.st_size, stat.st_mtime_ns)
+        if self._footer is None or self._footer[0] != version:
+            self._cache.clear()
+            self._footer = (version, open_parquet(self.path).metadata)
+        return open_parquet(self.path, metadata=self._footer[1])
+
+    def row(self, group: int, k: int) -> Optional[dict]:
+        """{column: value} of row k of a group, None when the group has no such row."""
+        table = self._cache.get(group)
+        if table is None:
+            handle = self._open()
+            if group >= handle.metadata.num_row_groups:
+                return None
+            table = read_row_group(handle, self.path, group, self.fields.columns)
+            self._cache[group] = table
+            if len(self._cache) > CACHED_ROW_GROUPS:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(group)
+        if k >= table.num_rows:
+            return None
+        return {column: table.column(column)[k].as_py() for column in self.fields.columns}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParquetSource:
+    path: str
+    task: str
+    groups: RowGroups
+    seed: int = 0
+
+    def example(self, group: int, k: int, row: int, index: int) -> Union[Example, SNIExample]:
+        where = f"{self.path}:row {row}"
+        record = self.groups.row(group, k)
+        values = check_record(record, self.groups.fields)[0] if record is not None else None
+        if values is None or values.get("task", self.task) != self.task:
+            raise _changed(where, "row")
+        return record_example(values, self.task, where, self.seed, index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +161,7 @@ class SNISource:
                           output=output, exemplars=self.exemplars, seed=self.seed, index=index)
 
 
-Source = Union[JsonlSource, SNISource]
+Source = Union[JsonlSource, ParquetSource, SNISource]
 
 
 def locate(ends: np.ndarray, i: int) -> tuple[int, int]:
@@ -180,33 +254,40 @@ def exchange(shard: Shard, meta, arrays: Sequence[np.ndarray]) -> list:
 # ---------------------------------------------------------------------------------------- index
 @dataclasses.dataclass(frozen=True)
 class _DataFile:
-    kind: str  # "jsonl" or "sni"
+    kind: str  # "jsonl", "parquet" or "sni"
     path: Path
     task: str
     size: int
+    listed: str  # what the processes compare to know they read the same files
 
 
 def _list_files(paths, format: str, split_file, template: str) -> list[_DataFile]:
     files = []
     for path in paths:
-        fmt = detect_format(path) if format == "auto" else format
+        from_hub = hub.is_hub_path(path)
+        fmt = "parquet" if from_hub else detect_format(path) if format == "auto" else format
         if fmt == "sni":
             found = [("sni", f) for f in sni_files(path, split_file)]
         else:
             if template != "zero_shot":
-                raise DataError(f"{path}: template {template!r} applies to SNI task files only; "
-                                f"JSONL records already hold the final src/tgt")
-            # Each .jsonl file is one corpus (task) named by its stem; files with the same stem in
-            # different subdirectories (metaseq's shards 00/, 01/, ...) are the same corpus, concatenated
-            # in path order. All shards are mixed at once, not one shard per epoch as in metaseq: the
-            # mixer already cycles and reshuffles every task per epoch.
-            found = [("jsonl", f) for f in jsonl_files(path)]
+                raise DataError(f"{path}: template {template!r} applies to SNI task files only; JSONL and "
+                                f"Parquet records have no exemplars")
+            # Each file is one corpus (task) named by its stem, unless data.fields.task names each record's
+            # task; files with the same stem in different subdirectories (metaseq's shards 00/, 01/, ...)
+            # are the same corpus, concatenated in path order. All shards are mixed at once, not one shard
+            # per epoch as in metaseq: the mixer already cycles and reshuffles every task per epoch.
+            if from_hub:
+                found = [("parquet", hub.materialise(path))]
+            else:
+                found = [(fmt, f) for f in (jsonl_files(path) if fmt == "jsonl" else parquet_files(path))]
         for kind, file in found:
             try:
                 size = file.stat().st_size
             except OSError as e:
                 raise DataError(f"{file}: cannot open ({e.strerror})") from None
-            files.append(_DataFile(kind, file, file.stem, size))
+            # A hub dataset's local copy may lie in another cache directory on each host: its version counts.
+            listed = f"{path}@{file.parent.name}" if from_hub else str(file)
+            files.append(_DataFile(kind, file, file.stem, size, listed))
     return files
 
 
@@ -227,21 +308,31 @@ def _skips_to_send(skips: list) -> list:
     return [[*skip[:-1], skip[-1] if k < MAX_LOGGED_PER_FILE else ""] for k, skip in enumerate(skips)]
 
 
-def _scan_my_share(files: list[_DataFile], owners: list[int], me: int, count: int):
+def _record_array(flat) -> np.ndarray:
+    """[n, RECORD_COLUMNS] from a scan's flat (a, b, number, task code) records; indices are set later."""
+    records = np.zeros((len(flat) // 4, RECORD_COLUMNS), np.int64)
+    records[:, [0, 1, 2, 4]] = np.frombuffer(flat, np.int64).reshape(-1, 4)
+    return records
+
+
+def _scan_my_share(files: list[_DataFile], owners: list[int], me: int, count: int, fields: Fields):
     """(meta, arrays) to exchange, and the headers of the SNI files this process owns."""
     meta, arrays, headers = {"files": {}, "error": None}, [], {}
     try:
         for i, file in enumerate(files):
             if file.kind == "jsonl":
-                scan = scan_jsonl(file.path, file.size * me // count, file.size * (me + 1) // count)
-                entry = {"lines": scan.lines, "skips": _skips_to_send(scan.skips)}
-                records = np.zeros((len(scan.records) // 3, RECORD_COLUMNS), np.int64)
-                records[:, :3] = np.frombuffer(scan.records, np.int64).reshape(-1, 3)
+                scan = scan_jsonl(file.path, file.size * me // count, file.size * (me + 1) // count, fields)
+                entry = {"lines": scan.lines, "skips": _skips_to_send(scan.skips), "tasks": scan.tasks.names}
+                records = _record_array(scan.records)
+            elif file.kind == "parquet":
+                scan = scan_parquet(file.path, fields, me, count)
+                entry = {"skips": _skips_to_send(scan.skips), "tasks": scan.tasks.names}
+                records = _record_array(scan.records)
             elif owners[i] == me:
                 scan = scan_sni_file(file.path)
                 headers[i] = (scan.definition, scan.positive_examples)
                 entry = {"problem": scan.problem, "skips": scan.skips, "span": scan.instances_span}
-                records = [(start, end, position, 0) for start, end, position in scan.instances]
+                records = [(start, end, position, 0, 0) for start, end, position in scan.instances]
             else:
                 continue
             entry["array"] = len(arrays)
@@ -252,12 +343,6 @@ def _scan_my_share(files: list[_DataFile], owners: list[int], me: int, count: in
     return meta, arrays, headers
 
 
-def _numbered(records: np.ndarray) -> np.ndarray:
-    records = records.copy()
-    records[:, 3] = np.arange(len(records))
-    return records
-
-
 def _raise_first_error(gathered: list, me: int) -> None:
     """Every process raises the first error any process met, named by the process that met it."""
     for q, (their, _) in enumerate(gathered):
@@ -266,10 +351,13 @@ def _raise_first_error(gathered: list, me: int) -> None:
 
 
 def read_tasks(paths, stats: SkipStats, *, format: str = "auto", split_file=None, template: str = "zero_shot",
-                num_shots: int = 0, seed: int = 0, shard: Shard = Shard()) -> dict[str, TaskRecords]:
-    """Every usable example under `paths` (a path or several), by task, in a deterministic order, read
-    lazily. Collective when `shard` splits: every process must call it, and all get the same result.
-    What is skipped goes to `stats` (see SkipStats); task name collisions merge (same name = same corpus)."""
+               num_shots: int = 0, seed: int = 0, shard: Shard = Shard(),
+               fields: Fields = Fields()) -> dict[str, TaskRecords]:
+    """Every usable example under `paths` (a path or several; `hf:NAME[:SPLIT]` = a hub dataset, see
+    hub.py), by task, in a deterministic order, read lazily. `fields` maps our fields to the keys or
+    columns of JSONL and Parquet records (SNI task files have their own layout). Collective when `shard`
+    splits: every process must call it, and all get the same result. What is skipped goes to `stats`
+    (see SkipStats); task name collisions merge (same name = same corpus)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if format not in FORMATS:
@@ -285,11 +373,11 @@ def read_tasks(paths, stats: SkipStats, *, format: str = "auto", split_file=None
     owners = [0] * len(files)
     for i, q in zip(sni, deal_out([files[i].size for i in sni], count)):
         owners[i] = q
-    meta, arrays, headers = _scan_my_share(files, owners, me, count)
+    meta, arrays, headers = _scan_my_share(files, owners, me, count, fields)
     meta["error"] = listing_error or meta["error"]
     # Hosts with their own copies of the data (local disks) must hold the same files, or the shares
     # and the index would not fit together.
-    meta["listing"] = hashlib.sha256(json.dumps([[str(f.path), f.size] for f in files]).encode()).hexdigest()[:16]
+    meta["listing"] = hashlib.sha256(json.dumps([[f.listed, f.size] for f in files]).encode()).hexdigest()[:16]
     meta["num_files"] = len(files)
     gathered = exchange(shard, meta, arrays)
     _raise_first_error(gathered, me)
@@ -301,7 +389,7 @@ def read_tasks(paths, stats: SkipStats, *, format: str = "auto", split_file=None
                         f"differ: {seen}); every host must read the same data, e.g. from a shared filesystem")
 
     _read_other_headers(files, owners, gathered, headers, shard, me)
-    return _assemble_tasks(files, owners, gathered, headers, stats, template, num_shots, seed)
+    return _assemble_tasks(files, owners, gathered, headers, stats, template, num_shots, seed, fields)
 
 
 def _read_other_headers(files, owners, gathered, headers: dict, shard: Shard, me: int) -> None:
@@ -323,41 +411,81 @@ def _read_other_headers(files, owners, gathered, headers: dict, shard: Shard, me
         raise DataError(header_error)
 
 
+def _gather_rows(file: _DataFile, i: int, gathered, stats: SkipStats) -> tuple[np.ndarray, list[str]]:
+    """A JSONL or Parquet file's records from every process's share (task codes made global, into the
+    returned task names), its skips counted in file order."""
+    name, chunks, tasks, codes, first_line = str(file.path), [], [], {}, 0
+    for meta, arrays in gathered:  # process order is file order
+        entry = meta["files"][str(i)]
+        records = arrays[entry["array"]].copy()
+        if len(records):
+            their = entry["tasks"] or [file.task]  # without a task field every code is 0: the file's stem
+            for task in their:
+                if task not in codes:
+                    codes[task] = len(tasks)
+                    tasks.append(task)
+            records[:, 4] = np.asarray([codes[t] for t in their], np.int64)[records[:, 4]]
+        if file.kind == "jsonl":  # a share counts its lines from 1; Parquet rows are the file's already
+            records[:, 2] += first_line
+            for line, reason, detail in entry["skips"]:
+                stats.skip(reason, name, f"{name}:{first_line + line}", detail)
+            first_line += entry["lines"]
+        else:
+            for row, reason, detail in entry["skips"]:
+                stats.skip(reason, name, f"{name}:row {row}", detail)
+        chunks.append(records)
+    stats.end_file(name)
+    return np.concatenate(chunks), tasks
+
+
+def _by_task(records: np.ndarray, tasks: list[str]) -> list[tuple[str, np.ndarray]]:
+    """(task, its records in file order) for each task of a file, in order of first appearance."""
+    if len(tasks) == 1:
+        return [(tasks[0], records)]
+    order = np.argsort(records[:, 4], kind="stable")
+    counts = np.bincount(records[:, 4], minlength=len(tasks))
+    out, start = [], 0
+    for task, n in zip(tasks, counts.tolist()):
+        out.append((task, records[order[start:start + n]]))
+        start += n
+    return out
+
+
 def _assemble_tasks(files, owners, gathered, headers, stats: SkipStats, template: str, num_shots: int,
-                    seed: int) -> dict[str, TaskRecords]:
+                    seed: int, fields: Fields) -> dict[str, TaskRecords]:
     """The tasks from every process's share of the index, with skips counted in file order."""
     parts: dict[str, list] = {}
     for i, file in enumerate(files):
         name = str(file.path)
-        if file.kind == "jsonl":
-            chunks, first_line = [], 0
-            for meta, arrays in gathered:  # process order is file order
-                entry = meta["files"][str(i)]
-                records = arrays[entry["array"]].copy()
-                records[:, 2] += first_line
-                chunks.append(records)
-                for line, reason, detail in entry["skips"]:
-                    stats.skip(reason, name, f"{name}:{first_line + line}", detail)
-                first_line += entry["lines"]
-            stats.end_file(name)
-            source = JsonlSource(name, file.task)
-            records = np.concatenate(chunks)
-        else:
-            meta, arrays = gathered[owners[i]]
-            entry = meta["files"][str(i)]
-            for reason, where, detail in [entry["problem"]] if entry["problem"] else entry["skips"]:
-                stats.skip(reason, name, where, detail)
-            stats.end_file(name)
-            if entry["problem"]:
-                continue
-            definition, positives = headers[i]
-            source = SNISource(name, file.task, definition,
-                               positives[:num_shots] if template == "few_shot" else (), seed)
-            records = arrays[entry["array"]]
-        parts.setdefault(file.task, []).append((source, _numbered(records)))
+        if file.kind in ("jsonl", "parquet"):
+            records, tasks = _gather_rows(file, i, gathered, stats)
+            groups = RowGroups(name, fields) if file.kind == "parquet" else None
+            for task, task_records in _by_task(records, tasks or [file.task]):
+                source = (JsonlSource(name, task, fields, seed) if groups is None
+                          else ParquetSource(name, task, groups, seed))
+                parts.setdefault(task, []).append((source, task_records))
+            continue
+        meta, arrays = gathered[owners[i]]
+        entry = meta["files"][str(i)]
+        for reason, where, detail in [entry["problem"]] if entry["problem"] else entry["skips"]:
+            stats.skip(reason, name, where, detail)
+        stats.end_file(name)
+        if entry["problem"]:
+            continue
+        definition, positives = headers[i]
+        source = SNISource(name, file.task, definition, positives[:num_shots] if template == "few_shot" else (), seed)
+        parts.setdefault(file.task, []).append((source, arrays[entry["array"]]))
     tasks = {}
     for task, task_parts in parts.items():
-        records = TaskRecords(task_parts)
+        # Each record's index counts the task's usable records (across its files): the SNI template
+        # seeds the answer delimiter with it.
+        numbered, index = [], 0
+        for source, records in task_parts:
+            records = records[:, :4].copy()
+            records[:, 3] = np.arange(index, index + len(records))
+            index += len(records)
+            numbered.append((source, records))
+        records = TaskRecords(numbered)
         if len(records):
             tasks[task] = records
         else:

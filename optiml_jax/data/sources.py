@@ -1,12 +1,19 @@
-"""Data formats: Super-NaturalInstructions task files and metaseq `src`/`tgt` JSONL. Finding the files,
-checking every record, noting the byte span of each usable one (records.py indexes them and reads one
-back with a seek when a batch needs it) and turning a record into an `Example`.
+"""Data formats: Super-NaturalInstructions task files, metaseq `src`/`tgt` JSONL and Parquet tables (the
+hub's format). Finding the files, checking every record, noting where each usable one is (a byte span;
+for Parquet its row group and row: records.py indexes them and reads one back when a batch needs it)
+and turning a record into an `Example`.
+
+JSONL and Parquet records go through one column mapping, `Fields` (data.fields): which key or column
+holds the prompt (`src`), the target (`tgt`), optionally the row's task (`task`; else the file's stem)
+and an SNI-style instruction (`definition`: the prompt is then SNI's template of definition and input).
 
 Bad data never crashes deep inside training. Every record that cannot be used is either skipped and
 counted in a `SkipStats` (reason -> count; the first few per file are logged with `file:line`, then a
-per-file summary), or, with `on_error="raise"`, raises a `DataError` that names `file:line` (JSONL) or
-`file#instance_id` (SNI). The reader does the checking so that templates, tokenizer and packer can
-assume clean strings.
+per-file summary), or, with `on_error="raise"`, raises a `DataError` that names `file:line` (JSONL),
+`file:row N` (Parquet, rows counted from 0 at the file's start, as pandas and `datasets` number them)
+or `file#instance_id` (SNI). A Parquet file whose mapped column is missing or does not hold strings is
+a `DataError` naming the file and column. The reader does the checking so that templates, tokenizer
+and packer can assume clean strings.
 """
 from __future__ import annotations
 
@@ -17,8 +24,9 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from optiml_jax.data import templates
 
@@ -41,7 +49,7 @@ class Example:
     task: str
     src: str
     tgt: str
-    source: str  # "file:line" (JSONL) or "file#instance_id" (SNI), for error messages
+    source: str  # "file:line" (JSONL), "file:row N" (Parquet) or "file#instance_id" (SNI), for error messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +67,9 @@ class SNIExample:
     exemplars: tuple[tuple[str, str], ...]
     seed: int
     index: int
+    # False for a JSONL/Parquet row with a definition column (data.fields.definition): its one target is
+    # its only reference, where a task file's instance has all of its references in the file
+    in_task_file: bool = True
 
     @property
     def src(self) -> str:
@@ -141,10 +152,102 @@ def _check_string_field(record: dict, key: str) -> Optional[tuple[str, str]]:
         return "missing_field", f"no {key!r} field"
     value = record[key]
     if not isinstance(value, str):
-        return "non_string_field", f"{key!r} is {type(value).__name__}, expected string"
+        return "non_string_field", f"{key!r} is {'null' if value is None else type(value).__name__}, expected string"
     if _bad_unicode(value):
         return "invalid_unicode", f"{key!r} holds a lone surrogate"
     return None
+
+
+# ---------------------------------------------------------------------------------------- fields
+FIELD_NAMES = ("src", "tgt", "task", "definition")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fields:
+    """The key (JSONL) or column (Parquet) holding each of our fields (data.fields). `src`, `tgt`: the
+    prompt and the target; `task`: the name of the row's task (None: the file's stem names the task of
+    all its rows); `definition`: an SNI-style instruction (None: `src` is the whole prompt; else `src`
+    is the instance's input and the prompt is SNI's zero-shot template, templates.format_sni)."""
+    src: str = "src"
+    tgt: str = "tgt"
+    task: Optional[str] = None
+    definition: Optional[str] = None
+
+    @classmethod
+    def from_mapping(cls, mapping) -> "Fields":
+        """From data.fields (our name -> column); ValueError naming the bad key or value."""
+        if mapping is None:
+            return cls()
+        if not isinstance(mapping, Mapping):
+            raise ValueError(f"must map our names ({', '.join(FIELD_NAMES)}) to the file's columns, "
+                             f"e.g. {{src: inputs, tgt: targets}}; got {mapping!r}")
+        unknown = sorted(map(str, set(mapping) - set(FIELD_NAMES)))
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(FIELD_NAMES)})")
+        for key, column in mapping.items():
+            optional = key in ("task", "definition")  # null: not read (as when left out)
+            if not (isinstance(column, str) and column or optional and column is None):
+                raise ValueError(f"{key} must name a column (a non-empty string), got {column!r}")
+        return cls(**mapping)
+
+    def mapped(self) -> list[tuple[str, str]]:
+        """(our name, column) of every field read from the records."""
+        return [(name, getattr(self, name)) for name in FIELD_NAMES if getattr(self, name) is not None]
+
+    @property
+    def columns(self) -> list[str]:
+        return list(dict.fromkeys(column for _, column in self.mapped()))
+
+
+def check_record(record: dict, fields: Fields) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
+    """({our name: value}, None) for a usable record (a JSONL object, a Parquet row), else (None,
+    (reason, detail)).
+
+    Empty `src` is allowed (plain language-model text has only a target); an empty or all-whitespace
+    `tgt` is skipped because the example would train only on `</s>`."""
+    problem = _check_string_field(record, fields.src) or _check_string_field(record, fields.tgt)
+    if problem:
+        return None, problem
+    values = {"src": record[fields.src], "tgt": record[fields.tgt]}
+    if not values["tgt"].strip():
+        return None, ("empty_target", "")
+    if fields.task is not None:
+        problem = _check_string_field(record, fields.task)
+        if problem:
+            return None, problem
+        if not record[fields.task].strip():
+            return None, ("empty_task", f"{fields.task!r} is empty")
+        values["task"] = record[fields.task]
+    if fields.definition is not None:
+        if fields.definition not in record:
+            return None, ("missing_field", f"no {fields.definition!r} field")
+        values["definition"] = _definition_text(record[fields.definition])
+        if values["definition"] is None:
+            return None, ("bad_definition", f"{fields.definition!r} is not a non-empty string (or list of strings)")
+    return values, None
+
+
+def record_example(values: dict, task: str, source: str, seed: int, index: int) -> Union[Example, "SNIExample"]:
+    """The example of a record check_record accepted: its src and tgt as they are, or, with a definition,
+    an SNI instance (prompted as task files' instances are, `index` seeding its answer delimiter)."""
+    if "definition" in values:
+        return SNIExample(task=task, source=source, definition=values["definition"], input=values["src"],
+                          output=values["tgt"], exemplars=(), seed=seed, index=index, in_task_file=False)
+    return Example(task=task, src=values["src"], tgt=values["tgt"], source=source)
+
+
+class TaskCodes:
+    """Task names a scan met, numbered in order of appearance (an int64 index carries the numbers)."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self._codes: dict[str, int] = {}
+
+    def code(self, name: str) -> int:
+        if name not in self._codes:
+            self._codes[name] = len(self.names)
+            self.names.append(name)
+        return self._codes[name]
 
 
 # ---------------------------------------------------------------------------------------- JSONL
@@ -153,17 +256,16 @@ class JsonlScan:
     """What one scan of the lines starting in a byte range of a JSONL file found. Line numbers are
     counted from the range's first line (1-based): the caller adds the lines of earlier ranges."""
     lines: int = 0
-    # start byte, end byte, line of each usable line, flat: 24 bytes a record, not a tuple's ~150
+    # start byte, end byte, line, task code (TaskCodes; 0 without a task field) of each usable line,
+    # flat: 32 bytes a record, not a tuple's ~150
     records: array.array = dataclasses.field(default_factory=lambda: array.array("q"))
     skips: list = dataclasses.field(default_factory=list)  # (line, reason, detail)
+    tasks: TaskCodes = dataclasses.field(default_factory=TaskCodes)
 
 
-def check_jsonl_line(raw: bytes) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
-    """(record, None) for a usable `{"src", "tgt"}` line, (None, (reason, detail)) for an unusable one,
-    (None, None) for a blank line (not a record: e.g. a trailing newline).
-
-    Empty `src` is allowed (plain language-model text has only a target); an empty or all-whitespace
-    `tgt` is skipped because the example would train only on `</s>`."""
+def check_jsonl_line(raw: bytes, fields: Fields = Fields()) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
+    """({our name: value}, None) for a usable line (check_record), (None, (reason, detail)) for an
+    unusable one, (None, None) for a blank line (not a record: e.g. a trailing newline)."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -178,12 +280,7 @@ def check_jsonl_line(raw: bytes) -> tuple[Optional[dict], Optional[tuple[str, st
         return None, ("malformed_json", "nested too deeply")
     if not isinstance(record, dict):
         return None, ("not_an_object", f"got JSON {type(record).__name__}")
-    problem = _check_string_field(record, "src") or _check_string_field(record, "tgt")
-    if problem:
-        return None, problem
-    if not record["tgt"].strip():
-        return None, ("empty_target", "")
-    return record, None
+    return check_record(record, fields)
 
 
 def open_data_file(path: str | os.PathLike):
@@ -193,7 +290,8 @@ def open_data_file(path: str | os.PathLike):
         raise DataError(f"{path}: cannot open ({e.strerror})") from None
 
 
-def scan_jsonl(path: str | os.PathLike, lo: int = 0, hi: Optional[int] = None) -> JsonlScan:
+def scan_jsonl(path: str | os.PathLike, lo: int = 0, hi: Optional[int] = None,
+               fields: Fields = Fields()) -> JsonlScan:
     """Checks the lines of a JSONL file that START in bytes [lo, hi) (all of it by default), reading only
     those lines: ranges that tile a file give every line to exactly one scan."""
     scan = JsonlScan()
@@ -211,10 +309,11 @@ def scan_jsonl(path: str | os.PathLike, lo: int = 0, hi: Optional[int] = None) -
             scan.lines += 1
             if start == 0 and raw.startswith(b"\xef\xbb\xbf"):
                 raw, start = raw[3:], 3  # UTF-8 byte-order mark written by some editors
-            record, problem = check_jsonl_line(raw)
-            if record is not None:
+            values, problem = check_jsonl_line(raw, fields)
+            if values is not None:
                 end = offset - (1 if raw.endswith(b"\n") else 0)
-                scan.records.extend((start, end, scan.lines))
+                code = scan.tasks.code(values["task"]) if "task" in values else 0
+                scan.records.extend((start, end, scan.lines, code))
             elif problem is not None:
                 scan.skips.append((scan.lines, *problem))
     return scan
@@ -231,6 +330,120 @@ def jsonl_files(path: str | os.PathLike) -> list[Path]:
     if not files:
         raise DataError(f"{path}: directory holds no .jsonl files")
     return files
+
+
+# ---------------------------------------------------------------------------------------- Parquet
+# Parquet is read through pyarrow, imported when a Parquet file is met: reading only SNI or JSONL data
+# never pays for it.
+def parquet_files(path: str | os.PathLike) -> list[Path]:
+    """A `.parquet` file, or every `.parquet` under a directory (the hub's `data/train-0000N-of-...`)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{path}: no such file or directory")
+    files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+    if not files:
+        raise DataError(f"{path}: directory holds no .parquet files")
+    return files
+
+
+def open_parquet(path: str | os.PathLike, metadata=None):
+    """A pyarrow ParquetFile (its footer read: schema and row groups, unless `metadata` from an earlier
+    open is given), or a DataError naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path, metadata=metadata)
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror or e})") from None
+    except pa.ArrowException as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _holds_strings(kind, lists: bool) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if lists and (pa.types.is_list(kind) or pa.types.is_large_list(kind)):  # SNI's list-of-strings definitions
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def check_parquet_schema(handle, path, fields: Fields) -> None:
+    """DataError naming the file and column when a mapped column is missing or does not hold strings:
+    every row would be unusable, so it is the file's error, not a skip per row."""
+    schema = handle.schema_arrow
+    for name, column in fields.mapped():
+        if column not in schema.names:
+            shown = ", ".join(schema.names[:20]) + (", ..." if len(schema.names) > 20 else "")
+            raise DataError(f"{path}: no column {column!r} (data.fields.{name}); its columns are {shown}")
+        kind = schema.field(column).type
+        if not _holds_strings(kind, lists=name == "definition"):
+            raise DataError(f"{path}: column {column!r} (data.fields.{name}) holds {kind}, not strings")
+
+
+def read_row_group(handle, path, group: int, columns: list[str]):
+    """One row group as a pyarrow Table, reading only `columns`."""
+    import pyarrow as pa
+
+    try:
+        return handle.read_row_group(group, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: cannot read row group {group} ({e})") from None
+
+
+def row_group_share(metadata, me: int, count: int) -> range:
+    """The row groups process `me` of `count` scans at start-up: those starting in its 1/count of the
+    file's row-group bytes (uncompressed; as JSONL lines are shared), a contiguous run, so process order
+    is file order."""
+    sizes = [metadata.row_group(g).total_byte_size for g in range(metadata.num_row_groups)]
+    total, start, owners = max(sum(sizes), 1), 0, []
+    for size in sizes:
+        owners.append(min(start * count // total, count - 1))
+        start += size
+    mine = [g for g, q in enumerate(owners) if q == me]
+    return range(mine[0], mine[-1] + 1) if mine else range(0)
+
+
+def group_first_rows(metadata) -> list[int]:
+    """Row (in the file) of each row group's first row."""
+    firsts, row = [], 0
+    for g in range(metadata.num_row_groups):
+        firsts.append(row)
+        row += metadata.row_group(g).num_rows
+    return firsts
+
+
+@dataclasses.dataclass
+class ParquetScan:
+    """What one scan of a share of a Parquet file's row groups found; rows count from the file's start."""
+    # row group, row in the group, row in the file, task code of each usable row, flat (as JsonlScan)
+    records: array.array = dataclasses.field(default_factory=lambda: array.array("q"))
+    skips: list = dataclasses.field(default_factory=list)  # (row, reason, detail)
+    tasks: TaskCodes = dataclasses.field(default_factory=TaskCodes)
+
+
+def scan_parquet(path: str | os.PathLike, fields: Fields = Fields(), me: int = 0, count: int = 1) -> ParquetScan:
+    """Checks every row of process `me`'s share of a Parquet file's row groups (row_group_share),
+    reading only the mapped columns of those groups and the file's footer."""
+    handle = open_parquet(path)
+    check_parquet_schema(handle, path, fields)
+    columns, scan = fields.columns, ParquetScan()
+    firsts = group_first_rows(handle.metadata)
+    for group in row_group_share(handle.metadata, me, count):
+        table = read_row_group(handle, path, group, columns)
+        cells = {column: table.column(column).to_pylist() for column in columns}
+        for k in range(table.num_rows):
+            values, problem = check_record({c: cells[c][k] for c in columns}, fields)
+            if values is None:
+                scan.skips.append((firsts[group] + k, *problem))
+            else:
+                code = scan.tasks.code(values["task"]) if "task" in values else 0
+                scan.records.extend((group, k, firsts[group] + k, code))
+    return scan
 
 
 # ---------------------------------------------------------------------------------------- SNI
@@ -520,27 +733,29 @@ def read_sni_task(path: str | os.PathLike, stats: SkipStats) -> Optional[SNITask
 
 
 # ---------------------------------------------------------------------------------------- dispatch
-FORMATS = ("auto", "sni", "jsonl")
+FORMATS = ("auto", "sni", "jsonl", "parquet")
+_SUFFIXES = {".json": "sni", ".jsonl": "jsonl", ".parquet": "parquet"}
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """"sni" for `.json` files / directories of `task*.json`, "jsonl" for `.jsonl` files / trees."""
+    """"sni" for `.json` files / directories of `task*.json`, "jsonl" for `.jsonl` files / trees,
+    "parquet" for `.parquet` files / trees."""
     path = Path(path)
     if path.is_file():
-        if path.suffix == ".json":
-            return "sni"
-        if path.suffix == ".jsonl":
-            return "jsonl"
+        if path.suffix in _SUFFIXES:
+            return _SUFFIXES[path.suffix]
         raise DataError(f"{path}: cannot tell the data format from the suffix {path.suffix!r}; "
-                        f"use .json (SNI task) or .jsonl (src/tgt lines), or set data.format")
+                        f"use .json (SNI task), .jsonl (src/tgt lines) or .parquet, or set data.format")
     if not path.is_dir():
         raise DataError(f"{path}: no such file or directory")
-    has_sni = any(p.is_file() for p in path.glob("task*.json"))
-    has_jsonl = any(p.is_file() for p in path.rglob("*.jsonl"))
-    if has_sni and has_jsonl:
-        raise DataError(f"{path}: holds both SNI task*.json and .jsonl files; set data.format to 'sni' or 'jsonl'")
-    if has_sni:
-        return "sni"
-    if has_jsonl:
-        return "jsonl"
-    raise DataError(f"{path}: holds neither SNI task*.json files nor .jsonl files")
+    found = {"sni": any(p.is_file() for p in path.glob("task*.json")),
+             "jsonl": any(p.is_file() for p in path.rglob("*.jsonl")),
+             "parquet": any(p.is_file() for p in path.rglob("*.parquet"))}
+    kinds = [kind for kind, present in found.items() if present]
+    names = {"sni": "SNI task*.json", "jsonl": ".jsonl", "parquet": ".parquet"}
+    if len(kinds) > 1:
+        raise DataError(f"{path}: holds both {' and '.join(names[k] for k in kinds)} files; set data.format "
+                        f"to {' or '.join(repr(k) for k in kinds)}")
+    if kinds:
+        return kinds[0]
+    raise DataError(f"{path}: holds neither SNI task*.json files nor .jsonl or .parquet files")

@@ -76,6 +76,8 @@ def load_eval_tasks(path: str | Path, split_file: Optional[str | Path] = None,
                 log.warning("%s lists %d task(s) with no file in %s, evaluated without them (first: %s)",
                             split_file, len(missing), path, ", ".join(missing[:3]))
         return [read_sni_task(file, max_instances) for file in files]
+    if fmt == "parquet":
+        raise EvalDataError(f"{path}: evaluation reads SNI task files or JSONL, not Parquet")
     if fmt != "jsonl":
         raise ValueError(f"format must be auto, sni or jsonl, got {format!r}")
     if split_file is not None:
@@ -251,6 +253,12 @@ def read_jsonl_tasks(path: str | Path, max_instances: int = DEFAULT_MAX_INSTANCE
             for name, (category, instances) in tasks.items()]
 
 
+def _record_id(source: str) -> int | str:
+    """A training example's id from its source: a JSONL line number ("file:12"), or "row N" (Parquet)."""
+    tail = source.rsplit(":", 1)[1]
+    return int(tail) if tail.isdigit() else tail
+
+
 def holdout_eval_tasks(held_out: Mapping[str, Sequence], max_instances: int = DEFAULT_MAX_INSTANCES) -> list[EvalTask]:
     """Evaluation tasks of the instances a fine-tuning run holds out (data.eval_holdout): `held_out` is
     the eval loader's task name -> examples. SNI examples get every reference of their instance from
@@ -260,17 +268,20 @@ def holdout_eval_tasks(held_out: Mapping[str, Sequence], max_instances: int = DE
         examples = list(examples)[:max_instances or None]
         if not examples:
             continue
-        if hasattr(examples[0], "definition"):  # SNI: the instances, by id, of the task file they came from
+        path = examples[0].source.rsplit(":", 1)[0]
+        if getattr(examples[0], "in_task_file", False):  # SNI: the instances, by id, of the task file they came from
             path = examples[0].source.rsplit("#", 1)[0]
             full = _read_sni_task(Path(path), max_instances=0)
             by_id = {instance.id: instance for instance in full.instances}
             instances = tuple(by_id[e.source.rsplit("#", 1)[1]] for e in examples)
             _warn_empty_references(instances)
             tasks.append(dataclasses.replace(full, name=name, instances=instances))
+        elif hasattr(examples[0], "definition"):  # JSONL/Parquet rows with a definition (data.fields.definition)
+            instances = tuple(EvalInstance(_record_id(e.source), e.input, (e.tgt,), e.source) for e in examples)
+            tasks.append(EvalTask(name=name, category=UNCATEGORIZED, path=path, instances=instances,
+                                  definition=examples[0].definition))
         else:
-            instances = tuple(EvalInstance(int(e.source.rsplit(":", 1)[1]), e.src, (e.tgt,), e.source)
-                              for e in examples)
-            path = examples[0].source.rsplit(":", 1)[0]
+            instances = tuple(EvalInstance(_record_id(e.source), e.src, (e.tgt,), e.source) for e in examples)
             tasks.append(EvalTask(name=name, category=UNCATEGORIZED, path=path, instances=instances))
     if not tasks:
         raise EvalDataError("the held-out instances (data.eval_holdout) are empty")
