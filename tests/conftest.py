@@ -5,6 +5,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Float32 parity with PyTorch needs true float32 matmuls: on A100/H100 jax defaults to TF32 (and on TPU
+# to bfloat16 passes). The variable reaches the subprocesses of CLI tests too. A GPU run of the suite:
+# JAX_PLATFORMS=cuda python -m pytest
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 import jax  # noqa: E402
 

@@ -1,5 +1,6 @@
-"""Generation: greedy equals HF `generate` token for token, sampling is seeded and follows the warped
-softmax, EOS handling, and one compile per (batch, prompt bucket, budget bucket)."""
+"""Generation: greedy equals HF `generate` token for token (every decode loop and KV-cache layout, with
+repetition penalty too), sampling is seeded and follows the warped softmax, EOS handling, weights cast
+once before the loop, and one compile per (batch, prompt bucket, budget bucket)."""
 import functools
 
 import jax
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 from optiml_jax import generate as gen
-from optiml_jax.generate import GenerationConfig, filter_logits, generate, sample_logits
+from optiml_jax.generate import GenerationConfig, decode_plan, filter_logits, generate, sample_logits
 from optiml_jax.model import OPTForCausalLM
+from optiml_jax.model.opt import CACHE_LAYOUTS
 from optiml_jax.checkpoints.mapping import hf_to_params
 
 from hf_reference import hf_state_dict, make_config, make_hf_model
@@ -38,12 +40,17 @@ def _left_padded_prompts(vocab_size, lengths=(5, 11, 2), seed=0):
     return ids, mask
 
 
-def _hf_generate(hf_model, ids, mask, max_new_tokens, eos_token_id, min_new_tokens=0):
+def _hf_generate(hf_model, ids, mask, max_new_tokens, eos_token_id, min_new_tokens=0, **options):
     with torch.no_grad():
         out = hf_model.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
                                 max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                pad_token_id=PAD, eos_token_id=eos_token_id)
+                                pad_token_id=PAD, eos_token_id=eos_token_id, **options)
     return out.numpy()[:, ids.shape[1]:]
+
+
+def _padded_to(tokens, width):
+    """HF's output once every row has finished is cut short; ours is padding to the budget."""
+    return np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])), constant_values=PAD)
 
 
 def _hf_logprobs(hf_model, ids, mask, generated):
@@ -70,14 +77,128 @@ def test_forced_long_greedy_equals_hf_generate(variant, scan_layers):
     np.testing.assert_allclose(ours.logprobs, _hf_logprobs(hf_model, ids, mask, ref), atol=2e-5)
 
 
-def test_scanned_layer_stack_decodes_the_same_unsplit(monkeypatch):
+@pytest.mark.parametrize("cache_layout", CACHE_LAYOUTS)
+def test_scanned_layer_stack_decodes_the_same_unsplit(monkeypatch, cache_layout):
     """On CPU a scanned model decodes with its layers split apart; the nn.scan decode path (used on
-    accelerators) must give the same tokens."""
+    accelerators, where the cache of every layer is one stacked array) must give the same tokens."""
     monkeypatch.setattr(gen, "decode_with_separate_layers", lambda model: False)
     config, hf_model, model, params = _models("post_ln_350m", True)
     ids, mask = _left_padded_prompts(config.vocab_size, seed=4)
-    ours = generate(model, params, ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10)
+    ours = generate(model, params, ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10,
+                    cache_layout=cache_layout)
     np.testing.assert_array_equal(ours.tokens, _hf_generate(hf_model, ids, mask, 10, 2, min_new_tokens=10))
+
+
+@pytest.fixture(scope="module")
+def eos_case():
+    """A left-padded batch, an EOS that greedy decoding reaches mid-way in one row (so that row stops
+    while the others go on), and HF's tokens for it."""
+    config, hf_model, model, params = _models("post_ln_350m")  # its greedy rows vary (pre_ln's repeat)
+    ids, mask = _left_padded_prompts(config.vocab_size, seed=0)
+    free = generate(model, params, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None).tokens
+    # the first token of row 1 from its 4th on that neither it nor another row produced before
+    eos = next(int(t) for k, t in enumerate(free[1]) if k >= 3 and t not in free[1, :k] and t not in free[[0, 2]])
+    ref = _hf_generate(hf_model, ids, mask, 16, eos)
+    assert (ref[1] == eos).any() and ref.shape[1] == 16  # row 1 stopped, the others ran on
+    return ids, mask, eos, ref
+
+
+@pytest.mark.parametrize("loop,cache_layout", [(loop, layout) for loop in ("while", "fixed")
+                                               for layout in CACHE_LAYOUTS])
+def test_every_loop_and_cache_layout_equals_hf_generate(eos_case, loop, cache_layout):
+    """Each plan a platform may pick gives HF's tokens, and a new budget in the same bucket reuses
+    its program (the fixed loop runs the bucket's capacity, masked past the budget)."""
+    config, hf_model, model, params = _models("post_ln_350m")
+    ids, mask, eos, ref = eos_case
+    run = functools.partial(generate, model, params, ids, attention_mask=mask, eos_token_id=eos, loop=loop,
+                            cache_layout=cache_layout)
+    ours = run(max_new_tokens=16)
+    np.testing.assert_array_equal(ours.tokens, ref)
+    np.testing.assert_array_equal(ours.lengths, [int(np.argmax(row == eos)) + 1 if (row == eos).any() else 16
+                                                 for row in ref])
+    generated = ref[:, :ours.lengths.max()]
+    hf_logprobs = np.where(np.arange(generated.shape[1]) < ours.lengths[:, None],
+                           _hf_logprobs(hf_model, ids, mask, generated), 0.0)
+    np.testing.assert_allclose(ours.logprobs[:, :generated.shape[1]], hf_logprobs, atol=2e-5)
+    programs = gen._generate_compiled._cache_size()
+    shorter = run(max_new_tokens=7)
+    assert gen._generate_compiled._cache_size() == programs
+    np.testing.assert_array_equal(shorter.tokens, ref[:, :7])
+    np.testing.assert_array_equal(shorter.lengths, np.minimum(ours.lengths, 7))
+
+
+def test_repetition_penalty_equals_hf_generate():
+    """HF's RepetitionPenaltyLogitsProcessor: prompt tokens (not the left padding) and generated ones
+    are penalised, > 1 discouraging and < 1 encouraging repeats; the penalty is a runtime value."""
+    config, hf_model, model, params = _models("untied_gelu")
+    ids, mask = _left_padded_prompts(config.vocab_size, seed=5)
+    n = 20
+    plain = generate(model, params, ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n)
+    programs = gen._generate_compiled._cache_size()
+    for penalty in (1.8, 0.5):
+        ours = generate(model, params, ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                        repetition_penalty=penalty)
+        ref = _hf_generate(hf_model, ids, mask, n, config.eos_token_id, min_new_tokens=n,
+                           repetition_penalty=penalty)
+        np.testing.assert_array_equal(ours.tokens, ref)
+        assert (ours.tokens != plain.tokens).any()  # the penalty changed the choice somewhere
+        # log-probs stay those of the unmodified model
+        np.testing.assert_allclose(ours.logprobs, _hf_logprobs(hf_model, ids, mask, ref), atol=2e-5)
+    assert gen._generate_compiled._cache_size() == programs
+
+
+def _loop_bodies(jaxpr):
+    """The jaxprs of every loop (while: its condition and body; scan) inside `jaxpr`, nested ones included."""
+    for eqn in jaxpr.eqns:
+        subs = [v for v in eqn.params.values() for v in (v if isinstance(v, (tuple, list)) else [v])
+                if hasattr(v, "eqns") or hasattr(v, "jaxpr")]
+        for sub in subs:
+            sub = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+            if eqn.primitive.name in ("while", "scan"):
+                yield sub
+            yield from _loop_bodies(sub)
+
+
+def _converted_shapes(jaxpr, recurse=True):
+    """Shapes of the float32 arrays converted to another dtype in `jaxpr` (and its sub-jaxprs)."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "convert_element_type" and eqn.invars[0].aval.dtype == jnp.float32:
+            shapes.add(eqn.invars[0].aval.shape)
+        if recurse:
+            for v in eqn.params.values():
+                for v in (v if isinstance(v, (tuple, list)) else [v]):
+                    if hasattr(v, "eqns") or hasattr(v, "jaxpr"):
+                        shapes |= _converted_shapes(v.jaxpr if hasattr(v, "jaxpr") else v)
+    return shapes
+
+
+@pytest.mark.parametrize("loop", ["while", "fixed"])
+def test_weights_are_cast_to_the_compute_dtype_once_before_the_loop(loop):
+    """float32 weights with bfloat16 compute: no weight is converted inside the decode loop (each
+    step would read the float32 copy again), every one is converted before it."""
+    config, _, _, params = _models("pre_ln", False)
+    model = OPTForCausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    weights = {leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+               if path[-1].key in ("kernel", "embedding")}
+    ids = jnp.ones((2, 32), jnp.int32)
+    traced = gen._generate_compiled.trace(
+        model, params, ids, ids, jnp.int32(4), jnp.int32(0), jax.random.PRNGKey(0), jnp.float32(1.0),
+        jnp.int32(0), jnp.float32(1.0), jnp.float32(1.0), jnp.zeros((config.vocab_size,), bool),
+        new_tokens_capacity=32, do_sample=False, unstack_layers=False, eos_token_id=2, pad_token_id=PAD,
+        loop=loop, cache_layout="cpu")
+    jaxpr = traced.jaxpr.jaxpr
+    in_loop = set().union(*(_converted_shapes(body) for body in _loop_bodies(jaxpr)))
+    assert in_loop and not weights & in_loop  # (activations are converted in the loop, weights not)
+    assert weights <= _converted_shapes(jaxpr)
+
+
+def test_auto_plan_is_per_platform_and_overridable():
+    auto = GenerationConfig()
+    assert decode_plan(auto, "cpu") == (gen.CPU_LOOP, "cpu")
+    assert decode_plan(auto, "gpu") == decode_plan(auto, "tpu") == ("fixed", "standard")
+    assert decode_plan(GenerationConfig(loop="while", cache_layout="cpu"), "gpu") == ("while", "cpu")
+    assert decode_plan(GenerationConfig(loop="fixed", cache_layout="standard"), "cpu") == ("fixed", "standard")
 
 
 @pytest.mark.parametrize("variant", ["pre_ln", "post_ln_350m"])
@@ -215,13 +336,14 @@ def test_bad_requests_are_refused_with_a_clear_message():
     config, _, model, params = _models("pre_ln")
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(model, params, [[2, 5], []])
-    with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
+    with pytest.raises(ValueError, match="prompt 0 of 60 tokens plus max_new_tokens=5 exceeds the model's 64 pos"):
         generate(model, params, [[2] * 60], max_new_tokens=5)
     with pytest.raises(ValueError, match="outside"):
         generate(model, params, [[2, 500]])
     with pytest.raises(TypeError, match="list of token-id lists"):
         generate(model, params, [2, 5, 7])
     for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0),
-                dict(top_p=1.5), dict(top_k=5), dict(seed=-1)):
+                dict(top_p=1.5), dict(top_k=5), dict(seed=-1), dict(repetition_penalty=0.0),
+                dict(repetition_penalty=float("nan")), dict(loop="for"), dict(cache_layout="gpu")):
         with pytest.raises(ValueError):
             GenerationConfig(**bad)

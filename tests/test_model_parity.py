@@ -88,7 +88,7 @@ def test_attention_outputs_and_gradients_match_autodiff(causal, dropout):
     """Packed rows (segments, trailing padding), three causal query blocks (64, 64, 72): our attention
     with its recomputing VJP equals plain softmax attention under autodiff at every non-padding
     query, values and gradients, with attention dropout drawing the same masks."""
-    from optiml_jax.model.attention import _dropout_keep, attention_mask_for, dot_product_attention
+    from optiml_jax.model.attention import _dropout_keep, attention_mask_for, blockwise_attention
 
     rng = np.random.default_rng(0)
     batch, length, heads, head_dim, block = 2, 200, 3, 8, 64
@@ -113,7 +113,7 @@ def test_attention_outputs_and_gradients_match_autodiff(causal, dropout):
         out = attention(q, k, v)
         return jnp.sum(jnp.where(valid[:, :, None, None], out * weight, 0.0)), out
 
-    ours = functools.partial(dot_product_attention, mask=mask, causal=causal, query_block=block,
+    ours = functools.partial(blockwise_attention, mask=mask, causal=causal, query_block=block,
                              dropout_rate=dropout, dropout_rng=dropout_rng, deterministic=not dropout)
     reference = functools.partial(_reference_attention, mask=mask, keep=keep, rate=dropout)
     (l_ours, out_ours), g_ours = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(ours, q, k, v)

@@ -59,7 +59,7 @@ def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:
 
 def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtype=None,
                     scan_layers: bool = True, mesh=None, rules=None,
-                    load_tokenizer: bool = True) -> Pretrained:
+                    load_tokenizer: bool = True, attention: str = "auto") -> Pretrained:
     """Loads an OPT / OPT-IML model from a Hugging Face directory, a converted optiml-jax directory,
     or a hub id (when online).
 
@@ -67,12 +67,20 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtyp
       of the params unless `param_dtype` is given. Defaults to float32.
     scan_layers: stacked layer weights under nn.scan (fast compiles) or one module per layer.
     mesh: a `jax.sharding.Mesh`; params are then placed in their shards per `rules`.
+    attention: the attention kernel of whole-row passes (model/attention.py IMPLEMENTATIONS; "auto"
+      picks per platform and dtype). Decoding has its own.
     """
     compute_dtype = as_dtype(dtype) or as_dtype("float32")
     storage_dtype = as_dtype(param_dtype) or compute_dtype
     path = resolve_model_path(path_or_hub_id)
     config = OPTConfig.from_json_file(path / "config.json")
-    model = OPTForCausalLM(config, dtype=compute_dtype, param_dtype=storage_dtype, scan_layers=scan_layers)
+    from optiml_jax.model.attention import KERNEL_BLOCK, choose_implementation
+
+    # an AttentionError (a ValueError) now, not while tracing the first call: cuDNN on a CPU, float32 cuDNN
+    choose_implementation(attention, platform=jax.default_backend(), dtype=compute_dtype, head_dim=config.head_dim,
+                          length=KERNEL_BLOCK, dropout=False)
+    model = OPTForCausalLM(config, dtype=compute_dtype, param_dtype=storage_dtype, scan_layers=scan_layers,
+                           attention=attention)
 
     from optiml_jax.checkpoints import model_format as checkpoint  # our converted format
 

@@ -247,7 +247,7 @@ def _row_arrays(rows, batch_size: int, length: int, scored: int, pad_id: int) ->
 def _score_compiled(model, params, input_ids, positions, segment_ids, valid, score_at, targets):
     """(log p(target), target == argmax) at each scored position [batch, scored]."""
     hidden = model.apply({"params": params}, input_ids, attention_mask=valid, position_ids=positions,
-                         segment_ids=segment_ids, return_hidden=True)
+                         segment_ids=segment_ids, return_hidden=True, segment_branches=True)
     picked = jnp.take_along_axis(hidden, score_at[..., None], axis=1)  # [batch, scored, embed]
     batch, scored, embed = picked.shape
     logits = lm_head_logits(model, params, picked.reshape(batch * scored, embed)).astype(jnp.float32)

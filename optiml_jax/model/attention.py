@@ -1,18 +1,27 @@
-"""Attention: the masks (causal, padding, packed segments and their branches), the blockwise causal
-attention of training and prompt passes with its memory-saving backward pass, and the attention over
-a KV cache of decoding. The model (opt.py) calls `dot_product_attention` and
-`cached_dot_product_attention`; every kernel lives here."""
+"""Attention, every kernel of it: the masks (causal, padding, packed segments and their branches);
+`attention`, the one entry point of whole-row attention (training, scoring, forward passes), which
+runs one of IMPLEMENTATIONS -- our blockwise XLA attention with its memory-saving backward pass,
+`jax.nn.dot_product_attention` (XLA or cuDNN), TPU splash or the GPU Pallas kernel -- picked per
+platform by "auto"; and the attention over a KV cache of decoding. The model (opt.py) calls
+`attention` and `cached_dot_product_attention` only.
+
+The choice is static (made while tracing) and logged once per process with its reason. On CPU the
+Pallas kernels run in interpret mode, so the tests check every path against `blockwise` here.
+"""
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
-
+logger = logging.getLogger(__name__)
 
 
 # A segment id may carry a branch number above this bit: branch b > 0 of segment s is the id
@@ -27,34 +36,184 @@ def branch_segment_ids(segment, branch):
     return segment + (branch << SEGMENT_BRANCH_SHIFT)
 
 
+def _same_example(query_ids, key_ids):
+    """Which keys a query may see by segment: its own segment, and a branch also its segment's
+    trunk, but no other branch (SEGMENT_BRANCH_SHIFT). Padding is segment 0 (sees only padding)."""
+    low = (1 << SEGMENT_BRANCH_SHIFT) - 1
+    key_is_trunk = (key_ids >> SEGMENT_BRANCH_SHIFT) == 0
+    return (query_ids == key_ids) | (key_is_trunk & ((query_ids & low) == (key_ids & low)))
+
+
 def attention_mask_for(query_len: int, key_valid: jax.Array, query_offset,
                        segment_ids: Optional[jax.Array] = None) -> jax.Array:
-    """Boolean [batch, 1, query, key] mask: causal by slot, padded keys hidden, no cross-example attention.
+    """Boolean [batch, 1, query, key] mask of decoding: causal by slot, padded keys hidden, no
+    cross-example attention.
 
     Query i sits in key slot `query_offset + i` (the offset is the KV-cache fill level when decoding).
-    `segment_ids` (packed training) keeps each example's tokens attending only within the example;
-    a branch of an example also sees the example's trunk, but no other branch (SEGMENT_BRANCH_SHIFT).
+    `segment_ids` (packed rows) keeps each example's tokens attending only within the example.
     """
     key_len = key_valid.shape[1]
     query_slots = query_offset + jnp.arange(query_len, dtype=jnp.int32)
     causal = jnp.arange(key_len, dtype=jnp.int32)[None, :] <= query_slots[:, None]
     mask = causal[None, None] & key_valid.astype(bool)[:, None, None, :]
     if segment_ids is not None:
-        query_ids, key_ids = segment_ids[:, None, :, None], segment_ids[:, None, None, :]
-        low = (1 << SEGMENT_BRANCH_SHIFT) - 1
-        key_is_trunk = (key_ids >> SEGMENT_BRANCH_SHIFT) == 0
-        mask = mask & ((query_ids == key_ids) | (key_is_trunk & ((query_ids & low) == (key_ids & low))))
+        mask = mask & _same_example(segment_ids[:, None, :, None], segment_ids[:, None, None, :])
     return mask
+
+
+def segment_mask(segment_ids: jax.Array, causal: bool) -> jax.Array:
+    """Boolean [batch, 1, length, length] mask of `attention`'s segment ids (0 = padding)."""
+    mask = _same_example(segment_ids[:, None, :, None], segment_ids[:, None, None, :])
+    if causal:
+        length = segment_ids.shape[1]
+        mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+    return mask
+
+
+def segments_from(key_valid: Optional[jax.Array], segment_ids: Optional[jax.Array], shape) -> jax.Array:
+    """`attention`'s segment ids from the model's inputs: packed ids as given, a padded key (mask 0)
+    as segment 0, and an unpacked row as one segment."""
+    if segment_ids is None:
+        return (jnp.ones(shape, jnp.int32) if key_valid is None else key_valid.astype(jnp.int32))
+    segment_ids = segment_ids.astype(jnp.int32)
+    return segment_ids if key_valid is None else jnp.where(key_valid.astype(bool), segment_ids, 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The entry point: one call for every implementation, chosen by name or per platform ("auto").
+
+IMPLEMENTATIONS = ("auto", "blockwise", "xla", "cudnn", "splash", "pallas_gpu")
+# Paths that take a dense mask and so can express segment branches (scoring); the Pallas kernels
+# only compare segment ids for equality.
+_MASK_PATHS = ("blockwise", "xla", "cudnn")
+# Fused kernels work on whole blocks: their rows are padded to a multiple of this (the padding is its
+# own segment, so no real token sees it, and it is sliced off). cuDNN also needs it: its backward
+# pass returns NaN gradients at length % 128 == 64 with a mask (pytorch #196678, same library).
+KERNEL_BLOCK = 128
+_logged_choices: set = set()
+
+
+class AttentionError(ValueError):
+    """An attention implementation cannot run here (platform, dtype, head dim, dropout)."""
+
+
+def attention(query, key, value, *, segment_ids, causal: bool = True, dropout_rate: float = 0.0,
+              dropout_rng=None, implementation: str = "auto", segment_branches: bool = False,
+              dtype: Optional[Dtype] = None):
+    """softmax(q k^T) v over whole rows (training, scoring, plain forward passes); q already scaled.
+
+    query/key/value [batch, length, heads, head_dim]; segment_ids [batch, length] int: a token sees
+    only keys of its own segment (0 = padding; `segment_branches`: ids may carry branches, see
+    SEGMENT_BRANCH_SHIFT), and with `causal` only keys up to itself. Every query sees at least
+    itself, so no row is fully masked on any path. `dropout_rng` None means no attention dropout.
+    `implementation` is one of IMPLEMENTATIONS; `auto` picks per platform (`choose_implementation`).
+    """
+    dtype = jnp.dtype(dtype or query.dtype)
+    rate = float(dropout_rate) if dropout_rng is not None and dropout_rate > 0.0 else 0.0
+    name, reason = choose_implementation(implementation, platform=jax.default_backend(), dtype=dtype,
+                                         head_dim=query.shape[-1], length=query.shape[1],
+                                         dropout=rate > 0.0, segment_branches=segment_branches)
+    _log_choice(implementation, name, reason)
+    if name == "blockwise":
+        return blockwise_attention(query, key, value, segment_mask(segment_ids, causal), dropout_rate=rate,
+                                   dropout_rng=dropout_rng, deterministic=not rate, dtype=dtype,
+                                   causal=causal)
+    query, key, value = (x.astype(dtype) for x in (query, key, value))
+    interpret = jax.default_backend() == "cpu"
+    if name in ("xla", "cudnn"):
+        kernel = functools.partial(fused_dot_product_attention, backend=name, causal=causal,
+                                   pad_to=KERNEL_BLOCK if name == "cudnn" else 1)
+    elif name == "splash":
+        kernel = functools.partial(splash_attention, causal=causal, interpret=interpret)
+    else:
+        kernel = functools.partial(pallas_gpu_attention, causal=causal, interpret=interpret)
+    return _shard_over_batch_and_heads(kernel, query, key, value, segment_ids)
+
+
+def choose_implementation(implementation: str, *, platform: str, dtype, head_dim: int, length: int,
+                          dropout: bool, segment_branches: bool = False) -> tuple[str, str]:
+    """(the implementation to run, why) for a request; an explicit name that cannot run here is an
+    AttentionError, except that a request the kernels cannot express (dropout, segment branches)
+    falls back to `blockwise`, logged."""
+    if implementation not in IMPLEMENTATIONS:
+        raise AttentionError(f"attention={implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    dtype = jnp.dtype(dtype)
+    if implementation == "auto":
+        if dropout:
+            return "blockwise", "attention dropout > 0 (only blockwise has dropout)"
+        if platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128:
+            return (("xla", "segment branches need a dense mask; cuDNN's bias path is not used for them")
+                    if segment_branches else ("cudnn", f"GPU, {dtype.name}, head dim {head_dim}"))
+        if platform == "tpu" and length % KERNEL_BLOCK == 0 and not segment_branches:
+            return "splash", f"TPU, length {length} a multiple of {KERNEL_BLOCK}"
+        why = {"cpu": "CPU"}.get(platform) or (
+            f"{platform}: no fused kernel for {dtype.name}, head dim {head_dim}, length {length}"
+            + (", segment branches" if segment_branches else ""))
+        return "blockwise", why
+    if dropout and implementation != "blockwise":
+        raise AttentionError(f"attention={implementation!r} has no attention dropout; set the model's "
+                             f"attention_dropout to 0 or use attention='blockwise' (or 'auto')")
+    if segment_branches and implementation not in _MASK_PATHS:
+        return "blockwise", f"{implementation} compares segment ids only; segment branches need a mask"
+    if implementation == "cudnn":
+        if platform != "gpu":
+            raise AttentionError(f"attention='cudnn' needs an NVIDIA GPU; this process runs on {platform} "
+                                 f"(use 'xla' or 'blockwise')")
+        if dtype not in (jnp.bfloat16, jnp.float16):
+            raise AttentionError(f"attention='cudnn' runs in bfloat16 or float16, not {dtype.name} "
+                                 f"(set the compute dtype, or use 'xla')")
+        if head_dim % 8 or head_dim > 256:
+            raise AttentionError(f"attention='cudnn' needs a head dim that is a multiple of 8 and at most "
+                                 f"256 (128 before Hopper), not {head_dim}")
+    if implementation == "splash" and platform not in ("tpu", "cpu"):
+        raise AttentionError(f"attention='splash' is a TPU kernel (CPU runs it in interpret mode, for "
+                             f"tests); this process runs on {platform}")
+    if implementation == "pallas_gpu" and platform not in ("gpu", "cpu"):
+        raise AttentionError(f"attention='pallas_gpu' is a GPU (Triton) kernel (CPU runs it in interpret "
+                             f"mode, for tests); this process runs on {platform}")
+    if implementation in ("splash", "pallas_gpu") and platform == "cpu":
+        return implementation, "asked for; Pallas interpret mode on CPU (slow: for tests)"
+    return implementation, "asked for"
+
+
+def _log_choice(requested: str, name: str, reason: str) -> None:
+    if (requested, name, reason) not in _logged_choices:  # once per process: traces repeat it per layer
+        _logged_choices.add((requested, name, reason))
+        logger.info("attention=%s: using %s (%s)", requested, name, reason)
+
+
+def _dividing(mesh, axes, size: int):
+    """`axes` (a mesh axis, a tuple of them or None) if they split `size` evenly, else None: an
+    initialisation trace of one row is then computed whole on every device."""
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = int(np.prod([mesh.shape[name] for name in names])) if names else 1
+    return axes if shards > 1 and size % shards == 0 else None
+
+
+def _shard_over_batch_and_heads(kernel, query, key, value, segment_ids):
+    """A kernel (a custom call that XLA cannot partition) run per shard of the current mesh: rows split
+    as the rules split the activations' batch axis, heads as they split "activation_heads"."""
+    mesh = _current_mesh()
+    if mesh is None:
+        return kernel(query, key, value, segment_ids)
+    batch_axes, head_axes = (_dividing(mesh, axes, size) for axes, size in zip(
+        nn.logical_to_mesh_axes(("activation_batch", "activation_heads")), (query.shape[0], query.shape[2])))
+    if batch_axes is None and head_axes is None:
+        return kernel(query, key, value, segment_ids)
+    qkv = jax.sharding.PartitionSpec(batch_axes, None, head_axes, None)
+    segments = jax.sharding.PartitionSpec(batch_axes, None)
+    return _shard_map(kernel, mesh, in_specs=(qkv, qkv, qkv, segments), out_specs=qkv)(
+        query, key, value, segment_ids)
 
 
 # Query block of causal attention: keys past a block's last query are never computed (see below).
 CAUSAL_QUERY_BLOCK = 128
 
 
-def dot_product_attention(query, key, value, mask, *, dropout_rate: float = 0.0,
-                          dropout_rng=None, deterministic: bool = True, dtype: Dtype = jnp.float32,
-                          causal: bool = False, query_block: int = CAUSAL_QUERY_BLOCK):
-    """softmax(q k^T) v with q already scaled. The one place a fused kernel would plug in.
+def blockwise_attention(query, key, value, mask, *, dropout_rate: float = 0.0,
+                        dropout_rng=None, deterministic: bool = True, dtype: Dtype = jnp.float32,
+                        causal: bool = False, query_block: int = CAUSAL_QUERY_BLOCK):
+    """softmax(q k^T) v with q already scaled, in plain XLA ops: `attention`'s "blockwise" path.
 
     query [b, q, heads, d], key/value [b, k, heads, d], mask bool [b, 1|heads, q, k].
     Scores are taken to float32 before masking and softmax (HF does softmax in float32), and a
@@ -164,12 +323,103 @@ def _attention_vjp_backward(blocks, rate, dtype, residuals, d_out):
 _attention.defvjp(_attention_vjp_forward, _attention_vjp_backward)
 
 
-def cached_dot_product_attention(query, key_t, value, mask, *, dtype: Dtype = jnp.float32):
-    """`dot_product_attention` over a KV cache laid out for CPU matmuls (see `_update_cache`):
-    key_t [batch * heads, head_dim, slots], value [batch * heads, slots, head_dim]."""
+# ---------------------------------------------------------------------------------------------------
+# Fused kernels: jax.nn.dot_product_attention (XLA or cuDNN) and the Pallas kernels (TPU splash,
+# GPU Triton). Each takes one shard: [batch, length, heads, head_dim] and its segment ids.
+
+def _pad_rows(multiple: int, query, key, value, segment_ids):
+    """Rows padded to a multiple of `multiple`; the padding is segment -1, which only sees itself."""
+    length = query.shape[1]
+    extra = -length % multiple
+    if not extra:
+        return query, key, value, segment_ids
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))
+    return pad(query), pad(key), pad(value), jnp.pad(segment_ids, ((0, 0), (0, extra)), constant_values=-1)
+
+
+def fused_dot_product_attention(query, key, value, segment_ids, *, backend: str, causal: bool, pad_to: int = 1):
+    """`jax.nn.dot_product_attention` with our segments as its boolean mask (`backend` "xla" or
+    "cudnn"). The mask is passed whole, [batch, 1, length, length] (a broadcast-shaped one fails on
+    cuDNN: jax #28974); cuDNN turns it into a bias of the compute dtype."""
+    length = query.shape[1]
+    query, key, value, segment_ids = _pad_rows(pad_to, query, key, value, segment_ids)
+    out = jax.nn.dot_product_attention(query, key, value, mask=segment_mask(segment_ids, causal), scale=1.0,
+                                       implementation=backend)
+    return out[:, :length]
+
+
+def _kernel_block(length: int) -> int:
+    return next(b for b in (512, 256, KERNEL_BLOCK) if length % b == 0)
+
+
+def splash_attention(query, key, value, segment_ids, *, causal: bool, interpret: bool):
+    """TPU splash attention, one sequence at a time ([heads, length, head_dim]) under vmap."""
+    splash = _splash_module()
+    length = query.shape[1]
+    query, key, value, segment_ids = _pad_rows(KERNEL_BLOCK, query, key, value, segment_ids)
+    padded, heads = query.shape[1], query.shape[2]
+    block = _kernel_block(padded)
+    one_head = splash.CausalMask((padded, padded)) if causal else splash.FullMask((padded, padded))
+    blocks = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                               block_kv_dq=block)
+    kernel = splash.make_splash_mha(splash.MultiHeadMask([one_head] * heads), block_sizes=blocks,
+                                    head_shards=1, q_seq_shards=1, interpret=interpret)
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)
+    per_row = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
+    out = jax.vmap(per_row)(heads_major(query), heads_major(key), heads_major(value), segment_ids)
+    return heads_major(out)[:, :length]
+
+
+def pallas_gpu_attention(query, key, value, segment_ids, *, causal: bool, interpret: bool):
+    """The Pallas (Triton) flash attention of jax.experimental.pallas.ops.gpu, rows padded to its block."""
+    mha = _pallas_gpu_mha()
+    length = query.shape[1]
+    query, key, value, segment_ids = _pad_rows(KERNEL_BLOCK, query, key, value, segment_ids)
+    out = mha(query, key, value, segment_ids, sm_scale=1.0, causal=causal, interpret=interpret)
+    return out[:, :length]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The jax APIs that move between versions, in one place (the GPU machine runs a newer jax than CI):
+# the Pallas kernels' modules, shard_map and the mesh of the current `jax.set_mesh`.
+
+def _splash_module():
+    from jax.experimental.pallas.ops.tpu import splash_attention  # TPU splash kernel, jax >= 0.4.26
+    return splash_attention
+
+
+def _pallas_gpu_mha():
+    from jax.experimental.pallas.ops.gpu.attention import mha  # the Triton flash attention
+    return mha
+
+
+def _current_mesh():
+    """The mesh of the enclosing `jax.set_mesh`, or None (one device, nothing to shard over)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty or mesh.size == 1 else mesh
+
+
+def _shard_map(fn, mesh, *, in_specs, out_specs):
+    if hasattr(jax, "shard_map"):  # jax >= 0.7
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map
+    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def cached_dot_product_attention(query, key, value, mask, *, dtype: Dtype = jnp.float32):
+    """softmax(q k^T) v (q already scaled) over a KV cache in either layout of
+    `OPTAttention._update_cache`, told apart by rank: standard key/value [batch, slots, heads, head_dim], or the cpu layout's
+    key_t [batch * heads, head_dim, slots] and value [batch * heads, slots, head_dim]. Scores are
+    taken in `dtype` and softmaxed in float32 either way, as HF's eager attention does."""
     batch, query_len, heads, head_dim = query.shape
+    if key.ndim == 4:
+        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, value)
     query = jnp.swapaxes(query, 1, 2).reshape(batch * heads, query_len, head_dim)
-    scores = jnp.matmul(query, key_t).astype(jnp.float32).reshape(batch, heads, query_len, -1)
+    scores = jnp.matmul(query, key).astype(jnp.float32).reshape(batch, heads, query_len, -1)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(batch * heads, query_len, -1)
     out = jnp.matmul(probs, value).reshape(batch, heads, query_len, head_dim)

@@ -22,10 +22,13 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from optiml_jax.config import OPTConfig
-from optiml_jax.model.attention import attention_mask_for, cached_dot_product_attention, dot_product_attention
+from optiml_jax.model.attention import attention, attention_mask_for, cached_dot_product_attention, segments_from
 from optiml_jax.model.layers import LayerNorm, activation, init_normal, init_zeros
 
 Dtype = Any
+
+# KV-cache layouts (OPTAttention._update_cache); generate.py picks one per platform.
+CACHE_LAYOUTS = ("standard", "cpu")
 
 # The position table is indexed with `position + POSITION_OFFSET` (metaseq's padding_idx + 1).
 POSITION_OFFSET = 2
@@ -98,6 +101,8 @@ class OPTAttention(nn.Module):
     param_dtype: Dtype
     deterministic: bool
     decode: bool
+    attention: str = "auto"  # attention.IMPLEMENTATIONS
+    segment_branches: bool = False  # segment ids may carry branches (scoring)
 
     @nn.compact
     def __call__(self, hidden, key_valid, segment_ids):
@@ -118,13 +123,13 @@ class OPTAttention(nn.Module):
             mask = attention_mask_for(hidden.shape[1], key_valid, query_offset, segment_ids)
             out = cached_dot_product_attention(query, key, value, mask, dtype=self.dtype)
         else:
-            mask = attention_mask_for(hidden.shape[1], key_valid, 0, segment_ids)
             dropout_rng = None
             if not self.deterministic and cfg.attention_dropout > 0.0:
                 dropout_rng = self.make_rng("dropout")
-            out = dot_product_attention(query, key, value, mask, dropout_rate=cfg.attention_dropout,
-                                        dropout_rng=dropout_rng, deterministic=self.deterministic,
-                                        dtype=self.dtype, causal=True)  # the mask above is causal by slot
+            out = attention(query, key, value, segment_ids=segments_from(key_valid, segment_ids, hidden.shape[:2]),
+                            causal=True, dropout_rate=cfg.attention_dropout, dropout_rng=dropout_rng,
+                            implementation=self.attention, segment_branches=self.segment_branches,
+                            dtype=self.dtype)
         out = nn.with_logical_constraint(out, qkv_axes)
         return HeadsProjection(heads, head_dim, cfg.enable_bias, cfg.init_std, self.dtype,
                                self.param_dtype, into_heads=False, hidden_size=cfg.hidden_size,
@@ -134,29 +139,39 @@ class OPTAttention(nn.Module):
         """Writes this step's keys/values at the fill level; returns the whole cache to attend over.
 
         The cache is preallocated at the full generation length (fixed shapes: the decode loop
-        compiles once); slots past the fill level are hidden by the causal-by-slot mask.
-        Layout: keys [batch * heads, head_dim, slots], values [batch * heads, slots, head_dim], so
-        q @ K and p @ V are plain batched matmuls on the stored arrays. Stored as
-        [batch, slots, heads, head_dim], XLA on CPU copied every layer's whole cache at every step
-        (to transpose it, or, with a separate batch axis of size 1, to feed the matmul a reshaped
-        copy of the update instead of updating in place).
+        compiles once); slots past the fill level are hidden by the causal-by-slot mask. Its layout
+        is the one `OPTForCausalLM.init_cache` made, told apart here by rank:
+          * "standard": keys and values [batch, slots, heads, head_dim], whose attention matmuls are
+            the usual batched dots of GPU and TPU libraries;
+          * "cpu": keys [batch * heads, head_dim, slots], values [batch * heads, slots, head_dim], so
+            q @ K and p @ V are plain batched matmuls on the stored arrays. Stored the standard way,
+            XLA on CPU copied every layer's whole cache at every step (to transpose it, or, with a
+            separate batch axis of size 1, to feed the matmul a reshaped copy of the update instead
+            of updating in place).
         """
-        batch, step_len, heads, head_dim = key.shape
-        # this step's tokens only: cheap to move
-        key = jnp.transpose(key, (0, 2, 3, 1)).reshape(batch * heads, head_dim, step_len)
-        value = jnp.swapaxes(value, 1, 2).reshape(batch * heads, step_len, head_dim)
         initialised = self.has_variable("cache", "cached_key")
+        # `init` shapes the cache in the standard layout; init_cache reshapes it for the cpu one
         cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        if not initialised:  # `init` only shapes the cache
+        if not initialised:
             return key, value, 0
         index = cache_index.value
         zero = jnp.array(0, jnp.int32)
-        key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                           (zero, zero, index))
-        value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype),
-                                             (zero, index, zero))
+        batch, step_len, heads, head_dim = key.shape
+        if cached_key.value.ndim == 4:  # standard
+            cache_axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+            key = nn.with_logical_constraint(jax.lax.dynamic_update_slice(
+                cached_key.value, key.astype(cached_key.value.dtype), (zero, index, zero, zero)), cache_axes)
+            value = nn.with_logical_constraint(jax.lax.dynamic_update_slice(
+                cached_value.value, value.astype(cached_value.value.dtype), (zero, index, zero, zero)), cache_axes)
+        else:  # cpu; this step's tokens only are transposed: cheap to move
+            key = jnp.transpose(key, (0, 2, 3, 1)).reshape(batch * heads, head_dim, step_len)
+            value = jnp.swapaxes(value, 1, 2).reshape(batch * heads, step_len, head_dim)
+            key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
+                                               (zero, zero, index))
+            value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype),
+                                                 (zero, index, zero))
         cached_key.value, cached_value.value = key, value
         cache_index.value = index + step_len
         return key, value, index
@@ -169,6 +184,8 @@ class OPTDecoderLayer(nn.Module):
     deterministic: bool
     decode: bool
     scanned: bool = False  # under nn.scan: return (carry, per-layer output) as scan expects
+    attention: str = "auto"
+    segment_branches: bool = False
 
     @nn.compact
     def __call__(self, hidden, key_valid, segment_ids):
@@ -180,9 +197,9 @@ class OPTDecoderLayer(nn.Module):
         residual = hidden
         if cfg.do_layer_norm_before:
             hidden = layer_norm(name="self_attn_layer_norm")(hidden)
-        attention = OPTAttention(cfg, self.dtype, self.param_dtype, self.deterministic, self.decode,
-                                 name="self_attn")
-        hidden = attention(hidden, key_valid, segment_ids)
+        self_attention = OPTAttention(cfg, self.dtype, self.param_dtype, self.deterministic, self.decode,
+                                      self.attention, self.segment_branches, name="self_attn")
+        hidden = self_attention(hidden, key_valid, segment_ids)
         hidden = residual + dropout(hidden, deterministic=self.deterministic)
         if not cfg.do_layer_norm_before:
             hidden = layer_norm(name="self_attn_layer_norm")(hidden)
@@ -222,10 +239,11 @@ class OPTDecoder(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     embed_dropout: float = 0.0
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, input_ids, key_valid, position_ids, segment_ids, deterministic: bool,
-                 decode: bool, tied_head: bool):
+                 decode: bool, tied_head: bool, segment_branches: bool = False):
         """Final hidden states, or with `tied_head` the logits of the LM head tied to embed_tokens."""
         cfg = self.config
         act_axes = ("activation_batch", "activation_length", "activation_embed")
@@ -255,11 +273,13 @@ class OPTDecoder(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})
             hidden, _ = stack(cfg, self.dtype, self.param_dtype, deterministic, decode, scanned=True,
+                              attention=self.attention, segment_branches=segment_branches,
                               name="layers")(hidden, key_valid, segment_ids)
         else:
             layer_cls = _maybe_remat(OPTDecoderLayer, self.remat_policy, prevent_cse=True)
             for i in range(cfg.num_hidden_layers):
                 hidden = layer_cls(cfg, self.dtype, self.param_dtype, deterministic, decode,
+                                   attention=self.attention, segment_branches=segment_branches,
                                    name=f"layers_{i}")(hidden, key_valid, segment_ids)
 
         if cfg.has_final_layer_norm:
@@ -280,7 +300,8 @@ class OPTForCausalLM(nn.Module):
     `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters. `scan_layers`
     stacks the layers' weights on a leading "layers" axis and runs them under `nn.scan`, so compile
     time does not grow with depth; `remat_policy` is one of REMAT_POLICIES. `embed_dropout` is
-    metaseq's dropout on the input embeddings (0 in HF; 0.1 in the OPT-IML recipe).
+    metaseq's dropout on the input embeddings (0 in HF; 0.1 in the OPT-IML recipe). `attention` is
+    one of attention.IMPLEMENTATIONS (the kernel of whole-row attention; decoding has its own).
     """
     config: OPTConfig
     dtype: Dtype = jnp.float32
@@ -288,10 +309,12 @@ class OPTForCausalLM(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     embed_dropout: float = 0.0
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
-                 deterministic: bool = True, decode: bool = False, return_hidden: bool = False):
+                 deterministic: bool = True, decode: bool = False, return_hidden: bool = False,
+                 segment_branches: bool = False):
         """Logits [batch, length, vocab].
 
         attention_mask: [batch, key_length] with 1 for real tokens (left padding allowed). When
@@ -299,7 +322,7 @@ class OPTForCausalLM(nn.Module):
         position_ids: positions without OPT's +2 offset; derived from the mask when omitted
           (required when decoding, since the mask then covers the whole cache).
         segment_ids: [batch, length] example ids of packed sequences (0 = padding); attention never
-          crosses examples.
+          crosses examples. `segment_branches`: the ids carry branches (attention.SEGMENT_BRANCH_SHIFT).
         """
         cfg = self.config
         if attention_mask is None:
@@ -311,10 +334,10 @@ class OPTForCausalLM(nn.Module):
                 raise ValueError("decode=True needs explicit position_ids")
             position_ids = positions_from_mask(attention_mask)
         decoder = OPTDecoder(cfg, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy,
-                             self.embed_dropout, name="decoder")
+                             self.embed_dropout, self.attention, name="decoder")
         tied_head = cfg.tie_word_embeddings and not return_hidden
         out = decoder(input_ids, attention_mask, position_ids, segment_ids, deterministic, decode,
-                      tied_head)
+                      tied_head, segment_branches)
         if return_hidden:
             return out
         if tied_head:
@@ -325,13 +348,25 @@ class OPTForCausalLM(nn.Module):
                               kernel_init=init_normal(cfg.init_std, ("embed", "vocab")), name="lm_head")(out)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
-    def init_cache(self, batch_size: int, max_length: int):
-        """Zero KV cache for `max_length` slots (shapes only: no forward pass runs)."""
+    def init_cache(self, batch_size: int, max_length: int, layout: str = "standard"):
+        """Zero KV cache for `max_length` slots in `layout` ("standard" or "cpu", see
+        `OPTAttention._update_cache`); shapes only: no forward pass runs."""
+        if layout not in CACHE_LAYOUTS:
+            raise ValueError(f"cache layout must be one of {', '.join(CACHE_LAYOUTS)}, got {layout!r}")
         ids = jnp.ones((batch_size, max_length), jnp.int32)
         shapes = jax.eval_shape(
             lambda: self.init(jax.random.PRNGKey(0), ids, attention_mask=ids, position_ids=ids,
                               decode=True)["cache"])
-        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def zeros(path, shape):
+            name, dims = path[-1].key, shape.shape
+            if layout == "cpu" and name in ("cached_key", "cached_value"):
+                *layers, batch, slots, heads, head_dim = dims  # `layers`: a scanned stack's axis
+                inner = (head_dim, slots) if name == "cached_key" else (slots, head_dim)
+                dims = (*layers, batch * heads, *inner)
+            return jnp.zeros(dims, shape.dtype)
+
+        return jax.tree_util.tree_map_with_path(zeros, shapes)
 
 
 def lm_head_weights(config: OPTConfig, params) -> jax.Array:

@@ -106,7 +106,7 @@ def activation_bytes_per_layer(config: OPTConfig, tokens: int, seq_len: int, bat
     act = _dtype_bytes(compute_dtype)
     local_heads = max(heads // tensor, 1)
     # Attention's backward pass recomputes the probabilities from the boolean mask (one per row,
-    # shared by the heads) and a float32 log-sum-exp per query (model.dot_product_attention).
+    # shared by the heads) and a float32 log-sum-exp per query (attention.blockwise_attention).
     attention_state = batch_rows * seq_len * seq_len + tokens * local_heads * 4
     if remat_policy == "full":
         return tokens * h * act  # the layer input only; the layer is recomputed in the backward pass

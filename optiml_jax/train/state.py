@@ -15,8 +15,9 @@ import flax.linen as nn
 import optax
 from flax import struct
 
-from optiml_jax.config import OPTConfig, as_dtype
+from optiml_jax.config import ConfigError, OPTConfig, as_dtype
 from optiml_jax.model import OPTForCausalLM
+from optiml_jax.model.attention import AttentionError, choose_implementation
 from optiml_jax.run_config import OptimSection, TrainSection
 from optiml_jax.sharding import DEFAULT_RULES, abstract_params, logical_shardings
 
@@ -45,9 +46,14 @@ def build_model(opt_config: OPTConfig, train: TrainSection) -> OPTForCausalLM:
     if train.attention_dropout is not None:
         changes["attention_dropout"] = train.attention_dropout
     config = opt_config.replace(**changes) if changes else opt_config
+    try:  # what cannot run here (cuDNN on a CPU, a kernel with dropout) is a config error, not a trace error
+        choose_implementation(train.attention, platform=jax.default_backend(), dtype=as_dtype(train.compute_dtype),
+                              head_dim=config.head_dim, length=train.seq_len, dropout=config.attention_dropout > 0)
+    except AttentionError as error:
+        raise ConfigError(f"train.{error}") from None
     return OPTForCausalLM(config, dtype=as_dtype(train.compute_dtype), param_dtype=as_dtype(train.param_dtype),
                           scan_layers=train.scan_layers, remat_policy=train.remat_policy,
-                          embed_dropout=config.dropout if train.embed_dropout else 0.0)
+                          embed_dropout=config.dropout if train.embed_dropout else 0.0, attention=train.attention)
 
 
 def learning_rate_schedule(optim: OptimSection, max_steps: int) -> Callable:
