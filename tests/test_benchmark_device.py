@@ -36,13 +36,14 @@ def test_dry_run_runs_every_section(tmp_path):
     for s in trains:
         assert s["median_step_s"] > 0 and s["tokens_per_s"] > 0 and s["model_flops_per_step_full"] > 0
         assert s["model_flops_per_step_causal"] < s["model_flops_per_step_full"]
+        assert s["mfu_measured_matmul_causal"] > 0
         expected = 1.0 if s["loss_positions"] == "all" else 0.03
         assert s["loss_fraction"] == pytest.approx(expected, abs=0.01)
     assert trains[0]["loss"] == pytest.approx(trains[1]["loss"], rel=2e-2)  # auto and blockwise: the same step
     for batch in ("batch_1", "batch_4"):
         decode = sections["decode"][batch]
         assert decode["decode_tokens_per_s"] > 0 and decode["time_to_first_token_s"] > 0
-        assert decode["achieved_gb_s"] > 0
+        assert decode["achieved_gb_s"] > 0 and decode["fraction_of_copy"] > 0
     assert sections["load"]["load_pretrained_s"] > 0 and sections["load"]["checkpoint_bytes"] > 0
     assert "decode_b1_fraction_of_copy" in figures["summary"]
     assert stdout.count('{"versions"') == 1  # printed section by section as it goes

@@ -111,6 +111,15 @@ def _summarise(figures: dict) -> None:
     causal attention) and batch-1 decode >= 60% of the measured copy bandwidth."""
     sections_ = figures["sections"]
     summary = {}
+    ceilings_ = sections_.get("ceilings", {})
+    for name, section in sections_.items():  # each figure against the ceilings measured in this run
+        if name.startswith("train:") and ceilings_.get("matmul_tflop_s") and "achieved_tflop_s_causal" in section:
+            section["mfu_measured_matmul_causal"] = round(section["achieved_tflop_s_causal"]
+                                                          / ceilings_["matmul_tflop_s"], 4)
+        if name == "decode" and ceilings_.get("copy_gb_s"):
+            for batch in section.values():
+                if isinstance(batch, dict) and "achieved_gb_s" in batch:
+                    batch["fraction_of_copy"] = round(batch["achieved_gb_s"] / ceilings_["copy_gb_s"], 3)
     base = sections_.get(sections()[2], {})
     if "mfu_published_causal" in base:
         summary["train_mfu_published_causal"] = base["mfu_published_causal"]
@@ -272,7 +281,7 @@ def train(shapes, attention: str, remat: str, positions: str, profile_dir=None) 
            "init_s": round(init_s, 2), "compile_and_first_step_s": round(compile_s, 2), "median_step_s": round(step_s, 4),
            "tokens_per_s": round(tokens / step_s, 1), "loss": float(metrics["loss"]),
            "model_flops_per_step_causal": float(causal), "model_flops_per_step_full": float(full),
-           "achieved_tflop_s_causal": round(causal / step_s / 1e12, 2),
+           "achieved_tflop_s_causal": round(causal / step_s / 1e12, 4),
            "peak_memory_gib": round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None,
            "device_kind": device.device_kind, "published_peak_tflop_s": peak and peak / 1e12}
     if peak:
