@@ -60,6 +60,7 @@ def both_results(models, tmp_path_factory):
     return ours, theirs
 
 
+@pytest.mark.slow
 def test_same_accuracies_and_loglikelihoods_as_lm_evals_hf_model(both_results):
     ours, theirs = both_results
     for metric in ("acc,none", "acc_norm,none"):
@@ -83,6 +84,7 @@ def test_same_generations_as_lm_evals_hf_model(both_results):
     assert ours["results"]["optiml_test_gen"]["exact_match,none"] == theirs["results"]["optiml_test_gen"]["exact_match,none"]
 
 
+@pytest.mark.slow
 def test_cli_registers_the_model_and_hands_over_to_lm_evals_cli(models, tmp_path):
     ours_dir, _ = models
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "HF_DATASETS_CACHE": str(tmp_path / "cache")}

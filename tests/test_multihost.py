@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from finetune_helpers import TASKS, cli, cli_env, config_dict, final_params, flat, step_losses
 from optiml_jax.train.metrics_log import read_jsonl
@@ -40,6 +41,7 @@ def run_two_processes(config: dict, cwd: Path) -> list[tuple[int, str, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tiny_preset, tmp_path):
     # A constant lr after warmup: extending max_steps on resume then leaves the schedule unchanged.
     # eval.tasks: held-out task generation runs collectively too; only process 0 writes its files

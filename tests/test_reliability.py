@@ -20,6 +20,7 @@ from finetune_helpers import (TASKS, cli, cli_env, cli_overrides, config_dict, f
                               last_logged_step, run_config, step_losses)
 
 # ---------------------------------------------------------------------- exact resume of the real CLI
+@pytest.mark.slow
 def test_cli_killed_or_terminated_resumes_to_the_uninterrupted_result(tiny_preset, tmp_path):
     """SIGKILL and SIGTERM the CLI once metrics.jsonl shows step 25 (checkpoints every 10), run the same
     command again: every step is logged once and equals the uninterrupted run, and so do the final params."""
@@ -70,6 +71,7 @@ def reference_run(tiny_preset, tmp_path_factory):
     return train_and_evaluate(run_config(tiny_preset, tmp_path_factory.mktemp("ref") / "w"), progress=False)
 
 
+@pytest.mark.slow
 def test_unfinalised_and_corrupted_checkpoints_are_not_used(tiny_preset, tmp_path, reference_run, caplog):
     workdir = tmp_path / "w"
     cfg = run_config(tiny_preset, workdir, checkpoint={"every_steps": 1, "keep": 5})
@@ -100,6 +102,7 @@ def test_unfinalised_and_corrupted_checkpoints_are_not_used(tiny_preset, tmp_pat
     assert step_losses(workdir) == pytest.approx({s: reference_run.losses[s] for s in range(1, 5)}, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_on_a_different_device_count_and_mesh(tiny_preset, tmp_path, reference_run):
     """Written on 8 devices (data=4 x fsdp=2), restored on 4 (data=2 x fsdp=2): the mesh is a safe key."""
     first = train_and_evaluate(run_config(tiny_preset, tmp_path / "w", mesh={"data": -1, "fsdp": 2}),
@@ -117,6 +120,7 @@ def test_resume_on_a_different_device_count_and_mesh(tiny_preset, tmp_path, refe
 
 
 # ---------------------------------------------------------------------- config changes on resume
+@pytest.mark.slow
 def test_resume_refuses_result_changing_config_unless_overwrite(tiny_preset, tmp_path, capsys):
     import yaml
 

@@ -82,6 +82,7 @@ def test_flops_per_token_formula():
 
 
 # ---------------------------------------------------------------------- invariances
+@pytest.mark.slow
 def test_grad_accumulation_gives_the_same_update(tiny_preset, tmp_path):
     runs = {}
     for accum in (1, 4):
@@ -99,6 +100,7 @@ def test_grad_accumulation_gives_the_same_update(tiny_preset, tmp_path):
     assert runs[1].losses[3] < runs[1].losses[1]
 
 
+@pytest.mark.slow
 def test_mesh_shape_does_not_change_the_losses(tiny_preset, tmp_path):
     """Dropout on: the masks come from fold_in(key, step), not from the device layout."""
     meshes = {"2x2x2": ({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()),
@@ -113,6 +115,7 @@ def test_mesh_shape_does_not_change_the_losses(tiny_preset, tmp_path):
     np.testing.assert_allclose(losses["data8"], losses["single"], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_preset, tmp_path, monkeypatch):
     """4 steps in one go == 2 steps, SIGTERM (checkpoint saved), then a second invocation on the same
     workdir for 2 more: same loss curve, same final params (dropout on)."""
@@ -192,6 +195,7 @@ def test_skipped_update_leaves_params_untouched(tiny_preset, tmp_path):
 
 
 # ---------------------------------------------------------------------- CLI smoke test
+@pytest.mark.slow
 def test_finetune_cli_smoke(tmp_path, capsys, tiny_preset):
     from optiml_jax.finetune import main
 
