@@ -17,14 +17,11 @@ otherwise; here the default is `max_new_tokens=20`, since an instruction prompt 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dataclasses
 import functools
 from typing import Any, Optional, Sequence, Union
 
-import jax
 import numpy as np
-import flax.linen as nn
 
 from optiml_jax.config import OPTConfig
 from optiml_jax.generate import (PROMPT_BUCKET, GenerationConfig, check_prompts, complete_texts, generate_padded,
@@ -136,11 +133,9 @@ class TextGenerationPipeline:
         return self.rules or DEFAULT_RULES
 
     def _on_mesh(self):
-        context = contextlib.ExitStack()
-        if self.mesh is not None:
-            context.enter_context(jax.set_mesh(self.mesh))
-            context.enter_context(nn.logical_axis_rules(self._rules))
-        return context
+        from optiml_jax.sharding import on_mesh
+
+        return on_mesh(self.mesh, self._rules)
 
     def _stop_mask(self, stops: tuple):
         """Tokens that hold a stop string on their own: the loop may end a row there (a string spread

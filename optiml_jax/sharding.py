@@ -173,3 +173,15 @@ def abstract_params(model: nn.Module, sample_shape: tuple = (1, 8)):
 def param_shardings(model: nn.Module, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
     """Shardings of the model's params on `mesh` (for restoring a checkpoint straight into shards)."""
     return logical_shardings(abstract_params(model), mesh, rules)
+
+
+def on_mesh(mesh: Optional[Mesh], rules=DEFAULT_RULES):
+    """A context that runs jitted code on `mesh` with the logical axis rules (nothing when mesh is None):
+    what sharding constraints and shard_map inside the model read."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    if mesh is not None:
+        stack.enter_context(jax.set_mesh(mesh))
+        stack.enter_context(nn.logical_axis_rules(rules))
+    return stack

@@ -17,7 +17,6 @@ tokens: the end of an instruction prompt is the instance and the answer cue. Suc
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -30,7 +29,7 @@ import flax.linen as nn
 
 from optiml_jax.generate import (GenerationConfig, complete_texts, cut_at_stop, generate_padded, left_pad, round_up,
                                  stop_token_mask)
-from optiml_jax.sharding import DEFAULT_RULES, batch_sharding
+from optiml_jax.sharding import DEFAULT_RULES, batch_sharding, on_mesh
 
 SMALLEST_BUCKET = 64
 
@@ -160,10 +159,7 @@ def generate_token_ids(model, params, tokenizer, prompts: Sequence[Sequence[int]
 
     start = time.perf_counter()
     try:
-        with contextlib.ExitStack() as context:
-            if mesh is not None:
-                context.enter_context(jax.set_mesh(mesh))
-                context.enter_context(nn.logical_axis_rules(rules))
+        with on_mesh(mesh, rules):
             pending = None
             for index, rows in enumerate(batches):  # dispatch the next batch before reading the last one
                 outputs = dispatch(rows, index)

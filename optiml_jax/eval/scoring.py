@@ -23,7 +23,6 @@ projects every position onto the vocabulary.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Optional, Sequence, Union
@@ -187,11 +186,9 @@ class Scorer:
                     k += n
 
     def _mesh_context(self):
-        stack = contextlib.ExitStack()
-        if self.mesh is not None:
-            stack.enter_context(jax.set_mesh(self.mesh))
-            stack.enter_context(nn.logical_axis_rules(self.rules))
-        return stack
+        from optiml_jax.sharding import on_mesh
+
+        return on_mesh(self.mesh, self.rules)
 
 
 def _scored_buckets(length: int) -> tuple[int, ...]:
