@@ -1,8 +1,9 @@
 """optiml-jax: OPT and OPT-IML in JAX/Flax.
 
-    from optiml_jax import load_pretrained, pipeline, score
-    from optiml_jax.generate import generate
+from optiml_jax import load_pretrained, pipeline, score
+from optiml_jax.generate import generate
 """
+
 from optiml_jax.config import ConfigError, OPTConfig
 
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ Field names and defaults are Hugging Face's `OPTConfig` (transformers 4.46 / 5.x
 `config.json` round-trips. Runtime choices that are not part of the architecture (compute dtype,
 scanned layers, remat, embedding dropout) are arguments of the model, not fields here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,24 +50,74 @@ def as_dtype(value):
     name = dtype_name(value)
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
+
 # Keys that PretrainedConfig (or an old hub config.json) writes but that do not change the
 # architecture. They are accepted and dropped; anything else unknown is an error, because a typo in
 # a field name would otherwise silently give a different model.
-_IGNORED_HF_KEYS = frozenset({
-    "_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version", "model_type",
-    "prefix", "use_cache", "output_attentions", "output_hidden_states", "return_dict", "torchscript",
-    "id2label", "label2id", "num_labels", "is_encoder_decoder", "is_decoder", "add_cross_attention",
-    "pruned_heads", "chunk_size_feed_forward", "problem_type", "finetuning_task", "tokenizer_class",
-    "task_specific_params", "decoder_start_token_id", "sep_token_id", "cross_attention_hidden_size",
-    "tf_legacy_loss", "use_bfloat16", "_attn_implementation", "_commit_hash", "attn_implementation",
-    # generation settings that old configs carried
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
-    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
-    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
-    "suppress_tokens", "begin_suppress_tokens", "epsilon_cutoff", "eta_cutoff",
-})
+_IGNORED_HF_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "architectures",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "model_type",
+        "prefix",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "torchscript",
+        "id2label",
+        "label2id",
+        "num_labels",
+        "is_encoder_decoder",
+        "is_decoder",
+        "add_cross_attention",
+        "pruned_heads",
+        "chunk_size_feed_forward",
+        "problem_type",
+        "finetuning_task",
+        "tokenizer_class",
+        "task_specific_params",
+        "decoder_start_token_id",
+        "sep_token_id",
+        "cross_attention_hidden_size",
+        "tf_legacy_loss",
+        "use_bfloat16",
+        "_attn_implementation",
+        "_commit_hash",
+        "attn_implementation",
+        # generation settings that old configs carried
+        "max_length",
+        "min_length",
+        "do_sample",
+        "early_stopping",
+        "num_beams",
+        "num_beam_groups",
+        "diversity_penalty",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+        "repetition_penalty",
+        "length_penalty",
+        "no_repeat_ngram_size",
+        "encoder_no_repeat_ngram_size",
+        "bad_words_ids",
+        "num_return_sequences",
+        "output_scores",
+        "return_dict_in_generate",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "remove_invalid_values",
+        "exponential_decay_length_penalty",
+        "suppress_tokens",
+        "begin_suppress_tokens",
+        "epsilon_cutoff",
+        "eta_cutoff",
+    }
+)
 # OPT has no activation dropout; old hub configs store 0.0. A non-zero value would be a model HF
 # also ignores, so we refuse it rather than pretend to honour it.
 _MUST_BE_ZERO_KEYS = ("activation_dropout",)
@@ -144,8 +195,15 @@ class OPTConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim",
-                     "max_position_embeddings", "num_attention_heads", "word_embed_proj_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "ffn_dim",
+            "max_position_embeddings",
+            "num_attention_heads",
+            "word_embed_proj_dim",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"OPTConfig.{name} must be a positive integer, got {value!r}")
@@ -153,19 +211,26 @@ class OPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ConfigError(f"OPTConfig.{name} must be a number in [0, 1), got {value!r}")
-        for name in ("do_layer_norm_before", "remove_final_layer_norm", "enable_bias",
-                     "layer_norm_elementwise_affine", "tie_word_embeddings"):
+        for name in (
+            "do_layer_norm_before",
+            "remove_final_layer_norm",
+            "enable_bias",
+            "layer_norm_elementwise_affine",
+            "tie_word_embeddings",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"OPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
                 raise ConfigError(
-                    f"OPTConfig.{name} must be a token id in [0, vocab_size={self.vocab_size}), got {value!r}")
+                    f"OPTConfig.{name} must be a token id in [0, vocab_size={self.vocab_size}), got {value!r}"
+                )
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"OPTConfig.hidden_size={self.hidden_size} is not divisible by "
-                f"num_attention_heads={self.num_attention_heads}")
+                f"num_attention_heads={self.num_attention_heads}"
+            )
         # activation_function is checked by the model, which owns the table (model/layers.ACTIVATIONS)
         if not isinstance(self.init_std, (int, float)) or self.init_std <= 0:
             raise ConfigError(f"OPTConfig.init_std must be positive, got {self.init_std!r}")
@@ -271,10 +336,10 @@ def preset_key(name: str) -> str:
     key = name.lower().split("/")[-1]
     for prefix in ("opt-iml-max-", "opt-iml-", "opt-"):
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
             break
     return key
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem[len("opt-"):] for p in presets_dir().glob("opt-*.yaml"))
+    return sorted(p.stem[len("opt-") :] for p in presets_dir().glob("opt-*.yaml"))

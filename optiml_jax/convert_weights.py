@@ -13,6 +13,7 @@ a run's final model), a training checkpoint (RUN/checkpoints/STEP) or a fine-tun
 final model, else its latest checkpoint). Errors, bad arguments included, print one line,
 "error: ...", exit with status 1 and leave no output behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,18 +33,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="optiml-convert", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = _Parser(
+        prog="optiml-convert",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--input", required=True, help="checkpoint file or directory")
     parser.add_argument("--output", required=True, help="output directory (created atomically)")
-    parser.add_argument("--to-hf", action="store_true",
-                        help="export to Hugging Face format: one of our model directories, a training checkpoint "
-                             "(RUN/checkpoints/STEP) or a run's workdir (its final model, else latest checkpoint)")
+    parser.add_argument(
+        "--to-hf",
+        action="store_true",
+        help="export to Hugging Face format: one of our model directories, a training checkpoint "
+        "(RUN/checkpoints/STEP) or a run's workdir (its final model, else latest checkpoint)",
+    )
     parser.add_argument("--format", choices=("hf", "metaseq"), help="input format (default: detected)")
-    parser.add_argument("--dtype", choices=DTYPES,
-                        help="stored dtype (default: float32; with --to-hf: as stored)")
-    parser.add_argument("--config", help="preset (e.g. 1.3b, opt-iml-max-30b) or config.json, when the "
-                                         "checkpoint does not say enough")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="stored dtype (default: float32; with --to-hf: as stored)"
+    )
+    parser.add_argument(
+        "--config",
+        help="preset (e.g. 1.3b, opt-iml-max-30b) or config.json, when the checkpoint does not say enough",
+    )
     parser.add_argument("--tokenizer", help="directory with the tokenizer files to ship with the model")
     parser.add_argument("--max-shard-size", default="5GB", help="with --to-hf: largest safetensors file")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -57,15 +68,27 @@ def main(argv=None) -> int:
         if args.to_hf:
             from optiml_jax.checkpoints.export import export_hf
 
-            out = export_hf(args.input, args.output, max_shard_size=args.max_shard_size, dtype=args.dtype,
-                            overwrite=args.overwrite)
+            out = export_hf(
+                args.input,
+                args.output,
+                max_shard_size=args.max_shard_size,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
+            )
             print(f"exported {args.input} -> {out} (Hugging Face format)")
         else:
             from optiml_jax.checkpoints.convert import convert
 
-            summary = convert(args.input, args.output, dtype=args.dtype or "float32", config=args.config,
-                              tokenizer=args.tokenizer, overwrite=args.overwrite, fmt=args.format,
-                              progress=not args.no_progress and sys.stderr.isatty())
+            summary = convert(
+                args.input,
+                args.output,
+                dtype=args.dtype or "float32",
+                config=args.config,
+                tokenizer=args.tokenizer,
+                overwrite=args.overwrite,
+                fmt=args.format,
+                progress=not args.no_progress and sys.stderr.isatty(),
+            )
             print(summary)
     except KeyboardInterrupt:
         print("error: interrupted (no output written)", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Writing outputs safely: a directory appears complete or not at all (written under a temporary name,
 renamed at the end), also when several hosts write it together, and the cross-process barrier that
 needs. Model directories, converted checkpoints, exports and evaluation results all go through here."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,9 @@ def check_output_dir(directory, overwrite: bool) -> Path:
         if not directory.is_dir():
             raise OutputDirError(f"{directory}: exists and is not a directory")
         if any(directory.iterdir()) and not overwrite:
-            raise OutputDirError(f"{directory}: exists and is not empty (pass --overwrite / overwrite=True "
-                                  f"to replace it)")
+            raise OutputDirError(
+                f"{directory}: exists and is not empty (pass --overwrite / overwrite=True to replace it)"
+            )
     return directory
 
 

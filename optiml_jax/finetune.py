@@ -16,6 +16,7 @@ dtype outside float32/bfloat16/float16 included) prints one line on stderr and e
 before anything is compiled; a run that cannot fit in memory or cannot continue (non-finite steps)
 prints the reason and exits with status 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,22 +28,40 @@ EXIT_CONFIG_ERROR = 2
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m optiml_jax.finetune", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None,
-                        help="run config YAML, or the name of a shipped one: demo (the default), optiml-1.3b, "
-                             "optiml-30b")
-    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
-                        help="config overrides, e.g. train.max_steps=100 optim.lr=3e-5 mesh.fsdp=8")
-    parser.add_argument("--coordinator", default=None,
-                        help="host:port of process 0 for jax.distributed.initialize (multi-host)")
+    parser = argparse.ArgumentParser(
+        prog="python -m optiml_jax.finetune",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="run config YAML, or the name of a shipped one: demo (the default), optiml-1.3b, optiml-30b",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.path=value",
+        help="config overrides, e.g. train.max_steps=100 optim.lr=3e-5 mesh.fsdp=8",
+    )
+    parser.add_argument(
+        "--coordinator",
+        default=None,
+        help="host:port of process 0 for jax.distributed.initialize (multi-host)",
+    )
     parser.add_argument("--num-processes", type=int, default=None, help="number of processes (hosts)")
     parser.add_argument("--process-id", type=int, default=None, help="this process's index")
-    parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() with auto-detection (TPU pod, SLURM, Open MPI)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh in a workdir holding another run (its checkpoints, metrics and final "
-                             "model are deleted)")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() with auto-detection (TPU pod, SLURM, Open MPI)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a workdir holding another run (its checkpoints, metrics and final "
+        "model are deleted)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     # intermixed: overrides may come before or after the flags (`--overwrite train.max_steps=10`)
     return parser.parse_intermixed_args(argv)
@@ -53,8 +72,11 @@ def init_distributed(args: argparse.Namespace) -> None:
     TPU / SLURM / Open MPI environment, which JAX detects) uses auto-detection."""
     import jax
 
-    explicit = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
-                "process_id": args.process_id}
+    explicit = {
+        "coordinator_address": args.coordinator,
+        "num_processes": args.num_processes,
+        "process_id": args.process_id,
+    }
     if not args.distributed and all(v is None for v in explicit.values()):
         return
     # Host (CPU) devices need a collectives implementation to span processes; GPU/TPU ignore this.
@@ -70,8 +92,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from optiml_jax.config import ConfigError
     from optiml_jax.run_config import load_run_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -86,8 +109,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if jax.process_index() != 0:  # logs come from process 0; the others report only problems
         logging.getLogger().setLevel(logging.WARNING)
     from optiml_jax.data import DataError
-    from optiml_jax.train.memory import InsufficientMemoryError
     from optiml_jax.train import TrainingError, train_and_evaluate
+    from optiml_jax.train.memory import InsufficientMemoryError
 
     try:
         result = train_and_evaluate(cfg, progress=not args.no_progress, overwrite=args.overwrite)
@@ -103,20 +126,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"stopped at step {result.step}; run the same command again to resume from {cfg.workdir}")
         else:
             evals = ", ".join(f"{step}: {loss:.3f}" for step, loss in sorted(result.eval_losses.items()))
-            print(f"done: step {result.step}, workdir {cfg.workdir}" + (f"; eval loss by step {{{evals}}}" if evals else ""))
+            print(
+                f"done: step {result.step}, workdir {cfg.workdir}"
+                + (f"; eval loss by step {{{evals}}}" if evals else "")
+            )
             if result.final_dir:
                 print(f"final model: {result.final_dir}")
             if result.task_metrics:
                 from optiml_jax.eval.runner import progress_table
 
-                print(f"\nheld-out tasks at the first and last evaluated steps, in percent: exact match (EM) and "
-                      f"ROUGE-L (RL), or for ranked tasks acc and acc_norm (predictions and report.md in "
-                      f"{cfg.workdir}/eval/<step>/):")
+                print(
+                    "\nheld-out tasks at the first and last evaluated steps, in percent: exact match "
+                    "(EM) and "
+                    f"ROUGE-L (RL), or for ranked tasks acc and acc_norm (predictions and report.md in "
+                    f"{cfg.workdir}/eval/<step>/):"
+                )
                 print(progress_table(result.task_metrics))
             for prompt, reference, generation in result.samples:
                 tail = prompt[-300:].replace("\n", "\n    ")
-                print(f"\n--- eval prompt (last 300 chars):\n    ...{tail}\n"
-                      f"--- reference: {reference!r}\n--- model:     {generation!r}")
+                print(
+                    f"\n--- eval prompt (last 300 chars):\n    ...{tail}\n"
+                    f"--- reference: {reference!r}\n--- model:     {generation!r}"
+                )
     return 0
 
 

@@ -31,6 +31,7 @@ Command line (greedy unless --temperature > 0):
 
     python -m optiml_jax.generate --model DIR --prompt "What is the capital of USA?" --max-new-tokens 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,10 +42,10 @@ import math
 import sys
 from typing import Any, NamedTuple, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
 from optiml_jax.checkpoints import mapping as weights
 from optiml_jax.config import DTYPES, ConfigError
@@ -67,6 +68,7 @@ CPU_LOOP = "while"
 class GenerationConfig:
     """How to pick tokens. `temperature == 0` is greedy; otherwise tokens are sampled.
     `loop` and `cache_layout` say how the decode loop runs ("auto": per platform, see decode_plan)."""
+
     max_new_tokens: int = 20
     temperature: float = 0.0
     top_k: int = 0  # 0: off
@@ -80,14 +82,23 @@ class GenerationConfig:
     cache_layout: str = "auto"  # "auto" or one of model.opt.CACHE_LAYOUTS
 
     def __post_init__(self):
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
+        if (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens < 1
+        ):
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int) \
-                or self.min_new_tokens < 0:
+        if (
+            isinstance(self.min_new_tokens, bool)
+            or not isinstance(self.min_new_tokens, int)
+            or self.min_new_tokens < 0
+        ):
             raise ValueError(f"min_new_tokens must be a non-negative integer, got {self.min_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
-                or self.temperature < 0:
+        if (
+            not isinstance(self.temperature, (int, float))
+            or not math.isfinite(self.temperature)
+            or self.temperature < 0
+        ):
             raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
@@ -97,14 +108,21 @@ class GenerationConfig:
             raise ValueError("top_k / top_p only apply when sampling; set temperature > 0")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if isinstance(self.repetition_penalty, bool) or not isinstance(self.repetition_penalty, (int, float)) \
-                or not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be a number > 0 (1.0 = off), got {self.repetition_penalty!r}")
+        if (
+            isinstance(self.repetition_penalty, bool)
+            or not isinstance(self.repetition_penalty, (int, float))
+            or not math.isfinite(self.repetition_penalty)
+            or self.repetition_penalty <= 0
+        ):
+            raise ValueError(
+                f"repetition_penalty must be a number > 0 (1.0 = off), got {self.repetition_penalty!r}"
+            )
         if self.loop not in LOOPS:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {self.loop!r}")
         if self.cache_layout not in ("auto", *CACHE_LAYOUTS):
-            raise ValueError(f"cache_layout must be one of auto, {', '.join(CACHE_LAYOUTS)}, "
-                             f"got {self.cache_layout!r}")
+            raise ValueError(
+                f"cache_layout must be one of auto, {', '.join(CACHE_LAYOUTS)}, got {self.cache_layout!r}"
+            )
 
     @property
     def do_sample(self) -> bool:
@@ -119,6 +137,7 @@ class GenerationOutput:
     logprobs: [batch, max_new_tokens] log p(token) under the unmodified model; 0 after the EOS.
     lengths: [batch] tokens generated per row, its EOS included.
     """
+
     tokens: np.ndarray
     logprobs: np.ndarray
     lengths: np.ndarray
@@ -134,19 +153,29 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_token_id: int, length: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask), each [len(prompts), length], every prompt right-aligned after padding."""
     ids = np.full((len(prompts), length), pad_token_id, np.int32)
     mask = np.zeros((len(prompts), length), np.int32)
     for row, prompt in enumerate(prompts):
         if len(prompt):
-            ids[row, length - len(prompt):] = prompt
-            mask[row, length - len(prompt):] = 1
+            ids[row, length - len(prompt) :] = prompt
+            mask[row, length - len(prompt) :] = 1
     return ids, mask
 
 
-def generate(model: OPTForCausalLM, params: Any, prompts, config: Optional[GenerationConfig] = None, *,
-             attention_mask=None, stop_mask=None, **config_overrides) -> GenerationOutput:
+def generate(
+    model: OPTForCausalLM,
+    params: Any,
+    prompts,
+    config: Optional[GenerationConfig] = None,
+    *,
+    attention_mask=None,
+    stop_mask=None,
+    **config_overrides,
+) -> GenerationOutput:
     """Continues each prompt. `prompts` is a list of token-id lists (any lengths), or a 2-D array of ids
     with `attention_mask` (1 = real token; padding on either side is dropped first).
 
@@ -157,11 +186,13 @@ def generate(model: OPTForCausalLM, params: Any, prompts, config: Optional[Gener
     prompts = _as_prompt_lists(prompts, attention_mask)
     check_prompts(model, prompts, config.max_new_tokens)
     ids, mask = left_pad(prompts, config.pad_token_id, round_up(max(len(p) for p in prompts), PROMPT_BUCKET))
-    tokens, logprobs, lengths = generate_padded(model, params, jnp.asarray(ids), jnp.asarray(mask), config,
-                                                stop_mask=stop_mask)
+    tokens, logprobs, lengths = generate_padded(
+        model, params, jnp.asarray(ids), jnp.asarray(mask), config, stop_mask=stop_mask
+    )
     n = config.max_new_tokens
-    return GenerationOutput(tokens=np.asarray(tokens)[:, :n], logprobs=np.asarray(logprobs)[:, :n],
-                            lengths=np.asarray(lengths))
+    return GenerationOutput(
+        tokens=np.asarray(tokens)[:, :n], logprobs=np.asarray(logprobs)[:, :n], lengths=np.asarray(lengths)
+    )
 
 
 def check_prompts(model: OPTForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens) -> None:
@@ -178,12 +209,21 @@ def check_prompts(model: OPTForCausalLM, prompts: Sequence[Sequence[int]], max_n
         if bad:
             raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside [0, {model.config.vocab_size})")
         if len(prompt) + budget > limit:
-            raise ValueError(f"prompt {i} of {len(prompt)} tokens plus max_new_tokens={budget} exceeds the "
-                             f"model's {limit} positions")
+            raise ValueError(
+                f"prompt {i} of {len(prompt)} tokens plus max_new_tokens={budget} exceeds the "
+                f"model's {limit} positions"
+            )
 
 
-def generate_padded(model: OPTForCausalLM, params: Any, ids: jax.Array, mask: jax.Array, config: GenerationConfig,
-                    *, stop_mask=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def generate_padded(
+    model: OPTForCausalLM,
+    params: Any,
+    ids: jax.Array,
+    mask: jax.Array,
+    config: GenerationConfig,
+    *,
+    stop_mask=None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The compiled program on left-padded `ids` / `mask` [batch, prompt_len] (device arrays, possibly
     sharded over a mesh: call under `jax.set_mesh` and the logical axis rules then). Returns device
     arrays (tokens, logprobs [batch, capacity], lengths [batch]) without waiting for them; the capacity
@@ -194,14 +234,26 @@ def generate_padded(model: OPTForCausalLM, params: Any, ids: jax.Array, mask: ja
         raise ValueError(f"stop_mask must be a bool [{vocab}] array, got shape {stop_mask.shape}")
     loop, cache_layout = decode_plan(config)
     return _generate_compiled(
-        model, nn.meta.unbox(params), ids, mask,
-        jnp.int32(config.max_new_tokens), jnp.int32(config.min_new_tokens),
-        jax.random.PRNGKey(config.seed), jnp.float32(config.temperature or 1.0),
-        jnp.int32(config.top_k), jnp.float32(config.top_p), jnp.float32(config.repetition_penalty), stop_mask,
+        model,
+        nn.meta.unbox(params),
+        ids,
+        mask,
+        jnp.int32(config.max_new_tokens),
+        jnp.int32(config.min_new_tokens),
+        jax.random.PRNGKey(config.seed),
+        jnp.float32(config.temperature or 1.0),
+        jnp.int32(config.top_k),
+        jnp.float32(config.top_p),
+        jnp.float32(config.repetition_penalty),
+        stop_mask,
         new_tokens_capacity=round_up(config.max_new_tokens, NEW_TOKENS_BUCKET),
-        do_sample=config.do_sample, unstack_layers=decode_with_separate_layers(model),
+        do_sample=config.do_sample,
+        unstack_layers=decode_with_separate_layers(model),
         eos_token_id=-1 if config.eos_token_id is None else config.eos_token_id,
-        pad_token_id=config.pad_token_id, loop=loop, cache_layout=cache_layout)
+        pad_token_id=config.pad_token_id,
+        loop=loop,
+        cache_layout=cache_layout,
+    )
 
 
 def decode_plan(config: GenerationConfig, platform: Optional[str] = None) -> tuple[str, str]:
@@ -304,8 +356,11 @@ def weights_in_compute_dtype(params: Any, dtype) -> Any:
     """`params` with every kernel and embedding table in `dtype`. The modules cast these at each use
     anyway, so the values are the same; the rest (biases, LayerNorm's scale and bias, which LayerNorm
     reads in float32) is small and kept as stored."""
+
     def cast(path, leaf):
-        if getattr(path[-1], "key", None) in ("kernel", "embedding") and jnp.issubdtype(leaf.dtype, jnp.floating):
+        if getattr(path[-1], "key", None) in ("kernel", "embedding") and jnp.issubdtype(
+            leaf.dtype, jnp.floating
+        ):
             return leaf.astype(dtype)
         return leaf
 
@@ -314,6 +369,7 @@ def weights_in_compute_dtype(params: Any, dtype) -> Any:
 
 class DecodeState(NamedTuple):
     """The decode loop's carry: everything one decode step reads and writes."""
+
     step: jax.Array  # decode steps run so far, the prefill's included (scalar)
     last_token: jax.Array  # [batch] the token fed to the next step
     position: jax.Array  # [batch] its position id
@@ -325,11 +381,41 @@ class DecodeState(NamedTuple):
     logprobs: jax.Array  # [batch, capacity]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "new_tokens_capacity", "do_sample", "eos_token_id",
-                                             "pad_token_id", "unstack_layers", "loop", "cache_layout"))
-def _generate_compiled(model, params, prompt_ids, prompt_mask, max_new_tokens, min_new_tokens, rng,
-                       temperature, top_k, top_p, repetition_penalty, stop_mask, *, new_tokens_capacity, do_sample,
-                       eos_token_id, pad_token_id, unstack_layers, loop, cache_layout):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "model",
+        "new_tokens_capacity",
+        "do_sample",
+        "eos_token_id",
+        "pad_token_id",
+        "unstack_layers",
+        "loop",
+        "cache_layout",
+    ),
+)
+def _generate_compiled(
+    model,
+    params,
+    prompt_ids,
+    prompt_mask,
+    max_new_tokens,
+    min_new_tokens,
+    rng,
+    temperature,
+    top_k,
+    top_p,
+    repetition_penalty,
+    stop_mask,
+    *,
+    new_tokens_capacity,
+    do_sample,
+    eos_token_id,
+    pad_token_id,
+    unstack_layers,
+    loop,
+    cache_layout,
+):
     """Prefill plus the decode loop. Returns (tokens, logprobs, lengths); eos_token_id -1 = none."""
     params = weights_in_compute_dtype(params, model.dtype)  # once, before the loop reads them every step
     if unstack_layers:
@@ -343,9 +429,15 @@ def _generate_compiled(model, params, prompt_ids, prompt_mask, max_new_tokens, m
     cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, capacity), prompt_mask.dtype)], axis=1)
 
     def forward(cache, ids, positions):
-        hidden, variables = model.apply({"params": params, "cache": cache}, ids, attention_mask=cache_mask,
-                                        position_ids=positions, decode=True, return_hidden=True,
-                                        mutable=["cache"])
+        hidden, variables = model.apply(
+            {"params": params, "cache": cache},
+            ids,
+            attention_mask=cache_mask,
+            position_ids=positions,
+            decode=True,
+            return_hidden=True,
+            mutable=["cache"],
+        )
         return lm_head_logits(model, params, hidden[:, -1]).astype(jnp.float32), variables["cache"]
 
     def choose(logits, step, seen):
@@ -356,7 +448,8 @@ def _generate_compiled(model, params, prompt_ids, prompt_mask, max_new_tokens, m
         if eos_token_id >= 0:
             too_early = step < min_new_tokens
             selectable = selectable.at[:, eos_token_id].set(
-                jnp.where(too_early, -jnp.inf, selectable[:, eos_token_id]))
+                jnp.where(too_early, -jnp.inf, selectable[:, eos_token_id])
+            )
         if do_sample:
             token = sample_logits(jax.random.fold_in(rng, step), selectable, temperature, top_k, top_p)
         else:
@@ -373,23 +466,33 @@ def _generate_compiled(model, params, prompt_ids, prompt_mask, max_new_tokens, m
         if eos_token_id >= 0:
             done = done | (token == eos_token_id)
         return state._replace(
-            step=state.step + 1, last_token=token, done=done, lengths=state.lengths + writing,
+            step=state.step + 1,
+            last_token=token,
+            done=done,
+            lengths=state.lengths + writing,
             seen=state.seen.at[jnp.arange(batch), token].set(True),
             tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step)),
-            logprobs=jax.lax.dynamic_update_slice(state.logprobs, logprob[:, None], (0, state.step)))
+            logprobs=jax.lax.dynamic_update_slice(state.logprobs, logprob[:, None], (0, state.step)),
+        )
 
     # Prefill: the whole (left-padded) prompt in one pass; its last slot is every row's last real token.
     cache = model.init_cache(batch, prompt_len + capacity, layout=cache_layout)
     logits, cache = forward(cache, prompt_ids, positions_from_mask(prompt_mask))
     rows = jnp.arange(batch)[:, None]
     state = DecodeState(
-        step=jnp.int32(0), last_token=jnp.zeros((batch,), jnp.int32),
-        position=prompt_mask.sum(axis=1).astype(jnp.int32) - 1, done=jnp.zeros((batch,), bool),
+        step=jnp.int32(0),
+        last_token=jnp.zeros((batch,), jnp.int32),
+        position=prompt_mask.sum(axis=1).astype(jnp.int32) - 1,
+        done=jnp.zeros((batch,), bool),
         lengths=jnp.zeros((batch,), jnp.int32),
-        seen=jnp.zeros((batch, model.config.vocab_size), jnp.int32).at[rows, prompt_ids].add(
-            prompt_mask.astype(jnp.int32)) > 0,
-        cache=cache, tokens=jnp.full((batch, capacity), pad_token_id, jnp.int32),
-        logprobs=jnp.zeros((batch, capacity), jnp.float32))
+        seen=jnp.zeros((batch, model.config.vocab_size), jnp.int32)
+        .at[rows, prompt_ids]
+        .add(prompt_mask.astype(jnp.int32))
+        > 0,
+        cache=cache,
+        tokens=jnp.full((batch, capacity), pad_token_id, jnp.int32),
+        logprobs=jnp.zeros((batch, capacity), jnp.float32),
+    )
     state = record(state, *choose(logits, state.step, state.seen))
     last_position = model.config.max_position_embeddings - 1
 
@@ -410,13 +513,15 @@ def _generate_compiled(model, params, prompt_ids, prompt_mask, max_new_tokens, m
 # ---------------------------------------------------------------------- text in, text out
 
 
-def complete_texts(tokenizer, prompt_ids: Sequence[Sequence[int]], generated: Sequence[Sequence[int]]) -> list[str]:
+def complete_texts(
+    tokenizer, prompt_ids: Sequence[Sequence[int]], generated: Sequence[Sequence[int]]
+) -> list[str]:
     """The text each generation adds to its prompt, as HF pipelines cut it: decode prompt + completion
     together and drop the decoded prompt, so a character split across the boundary comes out whole."""
     out = []
     for prompt, new in zip(prompt_ids, generated):
         prompt_text = tokenizer.decode(prompt)
-        out.append(tokenizer.decode(list(prompt) + list(new))[len(prompt_text):])
+        out.append(tokenizer.decode(list(prompt) + list(new))[len(prompt_text) :])
     return out
 
 
@@ -439,8 +544,12 @@ def _parse_args(argv):
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="HF's repetition penalty on tokens already in the prompt or output (1.0 = off)")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="HF's repetition penalty on tokens already in the prompt or output (1.0 = off)",
+    )
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
     args = parser.parse_args(argv)
@@ -488,9 +597,14 @@ def main(argv=None) -> int:
     try:
         args = _parse_args(argv)
         prompts = _read_prompts(args)
-        config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
-                                  seed=args.seed or 0, repetition_penalty=args.repetition_penalty)
+        config = GenerationConfig(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or 0,
+            top_p=1.0 if args.top_p is None else args.top_p,
+            seed=args.seed or 0,
+            repetition_penalty=args.repetition_penalty,
+        )
         from optiml_jax.checkpoints.pretrained import load_pretrained
 
         # unscanned: decoding runs the layers separately anyway (see decode_with_separate_layers)
@@ -498,8 +612,9 @@ def main(argv=None) -> int:
         if loaded.tokenizer is None:
             raise CLIError(f"{args.model} has no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
         tokenizer = loaded.tokenizer
-        config = dataclasses.replace(config, eos_token_id=loaded.config.eos_token_id,
-                                     pad_token_id=loaded.config.pad_token_id)
+        config = dataclasses.replace(
+            config, eos_token_id=loaded.config.eos_token_id, pad_token_id=loaded.config.pad_token_id
+        )
         prompt_ids = [tokenizer.encode(p) for p in prompts]
         out = generate(loaded.model, loaded.params, prompt_ids, config)
         completions = complete_texts(tokenizer, prompt_ids, out.token_ids())
@@ -510,11 +625,22 @@ def main(argv=None) -> int:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return 1
-    for prompt, ids, new_ids, logprobs, completion in zip(prompts, prompt_ids, out.token_ids(),
-                                                          out.token_logprobs(), completions):
+    for prompt, ids, new_ids, logprobs, completion in zip(
+        prompts, prompt_ids, out.token_ids(), out.token_logprobs(), completions
+    ):
         if args.json:
-            print(json.dumps({"prompt": prompt, "completion": completion, "prompt_ids": ids,
-                              "token_ids": new_ids, "logprobs": logprobs}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "completion": completion,
+                        "prompt_ids": ids,
+                        "token_ids": new_ids,
+                        "logprobs": logprobs,
+                    },
+                    ensure_ascii=False,
+                )
+            )
         else:
             print(prompt + completion)
     return 0

@@ -1,7 +1,8 @@
 """lm-evaluation-harness on optiml-jax models: the model class `optiml_jax`.
 
     pip install -e '.[eval]'
-    python -m optiml_jax.lm_eval --model optiml_jax --model_args pretrained=DIR,dtype=float32 --tasks TASK [...]
+    python -m optiml_jax.lm_eval --model optiml_jax \
+        --model_args pretrained=DIR,dtype=float32 --tasks TASK [...]
 
 or in Python, after `import optiml_jax.lm_eval`:
 
@@ -24,6 +25,7 @@ model_args: pretrained (a directory, ours or Hugging Face's, or a hub id), dtype
 float16), batch_size, max_length, add_bos_token, mesh ("data=-1,fsdp=1,tensor=1"), row_length
 (scoring rows, tokens), tokenizer (a directory).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,17 +58,28 @@ def _as_bool(value) -> bool:
 class OptimlJaxLM(TemplateLM):
     """An OPT model of optiml_jax behind lm_eval's LM interface (see the module doc)."""
 
-    def __init__(self, pretrained: str, dtype: str = "float32", batch_size=8, max_length: Optional[int] = None,
-                 add_bos_token=True, mesh: str = "data=-1", row_length: int = 512, tokenizer: Optional[str] = None,
-                 max_batch_size=None, device=None, **unused):
+    def __init__(
+        self,
+        pretrained: str,
+        dtype: str = "float32",
+        batch_size=8,
+        max_length: Optional[int] = None,
+        add_bos_token=True,
+        mesh: str = "data=-1",
+        row_length: int = 512,
+        tokenizer: Optional[str] = None,
+        max_batch_size=None,
+        device=None,
+        **unused,
+    ):
         super().__init__()
         import jax
 
+        from optiml_jax.checkpoints.pretrained import load_pretrained, resolve_model_path
         from optiml_jax.config import dtype_name
         from optiml_jax.eval.generation import data_parallel_size
         from optiml_jax.eval.scoring import Scorer
         from optiml_jax.evaluate import CLIError, _mesh_config
-        from optiml_jax.checkpoints.pretrained import load_pretrained, resolve_model_path
         from optiml_jax.sharding import make_mesh
         from optiml_jax.tokenizer import OPTTokenizer
 
@@ -78,19 +91,33 @@ class OptimlJaxLM(TemplateLM):
             raise ConfigError(f"model_args: {e}") from None
         # lm_eval's "auto" searches for the largest batch that fits; we take 8 rows per device instead
         devices = data_parallel_size(self._mesh)
-        wanted = 8 * devices if batch_size in (None, "") or str(batch_size).startswith("auto") else int(batch_size)
+        wanted = (
+            8 * devices if batch_size in (None, "") or str(batch_size).startswith("auto") else int(batch_size)
+        )
         self._batch_size = max(1, wanted // devices) * devices  # a multiple of the data-parallel devices
-        loaded = load_pretrained(pretrained, dtype=dtype, scan_layers=jax.default_backend() != "cpu", mesh=self._mesh,
-                                 load_tokenizer=tokenizer is None)
+        loaded = load_pretrained(
+            pretrained,
+            dtype=dtype,
+            scan_layers=jax.default_backend() != "cpu",
+            mesh=self._mesh,
+            load_tokenizer=tokenizer is None,
+        )
         self._model, self._params = loaded.model, loaded.params
         self.tokenizer = OPTTokenizer.from_pretrained(tokenizer) if tokenizer else loaded.tokenizer
         if self.tokenizer is None:
             raise ConfigError(f"{pretrained} has no tokenizer files; pass tokenizer=DIR in model_args")
         self._max_length = int(max_length) if max_length else loaded.config.max_position_embeddings
         self.add_bos_token = _as_bool(add_bos_token)
-        self._scorer = Scorer(self._model, self._params, self.tokenizer, batch_size=self._batch_size,
-                              row_length=int(row_length), max_length=self._max_length, add_bos=self.add_bos_token,
-                              mesh=self._mesh)
+        self._scorer = Scorer(
+            self._model,
+            self._params,
+            self.tokenizer,
+            batch_size=self._batch_size,
+            row_length=int(row_length),
+            max_length=self._max_length,
+            add_bos=self.add_bos_token,
+            mesh=self._mesh,
+        )
 
     # ------------------------------------------------------------------ what lm_eval asks of a model
     @property
@@ -122,16 +149,21 @@ class OptimlJaxLM(TemplateLM):
         return self.tokenizer.encode(string, add_bos=add_bos)
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode([t for t in tokens if t < self.tokenizer.vocab_size],
-                                     skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(
+            [t for t in tokens if t < self.tokenizer.vocab_size], skip_special_tokens=skip_special_tokens
+        )
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
         """requests: ((context, continuation), context ids, continuation ids); one group per context."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, (_, context, _) in enumerate(requests):
             groups.setdefault(tuple(context), []).append(index)
         keys = list(groups)
-        scores = self._scorer.score_groups([(list(key), [requests[i][2] for i in groups[key]]) for key in keys])
+        scores = self._scorer.score_groups(
+            [(list(key), [requests[i][2] for i in groups[key]]) for key in keys]
+        )
         out: list = [None] * len(requests)
         for key, group_scores in zip(keys, scores):
             for index, score in zip(groups[key], group_scores):
@@ -141,10 +173,18 @@ class OptimlJaxLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Every token of each document scored once, in lm_eval's windows of max_length tokens."""
         windows, owners = [], []
-        for index, (text,) in enumerate(tqdm([r.args for r in requests], disable=disable_tqdm, desc="rolling")):
-            for context, continuation in map(lm_eval_utils.make_disjoint_window, lm_eval_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
-                    context_len=1)):
+        for index, (text,) in enumerate(
+            tqdm([r.args for r in requests], disable=disable_tqdm, desc="rolling")
+        ):
+            for context, continuation in map(
+                lm_eval_utils.make_disjoint_window,
+                lm_eval_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((context, continuation))
                 owners.append(index)
         totals = [0.0] * len(requests)
@@ -162,21 +202,33 @@ class OptimlJaxLM(TemplateLM):
             by_kwargs.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(index)
         eos_text = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
         out: list = [None] * len(requests)
-        for key, indices in by_kwargs.items():
+        for _key, indices in by_kwargs.items():
             kwargs = dict(requests[indices[0]].args[1])
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             until = until + [eos_text] if eos_text not in until else until
             max_gen_toks = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-            temperature = float(kwargs.pop("temperature", 0.0) or 0.0) if kwargs.pop("do_sample", False) else 0.0
+            temperature = (
+                float(kwargs.pop("temperature", 0.0) or 0.0) if kwargs.pop("do_sample", False) else 0.0
+            )
             if kwargs:
-                log.warning("generate_until: ignoring generation settings %s (greedy or temperature sampling only)",
-                            sorted(kwargs))
+                log.warning(
+                    "generate_until: ignoring generation settings %s (greedy or temperature sampling only)",
+                    sorted(kwargs),
+                )
             prompts = [self.tok_encode(requests[i].args[0]) for i in indices]
-            new_ids, _, _, _ = generate_token_ids(self._model, self._params, self.tokenizer, prompts,
-                                                  max_new_tokens=max_gen_toks, batch_size=self._batch_size,
-                                                  stop=until, mesh=self._mesh, progress=not disable_tqdm,
-                                                  temperature=temperature)
+            new_ids, _, _, _ = generate_token_ids(
+                self._model,
+                self._params,
+                self.tokenizer,
+                prompts,
+                max_new_tokens=max_gen_toks,
+                batch_size=self._batch_size,
+                stop=until,
+                mesh=self._mesh,
+                progress=not disable_tqdm,
+                temperature=temperature,
+            )
             for i, ids in zip(indices, new_ids):
                 text = self.tok_decode(ids)
                 for stop in until:

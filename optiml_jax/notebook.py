@@ -5,6 +5,7 @@ batch and mesh picked for it, whether the Hugging Face hub is reachable, and a t
     runtime = detect_runtime()      # Runtime(platform='gpu', dtype='bfloat16', batch_size=8, mesh={...})
     cfg = load_run_config("configs/demo.yaml", runtime.run_overrides())
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,11 @@ class Runtime:
 
     def run_overrides(self) -> list[str]:
         """This runtime's dtype, batch and mesh as `key=value` run-config overrides."""
-        return [f"train.compute_dtype={self.dtype}", f"train.batch_size={self.batch_size}",
-                *(f"mesh.{axis}={size}" for axis, size in self.mesh.items())]
+        return [
+            f"train.compute_dtype={self.dtype}",
+            f"train.batch_size={self.batch_size}",
+            *(f"mesh.{axis}={size}" for axis, size in self.mesh.items()),
+        ]
 
     def make_mesh(self):
         from optiml_jax.sharding import MeshConfig, make_mesh
@@ -54,14 +58,26 @@ def detect_runtime() -> Runtime:
         dtype = "bfloat16" if capability >= 8.0 else "float32"
     else:
         dtype = "float32"  # bfloat16 matmuls are slow on most CPUs
-    return Runtime(platform, kind, len(devices), dtype, BATCH_PER_DEVICE * len(devices), mesh,
-                   colab="google.colab" in sys.modules)
+    return Runtime(
+        platform,
+        kind,
+        len(devices),
+        dtype,
+        BATCH_PER_DEVICE * len(devices),
+        mesh,
+        colab="google.colab" in sys.modules,
+    )
 
 
 def hub_online(repo_id: str, timeout: float = 5.0) -> bool:
     """Whether `repo_id` can be fetched from the Hugging Face hub now; False at once when HF_HUB_OFFLINE
     is set, else after at most `timeout` seconds without an answer."""
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):  # huggingface_hub's reading
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in (
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    ):  # huggingface_hub's reading
         return False
     try:
         from huggingface_hub import model_info
@@ -75,9 +91,9 @@ def hub_online(repo_id: str, timeout: float = 5.0) -> bool:
 def tiny_model(directory, preset: str = "opt-tiny", seed: int = 0) -> Path:
     """A randomly initialised model of `preset` (with the demo tokenizer) saved at `directory`: a
     stand-in to try the API offline; it writes noise until fine-tuned (see quickstart.ipynb)."""
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import flax.linen as nn
 
     from optiml_jax.checkpoints.model_format import save_model
     from optiml_jax.config import ASSETS_DIR, OPTConfig
@@ -86,7 +102,9 @@ def tiny_model(directory, preset: str = "opt-tiny", seed: int = 0) -> Path:
 
     config = OPTConfig.from_preset(preset)
     model = OPTForCausalLM(config, scan_layers=True)  # one layer to compile, stored stacked anyway
-    params = jax.jit(lambda rng: model.init(rng, jnp.ones((1, 8), jnp.int32))["params"])(jax.random.PRNGKey(seed))
+    params = jax.jit(lambda rng: model.init(rng, jnp.ones((1, 8), jnp.int32))["params"])(
+        jax.random.PRNGKey(seed)
+    )
     tokenizer = OPTTokenizer.from_pretrained(ASSETS_DIR / "demo_tokenizer")
     return save_model(directory, config, nn.meta.unbox(params), tokenizer, overwrite=True)
 

@@ -14,6 +14,7 @@ cut to it, as transformers' tokenizer does) and `batch_size` mean what they mean
 changes a greedy result. One difference: transformers stops at 20 tokens *in total* unless told
 otherwise; here the default is `max_new_tokens=20`, since an instruction prompt alone is often longer.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -24,8 +25,16 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from optiml_jax.config import OPTConfig
-from optiml_jax.generate import (PROMPT_BUCKET, GenerationConfig, check_prompts, complete_texts, generate_padded,
-                                 left_pad, round_up, stop_token_mask)
+from optiml_jax.generate import (
+    PROMPT_BUCKET,
+    GenerationConfig,
+    check_prompts,
+    complete_texts,
+    generate_padded,
+    left_pad,
+    round_up,
+    stop_token_mask,
+)
 
 TASKS = ("text-generation",)
 HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -35,6 +44,7 @@ DEFAULT_MAX_NEW_TOKENS = 20
 @dataclasses.dataclass
 class TextGenerationPipeline:
     """A loaded model and tokenizer; call it with a prompt or a list of prompts."""
+
     model: Any  # OPTForCausalLM
     params: Any
     tokenizer: Any  # OPTTokenizer
@@ -48,12 +58,24 @@ class TextGenerationPipeline:
         self._seeds = np.random.default_rng(self.seed)
         self._stop_masks = {}
 
-    def __call__(self, text_inputs: Union[str, Sequence[str]], *, max_new_tokens: Optional[int] = None,
-                 max_length: Optional[int] = None, min_new_tokens: int = 0, do_sample: bool = False,
-                 temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 repetition_penalty: Optional[float] = None, num_return_sequences: int = 1,
-                 stop_sequence: Union[str, Sequence[str], None] = None, batch_size: Optional[int] = None,
-                 seed: Optional[int] = None, return_full_text: bool = True) -> list:
+    def __call__(
+        self,
+        text_inputs: Union[str, Sequence[str]],
+        *,
+        max_new_tokens: Optional[int] = None,
+        max_length: Optional[int] = None,
+        min_new_tokens: int = 0,
+        do_sample: bool = False,
+        temperature: Optional[float] = None,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        repetition_penalty: Optional[float] = None,
+        num_return_sequences: int = 1,
+        stop_sequence: Union[str, Sequence[str], None] = None,
+        batch_size: Optional[int] = None,
+        seed: Optional[int] = None,
+        return_full_text: bool = True,
+    ) -> list:
         """[{"generated_text": ...}] (num_return_sequences of them) for one prompt; a list of those for a
         list of prompts.
 
@@ -68,40 +90,59 @@ class TextGenerationPipeline:
         batch_size = self.batch_size if batch_size is None else _positive_int("batch_size", batch_size)
         copies = _positive_int("num_return_sequences", num_return_sequences)
         if copies > 1 and not do_sample:  # transformers' own message
-            raise ValueError("Greedy methods (do_sample != True) without beam search do not support "
-                             f"`num_return_sequences` different than 1 (got {copies}).")
+            raise ValueError(
+                "Greedy methods (do_sample != True) without beam search do not support "
+                f"`num_return_sequences` different than 1 (got {copies})."
+            )
         stops = [stop_sequence] if isinstance(stop_sequence, str) else list(stop_sequence or [])
         if not all(isinstance(s, str) and s for s in stops):
-            raise ValueError(f"stop_sequence must be a non-empty string or a list of them, got {stop_sequence!r}")
-        config = self._generation_config(do_sample, temperature, top_k, top_p, seed, min_new_tokens,
-                                         1.0 if repetition_penalty is None else repetition_penalty)
+            raise ValueError(
+                f"stop_sequence must be a non-empty string or a list of them, got {stop_sequence!r}"
+            )
+        config = self._generation_config(
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            min_new_tokens,
+            1.0 if repetition_penalty is None else repetition_penalty,
+        )
 
         prompt_ids = [self.tokenizer.encode(p) for p in prompts]
         if max_length is not None:
-            prompt_ids = [ids[:_positive_int("max_length", max_length)] for ids in prompt_ids]
+            prompt_ids = [ids[: _positive_int("max_length", max_length)] for ids in prompt_ids]
         budgets = [_budget(ids, max_new_tokens, max_length) for ids in prompt_ids]
         check_prompts(self.model, prompt_ids, budgets)
         # each prompt's copies are neighbouring rows of one batch (transformers' repeat_interleave);
         # every row draws its own random numbers
-        rows = [(i, ids, budget) for i, (ids, budget) in enumerate(zip(prompt_ids, budgets)) for _ in range(copies)]
+        rows = [
+            (i, ids, budget)
+            for i, (ids, budget) in enumerate(zip(prompt_ids, budgets))
+            for _ in range(copies)
+        ]
         stop_mask = self._stop_mask(tuple(stops))
         results = [[] for _ in prompts]
         with self._on_mesh():
             for index, start in enumerate(range(0, len(rows), batch_size * copies)):
-                chunk = rows[start:start + batch_size * copies]
-                chunk_config = dataclasses.replace(config, max_new_tokens=max(budget for _, _, budget in chunk),
-                                                   seed=config.seed + index)
+                chunk = rows[start : start + batch_size * copies]
+                chunk_config = dataclasses.replace(
+                    config, max_new_tokens=max(budget for _, _, budget in chunk), seed=config.seed + index
+                )
                 new_ids = self._generate_rows([ids for _, ids, _ in chunk], chunk_config, stop_mask)
                 for (i, ids, budget), new in zip(chunk, new_ids):
                     new = new[:budget]  # the batch ran to its longest budget; a greedy row is the same alone
                     if stops:
-                        new = new[:self._stop_point(ids, new, stops)]
+                        new = new[: self._stop_point(ids, new, stops)]
                     completion = complete_texts(self.tokenizer, [ids], [new])[0]
-                    results[i].append({"generated_text": prompts[i] + completion if return_full_text else completion})
+                    results[i].append(
+                        {"generated_text": prompts[i] + completion if return_full_text else completion}
+                    )
         return results[0] if single else results
 
-    def _generation_config(self, do_sample, temperature, top_k, top_p, seed, min_new_tokens,
-                           repetition_penalty) -> GenerationConfig:
+    def _generation_config(
+        self, do_sample, temperature, top_k, top_p, seed, min_new_tokens, repetition_penalty
+    ) -> GenerationConfig:
         if do_sample:
             settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
             settings = {k: HF_SAMPLING_DEFAULTS[k] if v is None else v for k, v in settings.items()}
@@ -110,9 +151,14 @@ class TextGenerationPipeline:
             seed = int(self._seeds.integers(2**31)) if seed is None else seed
         else:  # greedy, as transformers does with do_sample=False (which only warns about the rest)
             settings, seed = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}, 0
-        return GenerationConfig(min_new_tokens=min_new_tokens, seed=seed, repetition_penalty=repetition_penalty,
-                                eos_token_id=self.config.eos_token_id, pad_token_id=self.config.pad_token_id,
-                                **settings)
+        return GenerationConfig(
+            min_new_tokens=min_new_tokens,
+            seed=seed,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=self.config.eos_token_id,
+            pad_token_id=self.config.pad_token_id,
+            **settings,
+        )
 
     def _generate_rows(self, prompts: list, config: GenerationConfig, stop_mask) -> list[list[int]]:
         """Generated ids (EOS kept) of each prompt, as one left-padded batch split over the mesh."""
@@ -121,10 +167,16 @@ class TextGenerationPipeline:
         spare = -len(prompts) % data_parallel_size(self.mesh)  # rows every data-parallel device can take
         batch = list(prompts) + [prompts[-1]] * spare
         ids, mask = left_pad(batch, config.pad_token_id, round_up(max(len(p) for p in batch), PROMPT_BUCKET))
-        tokens, _, lengths = generate_padded(self.model, self.params, device_rows(ids, self.mesh, self._rules),
-                                             device_rows(mask, self.mesh, self._rules), config, stop_mask=stop_mask)
+        tokens, _, lengths = generate_padded(
+            self.model,
+            self.params,
+            device_rows(ids, self.mesh, self._rules),
+            device_rows(mask, self.mesh, self._rules),
+            config,
+            stop_mask=stop_mask,
+        )
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-        return [tokens[r, :lengths[r]].tolist() for r in range(len(prompts))]
+        return [tokens[r, : lengths[r]].tolist() for r in range(len(prompts))]
 
     @property
     def _rules(self):
@@ -197,15 +249,27 @@ def _budget(prompt_ids: Sequence[int], max_new_tokens: Optional[int], max_length
     if max_length is None:
         return DEFAULT_MAX_NEW_TOKENS
     if len(prompt_ids) >= max_length:  # transformers refuses it too
-        raise ValueError(f"a prompt of {len(prompt_ids)} tokens leaves nothing to generate under "
-                         f"max_length={max_length} (which counts the prompt's tokens); raise max_length or "
-                         f"give max_new_tokens")
+        raise ValueError(
+            f"a prompt of {len(prompt_ids)} tokens leaves nothing to generate under "
+            f"max_length={max_length} (which counts the prompt's tokens); raise max_length or "
+            f"give max_new_tokens"
+        )
     return max_length - len(prompt_ids)
 
 
-def pipeline(task: str = "text-generation", model=None, *, dtype=None, scan_layers: bool = False,
-             tokenizer=None, batch_size: int = 8, seed: int = 0, mesh=None, rules=None,
-             attention: Optional[str] = None) -> TextGenerationPipeline:
+def pipeline(
+    task: str = "text-generation",
+    model=None,
+    *,
+    dtype=None,
+    scan_layers: bool = False,
+    tokenizer=None,
+    batch_size: int = 8,
+    seed: int = 0,
+    mesh=None,
+    rules=None,
+    attention: Optional[str] = None,
+) -> TextGenerationPipeline:
     """A text-generation pipeline for an OPT model: a local directory, a hub id, or a `Pretrained`.
 
     `tokenizer` overrides the model directory's tokenizer (an OPTTokenizer or a directory).
@@ -227,22 +291,34 @@ def pipeline(task: str = "text-generation", model=None, *, dtype=None, scan_laye
     if isinstance(model, Pretrained):
         given = [name for name, value in (("dtype", dtype), ("attention", attention)) if value is not None]
         if given:
-            raise ValueError(f"{' and '.join(given)} apply when pipeline() loads the model; this one is "
-                             f"loaded already (pass its directory, or set them in load_pretrained)")
+            raise ValueError(
+                f"{' and '.join(given)} apply when pipeline() loads the model; this one is "
+                f"loaded already (pass its directory, or set them in load_pretrained)"
+            )
         loaded = model
     else:
         # attention only when asked: load_pretrained's own default picks per platform
         options = {} if attention is None else {"attention": attention}
-        loaded = load_pretrained(model, dtype=dtype, scan_layers=scan_layers, mesh=mesh, rules=rules,
-                                 load_tokenizer=tokenizer is None, **options)
+        loaded = load_pretrained(
+            model,
+            dtype=dtype,
+            scan_layers=scan_layers,
+            mesh=mesh,
+            rules=rules,
+            load_tokenizer=tokenizer is None,
+            **options,
+        )
     if tokenizer is not None and not isinstance(tokenizer, OPTTokenizer):
         tokenizer = OPTTokenizer.from_pretrained(tokenizer)
     tokenizer = tokenizer or loaded.tokenizer
     if tokenizer is None:
-        raise ValueError(f"{loaded.path} has no tokenizer files (vocab.json + merges.txt or tokenizer.json); "
-                         f"pass tokenizer=")
-    return TextGenerationPipeline(loaded.model, loaded.params, tokenizer, loaded.config, batch_size, seed,
-                                  mesh=mesh, rules=rules)
+        raise ValueError(
+            f"{loaded.path} has no tokenizer files (vocab.json + merges.txt or tokenizer.json); "
+            f"pass tokenizer="
+        )
+    return TextGenerationPipeline(
+        loaded.model, loaded.params, tokenizer, loaded.config, batch_size, seed, mesh=mesh, rules=rules
+    )
 
 
 __all__ = ["pipeline", "TextGenerationPipeline"]

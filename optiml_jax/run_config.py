@@ -1,4 +1,5 @@
-"""The fine-tuning run configuration: a YAML file (plus `key.path=value` overrides) validated into dataclasses.
+"""The fine-tuning run configuration: a YAML file (plus `key.path=value` overrides) validated into
+dataclasses.
 
     cfg = load_run_config("demo", ["train.max_steps=3", "optim.lr=1e-4"])
 
@@ -6,6 +7,7 @@ Every section is a frozen dataclass; an unknown key or a value of the wrong type
 ConfigError naming the key (`train.max_stpes`, `optim.lr`), so a typo never silently falls back to a
 default. Override values are parsed as YAML scalars (`3`, `1e-4`, `true`, `null`, `[a, b]`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,6 +85,7 @@ class CheckpointSection:
 class EvalTasksSection:
     """Held-out task metrics (exact match, ROUGE-L) of greedy answers, at every evaluation (optiml_jax/eval/).
     The keys are `python -m optiml_jax.evaluate`'s flags."""
+
     data: str = HOLDOUT  # SNI task file(s) or JSONL; "holdout" = the data.eval_holdout instances
     split: Optional[str] = None  # split file listing the tasks of `data` (SNI)
     format: str = "auto"  # auto, sni, jsonl
@@ -143,16 +146,28 @@ class RunConfig:
         return out
 
 
-SECTIONS = {"train": TrainSection, "optim": OptimSection, "mesh": MeshConfig, "checkpoint": CheckpointSection,
-            "eval": EvalSection}
+SECTIONS = {
+    "train": TrainSection,
+    "optim": OptimSection,
+    "mesh": MeshConfig,
+    "checkpoint": CheckpointSection,
+    "eval": EvalSection,
+}
 
 
 # ---------------------------------------------------------------------- parsing
 def _check_type(name: str, value: Any, annotation: Any) -> Any:
     """`value` coerced to the annotated type (ints are accepted for floats), else ConfigError."""
     if isinstance(annotation, str):
-        annotation = {"int": int, "float": float, "str": str, "bool": bool, "Optional[int]": Optional[int],
-                      "Optional[float]": Optional[float], "Optional[str]": Optional[str]}[annotation]
+        annotation = {
+            "int": int,
+            "float": float,
+            "str": str,
+            "bool": bool,
+            "Optional[int]": Optional[int],
+            "Optional[float]": Optional[float],
+            "Optional[str]": Optional[str],
+        }[annotation]
     optional = typing.get_origin(annotation) is typing.Union and type(None) in typing.get_args(annotation)
     if optional:
         if value is None:
@@ -197,7 +212,9 @@ def _section(cls, data: Any, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}.{unknown[0]} (known {prefix} keys: {', '.join(fields)})")
+        raise ConfigError(
+            f"unknown config key {prefix}.{unknown[0]} (known {prefix} keys: {', '.join(fields)})"
+        )
     hints = typing.get_type_hints(cls)
     kwargs = {key: _check_type(f"{prefix}.{key}", value, hints[key]) for key, value in data.items()}
     try:
@@ -215,34 +232,57 @@ def validate(cfg: RunConfig) -> None:
     """Range and consistency checks across sections (types were checked while parsing)."""
     t, o, c, e = cfg.train, cfg.optim, cfg.checkpoint, cfg.eval
     _require(bool(cfg.model), "model is not set (a checkpoint directory, a hub id or preset:NAME)")
-    # Checkpoints, metrics and the final model are written with plain file I/O: object storage must be mounted.
-    _require("://" not in cfg.workdir, f"workdir={cfg.workdir!r}: a URL is not supported; use a filesystem path "
-             "every host can write (local disk for one host; NFS, Lustre or a bucket mounted with gcsfuse)")
+    # Checkpoints, metrics and the final model are written with plain file I/O: object storage must be
+    # mounted.
+    _require(
+        "://" not in cfg.workdir,
+        f"workdir={cfg.workdir!r}: a URL is not supported; use a filesystem path "
+        "every host can write (local disk for one host; NFS, Lustre or a bucket mounted with gcsfuse)",
+    )
     for name in ("max_steps", "batch_size", "seq_len", "grad_accum_steps", "log_every_steps"):
         _require(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}")
-    _require(t.batch_size % t.grad_accum_steps == 0,
-             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
-    _require(t.compute_dtype in DTYPES, f"train.compute_dtype={t.compute_dtype!r} is not one of {', '.join(DTYPES)}")
-    _require(t.param_dtype in DTYPES, f"train.param_dtype={t.param_dtype!r} is not one of {', '.join(DTYPES)}")
+    _require(
+        t.batch_size % t.grad_accum_steps == 0,
+        f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}",
+    )
+    _require(
+        t.compute_dtype in DTYPES,
+        f"train.compute_dtype={t.compute_dtype!r} is not one of {', '.join(DTYPES)}",
+    )
+    _require(
+        t.param_dtype in DTYPES, f"train.param_dtype={t.param_dtype!r} is not one of {', '.join(DTYPES)}"
+    )
     # the tables that use these names own them (imported here, not at the top: the train package
     # imports this module)
     from optiml_jax.model import REMAT_POLICIES
     from optiml_jax.train.loss import HEAD_POSITIONS
 
-    _require(t.remat_policy in REMAT_POLICIES, f"train.remat_policy={t.remat_policy!r} is not one of "
-             f"{', '.join(REMAT_POLICIES)}")
+    _require(
+        t.remat_policy in REMAT_POLICIES,
+        f"train.remat_policy={t.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}",
+    )
     from optiml_jax.model.attention import IMPLEMENTATIONS
 
-    _require(t.attention in IMPLEMENTATIONS, f"train.attention={t.attention!r} is not one of "
-             f"{', '.join(IMPLEMENTATIONS)}")
-    _require(t.head_positions in HEAD_POSITIONS, f"train.head_positions={t.head_positions!r} is not one of "
-             f"{', '.join(HEAD_POSITIONS)}")
+    _require(
+        t.attention in IMPLEMENTATIONS,
+        f"train.attention={t.attention!r} is not one of {', '.join(IMPLEMENTATIONS)}",
+    )
+    _require(
+        t.head_positions in HEAD_POSITIONS,
+        f"train.head_positions={t.head_positions!r} is not one of {', '.join(HEAD_POSITIONS)}",
+    )
     for name in ("dropout", "attention_dropout"):
         value = getattr(t, name)
         _require(value is None or 0.0 <= value < 1.0, f"train.{name} must be in [0, 1) or null, got {value}")
-    _require(t.max_nonfinite_in_a_row >= 1, f"train.max_nonfinite_in_a_row must be >= 1, got {t.max_nonfinite_in_a_row}")
+    _require(
+        t.max_nonfinite_in_a_row >= 1,
+        f"train.max_nonfinite_in_a_row must be >= 1, got {t.max_nonfinite_in_a_row}",
+    )
     _require(t.peak_flops_per_device >= 0, "train.peak_flops_per_device must be >= 0")
-    _require(t.memory_limit_gib >= 0, f"train.memory_limit_gib must be >= 0 (0 = the device's), got {t.memory_limit_gib}")
+    _require(
+        t.memory_limit_gib >= 0,
+        f"train.memory_limit_gib must be >= 0 (0 = the device's), got {t.memory_limit_gib}",
+    )
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r} is not one of {', '.join(SCHEDULES)}")
@@ -259,9 +299,15 @@ def validate(cfg: RunConfig) -> None:
     for name in ("max_batches", "num_samples", "sample_max_new_tokens"):
         _require(getattr(e, name) >= 0, f"eval.{name} must be >= 0, got {getattr(e, name)}")
     if e.tasks is not None and e.tasks.data == HOLDOUT:
-        _require(cfg.data.eval_holdout is not None, "eval.tasks.data=holdout evaluates the instances held out by "
-                 "data.eval_holdout, which is not set; set it, or give eval.tasks.data a path of tasks")
-        _require(e.tasks.split is None, "eval.tasks.split selects tasks of a path; eval.tasks.data=holdout has none")
+        _require(
+            cfg.data.eval_holdout is not None,
+            "eval.tasks.data=holdout evaluates the instances held out by "
+            "data.eval_holdout, which is not set; set it, or give eval.tasks.data a path of tasks",
+        )
+        _require(
+            e.tasks.split is None,
+            "eval.tasks.split selects tasks of a path; eval.tasks.data=holdout has none",
+        )
     try:
         cfg.mesh.resolve(max(1, abs(cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor)))
     except ValueError as err:
@@ -274,13 +320,17 @@ def from_dict(data: Any, source: str = "config") -> RunConfig:
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(map(str, data)) - known)
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]} (known top-level keys: {', '.join(sorted(known))})")
+        raise ConfigError(
+            f"unknown config key {unknown[0]} (known top-level keys: {', '.join(sorted(known))})"
+        )
     kwargs: dict[str, Any] = {}
     for key in ("model", "tokenizer", "workdir"):
         if key in data:
             value = data[key]
-            _require(value is None and key == "tokenizer" or isinstance(value, str) and value != "",
-                     f"{key} must be a non-empty string, got {value!r}")
+            _require(
+                value is None and key == "tokenizer" or isinstance(value, str) and value != "",
+                f"{key} must be a non-empty string, got {value!r}",
+            )
             kwargs[key] = value
     if "seed" in data:
         kwargs["seed"] = _check_type("seed", data["seed"], int)
@@ -289,7 +339,9 @@ def from_dict(data: Any, source: str = "config") -> RunConfig:
             kwargs["data"] = DataConfig.from_dict(data["data"] or {}, source="data")
         except ConfigError as e:
             message = str(e)
-            raise ConfigError(message.replace("data: unknown data key(s): ", "unknown config key data.")) from None
+            raise ConfigError(
+                message.replace("data: unknown data key(s): ", "unknown config key data.")
+            ) from None
     for name, cls in SECTIONS.items():
         if name in data:
             kwargs[name] = _section(cls, data[name], name)
@@ -336,7 +388,9 @@ def load_run_config(path: Optional[str | os.PathLike] = None, overrides: Sequenc
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         shipped = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
-        raise ConfigError(f"config file {given} not found (the shipped configs, by name: {shipped})") from None
+        raise ConfigError(
+            f"config file {given} not found (the shipped configs, by name: {shipped})"
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -350,10 +404,23 @@ def load_run_config(path: Optional[str | os.PathLike] = None, overrides: Sequenc
 # they change cadence, logging, evaluation, layout or memory, not the trained parameters. (max_steps is
 # allowed to extend or shorten a run; note that the linear/cosine decay is over the NEW max_steps from the
 # resumed step on.) A key matches when it equals one of these or starts with one followed by ".".
-RESUME_SAFE_KEYS = ("workdir", "train.max_steps", "train.log_every_steps", "train.peak_flops_per_device",
-                    "train.max_nonfinite_in_a_row", "train.memory_limit_gib", "train.remat_policy", "train.attention",
-                    "train.head_positions", "mesh",
-                    "checkpoint", "eval", "data.eval", "data.eval_tasks", "data.on_error")
+RESUME_SAFE_KEYS = (
+    "workdir",
+    "train.max_steps",
+    "train.log_every_steps",
+    "train.peak_flops_per_device",
+    "train.max_nonfinite_in_a_row",
+    "train.memory_limit_gib",
+    "train.remat_policy",
+    "train.attention",
+    "train.head_positions",
+    "mesh",
+    "checkpoint",
+    "eval",
+    "data.eval",
+    "data.eval_tasks",
+    "data.on_error",
+)
 
 
 def flatten_config(data: Any, prefix: str = "") -> dict:
@@ -411,6 +478,23 @@ def config_path(value: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["RunConfig", "TrainSection", "OptimSection", "CheckpointSection", "EvalSection", "MeshConfig",
-           "DataConfig", "load_run_config", "from_dict", "apply_overrides", "parse_override", "resolve_path",
-           "config_path", "CONFIGS_DIR", "DEMO_CONFIG", "RESUME_SAFE_KEYS", "resume_conflicts", "flatten_config"]
+__all__ = [
+    "RunConfig",
+    "TrainSection",
+    "OptimSection",
+    "CheckpointSection",
+    "EvalSection",
+    "MeshConfig",
+    "DataConfig",
+    "load_run_config",
+    "from_dict",
+    "apply_overrides",
+    "parse_override",
+    "resolve_path",
+    "config_path",
+    "CONFIGS_DIR",
+    "DEMO_CONFIG",
+    "RESUME_SAFE_KEYS",
+    "resume_conflicts",
+    "flatten_config",
+]

@@ -7,6 +7,7 @@ this module alone decides which mesh axis each name is split over. The mesh has 
   tensor  Megatron-style tensor parallelism over heads, MLP and vocabulary.
 Changing the mesh in the config is all it takes to move from one CPU to a pod.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +15,9 @@ import logging
 import math
 from typing import Any, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
-import flax.linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from optiml_jax.config import ConfigError
@@ -50,6 +51,7 @@ DEFAULT_RULES: tuple = (
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Sizes of the mesh axes; -1 on one axis means "all remaining devices"."""
+
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
@@ -68,12 +70,16 @@ class MeshConfig:
         given = " x ".join(f"mesh.{name}={size}" for name, size in zip(MESH_AXES, sizes))
         if free:
             if num_devices % fixed:
-                raise ConfigError(f"{given}: the {num_devices} devices cannot be split so (the fixed axes "
-                                  f"multiply to {fixed}, which does not divide {num_devices})")
+                raise ConfigError(
+                    f"{given}: the {num_devices} devices cannot be split so (the fixed axes "
+                    f"multiply to {fixed}, which does not divide {num_devices})"
+                )
             sizes[free[0]] = num_devices // fixed
         if math.prod(sizes) != num_devices:
-            raise ConfigError(f"{given} = {math.prod(sizes)} devices, but {num_devices} are available; make the "
-                              f"sizes multiply to {num_devices}, or set one of them to -1 (all the remaining devices)")
+            raise ConfigError(
+                f"{given} = {math.prod(sizes)} devices, but {num_devices} are available; make the "
+                f"sizes multiply to {num_devices}, or set one of them to -1 (all the remaining devices)"
+            )
         return tuple(sizes)
 
 
@@ -87,9 +93,14 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Optional[Sequence] = N
     if devices == jax.devices():
         try:
             return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
-        except (ValueError, NotImplementedError) as e:  # a shape the physical topology (TPU slice) cannot take
-            raise ConfigError(f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} does not fit the "
-                              f"{len(devices)} {devices[0].platform} devices: {' '.join(str(e).split())}") from None
+        except (
+            ValueError,
+            NotImplementedError,
+        ) as e:  # a shape the physical topology (TPU slice) cannot take
+            raise ConfigError(
+                f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} does not fit the "
+                f"{len(devices)} {devices[0].platform} devices: {' '.join(str(e).split())}"
+            ) from None
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
@@ -107,8 +118,13 @@ def _divisible_spec(spec: PartitionSpec, shape: tuple, mesh: Mesh, name: str) ->
         axes_tuple = axes if isinstance(axes, tuple) else (axes,)
         kept = tuple(a for a in axes_tuple if mesh.shape[a] > 1)
         while kept and dim % math.prod(mesh.shape[a] for a in kept):
-            log.info("%s: dimension %d is not divisible by mesh axes %s; replicating along %s",
-                     name, dim, kept, kept[-1])
+            log.info(
+                "%s: dimension %d is not divisible by mesh axes %s; replicating along %s",
+                name,
+                dim,
+                kept,
+                kept[-1],
+            )
             kept = kept[:-1]
         fixed.append(kept if len(kept) > 1 else (kept[0] if kept else None))
     return PartitionSpec(*fixed)
@@ -129,7 +145,8 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> An
         return NamedSharding(mesh, _divisible_spec(spec, tuple(shape.shape), mesh, name))
 
     return jax.tree_util.tree_map_with_path(
-        to_sharding, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+        to_sharding, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -147,8 +164,9 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, *, microbatched: bool = Fals
     return NamedSharding(mesh, nn.logical_to_mesh_axes(logical, rules))
 
 
-def init_params_sharded(model: nn.Module, rng: jax.Array, mesh: Mesh, rules=DEFAULT_RULES,
-                        sample_shape: tuple = (1, 8)) -> tuple[dict, dict]:
+def init_params_sharded(
+    model: nn.Module, rng: jax.Array, mesh: Mesh, rules=DEFAULT_RULES, sample_shape: tuple = (1, 8)
+) -> tuple[dict, dict]:
     """Random params created directly in their shards (never whole on one device).
 
     Returns (params, shardings), both trees of the Flax "params" collection, unboxed.

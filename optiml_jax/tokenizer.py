@@ -16,6 +16,7 @@ What a directory holds (either is enough; both as the hub ships them):
 `unk_id` is the vocabulary's `<unk>` (3), not Hugging Face's `unk_token_id` (2, because the hub config
 says unk_token="</s>"). A byte-level BPE never needs it: every byte has a token.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class OPTTokenizer:
     """Byte-level BPE with OPT's special tokens. Build with `from_pretrained` or `train_byte_level_bpe`."""
 
-    def __init__(self, tokenizer: Tokenizer, special_tokens_map: Optional[dict] = None,
-                 extra_special_tokens: Sequence[Any] = (), source: str = "tokenizer"):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        special_tokens_map: Optional[dict] = None,
+        extra_special_tokens: Sequence[Any] = (),
+        source: str = "tokenizer",
+    ):
         """`tokenizer` must be a byte-level BPE whose ids 0..3 are `<s>`, `<pad>`, `</s>`, `<unk>`.
 
         `special_tokens_map` (Hugging Face role -> token string or AddedToken dict) and
@@ -65,14 +71,18 @@ class OPTTokenizer:
         for token, expected in _EXPECTED_IDS.items():
             got = tokenizer.token_to_id(token)
             if got != expected:
-                raise ValueError(f"{source}: OPT needs token {token!r} at id {expected}, found "
-                                 f"{'no such token' if got is None else f'id {got}'}; this is not an OPT vocabulary")
+                raise ValueError(
+                    f"{source}: OPT needs token {token!r} at id {expected}, found "
+                    f"{'no such token' if got is None else f'id {got}'}; this is not an OPT vocabulary"
+                )
         self._special_map = dict(OPT_HUB_SPECIAL_TOKENS if special_tokens_map is None else special_tokens_map)
         for role, required in _REQUIRED_ROLE_TOKENS.items():
             value = self._special_map.get(role)
             if value is not None and _content(value) != required:
-                raise ValueError(f"{source}: {role} is {_content(value)!r}, but OPT models need {required!r} "
-                                 f"(id {_EXPECTED_IDS[required]})")
+                raise ValueError(
+                    f"{source}: {role} is {_content(value)!r}, but OPT models need {required!r} "
+                    f"(id {_EXPECTED_IDS[required]})"
+                )
         self._extra_special = list(extra_special_tokens)
         # Register the strings transformers would match in text. Tokens already in the vocabulary keep
         # their ids; adding one twice is a no-op in `tokenizers`.
@@ -85,7 +95,8 @@ class OPTTokenizer:
         # Skipped by `decode(skip_special_tokens=True)`: metaseq treats all four as non-text, and the
         # added special tokens are non-text for transformers.
         self._skip_ids = frozenset(_EXPECTED_IDS.values()) | {
-            tokenizer.token_to_id(t.content) for t in added if t.special}
+            tokenizer.token_to_id(t.content) for t in added if t.special
+        }
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -99,11 +110,15 @@ class OPTTokenizer:
         if not directory.is_dir():
             name = os.fspath(path)
             if directory.exists():
-                raise NotADirectoryError(f"tokenizer path {name!r} is a file; pass the directory holding "
-                                         f"{VOCAB_FILE} + {MERGES_FILE} or {TOKENIZER_FILE}")
+                raise NotADirectoryError(
+                    f"tokenizer path {name!r} is a file; pass the directory holding "
+                    f"{VOCAB_FILE} + {MERGES_FILE} or {TOKENIZER_FILE}"
+                )
             if not _HUB_ID.match(name):
-                raise FileNotFoundError(f"tokenizer directory {name!r} does not exist (looked for "
-                                        f"{VOCAB_FILE} + {MERGES_FILE} or {TOKENIZER_FILE} in it)")
+                raise FileNotFoundError(
+                    f"tokenizer directory {name!r} does not exist (looked for "
+                    f"{VOCAB_FILE} + {MERGES_FILE} or {TOKENIZER_FILE} in it)"
+                )
             directory = _download_from_hub(name)
         return cls._from_directory(directory)
 
@@ -126,7 +141,8 @@ class OPTTokenizer:
             present = sorted(p.name for p in directory.iterdir())
             raise FileNotFoundError(
                 f"tokenizer directory {str(directory)!r} has neither {TOKENIZER_FILE} nor both {VOCAB_FILE} "
-                f"and {MERGES_FILE} (it holds: {', '.join(present) or 'nothing'})")
+                f"and {MERGES_FILE} (it holds: {', '.join(present) or 'nothing'})"
+            )
         special_map, extra = _read_special_tokens(directory)
         return cls(tokenizer, special_map, extra, source=source)
 
@@ -185,7 +201,9 @@ class OPTTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Skipping drops ids 0..3 and any other special token; bytes that are not valid
         UTF-8 (a sequence cut mid-character) become U+FFFD, as in Hugging Face."""
-        return self._tok.decode(self._check_ids(ids, skip_special_tokens), skip_special_tokens=skip_special_tokens)
+        return self._tok.decode(
+            self._check_ids(ids, skip_special_tokens), skip_special_tokens=skip_special_tokens
+        )
 
     def decode_batch(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
         checked = [self._check_ids(ids, skip_special_tokens) for ids in batch]
@@ -197,8 +215,10 @@ class OPTTokenizer:
         out = []
         for token_id in (int(i) for i in ids):  # int(): numpy / jax scalars are welcome
             if not 0 <= token_id < self.vocab_size:
-                raise ValueError(f"token id {token_id} is outside the tokenizer's vocabulary "
-                                 f"[0, {self.vocab_size}) ({self._source})")
+                raise ValueError(
+                    f"token id {token_id} is outside the tokenizer's vocabulary "
+                    f"[0, {self.vocab_size}) ({self._source})"
+                )
             if not (skip_special_tokens and token_id in self._skip_ids):
                 out.append(token_id)
         return out
@@ -217,7 +237,7 @@ class OPTTokenizer:
         special_map = {role: _hub_token_dict(v) for role, v in self._special_map.items() if v is not None}
         config = {
             "tokenizer_class": "GPT2Tokenizer",  # what the OPT hub repos name; transformers 5 maps it to its
-            "add_bos_token": True,               # tokenizers-backed GPT2Tokenizer, prepending bos_token
+            "add_bos_token": True,  # tokenizers-backed GPT2Tokenizer, prepending bos_token
             "add_prefix_space": False,
             "errors": "replace",
             **{role: dict(v, __type="AddedToken") for role, v in special_map.items()},
@@ -225,14 +245,23 @@ class OPTTokenizer:
         # Every string matched in text, with its id and flags (transformers >= 4.34 reads this), so
         # extra added tokens survive the round trip without a tokenizer.json.
         config["added_tokens_decoder"] = {
-            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
-                     "single_word": t.single_word, "special": t.special}
-            for i, t in sorted(self._tok.get_added_tokens_decoder().items())}
+            str(i): {
+                "content": t.content,
+                "lstrip": t.lstrip,
+                "normalized": t.normalized,
+                "rstrip": t.rstrip,
+                "single_word": t.single_word,
+                "special": t.special,
+            }
+            for i, t in sorted(self._tok.get_added_tokens_decoder().items())
+        }
         merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
         _write_atomic(directory / VOCAB_FILE, json.dumps(vocab, ensure_ascii=False))
         _write_atomic(directory / MERGES_FILE, merges_text)
         _write_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        _write_atomic(directory / SPECIAL_MAP_FILE, json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
+        _write_atomic(
+            directory / SPECIAL_MAP_FILE, json.dumps(special_map, indent=2, ensure_ascii=False) + "\n"
+        )
         return directory
 
     def __repr__(self) -> str:
@@ -249,8 +278,10 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, min_frequency: i
     """
     floor = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < floor:
-        raise ValueError(f"vocab_size must be an integer >= {floor} (4 special tokens + 256 byte symbols), "
-                         f"got {vocab_size!r}")
+        raise ValueError(
+            f"vocab_size must be an integer >= {floor} (4 special tokens + 256 byte symbols), "
+            f"got {vocab_size!r}"
+        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -271,8 +302,16 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, min_frequency: i
 # ---------------------------------------------------------------------- helpers
 def _byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
     # Exactly what transformers 5's GPT2Tokenizer builds from vocab.json + merges.txt.
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                     end_of_word_suffix="", fuse_unk=False))
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
@@ -326,14 +365,22 @@ def _read_special_tokens(directory: Path) -> tuple[Optional[dict], list]:
         data = _read_json(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object")
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens",
-                    "extra_special_tokens"):
+        for key in (
+            "bos_token",
+            "eos_token",
+            "unk_token",
+            "pad_token",
+            "additional_special_tokens",
+            "extra_special_tokens",
+        ):
             if data.get(key) is not None:
                 merged[key] = data[key]
         for key, required in _REQUIRED_ROLE_TOKENS.items():  # checked here to name the file at fault
             if data.get(key) is not None and _content(data[key]) != required:
-                raise ValueError(f"{path}: {key} is {_content(data[key])!r}, but OPT models need {required!r} "
-                                 f"(id {_EXPECTED_IDS[required]})")
+                raise ValueError(
+                    f"{path}: {key} is {_content(data[key])!r}, but OPT models need {required!r} "
+                    f"(id {_EXPECTED_IDS[required]})"
+                )
         # transformers 5 also registers every entry of added_tokens_decoder (it writes one on save).
         for token in (data.get("added_tokens_decoder") or {}).values():
             if isinstance(token, dict) and "content" in token:
@@ -361,7 +408,13 @@ def _added_token(token: Any) -> AddedToken:
 
 def _hub_token_dict(token: Any) -> dict:
     # The field set facebook/opt-* ship for each special token.
-    base = {"content": _content(token), "single_word": False, "lstrip": False, "rstrip": False, "normalized": True}
+    base = {
+        "content": _content(token),
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": True,
+    }
     if isinstance(token, dict):
         base.update({k: token[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in token})
     return base
@@ -388,10 +441,12 @@ def _check_text(text: Any, what: str) -> None:
 def _download_from_hub(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
+
         local = snapshot_download(repo_id, allow_patterns=list(TOKENIZER_FILES))
     except Exception as e:  # offline, not cached, no such repo, no network: all mean the same to the caller
         raise OSError(
             f"{repo_id!r} is not a local directory, and fetching it as a Hugging Face hub id failed "
             f"({type(e).__name__}: {e}). Without hub access, pass a local directory holding "
-            f"{VOCAB_FILE} + {MERGES_FILE} or {TOKENIZER_FILE} instead.") from e
+            f"{VOCAB_FILE} + {MERGES_FILE} or {TOKENIZER_FILE} instead."
+        ) from e
     return Path(local)

@@ -1,4 +1,5 @@
 """Test setup: 8 host CPU devices (set before jax is imported) so sharding code runs for real."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -36,10 +37,12 @@ def _tokenizer_corpus() -> list[str]:
         "Emoji: 😀 😂 🎉 👍🏽 ❤️ 🇫🇷 👨‍👩‍👧",
         "Русский текст и ελληνικά γράμματα, plus العربية and עברית.",
     ]
-    words = ("answer question task input output example positive negative sentence word given "
-             "return label category country capital city person entity poem subtract total "
-             "Definition Instances classification generation extraction relation antonym trivia "
-             "commonsense semantic sentiment Afghanistan Kabul Germany Berlin Japan Tokyo").split()
+    words = (
+        "answer question task input output example positive negative sentence word given "
+        "return label category country capital city person entity poem subtract total "
+        "Definition Instances classification generation extraction relation antonym trivia "
+        "commonsense semantic sentiment Afghanistan Kabul Germany Berlin Japan Tokyo"
+    ).split()
     # Deterministic filler so frequent pairs exist beyond the fixed sentences.
     filler = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) + "." for i in range(120)]
     filler += [f"Item {i}: {i * 37 % 1000} apples, {i * 11 % 97} pears ({i % 7} left)." for i in range(200)]
@@ -61,7 +64,6 @@ def tokenizer_dir(tmp_path_factory):
 def tiny_preset(tmp_path_factory):
     """A model preset file (2 layers, hidden 32, the demo tokenizer's 2048-entry vocabulary)."""
     import yaml
-
     from finetune_helpers import TINY_MODEL
 
     path = tmp_path_factory.mktemp("model") / "opt-test.yaml"

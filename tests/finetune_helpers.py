@@ -1,5 +1,6 @@
 """Shared by the fine-tuning tests: a tiny model, a complete small run config, and the CLI run as a user
 runs it (a subprocess with N host devices)."""
+
 import json
 import os
 import sys
@@ -8,26 +9,44 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from optiml_jax.train.metrics_log import read_jsonl
 from optiml_jax.run_config import from_dict
+from optiml_jax.train.metrics_log import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SNI = REPO / "optiml_jax" / "assets" / "data" / "sni"
 TOKENIZER = REPO / "optiml_jax/assets/demo_tokenizer"
-TINY_MODEL = dict(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                  max_position_embeddings=128, dropout=0.1, attention_dropout=0.0)
+TINY_MODEL = dict(
+    vocab_size=2048,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    ffn_dim=64,
+    max_position_embeddings=128,
+    dropout=0.1,
+    attention_dropout=0.0,
+)
 TASKS = [str(SNI / "task1146_country_capital.json"), str(SNI / "task1508_wordnet_antonyms.json")]
 
 
 def config_dict(tiny_preset, workdir, **sections):
-    data = {"model": f"preset:{tiny_preset}", "tokenizer": str(TOKENIZER), "workdir": str(workdir), "seed": 7,
-            "data": {"train": TASKS},
-            "train": {"max_steps": 4, "batch_size": 8, "seq_len": 64, "log_every_steps": 1,
-                      "peak_flops_per_device": 1e9},
-            "optim": {"lr": 3e-3, "warmup_steps": 2},
-            "mesh": {"data": -1},
-            "checkpoint": {"every_steps": 0, "keep": 2, "save_final": False},
-            "eval": {"every_steps": 0, "num_samples": 0}}
+    data = {
+        "model": f"preset:{tiny_preset}",
+        "tokenizer": str(TOKENIZER),
+        "workdir": str(workdir),
+        "seed": 7,
+        "data": {"train": TASKS},
+        "train": {
+            "max_steps": 4,
+            "batch_size": 8,
+            "seq_len": 64,
+            "log_every_steps": 1,
+            "peak_flops_per_device": 1e9,
+        },
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "mesh": {"data": -1},
+        "checkpoint": {"every_steps": 0, "keep": 2, "save_final": False},
+        "eval": {"every_steps": 0, "num_samples": 0},
+    }
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return data
@@ -61,25 +80,42 @@ def final_params(workdir, tiny_preset):
     from optiml_jax.config import OPTConfig
     from optiml_jax.model import OPTForCausalLM
 
-    return flat(restore_params(Path(workdir) / "final", OPTForCausalLM(OPTConfig(**TINY_MODEL), scan_layers=True)))
+    return flat(
+        restore_params(Path(workdir) / "final", OPTForCausalLM(OPTConfig(**TINY_MODEL), scan_layers=True))
+    )
 
 
 def step_losses(workdir) -> dict:
     """step -> train/step_loss from metrics.jsonl, asserting that every step appears once."""
     steps = [r["step"] for r in read_jsonl(Path(workdir) / "metrics.jsonl") if "train/step_loss" in r]
     assert len(steps) == len(set(steps)), f"repeated steps in metrics.jsonl: {steps}"
-    return {r["step"]: r["train/step_loss"] for r in read_jsonl(Path(workdir) / "metrics.jsonl")
-            if "train/step_loss" in r}
+    return {
+        r["step"]: r["train/step_loss"]
+        for r in read_jsonl(Path(workdir) / "metrics.jsonl")
+        if "train/step_loss" in r
+    }
 
 
 def cli_env(devices: int) -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
 
 
 def cli(config: dict, devices: int = 4, extra=()) -> list[str]:
-    return [sys.executable, "-m", "optiml_jax.finetune", "--config", "demo",
-            *cli_overrides(config), "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "optiml_jax.finetune",
+        "--config",
+        "demo",
+        *cli_overrides(config),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def last_logged_step(workdir) -> int:

@@ -1,4 +1,5 @@
 """Tiny random Hugging Face OPT models: the independent reference every parity test compares with."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,16 @@ from optiml_jax.config import OPTConfig
 
 # Small shapes that still exercise every code path: several heads, several layers, vocab with
 # "padding rows" beyond what a tokenizer would use.
-TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, ffn_dim=48, num_attention_heads=4,
-            max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=3,
+    ffn_dim=48,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+)
 
 VARIANTS = {
     "pre_ln": dict(),
@@ -45,7 +54,10 @@ def hf_state_dict(model) -> dict[str, np.ndarray]:
 
 def hf_logits(model, input_ids, attention_mask=None) -> np.ndarray:
     with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(np.asarray(input_ids), dtype=torch.long),
-                    attention_mask=None if attention_mask is None else
-                    torch.as_tensor(np.asarray(attention_mask), dtype=torch.long))
+        out = model(
+            input_ids=torch.as_tensor(np.asarray(input_ids), dtype=torch.long),
+            attention_mask=None
+            if attention_mask is None
+            else torch.as_tensor(np.asarray(attention_mask), dtype=torch.long),
+        )
     return out.logits.float().numpy()

@@ -1,4 +1,5 @@
 """Several data-loading processes in one test: threads with a real rendezvous allgather."""
+
 import threading
 
 import numpy as np
@@ -16,6 +17,7 @@ def as_processes(n, work):
             out = np.stack(slots)
             barrier.wait()  # nobody overwrites its slot before everyone has read
             return out
+
         try:
             results[p] = work(p, allgather)
         except BaseException as e:  # noqa: BLE001 - re-raised below, in the test's thread

@@ -3,6 +3,7 @@ packed rows with several segments, right padding and left-padded prompts, head d
 that are and are not multiples of 128; the Pallas kernels run in interpret mode on CPU. `blockwise`
 itself is checked against plain autodiff attention in test_model_parity.py and, through the model,
 against Hugging Face."""
+
 import logging
 
 import jax
@@ -10,8 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optiml_jax.model.attention import (AttentionError, attention, blockwise_attention, choose_implementation,
-                                        fused_dot_product_attention, segment_mask)
+from optiml_jax.model.attention import (
+    AttentionError,
+    attention,
+    blockwise_attention,
+    choose_implementation,
+    fused_dot_product_attention,
+    segment_mask,
+)
 
 KERNELS = ("xla", "splash", "pallas_gpu")
 # (length, head dim, dtype, tolerance relative to the largest reference value)
@@ -20,11 +27,17 @@ CASES = [(128, 64, jnp.float32, 1e-5), (192, 128, jnp.float32, 1e-5), (128, 128,
 
 def _inputs(length, head_dim, dtype, heads=2, seed=0):
     rng = np.random.default_rng(seed)
-    q, k, v = (jnp.asarray(rng.normal(size=(3, length, heads, head_dim)) * scale, dtype)
-               for scale in (head_dim ** -0.5, 1.0, 1.0))
+    q, k, v = (
+        jnp.asarray(rng.normal(size=(3, length, heads, head_dim)) * scale, dtype)
+        for scale in (head_dim**-0.5, 1.0, 1.0)
+    )
     segments = np.zeros((3, length), np.int32)
     third = length // 3
-    segments[0, :third], segments[0, third:2 * third], segments[0, 2 * third:length - 5] = 1, 2, 3  # packed
+    segments[0, :third], segments[0, third : 2 * third], segments[0, 2 * third : length - 5] = (
+        1,
+        2,
+        3,
+    )  # packed
     segments[1, 7:] = 1  # a left-padded prompt
     segments[2, :] = 1  # one whole row
     return q, k, v, jnp.asarray(segments)
@@ -47,12 +60,13 @@ def _assert_close(ours, reference, tolerance, what):
     assert error <= tolerance * scale, f"{what}: max error {error:.3g} > {tolerance} x {scale:.3g}"
 
 
-@pytest.mark.parametrize("length,head_dim,dtype,tolerance", CASES,
-                         ids=[f"{c[0]}-d{c[1]}-{jnp.dtype(c[2]).name}" for c in CASES])
+@pytest.mark.parametrize(
+    "length,head_dim,dtype,tolerance", CASES, ids=[f"{c[0]}-d{c[1]}-{jnp.dtype(c[2]).name}" for c in CASES]
+)
 @pytest.mark.parametrize("implementation", KERNELS)
 def test_kernel_matches_blockwise(implementation, length, head_dim, dtype, tolerance):
     q, k, v, segments = _inputs(length, head_dim, dtype)
-    run = lambda name: (lambda q, k, v: attention(q, k, v, segment_ids=segments, implementation=name))
+    run = lambda name: lambda q, k, v: attention(q, k, v, segment_ids=segments, implementation=name)
     reference_out, reference_grads = _value_and_grads(run("blockwise"), q, k, v)
     out, grads = _value_and_grads(run(implementation), q, k, v)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -66,9 +80,14 @@ def test_cudnn_wrapper_mask_semantics_through_xla():
     """What `cudnn` runs (rows padded to 128, the segments as a whole [b, 1, t, t] mask), with XLA in
     cuDNN's place: at length % 128 == 64, cuDNN's NaN-gradient case, the padding must not leak."""
     q, k, v, segments = _inputs(192, 64, jnp.float32)
-    wrapped = lambda q, k, v: fused_dot_product_attention(q, k, v, segments, backend="xla", causal=True, pad_to=128)
+    wrapped = lambda q, k, v: fused_dot_product_attention(
+        q, k, v, segments, backend="xla", causal=True, pad_to=128
+    )
     plain = lambda q, k, v: blockwise_attention(q, k, v, segment_mask(segments, True), causal=True)
-    (out, grads), (reference_out, reference_grads) = _value_and_grads(wrapped, q, k, v), _value_and_grads(plain, q, k, v)
+    (out, grads), (reference_out, reference_grads) = (
+        _value_and_grads(wrapped, q, k, v),
+        _value_and_grads(plain, q, k, v),
+    )
     _assert_close(out, reference_out, 1e-5, "output")
     for ours, reference in zip(grads, reference_grads):
         _assert_close(ours, reference, 1e-5, "gradient")
@@ -76,33 +95,46 @@ def test_cudnn_wrapper_mask_semantics_through_xla():
 
 def test_non_causal_paths_agree():
     q, k, v, segments = _inputs(128, 64, jnp.float32)
-    outs = {name: attention(q, k, v, segment_ids=segments, causal=False, implementation=name)
-            for name in ("blockwise", "xla", "splash")}
+    outs = {
+        name: attention(q, k, v, segment_ids=segments, causal=False, implementation=name)
+        for name in ("blockwise", "xla", "splash")
+    }
     for name in ("xla", "splash"):
         _assert_close(outs[name], outs["blockwise"], 1e-5, name)
 
 
-@pytest.mark.parametrize("platform,dtype,head_dim,length,dropout,branches,expected", [
-    ("cpu", "bfloat16", 64, 2048, False, False, "blockwise"),
-    ("gpu", "bfloat16", 64, 2048, False, False, "cudnn"),
-    ("gpu", "float16", 128, 1000, False, False, "cudnn"),
-    ("gpu", "float32", 64, 2048, False, False, "blockwise"),  # cuDNN has no float32
-    ("gpu", "bfloat16", 96 + 4, 2048, False, False, "blockwise"),  # head dim not a multiple of 8
-    ("gpu", "bfloat16", 64, 2048, True, False, "blockwise"),  # attention dropout
-    ("gpu", "bfloat16", 64, 2048, False, True, "xla"),  # scoring's segment branches need a mask
-    ("tpu", "bfloat16", 128, 2048, False, False, "splash"),
-    ("tpu", "bfloat16", 128, 2000, False, False, "blockwise"),  # not a multiple of the kernel block
-    ("tpu", "bfloat16", 128, 2048, False, True, "blockwise"),
-])
+@pytest.mark.parametrize(
+    "platform,dtype,head_dim,length,dropout,branches,expected",
+    [
+        ("cpu", "bfloat16", 64, 2048, False, False, "blockwise"),
+        ("gpu", "bfloat16", 64, 2048, False, False, "cudnn"),
+        ("gpu", "float16", 128, 1000, False, False, "cudnn"),
+        ("gpu", "float32", 64, 2048, False, False, "blockwise"),  # cuDNN has no float32
+        ("gpu", "bfloat16", 96 + 4, 2048, False, False, "blockwise"),  # head dim not a multiple of 8
+        ("gpu", "bfloat16", 64, 2048, True, False, "blockwise"),  # attention dropout
+        ("gpu", "bfloat16", 64, 2048, False, True, "xla"),  # scoring's segment branches need a mask
+        ("tpu", "bfloat16", 128, 2048, False, False, "splash"),
+        ("tpu", "bfloat16", 128, 2000, False, False, "blockwise"),  # not a multiple of the kernel block
+        ("tpu", "bfloat16", 128, 2048, False, True, "blockwise"),
+    ],
+)
 def test_auto_picks_per_platform_and_says_why(platform, dtype, head_dim, length, dropout, branches, expected):
-    name, reason = choose_implementation("auto", platform=platform, dtype=dtype, head_dim=head_dim, length=length,
-                                         dropout=dropout, segment_branches=branches)
+    name, reason = choose_implementation(
+        "auto",
+        platform=platform,
+        dtype=dtype,
+        head_dim=head_dim,
+        length=length,
+        dropout=dropout,
+        segment_branches=branches,
+    )
     assert name == expected and reason
 
 
 def test_what_cannot_run_here_is_a_clear_error():
-    choose = lambda name, **kw: choose_implementation(name, **{**dict(platform="cpu", dtype="float32", head_dim=64,
-                                                                     length=128, dropout=False), **kw})
+    choose = lambda name, **kw: choose_implementation(
+        name, **{**dict(platform="cpu", dtype="float32", head_dim=64, length=128, dropout=False), **kw}
+    )
     with pytest.raises(AttentionError, match="cudnn.*needs an NVIDIA GPU.*cpu"):
         choose("cudnn")
     with pytest.raises(AttentionError, match="bfloat16 or float16, not float32"):
@@ -128,6 +160,7 @@ def test_the_choice_is_logged_once_with_its_reason(caplog):
     lines = [r.getMessage() for r in caplog.records if "attention=auto" in r.getMessage()]
     assert len(lines) <= 1  # another test of this process may have logged it first
     from optiml_jax.model import attention as module
+
     assert ("auto", "blockwise", "CPU") in module._logged_choices
 
 
@@ -143,23 +176,36 @@ def training_losses():
     from optiml_jax.config import OPTConfig
     from optiml_jax.run_config import OptimSection, TrainSection
     from optiml_jax.sharding import MeshConfig, make_mesh
-    from optiml_jax.train import build_model, create_train_state, global_batch, make_optimizer, make_train_step
+    from optiml_jax.train import (
+        build_model,
+        create_train_state,
+        global_batch,
+        make_optimizer,
+        make_train_step,
+    )
 
     rng = np.random.default_rng(3)
     length, rows = 128, 4
     segments = np.zeros((rows, length), np.int32)
     for row in range(rows):
         cuts = np.sort(rng.choice(np.arange(8, length - 8), size=2, replace=False))
-        segments[row, :cuts[0]], segments[row, cuts[0]:cuts[1]], segments[row, cuts[1]:length - 3 * row] = 1, 2, 3
+        (
+            segments[row, : cuts[0]],
+            segments[row, cuts[0] : cuts[1]],
+            segments[row, cuts[1] : length - 3 * row],
+        ) = 1, 2, 3
     positions = np.zeros_like(segments)
     for row in range(rows):
         for segment in (1, 2, 3):
             where = np.flatnonzero(segments[row] == segment)
             positions[row, where] = np.arange(where.size)
-    batch = {"input_ids": rng.integers(3, 2048, (rows, length)).astype(np.int32),
-             "targets": rng.integers(3, 2048, (rows, length)).astype(np.int32),
-             "segment_ids": segments, "positions": positions,
-             "loss_mask": (segments > 0).astype(np.float32)}
+    batch = {
+        "input_ids": rng.integers(3, 2048, (rows, length)).astype(np.int32),
+        "targets": rng.integers(3, 2048, (rows, length)).astype(np.int32),
+        "segment_ids": segments,
+        "positions": positions,
+        "loss_mask": (segments > 0).astype(np.float32),
+    }
     mesh = make_mesh(MeshConfig(2, 1, 2), devices=jax.devices()[:4])
     optim = OptimSection(lr=1e-2, warmup_steps=0)
 
@@ -207,6 +253,10 @@ def test_float32_parity_runs_with_full_precision_matmuls_here_and_in_subprocesse
     import sys
 
     assert jax.config.jax_default_matmul_precision == "highest"
-    child = subprocess.run([sys.executable, "-c", "import jax; print(jax.config.jax_default_matmul_precision)"],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", "import jax; print(jax.config.jax_default_matmul_precision)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert child.stdout.strip() == "highest"

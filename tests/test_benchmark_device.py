@@ -1,5 +1,6 @@
 """`python tools/benchmark.py device --dry-run`: every section runs on tiny shapes on CPU and lands in the
 JSON file, so the one-shot run on a lent GPU machine is known to work before the machine is there."""
+
 import json
 import subprocess
 import sys
@@ -13,8 +14,13 @@ BENCHMARK = REPO / "tools" / "benchmark.py"
 
 def _run(tmp_path, *args, timeout=240):
     out = tmp_path / "device.json"
-    proc = subprocess.run([sys.executable, str(BENCHMARK), "device", "--json", str(out), *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARK), "device", "--json", str(out), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -29,8 +35,11 @@ def test_dry_run_runs_every_section(tmp_path):
     assert set(sections) >= {"versions", "ceilings", "decode", "load"}
     trains = [s for name, s in sections.items() if name.startswith("train:")]
     assert {(s["attention"], s["remat"], s["loss_positions"]) for s in trains} >= {
-        ("auto", "dots_no_batch", "instruction"), ("blockwise", "dots_no_batch", "instruction"),
-        ("auto", "full", "instruction"), ("auto", "dots_no_batch", "all")}
+        ("auto", "dots_no_batch", "instruction"),
+        ("blockwise", "dots_no_batch", "instruction"),
+        ("auto", "full", "instruction"),
+        ("auto", "dots_no_batch", "all"),
+    }
     assert sections["versions"]["packages"]["jax"]
     assert sections["ceilings"]["matmul_tflop_s"] > 0 and sections["ceilings"]["copy_gb_s"] > 0
     for s in trains:
@@ -39,7 +48,9 @@ def test_dry_run_runs_every_section(tmp_path):
         assert s["mfu_measured_matmul_causal"] > 0
         expected = 1.0 if s["loss_positions"] == "all" else 0.03
         assert s["loss_fraction"] == pytest.approx(expected, abs=0.01)
-    assert trains[0]["loss"] == pytest.approx(trains[1]["loss"], rel=2e-2)  # auto and blockwise: the same step
+    assert trains[0]["loss"] == pytest.approx(
+        trains[1]["loss"], rel=2e-2
+    )  # auto and blockwise: the same step
     for batch in ("batch_1", "batch_4"):
         decode = sections["decode"][batch]
         assert decode["decode_tokens_per_s"] > 0 and decode["time_to_first_token_s"] > 0

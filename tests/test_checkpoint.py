@@ -1,19 +1,20 @@
 """save_model / restore_params: our format round-trips, restores into shards, and writes atomically."""
+
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import hf_state_dict, make_config, make_hf_model
 from jax.sharding import PartitionSpec
 
-from hf_reference import hf_state_dict, make_config, make_hf_model
 from optiml_jax.checkpoints import model_format as checkpoint
+from optiml_jax.checkpoints.mapping import hf_to_params
 from optiml_jax.fileio import OutputDirError
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.sharding import MeshConfig, init_params_sharded, make_mesh
 from optiml_jax.tokenizer import DEMO_TOKENIZER_DIR, OPTTokenizer
-from optiml_jax.checkpoints.mapping import hf_to_params
 
 CONFIG = make_config("pre_ln", hidden_size=64, num_attention_heads=4, ffn_dim=128)
 
@@ -43,7 +44,9 @@ def test_numpy_params_round_trip_in_both_layouts(tmp_path):
 
 def test_sharded_training_params_save_and_restore_onto_another_mesh(tmp_path):
     model = OPTForCausalLM(CONFIG, scan_layers=True)
-    params, _ = init_params_sharded(model, jax.random.PRNGKey(0), make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
+    params, _ = init_params_sharded(
+        model, jax.random.PRNGKey(0), make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    )
     checkpoint.save_model(tmp_path / "m", CONFIG, params)
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
     restored = checkpoint.restore_params(tmp_path / "m", model, mesh=mesh)
@@ -70,7 +73,9 @@ def test_save_is_atomic_and_refuses_to_clobber(tmp_path):
         checkpoint.save_model(tmp_path / "other", CONFIG, broken)
     with pytest.raises(checkpoint.CheckpointError, match="fc1.*shape"):
         checkpoint.save_model(tmp_path / "other", CONFIG.replace(ffn_dim=96), params)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and (target / "notes.txt").read_text() == "keep"
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["m"] and (target / "notes.txt").read_text() == "keep"
+    )
     checkpoint.save_model(target, CONFIG, params, overwrite=True)
     assert not (target / "notes.txt").exists() and checkpoint.is_converted_checkpoint(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -3,6 +3,7 @@ fit the devices, a device count that does not divide the batch, a dtype outside 
 `error: ...` line naming the setting, with the exit status that CLI gives configuration errors (2; convert:
 1, as all its errors), no traceback and nothing written, and it fails before any model is loaded or
 compiled. One subprocess per CLI (with N host devices: what a user sees), the other problems in-process."""
+
 import json
 import os
 import subprocess
@@ -16,14 +17,20 @@ SNI = REPO / "optiml_jax" / "assets" / "data" / "sni"
 
 
 def _cli(args, devices: int, cwd: Path, timeout: int = 120):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _error_line(stderr: str, *patterns: str, only_line: bool = True) -> str:
-    """The one `error: ...` line (the only stderr line, unless a library logs before it) holding every pattern."""
+    """The one `error: ...` line (the only stderr line, unless a library logs before it) holding every
+    pattern."""
     assert "Traceback" not in stderr, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr
@@ -36,19 +43,28 @@ def _error_line(stderr: str, *patterns: str, only_line: bool = True) -> str:
 
 # ---------------------------------------------------------------------- finetune: exit 2
 def test_finetune_mesh_larger_than_the_machine(tmp_path):
-    done = _cli(["-m", "optiml_jax.finetune", "--config", "demo", "mesh.data=3", f"workdir={tmp_path / 'run'}"],
-                devices=2, cwd=tmp_path)
+    done = _cli(
+        ["-m", "optiml_jax.finetune", "--config", "demo", "mesh.data=3", f"workdir={tmp_path / 'run'}"],
+        devices=2,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     _error_line(done.stderr, "mesh.data=3", "2 are available")
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("override, patterns", [
-    ("mesh.fsdp=3", ("mesh.fsdp=3", "cannot be split")),
-    ("train.batch_size=12", ("train.batch_size", "12", "not divisible by the data-parallel devices", "= 8")),
-    ("train.compute_dtype=float64", ("train.compute_dtype='float64'", "float32, bfloat16, float16")),
-    ("train.param_dtype=int8", ("train.param_dtype='int8'",)),
-])
+@pytest.mark.parametrize(
+    "override, patterns",
+    [
+        ("mesh.fsdp=3", ("mesh.fsdp=3", "cannot be split")),
+        (
+            "train.batch_size=12",
+            ("train.batch_size", "12", "not divisible by the data-parallel devices", "= 8"),
+        ),
+        ("train.compute_dtype=float64", ("train.compute_dtype='float64'", "float32, bfloat16, float16")),
+        ("train.param_dtype=int8", ("train.param_dtype='int8'",)),
+    ],
+)
 def test_finetune_configuration_problems(override, patterns, tmp_path, capsys):
     from optiml_jax.finetune import main
 
@@ -60,31 +76,64 @@ def test_finetune_configuration_problems(override, patterns, tmp_path, capsys):
 # ---------------------------------------------------------------------- evaluate: exit 2
 def test_evaluate_mesh_larger_than_the_machine(tmp_path):
     # --model does not exist: the mesh is checked before the model (or the data) is read
-    done = _cli(["-m", "optiml_jax.evaluate", "--model", tmp_path / "nope", "--data", SNI, "--mesh", "data=3",
-                 "--output", tmp_path / "out"], devices=2, cwd=tmp_path)
+    done = _cli(
+        [
+            "-m",
+            "optiml_jax.evaluate",
+            "--model",
+            tmp_path / "nope",
+            "--data",
+            SNI,
+            "--mesh",
+            "data=3",
+            "--output",
+            tmp_path / "out",
+        ],
+        devices=2,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     _error_line(done.stderr, "--mesh", "mesh.data=3", "2 are available")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, patterns", [
-    (["--batch-size", "12"], ("--batch-size 12", "not divisible", "data x fsdp = 8")),
-    (["--mesh", "data=2,fsdp=-1", "--batch-size", "4"], ("--batch-size 4", "data x fsdp = 8")),
-    (["--dtype", "float64"], ("--dtype", "float64")),
-])
+@pytest.mark.parametrize(
+    "args, patterns",
+    [
+        (["--batch-size", "12"], ("--batch-size 12", "not divisible", "data x fsdp = 8")),
+        (["--mesh", "data=2,fsdp=-1", "--batch-size", "4"], ("--batch-size 4", "data x fsdp = 8")),
+        (["--dtype", "float64"], ("--dtype", "float64")),
+    ],
+)
 def test_evaluate_configuration_problems(args, patterns, tmp_path, capsys):
     from optiml_jax.evaluate import main
 
-    assert main(["--model", str(tmp_path / "nope"), "--data", str(SNI), "--output", str(tmp_path / "out"),
-                 "--no-progress", *args]) == 2
+    assert (
+        main(
+            [
+                "--model",
+                str(tmp_path / "nope"),
+                "--data",
+                str(SNI),
+                "--output",
+                str(tmp_path / "out"),
+                "--no-progress",
+                *args,
+            ]
+        )
+        == 2
+    )
     _error_line(capsys.readouterr().err, *patterns, only_line=False)
     assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------- generate: exit 2
 def test_generate_dtype_outside_the_table(tmp_path):
-    done = _cli(["-m", "optiml_jax.generate", "--model", tmp_path, "--prompt", "hi", "--dtype", "float64"],
-                devices=2, cwd=tmp_path)
+    done = _cli(
+        ["-m", "optiml_jax.generate", "--model", tmp_path, "--prompt", "hi", "--dtype", "float64"],
+        devices=2,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     _error_line(done.stderr, "--dtype", "'float64'", "float32")
 
@@ -93,8 +142,10 @@ def test_generate_model_config_that_cannot_run(tmp_path, capsys):
     from optiml_jax.config import OPTConfig
     from optiml_jax.generate import main
 
-    config = dict(OPTConfig(hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=1).to_dict(),
-                  num_attention_heads=5)
+    config = dict(
+        OPTConfig(hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=1).to_dict(),
+        num_attention_heads=5,
+    )
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert main(["--model", str(tmp_path), "--prompt", "hi"]) == 2
     _error_line(capsys.readouterr().err, "config.json", "hidden_size=32", "num_attention_heads=5")
@@ -102,19 +153,34 @@ def test_generate_model_config_that_cannot_run(tmp_path, capsys):
 
 # ---------------------------------------------------------------------- convert: exit 1 (all its errors)
 def test_convert_dtype_outside_the_table(tmp_path):
-    done = _cli(["-m", "optiml_jax.convert_weights", "--input", tmp_path, "--output", tmp_path / "out",
-                 "--dtype", "float64"], devices=1, cwd=tmp_path)
+    done = _cli(
+        [
+            "-m",
+            "optiml_jax.convert_weights",
+            "--input",
+            tmp_path,
+            "--output",
+            tmp_path / "out",
+            "--dtype",
+            "float64",
+        ],
+        devices=1,
+        cwd=tmp_path,
+    )
     assert done.returncode == 1
     _error_line(done.stderr, "--dtype", "'float64'")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, patterns", [
-    (["--to-hf", "--dtype", "fp64"], ("--dtype", "'fp64'")),
-    (["--to-hf"], ("not an optiml_jax model directory", "training checkpoint", "workdir")),
-    (["--config", "opt-7b"], ("unknown OPT preset 'opt-7b'",)),
-    (["--to-hf", "--max-shard-size", "5XB", "--input", "{run}"], ("5XB",)),
-])
+@pytest.mark.parametrize(
+    "args, patterns",
+    [
+        (["--to-hf", "--dtype", "fp64"], ("--dtype", "'fp64'")),
+        (["--to-hf"], ("not an optiml_jax model directory", "training checkpoint", "workdir")),
+        (["--config", "opt-7b"], ("unknown OPT preset 'opt-7b'",)),
+        (["--to-hf", "--max-shard-size", "5XB", "--input", "{run}"], ("5XB",)),
+    ],
+)
 def test_convert_configuration_problems(args, patterns, tmp_path, capsys):
     from optiml_jax.convert_weights import main
 
@@ -133,19 +199,36 @@ def test_convert_configuration_problems(args, patterns, tmp_path, capsys):
 @pytest.mark.slow
 def test_lm_eval_mesh_larger_than_the_machine(tmp_path):
     task_dir = REPO / "tests" / "data" / "lm_eval"
-    done = _cli(["-m", "optiml_jax.lm_eval", "--model", "optiml_jax", "--model_args",
-                 f"pretrained={tmp_path / 'nope'},mesh=data=3", "--tasks", "optiml_test_mc", "--include_path",
-                 task_dir], devices=2, cwd=task_dir, timeout=240)
+    done = _cli(
+        [
+            "-m",
+            "optiml_jax.lm_eval",
+            "--model",
+            "optiml_jax",
+            "--model_args",
+            f"pretrained={tmp_path / 'nope'},mesh=data=3",
+            "--tasks",
+            "optiml_test_mc",
+            "--include_path",
+            task_dir,
+        ],
+        devices=2,
+        cwd=task_dir,
+        timeout=240,
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     _error_line(done.stderr, "model_args", "mesh.data=3", "2 are available", only_line=False)
 
 
-@pytest.mark.parametrize("model_args, patterns", [
-    (dict(dtype="float64"), ("model_args", "float64", "float32, bfloat16, float16")),
-    (dict(mesh="data=3"), ("model_args", "mesh.data=3", "8 are available")),
-    (dict(mesh="pipeline=2"), ("model_args", "--mesh 'pipeline=2'")),
-    (dict(), ("model_args", "nope", "no such model directory")),
-])
+@pytest.mark.parametrize(
+    "model_args, patterns",
+    [
+        (dict(dtype="float64"), ("model_args", "float64", "float32, bfloat16, float16")),
+        (dict(mesh="data=3"), ("model_args", "mesh.data=3", "8 are available")),
+        (dict(mesh="pipeline=2"), ("model_args", "--mesh 'pipeline=2'")),
+        (dict(), ("model_args", "nope", "no such model directory")),
+    ],
+)
 def test_lm_eval_model_args_problems(model_args, patterns, tmp_path):
     from optiml_jax.config import ConfigError
     from optiml_jax.lm_eval import OptimlJaxLM

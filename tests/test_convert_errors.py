@@ -1,15 +1,15 @@
 """Bad input: a one-line `error: ...` naming the file and key, a non-zero exit, and no output left."""
+
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import checkpoint_fixtures as fixtures
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-import checkpoint_fixtures as fixtures
 from hf_reference import make_config, make_hf_model
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -61,8 +61,13 @@ def test_damaged_safetensors(capsys, tmp_path, tiny, damage):
     else:
         weights.write_bytes(data[:8] + b"{not json" + data[17:])
         expected = "corrupted"
-    _fails(capsys, tmp_path, ["--input", str(source), "--output", str(tmp_path / "out")],
-           "model.safetensors", expected)
+    _fails(
+        capsys,
+        tmp_path,
+        ["--input", str(source), "--output", str(tmp_path / "out")],
+        "model.safetensors",
+        expected,
+    )
 
 
 def test_truncated_metaseq_part(capsys, tmp_path, tiny):
@@ -71,8 +76,12 @@ def test_truncated_metaseq_part(capsys, tmp_path, tiny):
     parts = fixtures.write_model_parallel(tmp_path / "mp", state, config, mp=2)
     data = parts[1].read_bytes()
     parts[1].write_bytes(data[: len(data) * 2 // 3])
-    _fails(capsys, tmp_path, ["--input", str(tmp_path / "mp"), "--output", str(tmp_path / "out")],
-           "model_part-1.pt")
+    _fails(
+        capsys,
+        tmp_path,
+        ["--input", str(tmp_path / "mp"), "--output", str(tmp_path / "out")],
+        "model_part-1.pt",
+    )
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected", "wrong_shape"])
@@ -89,30 +98,58 @@ def test_key_errors_name_file_and_key(capsys, tmp_path, tiny, change):
     else:
         state[key] = torch.zeros(5, 5)
     save_file(state, str(source / "model.safetensors"))
-    _fails(capsys, tmp_path, ["--input", str(source), "--output", str(tmp_path / "out")],
-           key.replace("model.", "", 1) if change == "missing" else key,
-           *([] if change == "missing" else ["model.safetensors"]))
+    _fails(
+        capsys,
+        tmp_path,
+        ["--input", str(source), "--output", str(tmp_path / "out")],
+        key.replace("model.", "", 1) if change == "missing" else key,
+        *([] if change == "missing" else ["model.safetensors"]),
+    )
 
 
 def test_shape_does_not_match_config(capsys, tmp_path, tiny):
     config, hf_model = tiny
     source = fixtures.write_hf_dir(tmp_path / "hf", hf_model, config, "bin")
     config.replace(ffn_dim=64).to_json_file(source / "config.json")
-    _fails(capsys, tmp_path, ["--input", str(source), "--output", str(tmp_path / "out")],
-           "pytorch_model.bin", "decoder.layers.0.fc1.weight", "(48, 32)")
+    _fails(
+        capsys,
+        tmp_path,
+        ["--input", str(source), "--output", str(tmp_path / "out")],
+        "pytorch_model.bin",
+        "decoder.layers.0.fc1.weight",
+        "(48, 32)",
+    )
 
 
 def test_heads_not_inferable_without_cfg(capsys, tmp_path, tiny):
     config, hf_model = tiny
     state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
     path = fixtures.write_consolidated(tmp_path / "m", state, config, with_cfg=False)
-    line = _fails(capsys, tmp_path, ["--input", str(path), "--output", str(tmp_path / "out")],
-                  "restored.pt", "heads", "--config")
+    line = _fails(
+        capsys,
+        tmp_path,
+        ["--input", str(path), "--output", str(tmp_path / "out")],
+        "restored.pt",
+        "heads",
+        "--config",
+    )
     assert "cannot be inferred from tensor shapes" in line
     # With --config it converts.
     config.to_json_file(tmp_path / "config.json")
-    assert convert_weights.main(["--input", str(path), "--output", str(tmp_path / "out"), "--config",
-                                 str(tmp_path / "config.json"), "--no-progress"]) == 0
+    assert (
+        convert_weights.main(
+            [
+                "--input",
+                str(path),
+                "--output",
+                str(tmp_path / "out"),
+                "--config",
+                str(tmp_path / "config.json"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 def test_existing_output_needs_overwrite(capsys, tmp_path, tiny):
@@ -123,8 +160,10 @@ def test_existing_output_needs_overwrite(capsys, tmp_path, tiny):
     (out / "keep.txt").write_text("mine")
     _fails(capsys, tmp_path, ["--input", str(source), "--output", str(out)], str(out), "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    assert convert_weights.main(["--input", str(source), "--output", str(out), "--overwrite",
-                                 "--no-progress"]) == 0
+    assert (
+        convert_weights.main(["--input", str(source), "--output", str(out), "--overwrite", "--no-progress"])
+        == 0
+    )
     assert not (out / "keep.txt").exists() and (out / "optiml_jax.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no temp dirs left
 
@@ -139,14 +178,31 @@ def test_failure_midway_leaves_nothing(capsys, tmp_path, tiny):
     victim = sorted(state)[-1]
     del state[victim]
     save_file(state, str(source / last))
-    _fails(capsys, tmp_path, ["--input", str(source), "--output", str(tmp_path / "out")], "missing",
-           victim.replace("model.", "", 1))
+    _fails(
+        capsys,
+        tmp_path,
+        ["--input", str(source), "--output", str(tmp_path / "out")],
+        "missing",
+        victim.replace("model.", "", 1),
+    )
 
 
 def test_cli_process_prints_one_line_and_exits_nonzero(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_weights.py"), "--input",
-                             str(tmp_path / "missing.pt"), "--output", str(tmp_path / "out")],
-                            capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert_weights.py"),
+            "--input",
+            str(tmp_path / "missing.pt"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.pt'}: no such file or directory"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'missing.pt'}: no such file or directory"
+    ]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

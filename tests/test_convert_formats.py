@@ -1,17 +1,18 @@
 """Conversion equivalence: HF -> ours -> HF is bit-identical, and every metaseq layout built from the
 same weights gives the HF model's logits."""
+
 import json
 import sys
 from pathlib import Path
 
+import checkpoint_fixtures as fixtures
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-
-import checkpoint_fixtures as fixtures
 from hf_reference import hf_logits, make_config, make_hf_model
+
 from optiml_jax.checkpoints import model_format as checkpoint
 from optiml_jax.checkpoints.convert import convert
 from optiml_jax.model import OPTForCausalLM
@@ -41,8 +42,12 @@ def test_hf_to_ours_to_hf_is_bit_identical(reference, tmp_path):
     config, hf_model, ids, expected = reference
     source = fixtures.write_hf_dir(tmp_path / "hf", hf_model, config, "safetensors")
     tokenizer = Path(__file__).resolve().parents[1] / "optiml_jax" / "assets" / "demo_tokenizer"
-    assert convert_weights.main(["--input", str(source), "--output", str(tmp_path / "ours"),
-                                 "--tokenizer", str(tokenizer)]) == 0
+    assert (
+        convert_weights.main(
+            ["--input", str(source), "--output", str(tmp_path / "ours"), "--tokenizer", str(tokenizer)]
+        )
+        == 0
+    )
     marker = json.loads((tmp_path / "ours" / checkpoint.MARKER).read_text())
     assert marker["format_version"] == checkpoint.FORMAT_VERSION and marker["dtype"] == "float32"
     assert (tmp_path / "ours" / "vocab.json").is_file()
@@ -50,8 +55,20 @@ def test_hf_to_ours_to_hf_is_bit_identical(reference, tmp_path):
 
     # Back to HF, sharded (tiny shard limit) and whole; transformers loads both bit-identically.
     for name, limit in (("hf_sharded", "20KB"), ("hf_whole", "5GB")):
-        assert convert_weights.main(["--to-hf", "--input", str(tmp_path / "ours"), "--output",
-                                     str(tmp_path / name), "--max-shard-size", limit]) == 0
+        assert (
+            convert_weights.main(
+                [
+                    "--to-hf",
+                    "--input",
+                    str(tmp_path / "ours"),
+                    "--output",
+                    str(tmp_path / name),
+                    "--max-shard-size",
+                    limit,
+                ]
+            )
+            == 0
+        )
         sharded = (tmp_path / name / "model.safetensors.index.json").is_file()
         assert sharded == (name == "hf_sharded")
         assert (tmp_path / name / "vocab.json").is_file()
@@ -62,8 +79,9 @@ def test_hf_to_ours_to_hf_is_bit_identical(reference, tmp_path):
         np.testing.assert_array_equal(hf_logits(reloaded.eval(), ids), expected)
 
 
-@pytest.mark.parametrize("layout", ["consolidated_namespace_cfg", "model_parallel_2", "fsdp_flat_mp2",
-                                    "fsdp_raw_shards_mp2"])
+@pytest.mark.parametrize(
+    "layout", ["consolidated_namespace_cfg", "model_parallel_2", "fsdp_flat_mp2", "fsdp_raw_shards_mp2"]
+)
 def test_metaseq_layouts_match_hf_logits(reference, layout, tmp_path):
     config, hf_model, ids, expected = reference
     state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
@@ -79,7 +97,9 @@ def test_metaseq_layouts_match_hf_logits(reference, layout, tmp_path):
     summary = convert(path, tmp_path / "ours", progress=False)
     assert summary.input_format == "metaseq" and summary.num_params == config.num_params()
     # The config comes from the checkpoint's own cfg (heads) and shapes.
-    assert checkpoint.OPTConfig.from_json_file(tmp_path / "ours" / "config.json") == config.replace(dropout=0.0)
+    assert checkpoint.OPTConfig.from_json_file(tmp_path / "ours" / "config.json") == config.replace(
+        dropout=0.0
+    )
     np.testing.assert_allclose(_logits(tmp_path / "ours", config, ids), expected, atol=ATOL, rtol=0)
 
 

@@ -1,4 +1,5 @@
 """torch_pickle: checkpoints load as data without running code from the file, and lazily."""
+
 import argparse
 import os
 import pickle
@@ -46,8 +47,12 @@ def test_malicious_reduce_is_refused_and_never_runs(tmp_path, payload):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import convert_weights
 
-    assert convert_weights.main(["--input", str(path), "--output", str(tmp_path / "out"), "--config", "125m",
-                                 "--no-progress"]) == 1
+    assert (
+        convert_weights.main(
+            ["--input", str(path), "--output", str(tmp_path / "out"), "--config", "125m", "--no-progress"]
+        )
+        == 1
+    )
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
@@ -57,11 +62,24 @@ def test_unknown_classes_load_as_readable_stubs_and_tensors_stay_lazy(tmp_path):
     config = Fake()
     config.__dict__.update({"_content": {"decoder_attention_heads": node}, "_parent": None})
     base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
-    state = OrderedDict(a=torch.randn(3, 4).half(), b=torch.nn.Parameter(torch.randn(5)),
-                        c=base.t(), d=torch.randn(2, 3).to(torch.bfloat16), e=base[1])
+    state = OrderedDict(
+        a=torch.randn(3, 4).half(),
+        b=torch.nn.Parameter(torch.randn(5)),
+        c=base.t(),
+        d=torch.randn(2, 3).to(torch.bfloat16),
+        e=base[1],
+    )
     path = tmp_path / "ok.pt"
-    torch.save({"model": state, "args": argparse.Namespace(decoder_layers=3, arch="opt"), "cfg": config,
-                "dtype": torch.float16, "size": torch.Size([2, 3])}, path)
+    torch.save(
+        {
+            "model": state,
+            "args": argparse.Namespace(decoder_layers=3, arch="opt"),
+            "cfg": config,
+            "dtype": torch.float16,
+            "size": torch.Size([2, 3]),
+        },
+        path,
+    )
     loaded = torch_pickle.load(path)
     assert loaded["args"].decoder_layers == 3  # attribute access on the stub, like a Namespace
     assert torch_pickle.plain(loaded["args"]) == {"decoder_layers": 3, "arch": "opt"}
@@ -72,7 +90,9 @@ def test_unknown_classes_load_as_readable_stubs_and_tensors_stay_lazy(tmp_path):
         assert isinstance(lazy, torch_pickle.LazyTensor) and lazy.shape == tuple(tensor.shape)
         expected = tensor.detach()
         if expected.dtype == torch.bfloat16:
-            np.testing.assert_array_equal(lazy.numpy(), expected.view(torch.int16).numpy().view(ml_dtypes.bfloat16))
+            np.testing.assert_array_equal(
+                lazy.numpy(), expected.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            )
         else:
             np.testing.assert_array_equal(lazy.numpy(), expected.numpy())
 

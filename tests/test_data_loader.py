@@ -1,5 +1,6 @@
 """Loaders: host sharding (global batch independent of process count), exact resume, one-pass eval,
 DataConfig validation and the build_* entry points."""
+
 import json
 import random
 from pathlib import Path
@@ -7,13 +8,20 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from optiml_jax.config import ConfigError
-from optiml_jax.data import (BATCH_KEYS, DataConfig, DataError, EvalLoader, Example, TrainLoader,
-                             build_eval_loader, build_train_loader)
-
 from fake_tokenizer import ByteTokenizer
 from simulated_processes import as_processes
+
+from optiml_jax.config import ConfigError
+from optiml_jax.data import (
+    BATCH_KEYS,
+    DataConfig,
+    DataError,
+    EvalLoader,
+    Example,
+    TrainLoader,
+    build_eval_loader,
+    build_train_loader,
+)
 
 SNI = Path(__file__).resolve().parents[1] / "optiml_jax" / "assets" / "data" / "sni"
 
@@ -23,9 +31,15 @@ def make_tasks(seed=0):
     words = ["alpha", "be", "c", "delta", "epsilon", "z"]
     tasks = {}
     for t, n in enumerate([3, 40, 200]):
-        tasks[f"task{t}"] = [Example(f"task{t}", " ".join(rng.choices(words, k=rng.randint(0, 12))),
-                                     " ".join(rng.choices(words, k=rng.randint(1, 6))), f"f{t}:{i + 1}")
-                             for i in range(n)]
+        tasks[f"task{t}"] = [
+            Example(
+                f"task{t}",
+                " ".join(rng.choices(words, k=rng.randint(0, 12))),
+                " ".join(rng.choices(words, k=rng.randint(1, 6))),
+                f"f{t}:{i + 1}",
+            )
+            for i in range(n)
+        ]
     return tasks
 
 
@@ -33,8 +47,14 @@ def short_tasks():
     # 2..6 row slots per example, or 8 after left-truncation of "abcdefghij": with seq_len 8 rows close
     # because the next example does not fit, because an example fills them exactly, and both at once
     # (two rows closed by one example).
-    return {"short": [Example("short", src, tgt, f"s:{i}") for i, (src, tgt) in enumerate(
-        (s, t) for s in ("", "a", "ab", "abc", "abcdefghij") for t in ("x", "xy"))]}
+    return {
+        "short": [
+            Example("short", src, tgt, f"s:{i}")
+            for i, (src, tgt) in enumerate(
+                (s, t) for s in ("", "a", "ab", "abc", "abcdefghij") for t in ("x", "xy")
+            )
+        ]
+    }
 
 
 def loader(tasks=None, **kw):
@@ -75,8 +95,12 @@ def assert_batches_equal(a, b):
 def test_batch_keys_dtypes_shapes_and_invariants():
     batch = next(loader())
     assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {
-        "input_ids": (np.int32, (4, 48)), "targets": (np.int32, (4, 48)), "loss_mask": (np.float32, (4, 48)),
-        "segment_ids": (np.int32, (4, 48)), "positions": (np.int32, (4, 48))}
+        "input_ids": (np.int32, (4, 48)),
+        "targets": (np.int32, (4, 48)),
+        "loss_mask": (np.float32, (4, 48)),
+        "segment_ids": (np.int32, (4, 48)),
+        "positions": (np.int32, (4, 48)),
+    }
     seg = batch["segment_ids"]
     pad = seg == 0
     assert (batch["input_ids"][pad] == 1).all() and (batch["loss_mask"][pad] == 0).all()
@@ -129,7 +153,7 @@ def test_resume_at_every_batch_boundary_with_exactly_full_rows():
     probe = loader(**kw)
     for step in range(14):
         state = probe.get_state()
-        assert_batches_equal(take(loader(state=state, **kw), 1), reference[step:step + 1])
+        assert_batches_equal(take(loader(state=state, **kw), 1), reference[step : step + 1])
         next(probe)
 
 
@@ -158,19 +182,28 @@ def test_eval_loader_one_pass_with_padded_last_batch():
     assert_batches_equal(list(ev), batches)  # iterating again starts over
     # Row r holds examples r, r + 8, ... in order: row 0 starts with the first example of task0.
     first = tasks["task0"][0]
-    assert bytes(b - 4 for b in batches[0]["input_ids"][0, :len(first.src)]).decode() == first.src
+    assert bytes(b - 4 for b in batches[0]["input_ids"][0, : len(first.src)]).decode() == first.src
     # Two processes: each tokenises only its rows' examples and they agree on the number of batches.
     tokenizers = [CountingTokenizer(), CountingTokenizer()]
 
     def process(p, allgather):
-        ev = EvalLoader(tasks, tokenizers[p], global_batch_size=8, seq_len=64, process_index=p, process_count=2,
-                        allgather=allgather)
+        ev = EvalLoader(
+            tasks,
+            tokenizers[p],
+            global_batch_size=8,
+            seq_len=64,
+            process_index=p,
+            process_count=2,
+            allgather=allgather,
+        )
         return list(ev), ev.stats()
 
     (part0, stats0), (part1, stats1) = as_processes(2, process)
     assert len(part0) == len(part1) == len(batches)
     for step, batch in enumerate(batches):
-        assert_batches_equal([{k: np.concatenate([part0[step][k], part1[step][k]]) for k in BATCH_KEYS}], [batch])
+        assert_batches_equal(
+            [{k: np.concatenate([part0[step][k], part1[step][k]]) for k in BATCH_KEYS}], [batch]
+        )
     assert stats0 == stats1 == ev.stats()
     assert len(tokenizers[0].texts) + len(tokenizers[1].texts) == 2 * n_examples  # src and tgt, once each
 
@@ -187,16 +220,19 @@ def test_each_process_tokenises_only_the_examples_of_its_rows():
 
     batches = take(loader(tasks, global_batch_size=4, seq_len=8), 6)
     for r in range(4):
-        packed = [bytes(b - 4 for b in batch["input_ids"][r][batch["segment_ids"][r] == s]).decode()
-                  for batch in batches for s in range(1, batch["segment_ids"][r].max() + 1)]
-        assert len(packed) >= 6 and packed == [input_text(e) for e in stream[r::4][:len(packed)]]
+        packed = [
+            bytes(b - 4 for b in batch["input_ids"][r][batch["segment_ids"][r] == s]).decode()
+            for batch in batches
+            for s in range(1, batch["segment_ids"][r].max() + 1)
+        ]
+        assert len(packed) >= 6 and packed == [input_text(e) for e in stream[r::4][: len(packed)]]
     # Process 1 of 2 (rows 2 and 3) tokenises only stream examples 2, 3, 6, 7, 10, 11, ...
     tokenizer = CountingTokenizer()
     half = loader(tasks, global_batch_size=4, seq_len=8, process_index=1, process_count=2)
     half.tokenizer = tokenizer
     take(half, 6)
     mine = [e.src.rstrip(" ") for i, e in enumerate(stream) if i % 4 in (2, 3)]
-    assert 12 <= len(tokenizer.sources) <= 2 * 256 and tokenizer.sources == mine[:len(tokenizer.sources)]
+    assert 12 <= len(tokenizer.sources) <= 2 * 256 and tokenizer.sources == mine[: len(tokenizer.sources)]
 
 
 def test_state_of_several_processes_is_gathered_and_resumes_anywhere():
@@ -236,18 +272,29 @@ def test_data_config_validation():
     cfg = DataConfig.from_dict({"train": ["a", "b"], "eval": "c", "eps": 128})
     assert cfg.train == ("a", "b") and cfg.eps == 128 and hash(cfg)
     assert DataConfig.from_dict(cfg.to_dict()) == cfg
-    bad = [({"eps": 0}, "data.eps"), ({"eps": True}, "data.eps"), ({"format": "csv"}, "data.format='csv'"),
-           ({"template": "few_shot"}, "num_shots"), ({"num_shots": 2}, "num_shots=2"),
-           ({"overlong": "cut"}, "data.overlong"), ({"on_error": "ignore"}, "data.on_error"),
-           ({"train": 3}, "data.train"), ({"train": []}, "data.train"), ({"epss": 1}, "unknown data key.*epss")]
+    bad = [
+        ({"eps": 0}, "data.eps"),
+        ({"eps": True}, "data.eps"),
+        ({"format": "csv"}, "data.format='csv'"),
+        ({"template": "few_shot"}, "num_shots"),
+        ({"num_shots": 2}, "num_shots=2"),
+        ({"overlong": "cut"}, "data.overlong"),
+        ({"on_error": "ignore"}, "data.on_error"),
+        ({"train": 3}, "data.train"),
+        ({"train": []}, "data.train"),
+        ({"epss": 1}, "unknown data key.*epss"),
+    ]
     for values, message in bad:
         with pytest.raises(ConfigError, match=message):
             DataConfig.from_dict(values, source="cfg.yaml:data")
 
 
 def test_build_loaders_from_a_training_config_on_the_sni_sample():
-    cfg = SimpleNamespace(data=DataConfig(train=str(SNI), eval=str(SNI / "task1508_wordnet_antonyms.json")),
-                          seed=1234, train=SimpleNamespace(batch_size=4, seq_len=256))
+    cfg = SimpleNamespace(
+        data=DataConfig(train=str(SNI), eval=str(SNI / "task1508_wordnet_antonyms.json")),
+        seed=1234,
+        train=SimpleNamespace(batch_size=4, seq_len=256),
+    )
     train = build_train_loader(cfg, ByteTokenizer(), process_index=1, process_count=2)
     batch = next(train)
     assert batch["input_ids"].shape == (2, 256)
@@ -258,7 +305,17 @@ def test_build_loaders_from_a_training_config_on_the_sni_sample():
     assert train.stats()["skipped/empty_target"] == 1 and 4 <= train.stats()["packed/rows"] <= 8
     ev = build_eval_loader(cfg, ByteTokenizer(), process_index=0, process_count=1)
     assert ev.num_examples == 200 and sum(1 for _ in ev) >= 1
-    assert build_eval_loader(DataConfig(train="x"), ByteTokenizer(), seed=0, batch_size=1, seq_len=8,
-                             process_index=0, process_count=1) is None
+    assert (
+        build_eval_loader(
+            DataConfig(train="x"),
+            ByteTokenizer(),
+            seed=0,
+            batch_size=1,
+            seq_len=8,
+            process_index=0,
+            process_count=1,
+        )
+        is None
+    )
     with pytest.raises(ConfigError, match="train.batch_size is not set"):
         build_train_loader(cfg.data, ByteTokenizer(), seed=0, process_index=0, process_count=1)

@@ -1,18 +1,21 @@
 """EPS mixing: p(task) ∝ min(n_task, eps); deterministic, seekable, epoch-cycling per task."""
+
 import itertools
 
 import numpy as np
 
 from optiml_jax.data.mixing import MixtureStream, mixing_weights
 
-TASKS = {"small": [("small", i) for i in range(10)],
-         "big": [("big", i) for i in range(1000)],
-         "mid": [("mid", i) for i in range(50)]}
+TASKS = {
+    "small": [("small", i) for i in range(10)],
+    "big": [("big", i) for i in range(1000)],
+    "mid": [("mid", i) for i in range(50)],
+}
 
 
 def test_weights_are_capped_example_proportional():
     np.testing.assert_allclose(mixing_weights([10, 1000, 50], eps=100), [10 / 160, 100 / 160, 50 / 160])
-    np.testing.assert_allclose(mixing_weights([10, 1000, 50], eps=10 ** 6), [10 / 1060, 1000 / 1060, 50 / 1060])
+    np.testing.assert_allclose(mixing_weights([10, 1000, 50], eps=10**6), [10 / 1060, 1000 / 1060, 50 / 1060])
 
 
 def test_empirical_frequencies_match_capped_proportions():
@@ -31,7 +34,7 @@ def test_each_task_cycles_through_all_examples_every_epoch():
     stream = MixtureStream(TASKS, eps=100, seed=0)
     small = [i for _, (name, i) in itertools.islice(stream, 2000) if name == "small"]
     assert len(small) >= 30
-    epochs = [small[k:k + 10] for k in range(0, 30, 10)]
+    epochs = [small[k : k + 10] for k in range(0, 30, 10)]
     for epoch in epochs:
         assert sorted(epoch) == list(range(10))
     assert epochs[0] != epochs[1]  # reshuffled per epoch

@@ -1,14 +1,19 @@
 """Packing: the exact OPT-IML token layout of one example, greedy rows, truncation. Hand-checkable:
 the fake tokenizer maps every UTF-8 byte b to id b + 4 (so " " = 36, "a" = 101), eos = bos = 2, pad = 1."""
+
 import numpy as np
 import pytest
-
-from optiml_jax.data.packing import (Packer, PackStats, TokenizedExample, fit_to_length, row_arrays,
-                                     tokenize_examples)
-from optiml_jax.data.sources import Example
-
 from fake_tokenizer import ByteTokenizer
 
+from optiml_jax.data.packing import (
+    Packer,
+    PackStats,
+    TokenizedExample,
+    fit_to_length,
+    row_arrays,
+    tokenize_examples,
+)
+from optiml_jax.data.sources import Example
 
 A, B, C, D, E, F, SP, EOS = 101, 102, 103, 104, 105, 106, 36, 2
 
@@ -44,9 +49,11 @@ def test_source_and_target_are_encoded_separately():
 
 
 def three_examples():
-    return [tok("a", "b"),   # a ␣ b </s>      -> 3 slots
-            tok("cd", "e"),  # c d ␣ e </s>    -> 4 slots
-            tok("", "f")]    # ␣ f </s>        -> 2 slots (empty source: every predicted token is target)
+    return [
+        tok("a", "b"),  # a ␣ b </s>      -> 3 slots
+        tok("cd", "e"),  # c d ␣ e </s>    -> 4 slots
+        tok("", "f"),
+    ]  # ␣ f </s>        -> 2 slots (empty source: every predicted token is target)
 
 
 def test_greedy_packing_of_three_examples_into_one_row():

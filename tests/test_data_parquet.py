@@ -3,6 +3,7 @@ two public collections (SNI as definition/inputs/targets/task_name, FLAN as inpu
 back as a plain row-by-row reference says, as the same records in JSONL do, with the JSONL path's
 guarantees: each process reads only its share of the row groups, skips are counted with their rows,
 batches do not depend on the process count and resume is exact."""
+
 import json
 import threading
 from pathlib import Path
@@ -11,18 +12,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fake_tokenizer import ByteTokenizer
+from simulated_processes import as_processes
 
 from optiml_jax import run_config
 from optiml_jax.config import ConfigError
-from optiml_jax.data import DataConfig, DataError, build_loaders, read_tasks
-from optiml_jax.data import records, sources
+from optiml_jax.data import DataConfig, DataError, build_loaders, read_tasks, records, sources
 from optiml_jax.data.records import Shard
 from optiml_jax.data.sources import Fields, SkipStats
 from optiml_jax.data.templates import format_sni
 from optiml_jax.eval.tasks import EvalDataError, holdout_eval_tasks, load_eval_tasks
-
-from fake_tokenizer import ByteTokenizer
-from simulated_processes import as_processes
 
 SNI_FIELDS = {"src": "inputs", "tgt": "targets", "task": "task_name", "definition": "definition"}
 FLAN_FIELDS = {"src": "inputs", "tgt": "targets", "task": "task"}
@@ -33,18 +32,37 @@ def sni_rows(n=90):
     rows = []
     for i in range(n):
         task = f"task{i // 25:03d}_demo"
-        rows.append({"id": f"{task}-{i}", "task_name": task, "definition": [f"Answer {task} well.\n"],
-                     "inputs": f"question {i} é😀" * (1 + i % 3), "targets": f"answer {i} "})
+        rows.append(
+            {
+                "id": f"{task}-{i}",
+                "task_name": task,
+                "definition": [f"Answer {task} well.\n"],
+                "inputs": f"question {i} é😀" * (1 + i % 3),
+                "targets": f"answer {i} ",
+            }
+        )
     # a null cell, an all-whitespace target, an empty definition, no task
-    for i, key, value in ((7, "targets", None), (30, "targets", "  "), (41, "definition", []), (66, "task_name", "")):
+    for i, key, value in (
+        (7, "targets", None),
+        (30, "targets", "  "),
+        (41, "definition", []),
+        (66, "task_name", ""),
+    ):
         if i < n:
             rows[i][key] = value
     return rows
 
 
 def flan_rows(n=70):
-    rows = [{"inputs": f"Translate {i}: {'word ' * (i % 5)}", "targets": f"t{i}", "task": ("cot", "nli", "qa")[i % 3],
-             "template_type": "zs_opt"} for i in range(n)]
+    rows = [
+        {
+            "inputs": f"Translate {i}: {'word ' * (i % 5)}",
+            "targets": f"t{i}",
+            "task": ("cot", "nli", "qa")[i % 3],
+            "template_type": "zs_opt",
+        }
+        for i in range(n)
+    ]
     for i, key, value in ((12, "inputs", None), (50, "targets", "")):
         if i < n:
             rows[i][key] = value
@@ -99,13 +117,19 @@ def test_parquet_rows_give_the_examples_and_skips_of_the_same_jsonl(tmp_path, la
     assert pstats.as_dict() == jstats.as_dict()
     for name in ptasks:  # row N (from 0) of the Parquet file is line N + 1 of the JSONL file
         assert all(e.source.startswith(f"{parquet}:row ") for e in ptasks[name])
-        assert ([int(e.source.rsplit(" ", 1)[1]) for e in ptasks[name]]
-                == [int(e.source.rsplit(":", 1)[1]) - 1 for e in jtasks[name]])
+        assert [int(e.source.rsplit(" ", 1)[1]) for e in ptasks[name]] == [
+            int(e.source.rsplit(":", 1)[1]) - 1 for e in jtasks[name]
+        ]
     bad = [7, 30, 41, 66] if layout == "sni" else [12, 50]
     assert sorted(int(w.rsplit(" ", 1)[1]) for ws in pstats.samples.values() for w in ws) == bad
     assert sorted(int(w.rsplit(":", 1)[1]) - 1 for ws in jstats.samples.values() for w in ws) == bad
     if layout == "sni":
-        assert pstats.as_dict() == {"bad_definition": 1, "empty_target": 1, "empty_task": 1, "non_string_field": 1}
+        assert pstats.as_dict() == {
+            "bad_definition": 1,
+            "empty_target": 1,
+            "empty_task": 1,
+            "non_string_field": 1,
+        }
         assert pstats.samples["non_string_field"] == [f"{parquet}:row 7"]
 
 
@@ -115,12 +139,14 @@ def test_without_a_task_column_the_file_stem_names_the_task_and_shards_concatena
     write_parquet(tmp_path / "d" / "train" / "01" / "mytask.parquet", rows[20:], group=7)
     tasks = read_tasks(tmp_path / "d", SkipStats(), fields=Fields(src="prompt", tgt="answer"))
     assert list(tasks) == ["mytask"] and [(e.src, e.tgt) for e in tasks["mytask"]] == [
-        (r["prompt"], r["answer"]) for r in rows]
+        (r["prompt"], r["answer"]) for r in rows
+    ]
     assert tasks["mytask"][25].source == f"{tmp_path / 'd/train/01/mytask.parquet'}:row 5"
 
 
 class GroupReads:
-    """Which row groups (file, group) each simulated process (thread) reads, at start-up and while training."""
+    """Which row groups (file, group) each simulated process (thread) reads, at start-up and while
+    training."""
 
     def __init__(self, monkeypatch):
         self.reads, self.owner, real = {}, {}, sources.read_row_group
@@ -139,15 +165,26 @@ class GroupReads:
 def build(data, p=0, n=1, allgather=None, reads=None, **kw):
     if reads is not None:
         reads.register(p)
-    return build_loaders(DataConfig(**data), ByteTokenizer(), seed=5, batch_size=6, seq_len=96,
-                         process_index=p, process_count=n, allgather=allgather, **kw)
+    return build_loaders(
+        DataConfig(**data),
+        ByteTokenizer(),
+        seed=5,
+        batch_size=6,
+        seq_len=96,
+        process_index=p,
+        process_count=n,
+        allgather=allgather,
+        **kw,
+    )
 
 
 def take(loader, n):
     return [next(loader) for _ in range(n)]
 
 
-def test_each_process_reads_its_share_of_row_groups_and_batches_do_not_depend_on_the_count(tmp_path, monkeypatch):
+def test_each_process_reads_its_share_of_row_groups_and_batches_do_not_depend_on_the_count(
+    tmp_path, monkeypatch
+):
     root = tmp_path / "sni"
     rows = sni_rows(120)
     write_parquet(root / "a.parquet", rows[:70], group=8)
@@ -159,10 +196,12 @@ def test_each_process_reads_its_share_of_row_groups_and_batches_do_not_depend_on
     built = as_processes(2, lambda p, g: build(data, p, 2, g, reads))
     every = {(str(root / f), g) for f, n in (("a.parquet", 9), ("b.parquet", 10)) for g in range(n)}
     assert {f: pq.ParquetFile(root / f).metadata.num_row_groups for f in ("a.parquet", "b.parquet")} == {
-        "a.parquet": 9, "b.parquet": 10}
+        "a.parquet": 9,
+        "b.parquet": 10,
+    }
     shares = [reads.reads[p] for p in range(2)]  # each group read once, by one process, and both read some
     assert sorted(shares[0] + shares[1]) == sorted(every) and all(len(s) >= 4 for s in shares)
-    for train, ev in built:
+    for train, _ev in built:
         assert train.skip_stats.as_dict() == single_train.skip_stats.as_dict()
         assert train.skip_stats.samples == single_train.skip_stats.samples
         assert train.fingerprint == single_train.fingerprint
@@ -206,24 +245,35 @@ def test_column_and_field_errors_are_one_line_naming_file_and_column(tmp_path):
     path = write_parquet(tmp_path / "flan.parquet", rows)
     with pytest.raises(DataError) as e:
         read_tasks(path, SkipStats(), fields=Fields(src="inputs", tgt="answers"))
-    assert str(e.value) == (f"{path}: no column 'answers' (data.fields.tgt); its columns are inputs, targets, "
-                            f"task, template_type")
+    assert str(e.value) == (
+        f"{path}: no column 'answers' (data.fields.tgt); its columns are inputs, targets, task, template_type"
+    )
     numbers = write_parquet(tmp_path / "n.parquet", [{"src": f"q{i}", "tgt": i} for i in range(5)])
-    with pytest.raises(DataError, match=rf"^{numbers}: column 'tgt' \(data.fields.tgt\) holds int64, not strings$"):
+    with pytest.raises(
+        DataError, match=rf"^{numbers}: column 'tgt' \(data.fields.tgt\) holds int64, not strings$"
+    ):
         read_tasks(numbers, SkipStats())
-    with pytest.raises(EvalDataError, match=rf"^{path}: evaluation reads SNI task files or JSONL, not Parquet$"):
+    with pytest.raises(
+        EvalDataError, match=rf"^{path}: evaluation reads SNI task files or JSONL, not Parquet$"
+    ):
         load_eval_tasks(path)  # eval.tasks.data (the held-out rows of a Parquet file evaluate, see below)
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"junk.parquet: not a readable Parquet file"):
         read_tasks(tmp_path / "junk.parquet", SkipStats())
-    with pytest.raises(DataError, match=rf"^{path}:row 12: non_string_field \('inputs' is null, expected string\)"):
+    with pytest.raises(
+        DataError, match=rf"^{path}:row 12: non_string_field \('inputs' is null, expected string\)"
+    ):
         read_tasks(path, SkipStats("raise"), fields=Fields(**FLAN_FIELDS))
-    with pytest.raises(ConfigError, match=r"^data.fields: unknown key 'prompt' \(known: src, tgt, task, definition\)$"):
+    with pytest.raises(
+        ConfigError, match=r"^data.fields: unknown key 'prompt' \(known: src, tgt, task, definition\)$"
+    ):
         DataConfig(train=str(path), fields={"prompt": "inputs"})
     with pytest.raises(ConfigError, match=r"data.fields: tgt must name a column"):
         DataConfig(train=str(path), fields={"tgt": ["a"]})
     with pytest.raises(ConfigError, match=r"^data: data.fields: unknown key 'prompt'"):
-        run_config.from_dict({"model": "preset:tiny", "data": {"train": str(path), "fields": {"prompt": "x"}}})
+        run_config.from_dict(
+            {"model": "preset:tiny", "data": {"train": str(path), "fields": {"prompt": "x"}}}
+        )
     # The same mapping renames JSONL keys; a line without the mapped key is skipped and located.
     jsonl = write_jsonl(tmp_path / "flan.jsonl", rows[:3] + [{"inputs": "x"}])
     stats = SkipStats()
@@ -248,21 +298,27 @@ def test_held_out_definition_rows_evaluate_with_their_definition(tmp_path):
     task = tasks["task001_demo"]
     assert task.definition == "Answer task001_demo well." and task.is_sni
     assert [(i.id, i.input, i.references) for i in task.instances] == [
-        (f"row {r}", sni_rows(60)[r]["inputs"], (f"answer {r}",)) for r in (48, 49)]
+        (f"row {r}", sni_rows(60)[r]["inputs"], (f"answer {r}",)) for r in (48, 49)
+    ]
     # Plain rows are ready prompts, as JSONL lines (whose ids stay their line numbers), and task files'
     # instances still get every reference from the file.
     rows = flan_rows(30)
-    for path, ids in ((write_parquet(tmp_path / "flan.parquet", rows), ["row 28", "row 29"]),
-                      (write_jsonl(tmp_path / "flan.jsonl", rows), [29, 30])):
+    for path, ids in (
+        (write_parquet(tmp_path / "flan.parquet", rows), ["row 28", "row 29"]),
+        (write_jsonl(tmp_path / "flan.jsonl", rows), [29, 30]),
+    ):
         _, ev = build(dict(train=str(path), fields={"src": "inputs", "tgt": "targets"}, eval_holdout=2))
         (task,) = holdout_eval_tasks(ev.tasks)
         assert not task.is_sni and [(i.id, i.input, i.references) for i in task.instances] == [
-            (ids[k], rows[28 + k]["inputs"], (rows[28 + k]["targets"],)) for k in range(2)]
+            (ids[k], rows[28 + k]["inputs"], (rows[28 + k]["targets"],)) for k in range(2)
+        ]
     sni = Path(__file__).resolve().parents[1] / "optiml_jax/assets/data/sni/task1146_country_capital.json"
     _, ev = build(dict(train=str(sni), eval_holdout=1))
     (task,) = holdout_eval_tasks(ev.tasks)
     last = json.loads(sni.read_text(encoding="utf-8"))["Instances"][-1]
-    assert task.is_sni and [(i.id, i.references) for i in task.instances] == [(last["id"], tuple(last["output"]))]
+    assert task.is_sni and [(i.id, i.references) for i in task.instances] == [
+        (last["id"], tuple(last["output"]))
+    ]
 
 
 # ---------------------------------------------------------------------- hf:NAME[:SPLIT]
@@ -275,11 +331,15 @@ def test_hub_dataset_offline_or_without_datasets_is_one_line_naming_the_local_al
     message = str(e.value)
     assert "\n" not in message and message.startswith(
         "hf:someone/not-cached-anywhere:validation: datasets.load_dataset('someone/not-cached-anywhere', "
-        "split='validation') failed (")
+        "split='validation') failed ("
+    )
     assert message.endswith("download the files and set data.train to a local .parquet/.jsonl path")
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if not installed
-    with pytest.raises(DataError, match=r"^hf:x/y: loading a hub dataset needs the `datasets` package, which is "
-                                        r"not installed .*download the files and set data.train to a local"):
+    with pytest.raises(
+        DataError,
+        match=r"^hf:x/y: loading a hub dataset needs the `datasets` package, which is "
+        r"not installed .*download the files and set data.train to a local",
+    ):
         read_tasks("hf:x/y", SkipStats())
 
 
@@ -306,10 +366,16 @@ def test_hub_dataset_is_materialised_once_as_parquet_and_read_like_a_local_file(
     before = written[0].stat().st_mtime_ns
     again = read_tasks("hf:org/flan-sample:train", SkipStats(), fields=Fields(src="inputs", tgt="targets"))
     assert list(again) == ["flan-sample"] and len(again["flan-sample"]) == 68
-    assert sorted((tmp_path / "cache").rglob("*.parquet")) == written and written[0].stat().st_mtime_ns == before
+    assert (
+        sorted((tmp_path / "cache").rglob("*.parquet")) == written and written[0].stat().st_mtime_ns == before
+    )
     # Several processes: each materialises it, they agree on the files and split the row groups.
-    built = as_processes(2, lambda p, g: read_tasks("hf:org/flan-sample", SkipStats(), fields=Fields(**FLAN_FIELDS),
-                                                    shard=Shard(p, 2, g)))
+    built = as_processes(
+        2,
+        lambda p, g: read_tasks(
+            "hf:org/flan-sample", SkipStats(), fields=Fields(**FLAN_FIELDS), shard=Shard(p, 2, g)
+        ),
+    )
     assert all({k: len(v) for k, v in b.items()} == {k: len(v) for k, v in tasks.items()} for b in built)
 
 
@@ -320,20 +386,42 @@ def test_finetune_cli_trains_on_a_parquet_file_with_a_column_mapping(tmp_path, c
 
     path = write_parquet(tmp_path / "sni.parquet", sni_rows(60))
     workdir = tmp_path / "run"
-    common = [f"model=preset:{tiny_preset}", f"data.train={path}", "data.eval_holdout=null", "eval.tasks=null",
-              "train.max_steps=2", "train.batch_size=8", "train.seq_len=64", "eval.every_steps=0",
-              "eval.num_samples=0", "checkpoint.every_steps=0", "checkpoint.save_final=false",
-              "train.peak_flops_per_device=1e9", "train.log_every_steps=1", "--no-progress"]
-    code = main(["--config", "demo", f"workdir={workdir}", *common,
-                 "data.fields={src: inputs, tgt: targets, task: task_name, definition: definition}"])
+    common = [
+        f"model=preset:{tiny_preset}",
+        f"data.train={path}",
+        "data.eval_holdout=null",
+        "eval.tasks=null",
+        "train.max_steps=2",
+        "train.batch_size=8",
+        "train.seq_len=64",
+        "eval.every_steps=0",
+        "eval.num_samples=0",
+        "checkpoint.every_steps=0",
+        "checkpoint.save_final=false",
+        "train.peak_flops_per_device=1e9",
+        "train.log_every_steps=1",
+        "--no-progress",
+    ]
+    code = main(
+        [
+            "--config",
+            "demo",
+            f"workdir={workdir}",
+            *common,
+            "data.fields={src: inputs, tgt: targets, task: task_name, definition: definition}",
+        ]
+    )
     assert code == 0
     assert "done: step 2" in capsys.readouterr().out
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in logged if "train/loss" in r][-1]
     assert last["step"] == 2 and np.isfinite(last["train/loss"])
     assert last["data/skipped/non_string_field"] == 1 and last["data/skipped/bad_definition"] == 1
-    bad = main(["--config", "demo", f"workdir={tmp_path / 'bad'}", *common, "data.fields={src: inputs, tgt: answer}"])
+    bad = main(
+        ["--config", "demo", f"workdir={tmp_path / 'bad'}", *common, "data.fields={src: inputs, tgt: answer}"]
+    )
     assert bad == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {path}: no column 'answer' (data.fields.tgt); its columns are id, task_name, definition, "
-        f"inputs, targets")
+        f"inputs, targets"
+    )

@@ -1,6 +1,7 @@
 """Random-access records (records.py): the lazy index reads back exactly what a full parse gives, and
 with several processes each reads only its share of the bytes at start-up and only its own rows'
 records while training, yet all agree on the tasks, the skip counts and the batches."""
+
 import json
 import shutil
 import threading
@@ -9,15 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_tokenizer import ByteTokenizer
+from simulated_processes import as_processes
 
-from optiml_jax.data import DataConfig, DataError, MixtureStream, build_loaders, read_tasks
-from optiml_jax.data import sources
+from optiml_jax.data import DataConfig, DataError, MixtureStream, build_loaders, read_tasks, sources
 from optiml_jax.data import records as records_module
 from optiml_jax.data.records import Shard, deal_out
 from optiml_jax.data.sources import SkipStats
-
-from fake_tokenizer import ByteTokenizer
-from simulated_processes import as_processes
 
 SNI = Path(__file__).resolve().parents[1] / "optiml_jax" / "assets" / "data" / "sni"
 
@@ -55,8 +54,9 @@ def jsonl_corpus(root):
     rec = lambda i, text="": json.dumps({"src": f"q{i} {text}", "tgt": f"a{i}"}, ensure_ascii=False).encode()
     a = [rec(i, "é😀" * (i % 7)) if i % 5 else b'{"src": "x", "tgt": ""}' for i in range(60)]
     (root / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(a) + b"\n")
-    write_jsonl(root / "b.jsonl", [rec(i, "x" * (i * 13 % 90)) for i in range(45)] + [b"", b"{oops"],
-                newline=b"\r\n")
+    write_jsonl(
+        root / "b.jsonl", [rec(i, "x" * (i * 13 % 90)) for i in range(45)] + [b"", b"{oops"], newline=b"\r\n"
+    )
     (root / "c.jsonl").write_bytes(b"\n".join([rec(i) for i in range(30)] + [b"[1]", rec(99)]))
     return root
 
@@ -124,8 +124,17 @@ class ReadCounter:
 def loaders(cfg_data, p, n, allgather, counter=None, **kw):
     if counter:
         counter.register(p)
-    return build_loaders(DataConfig(**cfg_data), ByteTokenizer(), seed=3, batch_size=6, seq_len=64,
-                         process_index=p, process_count=n, allgather=allgather, **kw)
+    return build_loaders(
+        DataConfig(**cfg_data),
+        ByteTokenizer(),
+        seed=3,
+        batch_size=6,
+        seq_len=64,
+        process_index=p,
+        process_count=n,
+        allgather=allgather,
+        **kw,
+    )
 
 
 def tasks_of(loader):
@@ -165,7 +174,9 @@ def test_each_process_reads_only_its_share_of_jsonl(tmp_path, monkeypatch, n):
     for p in range(n):
         mine = own_row_records(single, p, n, built[p].mixture.position)
         assert counter.records[p] and set(counter.records[p]) <= mine
-        assert len(counter.records[p]) <= sum(1 for i in range(built[p].mixture.position) if i % 6 // (6 // n) == p)
+        assert len(counter.records[p]) <= sum(
+            1 for i in range(built[p].mixture.position) if i % 6 // (6 // n) == p
+        )
 
 
 def own_row_records(loader, p, n, stop):
@@ -232,6 +243,7 @@ def test_bad_record_with_on_error_raise_fails_on_every_process_alike(tmp_path):
             loaders(data, p, 2, g)
         except DataError as e:
             return str(e)
+
     messages = as_processes(2, build)
     assert messages[0] == messages[1]
     assert messages[0].startswith(f"{root / 't.jsonl'}:34: non_string_field ('tgt' is int, expected string)")
@@ -269,11 +281,16 @@ def test_hosts_that_see_different_files_all_stop_with_one_clear_error(tmp_path):
                 read_tasks(roots[p], SkipStats(), shard=Shard(p, 2, g))
             except DataError as e:
                 return str(e)
+
         return as_processes(2, work)
 
     messages = read([same, other])
-    assert all("the processes see different data files" in m and "process 0: 3 files" in m
-               and "process 1: 4 files" in m for m in messages)
+    assert all(
+        "the processes see different data files" in m
+        and "process 0: 3 files" in m
+        and "process 1: 4 files" in m
+        for m in messages
+    )
     messages = read([same, tmp_path / "missing"])
     assert messages[1] == f"{tmp_path / 'missing'}: no such file or directory"
     assert messages[0] == f"process 1: {messages[1]}"
@@ -290,6 +307,7 @@ def test_an_sni_file_changed_before_another_host_reads_its_header_stops_every_pr
         if "task1146" in str(path):
             Path(path).write_bytes(Path(path).read_bytes()[:100])
         return real(path, span)
+
     monkeypatch.setattr(records_module, "read_sni_header", changed_under_us)
 
     def work(p, g):
@@ -297,9 +315,13 @@ def test_an_sni_file_changed_before_another_host_reads_its_header_stops_every_pr
             read_tasks(root, SkipStats(), shard=Shard(p, 2, g))
         except DataError as e:
             return str(e)
+
     messages = as_processes(2, work)
-    assert all("task1146_country_capital.json: its definition and exemplars no longer parse" in m
-               and "the file changed after it was read" in m for m in messages)
+    assert all(
+        "task1146_country_capital.json: its definition and exemplars no longer parse" in m
+        and "the file changed after it was read" in m
+        for m in messages
+    )
     # The process that read the header says so; the other, which read its own share fine, names it.
     found = [p for p, m in enumerate(messages) if not m.startswith("process ")]
     assert len(found) == 1 and messages[1 - found[0]].startswith(f"process {found[0]}: ")
@@ -311,9 +333,20 @@ def test_task_files_are_parsed_once_exactly_as_json_loads_would():
         data, (start, end), spans = sources._parse_task(text)
         assert data == json.loads(text) and json.loads(text[start:end]) == data["Instances"]
         assert [json.loads(text[a:b]) for a, b in spans] == data["Instances"]
-    for text in ['{}', ' {"Instances": []} ', '{"Instances": [1], "Instances": 3}', '{"k" :\t"v\\"}"\r}']:
+    for text in ["{}", ' {"Instances": []} ', '{"Instances": [1], "Instances": 3}', '{"k" :\t"v\\"}"\r}']:
         assert sources._parse_task(text)[0] == json.loads(text)
-    for text in ['{"a" 1}', '{"a": 1,}', '{"a": 1 "b": 2}', '{"Instances": [1,]}', '{"Instances": [1 2]}',
-                 '{} x', '{1: 2}', '{"a": 1', '[1]', '{,}', '{"Instances": [,1]}']:
+    for text in [
+        '{"a" 1}',
+        '{"a": 1,}',
+        '{"a": 1 "b": 2}',
+        '{"Instances": [1,]}',
+        '{"Instances": [1 2]}',
+        "{} x",
+        "{1: 2}",
+        '{"a": 1',
+        "[1]",
+        "{,}",
+        '{"Instances": [,1]}',
+    ]:
         with pytest.raises(ValueError):
             sources._parse_task(text)

@@ -1,4 +1,5 @@
 """Readers: the real SNI sample in data/sni and metaseq-style JSONL files and directories."""
+
 import json
 import logging
 from pathlib import Path
@@ -41,8 +42,11 @@ def test_sni_input_ending_with_colon_gets_no_delimiter():
     # The paper's rule is literal: task833 has two poem lines ending in ":", which get no delimiter.
     examples = read_tasks(SNI / "task833_poem_sentiment_classification.json", SkipStats())
     srcs = [e.src for e in examples["task833_poem_sentiment_classification"]]
-    ending = [s for s in srcs if s.endswith(":") and not s.endswith(("Answer:", "A:", "Output:", "answer:",
-                                                                     "output:"))]
+    ending = [
+        s
+        for s in srcs
+        if s.endswith(":") and not s.endswith(("Answer:", "A:", "Output:", "answer:", "output:"))
+    ]
     assert [s.rsplit("Input: ", 1)[1][-10:] for s in ending] == ["e of gold:", "ter sleep:"]
 
 
@@ -53,13 +57,16 @@ def test_sni_split_file(tmp_path):
         read_tasks(SNI, stats, split_file=SNI / "splits/default/test_tasks.txt")
     split = tmp_path / "mine.txt"
     split.write_text("# two tasks\ntask1146_country_capital\n\ntask1508_wordnet_antonyms.json\n")
-    assert sorted(read_tasks(SNI, stats, split_file=split)) == ["task1146_country_capital",
-                                                                "task1508_wordnet_antonyms"]
+    assert sorted(read_tasks(SNI, stats, split_file=split)) == [
+        "task1146_country_capital",
+        "task1508_wordnet_antonyms",
+    ]
 
 
 def test_sni_few_shot_uses_positive_examples():
-    examples = read_tasks(SNI / "task1508_wordnet_antonyms.json", SkipStats(), template="few_shot",
-                          num_shots=2)["task1508_wordnet_antonyms"]
+    examples = read_tasks(
+        SNI / "task1508_wordnet_antonyms.json", SkipStats(), template="few_shot", num_shots=2
+    )["task1508_wordnet_antonyms"]
     assert examples[0].src.count("Input: ") == 3 and "Input: able" in examples[0].src
 
 
@@ -67,15 +74,18 @@ def test_sni_instances_share_their_task_text_and_are_formatted_on_demand():
     from optiml_jax.data.templates import format_sni
 
     task = read_sni_task(SNI / "task1508_wordnet_antonyms.json", SkipStats())
-    examples = read_tasks(SNI / "task1508_wordnet_antonyms.json", SkipStats(), template="few_shot",
-                          num_shots=2, seed=3)["task1508_wordnet_antonyms"]
+    examples = read_tasks(
+        SNI / "task1508_wordnet_antonyms.json", SkipStats(), template="few_shot", num_shots=2, seed=3
+    )["task1508_wordnet_antonyms"]
     # One definition and one exemplar tuple for the whole task, not a formatted prompt per instance.
-    assert all(e.definition is examples[0].definition and e.exemplars is examples[0].exemplars for e in examples)
+    assert all(
+        e.definition is examples[0].definition and e.exemplars is examples[0].exemplars for e in examples
+    )
     ident, text, output = task.instances[5]
     assert examples[5].source.endswith(f"#{ident}")
-    assert (examples[5].src, examples[5].tgt) == format_sni(task.definition, text, output,
-                                                            exemplars=task.positive_examples[:2], seed=3,
-                                                            task=task.name, index=5)
+    assert (examples[5].src, examples[5].tgt) == format_sni(
+        task.definition, text, output, exemplars=task.positive_examples[:2], seed=3, task=task.name, index=5
+    )
 
 
 def test_sni_raise_names_the_instance():
@@ -90,11 +100,15 @@ def write_jsonl(path, records):
 
 def test_jsonl_file(tmp_path):
     f = tmp_path / "qa.jsonl"
-    write_jsonl(f, [{"src": "Q: 1+1?", "tgt": "2"}, {"src": "", "tgt": "plain text"}, {"src": "x", "tgt": " "}])
+    write_jsonl(
+        f, [{"src": "Q: 1+1?", "tgt": "2"}, {"src": "", "tgt": "plain text"}, {"src": "x", "tgt": " "}]
+    )
     stats = SkipStats()
     examples = list(read_jsonl(f, stats))
     assert [(e.task, e.src, e.tgt, e.source) for e in examples] == [
-        ("qa", "Q: 1+1?", "2", f"{f}:1"), ("qa", "", "plain text", f"{f}:2")]
+        ("qa", "Q: 1+1?", "2", f"{f}:1"),
+        ("qa", "", "plain text", f"{f}:2"),
+    ]
     assert stats.as_dict() == {"empty_target": 1} and stats.samples["empty_target"] == [f"{f}:3"]
     assert detect_format(f) == "jsonl" and detect_format(TASK1564) == "sni"
 

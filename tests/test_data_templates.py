@@ -1,4 +1,5 @@
 """SNI prompt templates: exact zero-/few-shot strings and the paper's delimiter rule."""
+
 from collections import Counter
 
 from optiml_jax.data.templates import ANSWER_DELIMITERS, add_delimiter, format_sni, sample_delimiter
@@ -9,7 +10,9 @@ def test_delimiter_sampling_is_pinned_and_deterministic():
     assert sample_delimiter(0, "t", 0) == " Output:"
     assert sample_delimiter(0, "t", 1) == "\nanswer:"
     assert sample_delimiter(0, "t", 0) == sample_delimiter(0, "t", 0)
-    assert [sample_delimiter(1, "t", i) for i in range(50)] != [sample_delimiter(2, "t", i) for i in range(50)]
+    assert [sample_delimiter(1, "t", i) for i in range(50)] != [
+        sample_delimiter(2, "t", i) for i in range(50)
+    ]
 
 
 def test_delimiters_are_uniform_over_the_eight():
@@ -26,18 +29,29 @@ def test_zero_shot_exact():
 
 def test_two_shot_exact():
     src, tgt = format_sni(
-        "Give the capital.", "France", "Paris", exemplars=[("Japan ", "Tokyo"), ("Peru", " Lima ")],
-        seed=0, task="t", index=1)  # delimiter "\nanswer:"
-    assert src == ("Instructions: Give the capital.\n\n"
-                   "Input: Japan\nanswer: Tokyo\n\n"
-                   "Input: Peru\nanswer: Lima\n\n"
-                   "Input: France\nanswer:")
+        "Give the capital.",
+        "France",
+        "Paris",
+        exemplars=[("Japan ", "Tokyo"), ("Peru", " Lima ")],
+        seed=0,
+        task="t",
+        index=1,
+    )  # delimiter "\nanswer:"
+    assert src == (
+        "Instructions: Give the capital.\n\n"
+        "Input: Japan\nanswer: Tokyo\n\n"
+        "Input: Peru\nanswer: Lima\n\n"
+        "Input: France\nanswer:"
+    )
     assert tgt == "Paris"
 
 
 def test_no_delimiter_when_prompt_ends_with_colon():
-    assert add_delimiter("Question: who?  Search result URL:  ", "\nA:") == "Question: who?  Search result URL:"
+    assert (
+        add_delimiter("Question: who?  Search result URL:  ", "\nA:") == "Question: who?  Search result URL:"
+    )
     assert add_delimiter("Question: who?", "\nA:") == "Question: who?\nA:"
-    src, _ = format_sni("Answer it.", "Q: x. Search result URL:", "y", exemplars=[("Q: z?", "w")], seed=0,
-                        task="t", index=0)
+    src, _ = format_sni(
+        "Answer it.", "Q: x. Search result URL:", "y", exemplars=[("Q: z?", "w")], seed=0, task="t", index=0
+    )
     assert src == "Instructions: Answer it.\n\nInput: Q: z? Output: w\n\nInput: Q: x. Search result URL:"

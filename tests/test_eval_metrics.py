@@ -1,5 +1,6 @@
 """SNI metrics against the official scorer's definitions (allenai/natural-instructions
 eval/automatic/evaluation.py): an oracle written here from those definitions, and hand-checked values."""
+
 import string
 
 import pytest
@@ -61,7 +62,11 @@ def test_rouge1_counts_unigrams_rougeL_order(scorer):
 
 
 def test_normalize_and_names():
-    assert normalize_answer("  The  Cat's  hat!! ") == official_normalize("  The  Cat's  hat!! ") == "the cats hat"
+    assert (
+        normalize_answer("  The  Cat's  hat!! ")
+        == official_normalize("  The  Cat's  hat!! ")
+        == "the cats hat"
+    )
     assert category_name("Textual Entailment") == "textual_entailment"
     assert category_name("Question Answering (multiple choice)") == "question_answering_(multiple_choice)"
     assert primary_metric("textual_entailment") == "exact_match"
@@ -72,12 +77,20 @@ def test_normalize_and_names():
 
 
 def test_aggregate_is_micro_average_per_group_rounded(scorer):
-    rows = [("t1", "textual_entailment", "yes", ["yes"]), ("t1", "textual_entailment", "no", ["yes"]),
-            ("t1", "textual_entailment", "no", ["yes"]), ("t2", "title_generation", "the dog runs", ["running dogs"])]
+    rows = [
+        ("t1", "textual_entailment", "yes", ["yes"]),
+        ("t1", "textual_entailment", "no", ["yes"]),
+        ("t1", "textual_entailment", "no", ["yes"]),
+        ("t2", "title_generation", "the dog runs", ["running dogs"]),
+    ]
     records = [{"task": t, "category": c, **scorer(p, r)} for t, c, p, r in rows]
     metrics = aggregate(records)
-    assert metrics["overall"] == {"exact_match": 25.0, "rouge1": round((100 + 80) / 4, 4),
-                                  "rougeL": round((100 + 40) / 4, 4), "instances": 4}
+    assert metrics["overall"] == {
+        "exact_match": 25.0,
+        "rouge1": round((100 + 80) / 4, 4),
+        "rougeL": round((100 + 40) / 4, 4),
+        "instances": 4,
+    }
     assert metrics["per_task"]["t1"]["exact_match"] == round(100 / 3, 4) == 33.3333
     assert metrics["per_task"]["t2"] == {"exact_match": 0.0, "rouge1": 80.0, "rougeL": 40.0, "instances": 1}
     assert metrics["per_category"]["textual_entailment"]["primary_metric"] == "exact_match"

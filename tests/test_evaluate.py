@@ -1,15 +1,16 @@
 """Generation evaluation end to end: bucketed, sharded greedy answers equal Hugging Face `generate` on each
 prompt alone; the CLI writes predictions / metrics / report that re-scoring reproduces; bad input is one
 line and leaves no output behind."""
+
 import json
 
 import jax
 import numpy as np
 import pytest
 import torch
-
 from finetune_helpers import SNI, TOKENIZER
 from hf_reference import make_hf_model
+
 from optiml_jax.config import OPTConfig
 from optiml_jax.eval.generation import generate_completions, prompt_buckets
 from optiml_jax.evaluate import main
@@ -17,8 +18,16 @@ from optiml_jax.sharding import MeshConfig, make_mesh
 from optiml_jax.tokenizer import OPTTokenizer
 
 # The demo tokenizer's vocabulary; 64 positions, so SNI prompts must be cut to fit.
-MODEL = dict(vocab_size=2048, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-             max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+MODEL = dict(
+    vocab_size=2048,
+    hidden_size=32,
+    num_hidden_layers=2,
+    ffn_dim=64,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +42,16 @@ def hf_model_dir(tmp_path_factory):
 
 def hf_greedy_text(hf, tokenizer, ids, max_new_tokens, stop=()):
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=2, pad_token_id=1)
-    new = [t for t in out[0, len(ids):].tolist() if t != 2]
-    text = tokenizer.decode(ids + new)[len(tokenizer.decode(ids)):]
+        out = hf.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    new = [t for t in out[0, len(ids) :].tolist() if t != 2]
+    text = tokenizer.decode(ids + new)[len(tokenizer.decode(ids)) :]
     for s in stop:
         text = text.split(s)[0]
     return text.strip()
@@ -50,14 +65,21 @@ def test_bucketed_sharded_generation_equals_hf_generate_per_prompt(hf_model_dir)
     mesh = make_mesh(MeshConfig(data=4), devices=jax.devices()[:4])
     loaded = load_pretrained(directory, scan_layers=False, mesh=mesh)
     tokenizer = loaded.tokenizer
-    texts = ["Hi", "What is the capital of France?", "Input: 3 apples and 4 pears\nOutput:",
-             json.loads((SNI / "task1146_country_capital.json").read_text())["Definition"][0] * 3,  # cut to fit
-             "Item 7: 259 apples, 77 pears (0 left).", "a", "The quick brown fox jumps over the lazy dog. " * 2]
+    texts = [
+        "Hi",
+        "What is the capital of France?",
+        "Input: 3 apples and 4 pears\nOutput:",
+        json.loads((SNI / "task1146_country_capital.json").read_text())["Definition"][0] * 3,  # cut to fit
+        "Item 7: 259 apples, 77 pears (0 left).",
+        "a",
+        "The quick brown fox jumps over the lazy dog. " * 2,
+    ]
     prompts = [tokenizer.encode(t, add_bos=False) for t in texts]
     max_new = 8
     before = _generate_compiled._cache_size()
-    got, truncated, stats = generate_completions(loaded.model, loaded.params, tokenizer, prompts,
-                                                 max_new_tokens=max_new, batch_size=4, mesh=mesh)
+    got, truncated, stats = generate_completions(
+        loaded.model, loaded.params, tokenizer, prompts, max_new_tokens=max_new, batch_size=4, mesh=mesh
+    )
     room = MODEL["max_position_embeddings"] - max_new
     assert truncated == [len(p) > room for p in prompts] and sum(truncated) >= 1
     want = [hf_greedy_text(hf, tokenizer, p[-room:], max_new) for p in prompts]
@@ -67,11 +89,21 @@ def test_bucketed_sharded_generation_equals_hf_generate_per_prompt(hf_model_dir)
     assert _generate_compiled._cache_size() - before == stats.programs
     # stop strings cut the answer exactly where the text first holds one (and may end the loop early)
     stop = next(t[1] for t in want if len(t) > 2)
-    got_stopped, _, _ = generate_completions(loaded.model, loaded.params, tokenizer, prompts, max_new_tokens=max_new,
-                                             batch_size=4, mesh=mesh, stop=[stop])
+    got_stopped, _, _ = generate_completions(
+        loaded.model,
+        loaded.params,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new,
+        batch_size=4,
+        mesh=mesh,
+        stop=[stop],
+    )
     assert got_stopped == [hf_greedy_text(hf, tokenizer, p[-room:], max_new, stop=[stop]) for p in prompts]
     with pytest.raises(ValueError, match="not a positive multiple of the mesh's data-parallel devices"):
-        generate_completions(loaded.model, loaded.params, tokenizer, prompts, max_new_tokens=4, batch_size=6, mesh=mesh)
+        generate_completions(
+            loaded.model, loaded.params, tokenizer, prompts, max_new_tokens=4, batch_size=6, mesh=mesh
+        )
 
 
 def run_cli(capsys, *args):
@@ -85,17 +117,52 @@ def test_cli_writes_predictions_metrics_and_report_that_rescoring_reproduces(hf_
     out = tmp_path / "eval"
     split = tmp_path / "split.txt"
     split.write_text("task833_poem_sentiment_classification\ntask1146_country_capital\n")
-    code, stdout, err = run_cli(capsys, "--model", directory, "--data", SNI, "--split", split, "--max-instances", 3,
-                                "--max-new-tokens", 4, "--template", "tk_instruct", "--shots", 1, "--stop", "\\n",
-                                "--mesh", "data=-1", "--batch-size", 8, "--output", out)
+    code, stdout, err = run_cli(
+        capsys,
+        "--model",
+        directory,
+        "--data",
+        SNI,
+        "--split",
+        split,
+        "--max-instances",
+        3,
+        "--max-new-tokens",
+        4,
+        "--template",
+        "tk_instruct",
+        "--shots",
+        1,
+        "--stop",
+        "\\n",
+        "--mesh",
+        "data=-1",
+        "--batch-size",
+        8,
+        "--output",
+        out,
+    )
     assert code == 0, err
     assert "overall" in stdout and "task1146_country_capital" in stdout
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    first_ids = [i["id"] for i in json.loads((SNI / "task1146_country_capital.json").read_text())["Instances"][:3]]
+    first_ids = [
+        i["id"] for i in json.loads((SNI / "task1146_country_capital.json").read_text())["Instances"][:3]
+    ]
     assert [(r["task"], r["id"]) for r in records[:3]] == [("task1146_country_capital", i) for i in first_ids]
-    assert len(records) == 6 and {"task", "id", "category", "prompt", "prediction", "references", "exact_match",
-                                  "rouge1", "rougeL"} <= set(records[0])
-    assert records[0]["prompt"].startswith("Definition: ") and " Positive Example 1 -\n" in records[0]["prompt"]
+    assert len(records) == 6 and {
+        "task",
+        "id",
+        "category",
+        "prompt",
+        "prediction",
+        "references",
+        "exact_match",
+        "rouge1",
+        "rougeL",
+    } <= set(records[0])
+    assert (
+        records[0]["prompt"].startswith("Definition: ") and " Positive Example 1 -\n" in records[0]["prompt"]
+    )
     assert all("\n" not in r["prediction"] for r in records)  # cut at the stop string
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"overall", "per_category", "per_task", "settings"}
@@ -107,7 +174,9 @@ def test_cli_writes_predictions_metrics_and_report_that_rescoring_reproduces(hf_
 
     # Another system's predictions, scored by the same code: hand-made answers give known scores
     for r in records:
-        r["prediction"] = r["references"][0] if r["task"] == "task833_poem_sentiment_classification" else "wrong"
+        r["prediction"] = (
+            r["references"][0] if r["task"] == "task833_poem_sentiment_classification" else "wrong"
+        )
     theirs = tmp_path / "theirs.jsonl"
     theirs.write_text("".join(json.dumps(r) + "\n" for r in records))
     code, stdout, err = run_cli(capsys, "--predictions", theirs, "--output", tmp_path / "rescored")
@@ -119,19 +188,25 @@ def test_cli_writes_predictions_metrics_and_report_that_rescoring_reproduces(hf_
     # re-scoring our own file gives our metrics back
     code, _, err = run_cli(capsys, "--predictions", out / "predictions.jsonl", "--output", tmp_path / "again")
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
-    assert code == 0 and {k: again[k] for k in ("overall", "per_task", "per_category")} == \
-        {k: metrics[k] for k in ("overall", "per_task", "per_category")}
+    assert code == 0 and {k: again[k] for k in ("overall", "per_task", "per_category")} == {
+        k: metrics[k] for k in ("overall", "per_task", "per_category")
+    }
 
 
-@pytest.mark.parametrize("problem", ["existing_output", "no_task_in_split", "no_model", "no_references",
-                                     "bad_mesh"])
+@pytest.mark.parametrize(
+    "problem", ["existing_output", "no_task_in_split", "no_model", "no_references", "bad_mesh"]
+)
 def test_cli_bad_input_is_one_line_and_writes_nothing(hf_model_dir, tmp_path, capsys, problem):
     directory, _ = hf_model_dir
     out = tmp_path / "out"
     args = ["--model", directory, "--data", SNI, "--max-instances", 1, "--max-new-tokens", 2, "--output", out]
-    expected = {"existing_output": "exists and is not empty", "no_task_in_split": "none of the 8 task files",
-                "no_model": "no such model directory", "no_references": "#t-1: 'output' must be a non-empty list",
-                "bad_mesh": "--mesh"}[problem]
+    expected = {
+        "existing_output": "exists and is not empty",
+        "no_task_in_split": "none of the 8 task files",
+        "no_model": "no such model directory",
+        "no_references": "#t-1: 'output' must be a non-empty list",
+        "bad_mesh": "--mesh",
+    }[problem]
     if problem == "existing_output":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
@@ -164,12 +239,25 @@ def test_rank_classification_of_jsonl_options_and_sni_label_sets(hf_model_dir, t
     directory, hf = hf_model_dir
     tokenizer = OPTTokenizer.from_pretrained(directory)
     data = tmp_path / "mc.jsonl"
-    rows = [{"src": "Sky color?\nAnswer:", "options": ["blue", "green", "red"], "tgt": "blue"},
-            {"src": "Bees make\nAnswer:", "options": ["milk", "honey"], "label": 1},
-            {"src": "2 + 2 =", "options": ["3", "4", "22", "five"], "references": ["4"]}]
+    rows = [
+        {"src": "Sky color?\nAnswer:", "options": ["blue", "green", "red"], "tgt": "blue"},
+        {"src": "Bees make\nAnswer:", "options": ["milk", "honey"], "label": 1},
+        {"src": "2 + 2 =", "options": ["3", "4", "22", "five"], "references": ["4"]},
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, stdout, err = run_cli(capsys, "--model", directory, "--data", data, "--output", tmp_path / "mc",
-                                "--batch-size", 2, "--mesh", "data=2,tensor=4")
+    code, stdout, err = run_cli(
+        capsys,
+        "--model",
+        directory,
+        "--data",
+        data,
+        "--output",
+        tmp_path / "mc",
+        "--batch-size",
+        2,
+        "--mesh",
+        "data=2,tensor=4",
+    )
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "mc" / "predictions.jsonl").read_text().splitlines()]
     for row, record in zip(rows, records):
@@ -178,7 +266,9 @@ def test_rank_classification_of_jsonl_options_and_sni_label_sets(hf_model_dir, t
         for option in row["options"]:
             context, continuation = encode_pair(tokenizer, row["src"], " " + option, add_bos=False)
             with torch.no_grad():
-                lp = torch.log_softmax(hf(input_ids=torch.tensor([context + continuation[:-1]])).logits.float(), -1)[0]
+                lp = torch.log_softmax(
+                    hf(input_ids=torch.tensor([context + continuation[:-1]])).logits.float(), -1
+                )[0]
             n = len(continuation)
             logprobs.append(float(lp[-n:].gather(-1, torch.tensor(continuation)[:, None]).sum()))
         assert record["option_logprobs"] == pytest.approx(logprobs, abs=1e-4)
@@ -190,20 +280,49 @@ def test_rank_classification_of_jsonl_options_and_sni_label_sets(hf_model_dir, t
     assert records[1]["references"] == ["honey"]
     metrics = json.loads((tmp_path / "mc" / "metrics.json").read_text())
     assert metrics["overall"]["acc"] == pytest.approx(np.mean([r["acc"] for r in records]), abs=1e-4)
-    assert metrics["per_category"]["uncategorized"]["primary_metric"] == "acc" and "exact_match" not in metrics["overall"]
+    assert (
+        metrics["per_category"]["uncategorized"]["primary_metric"] == "acc"
+        and "exact_match" not in metrics["overall"]
+    )
     assert "acc" in stdout
 
     # SNI tasks ranked over their distinct outputs; those with more than --max-options are skipped
-    code, _, err = run_cli(capsys, "--model", directory, "--data", SNI, "--mode", "rank", "--max-options", 6,
-                           "--max-instances", 2, "--output", tmp_path / "rank", "--batch-size", 4, "--mesh", "data=4,tensor=2")
+    code, _, err = run_cli(
+        capsys,
+        "--model",
+        directory,
+        "--data",
+        SNI,
+        "--mode",
+        "rank",
+        "--max-options",
+        6,
+        "--max-instances",
+        2,
+        "--output",
+        tmp_path / "rank",
+        "--batch-size",
+        4,
+        "--mesh",
+        "data=4,tensor=2",
+    )
     assert code == 0, err
     metrics = json.loads((tmp_path / "rank" / "metrics.json").read_text())
-    assert set(metrics["per_task"]) == {"task833_poem_sentiment_classification", "task1135_xcsr_en_commonsense_mc_classification",
-                                        "task1418_bless_semantic_relation_classification"}
+    assert set(metrics["per_task"]) == {
+        "task833_poem_sentiment_classification",
+        "task1135_xcsr_en_commonsense_mc_classification",
+        "task1418_bless_semantic_relation_classification",
+    }
     assert len(metrics["settings"]["skipped_tasks"]) == 5 and "skipping" not in err
-    records = [json.loads(line) for line in (tmp_path / "rank" / "predictions.jsonl").read_text().splitlines()]
-    assert {frozenset(r["options"]) for r in records if r["task"].startswith("task833")} == {frozenset({"negative", "positive"})}
+    records = [
+        json.loads(line) for line in (tmp_path / "rank" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert {frozenset(r["options"]) for r in records if r["task"].startswith("task833")} == {
+        frozenset({"negative", "positive"})
+    }
     # re-scoring a ranked file recomputes accuracy from the stored log-probabilities
-    code, _, err = run_cli(capsys, "--predictions", tmp_path / "rank" / "predictions.jsonl", "--output", tmp_path / "re")
+    code, _, err = run_cli(
+        capsys, "--predictions", tmp_path / "rank" / "predictions.jsonl", "--output", tmp_path / "re"
+    )
     again = json.loads((tmp_path / "re" / "metrics.json").read_text())
     assert code == 0 and again["overall"] == metrics["overall"]

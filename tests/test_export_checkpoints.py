@@ -2,6 +2,7 @@
 (RUN/checkpoints/STEP, params read from the train state), the run directory (its final model, or its
 latest checkpoint when it has none; scanned and unscanned layers). transformers loads each export, and
 its logits equal our model's on the same params, restored independently (the whole state, by Orbax)."""
+
 import json
 import shutil
 
@@ -11,8 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 import transformers
-
 from finetune_helpers import TINY_MODEL, run_config
+
 from optiml_jax import export_hf
 from optiml_jax.checkpoints.model_format import CheckpointError
 from optiml_jax.config import OPTConfig
@@ -32,12 +33,21 @@ def runs(tiny_preset, tmp_path_factory):
     from optiml_jax.train.state import build_model, create_train_state, make_optimizer
 
     root = tmp_path_factory.mktemp("export_runs")
-    train_and_evaluate(run_config(tiny_preset, root / "scanned", train={"max_steps": 4}, checkpoint={
-        "every_steps": 2, "keep": 5, "save_final": True, "async_save": False}), progress=False)
+    train_and_evaluate(
+        run_config(
+            tiny_preset,
+            root / "scanned",
+            train={"max_steps": 4},
+            checkpoint={"every_steps": 2, "keep": 5, "save_final": True, "async_save": False},
+        ),
+        progress=False,
+    )
     cfg = run_config(tiny_preset, root / "unscanned", train={"scan_layers": False})
     prepare_workdir(cfg, root / "unscanned", overwrite=False)
     tx = make_optimizer(cfg.optim, cfg.train.max_steps)
-    state, _ = create_train_state(build_model(OPTConfig(**TINY_MODEL), cfg.train), tx, make_mesh(cfg.mesh), seed=3)
+    state, _ = create_train_state(
+        build_model(OPTConfig(**TINY_MODEL), cfg.train), tx, make_mesh(cfg.mesh), seed=3
+    )
     manager = checkpoint_manager(str(root / "unscanned"), keep=5, async_save=False)
     save_checkpoint(manager, state, {})
     later = jax.tree_util.tree_map(lambda x: x * 1.5, state.params)
@@ -59,7 +69,9 @@ IDS = np.random.default_rng(0).integers(3, TINY_MODEL["vocab_size"], size=(2, 24
 
 
 def assert_same_logits(hf_dir, params, scan_layers):
-    ours = np.asarray(OPTForCausalLM(OPTConfig(**TINY_MODEL), scan_layers=scan_layers).apply({"params": params}, IDS))
+    ours = np.asarray(
+        OPTForCausalLM(OPTConfig(**TINY_MODEL), scan_layers=scan_layers).apply({"params": params}, IDS)
+    )
     hf_model = transformers.OPTForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = hf_model(input_ids=torch.as_tensor(IDS)).logits.numpy()
@@ -73,16 +85,23 @@ def test_mid_run_checkpoint_exports_its_own_params(runs, tmp_path):
     # the export is of step 2, not of the final model
     final = checkpoint_params(scanned / "checkpoints" / "4")
     step2 = checkpoint_params(scanned / "checkpoints" / "2")
-    assert not np.allclose(final["decoder"]["embed_tokens"]["embedding"], step2["decoder"]["embed_tokens"]["embedding"])
+    assert not np.allclose(
+        final["decoder"]["embed_tokens"]["embedding"], step2["decoder"]["embed_tokens"]["embedding"]
+    )
     # generation_config.json: what transformers derives from the model config for OPT
     written = json.loads((out / "generation_config.json").read_text())
     derived = transformers.GenerationConfig.from_model_config(transformers.AutoConfig.from_pretrained(out))
-    assert written == {key: derived.to_diff_dict()[key]
-                       for key in ("_from_model_config", "bos_token_id", "eos_token_id", "pad_token_id")}
+    assert written == {
+        key: derived.to_diff_dict()[key]
+        for key in ("_from_model_config", "bos_token_id", "eos_token_id", "pad_token_id")
+    }
     loaded = transformers.GenerationConfig.from_pretrained(out)
     config = OPTConfig(**TINY_MODEL)
     assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (
-        config.bos_token_id, config.eos_token_id, config.pad_token_id)
+        config.bos_token_id,
+        config.eos_token_id,
+        config.pad_token_id,
+    )
     assert transformers.AutoTokenizer.from_pretrained(out)("Input: x").input_ids[0] == config.bos_token_id
 
 

@@ -1,4 +1,5 @@
 """`python -m optiml_jax.generate` end to end on a tiny HF model directory with a tokenizer."""
+
 import json
 import os
 import subprocess
@@ -7,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hf_reference import make_config, make_hf_model
 
 from optiml_jax import generate as gen
 from optiml_jax.tokenizer import OPTTokenizer
-
-from hf_reference import make_config, make_hf_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,8 +33,14 @@ def model_dir(tokenizer_dir, tmp_path_factory):
 def _cli(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     env.pop("XLA_FLAGS", None)  # one CPU device is enough, and starts faster
-    return subprocess.run([sys.executable, "-m", "optiml_jax.generate", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "optiml_jax.generate", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_prompt_file_is_one_left_padded_batch_with_json_output(model_dir, tmp_path):
@@ -58,13 +64,30 @@ def test_prompt_file_is_one_left_padded_batch_with_json_output(model_dir, tmp_pa
     loaded = load_pretrained(model_dir)
     out = gen.generate(loaded.model, loaded.params, [r["prompt_ids"] for r in rows], max_new_tokens=6)
     assert out.token_ids() == [r["token_ids"] for r in rows]
-    np.testing.assert_allclose(np.concatenate(out.token_logprobs()),
-                               np.concatenate([r["logprobs"] for r in rows]), atol=1e-5)
+    np.testing.assert_allclose(
+        np.concatenate(out.token_logprobs()), np.concatenate([r["logprobs"] for r in rows]), atol=1e-5
+    )
 
 
 def test_sampling_flags_and_plain_text_output(model_dir):
-    args = ("--model", model_dir, "--prompt", "Input: What is", "--prompt", "Hello", "--max-new-tokens", 5,
-            "--temperature", 0.9, "--top-k", 20, "--top-p", 0.95, "--seed", 3)
+    args = (
+        "--model",
+        model_dir,
+        "--prompt",
+        "Input: What is",
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        5,
+        "--temperature",
+        0.9,
+        "--top-k",
+        20,
+        "--top-p",
+        0.95,
+        "--seed",
+        3,
+    )
     first, second = _cli(*args), _cli(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout  # same seed, same text
@@ -72,20 +95,26 @@ def test_sampling_flags_and_plain_text_output(model_dir):
     assert len(lines) >= 2 and lines[0].startswith("Input: What is")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--prompt", "hi"], "--model"),
-    (["--model", "{missing}", "--prompt", "hi"], "no such model directory"),
-    (["--model", "{model}", "--prompt-file", "{empty}"], "has no prompts"),
-    (["--model", "{model}", "--prompt-file", "{missing}/p.txt"], "cannot read --prompt-file"),
-    (["--model", "{model}", "--prompt", "hi", "--prompt-file", "{empty}"], "not both"),
-    (["--model", "{model}"], "give a --prompt"),
-    (["--model", "{model}", "--prompt", "hi", "--top-k", "5"], "--temperature > 0"),
-    (["--model", "{model}", "--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens"),
-    (["--model", "{model}", "--prompt", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
-    (["--model", "{model}", "--prompt", "hi", "--temperature", "1", "--top-p", "2"], "--top-p"),
-    (["--model", "{model}", "--prompt", "hi", "--max-new-tokens", "500"], "exceeds the model's 128 positions"),
-    (["--model", "{model}", "--prompt", ""], "a prompt is empty"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--prompt", "hi"], "--model"),
+        (["--model", "{missing}", "--prompt", "hi"], "no such model directory"),
+        (["--model", "{model}", "--prompt-file", "{empty}"], "has no prompts"),
+        (["--model", "{model}", "--prompt-file", "{missing}/p.txt"], "cannot read --prompt-file"),
+        (["--model", "{model}", "--prompt", "hi", "--prompt-file", "{empty}"], "not both"),
+        (["--model", "{model}"], "give a --prompt"),
+        (["--model", "{model}", "--prompt", "hi", "--top-k", "5"], "--temperature > 0"),
+        (["--model", "{model}", "--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens"),
+        (["--model", "{model}", "--prompt", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+        (["--model", "{model}", "--prompt", "hi", "--temperature", "1", "--top-p", "2"], "--top-p"),
+        (
+            ["--model", "{model}", "--prompt", "hi", "--max-new-tokens", "500"],
+            "exceeds the model's 128 positions",
+        ),
+        (["--model", "{model}", "--prompt", ""], "a prompt is empty"),
+    ],
+)
 def test_bad_input_is_one_line_and_a_nonzero_exit(args, message, model_dir, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")

@@ -1,6 +1,7 @@
 """lm-evaluation-harness: local tasks (tests/data/lm_eval) run through lm_eval with our `optiml_jax` model
 and with lm_eval's own `hf` model on the Hugging Face export of the same weights: the same accuracies,
 the same generations, and per-request log-likelihoods within 1e-4."""
+
 import os
 import subprocess
 import sys
@@ -9,17 +10,25 @@ from pathlib import Path
 import lm_eval  # installed by the README's test command ('.[test]' includes lm_eval[hf])
 import numpy as np
 import pytest
-
 from finetune_helpers import REPO, TOKENIZER
 from hf_reference import make_hf_model
+
 from optiml_jax.config import OPTConfig
 from optiml_jax.tokenizer import OPTTokenizer
 
 TASK_DIR = Path(__file__).parent / "data" / "lm_eval"
 TASKS = ["optiml_test_mc", "optiml_test_gen", "optiml_test_rolling"]
 # 64 positions: the rolling task's longest document takes three windows
-MODEL = dict(vocab_size=2048, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-             max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+MODEL = dict(
+    vocab_size=2048,
+    hidden_size=32,
+    num_hidden_layers=2,
+    ffn_dim=64,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +47,9 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def both_results(models, tmp_path_factory):
-    import optiml_jax.lm_eval  # noqa: F401  (registers the model)
     from lm_eval.tasks import TaskManager
+
+    import optiml_jax.lm_eval  # noqa: F401  (registers the model)
 
     ours_dir, export_dir = models
     os.environ.setdefault("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets_cache")))
@@ -47,14 +57,26 @@ def both_results(models, tmp_path_factory):
     os.chdir(TASK_DIR)  # the task YAMLs name their data files relative to it
     try:
         manager = TaskManager(include_path=str(TASK_DIR))
-        ours = lm_eval.simple_evaluate(model="optiml_jax", model_args=f"pretrained={ours_dir},dtype=float32",
-                                       tasks=TASKS, task_manager=manager, batch_size=4, log_samples=True)
+        ours = lm_eval.simple_evaluate(
+            model="optiml_jax",
+            model_args=f"pretrained={ours_dir},dtype=float32",
+            tasks=TASKS,
+            task_manager=manager,
+            batch_size=4,
+            log_samples=True,
+        )
         # batch 1: lm_eval 0.4.13's hf model changes a rolling window's log-likelihood when it shares a
         # batch with windows of other context lengths (-138.91 against -142.27 alone, which is what HF
         # PyTorch gives for that window on its own)
-        theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={export_dir},dtype=float32",
-                                         tasks=TASKS, task_manager=manager, batch_size=1, device="cpu",
-                                         log_samples=True)
+        theirs = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={export_dir},dtype=float32",
+            tasks=TASKS,
+            task_manager=manager,
+            batch_size=1,
+            device="cpu",
+            log_samples=True,
+        )
     finally:
         os.chdir(cwd)
     return ours, theirs
@@ -68,7 +90,10 @@ def test_same_accuracies_and_loglikelihoods_as_lm_evals_hf_model(both_results):
     ours_mc, theirs_mc = ours["samples"]["optiml_test_mc"], theirs["samples"]["optiml_test_mc"]
     assert len(ours_mc) == 6
     for a, b in zip(ours_mc, theirs_mc):
-        (ll_a, greedy_a), (ll_b, greedy_b) = zip(*[r[0] for r in a["resps"]]), zip(*[r[0] for r in b["resps"]])
+        (ll_a, greedy_a), (ll_b, greedy_b) = (
+            zip(*[r[0] for r in a["resps"]]),
+            zip(*[r[0] for r in b["resps"]]),
+        )
         np.testing.assert_allclose(ll_a, ll_b, atol=1e-4)
         assert greedy_a == greedy_b
     rolling_a = [s["resps"][0][0] for s in ours["samples"]["optiml_test_rolling"]]
@@ -81,17 +106,45 @@ def test_same_generations_as_lm_evals_hf_model(both_results):
     gen_a = [s["resps"][0][0] for s in ours["samples"]["optiml_test_gen"]]
     gen_b = [s["resps"][0][0] for s in theirs["samples"]["optiml_test_gen"]]
     assert gen_a == gen_b and all(gen_a)
-    assert ours["results"]["optiml_test_gen"]["exact_match,none"] == theirs["results"]["optiml_test_gen"]["exact_match,none"]
+    assert (
+        ours["results"]["optiml_test_gen"]["exact_match,none"]
+        == theirs["results"]["optiml_test_gen"]["exact_match,none"]
+    )
 
 
 @pytest.mark.slow
 def test_cli_registers_the_model_and_hands_over_to_lm_evals_cli(models, tmp_path):
     ours_dir, _ = models
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "optiml_jax.lm_eval", "--model", "optiml_jax", "--model_args",
-                           f"pretrained={ours_dir}", "--tasks", "optiml_test_mc", "--include_path", str(TASK_DIR),
-                           "--batch_size", "2", "--output_path", str(tmp_path / "out")],
-                          cwd=TASK_DIR, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "JAX_PLATFORMS": "cpu",
+        "HF_DATASETS_CACHE": str(tmp_path / "cache"),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optiml_jax.lm_eval",
+            "--model",
+            "optiml_jax",
+            "--model_args",
+            f"pretrained={ours_dir}",
+            "--tasks",
+            "optiml_test_mc",
+            "--include_path",
+            str(TASK_DIR),
+            "--batch_size",
+            "2",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        cwd=TASK_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "optiml_test_mc" in proc.stdout and "acc" in proc.stdout
     assert list((tmp_path / "out").rglob("results_*.json"))

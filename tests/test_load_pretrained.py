@@ -1,12 +1,13 @@
 """load_pretrained on every Hugging Face directory layout, on our converted format, and on a mesh."""
+
+import checkpoint_fixtures as fixtures
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import hf_logits, make_config, make_hf_model
 from jax.sharding import PartitionSpec
 
-import checkpoint_fixtures as fixtures
-from hf_reference import hf_logits, make_config, make_hf_model
 from optiml_jax import load_pretrained
 from optiml_jax.checkpoints.convert import convert
 from optiml_jax.sharding import MeshConfig, make_mesh
@@ -49,8 +50,9 @@ def test_converted_directory_both_layouts_and_on_a_mesh(reference, tmp_path):
     q = loaded.params["decoder"]["layers"]["self_attn"]["q_proj"]["kernel"]  # [layers, embed, heads, kv]
     assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
     assert q.addressable_shards[0].data.shape == (config.num_hidden_layers, 32, 2, 16)
-    from optiml_jax.sharding import DEFAULT_RULES
     import flax.linen as nn
+
+    from optiml_jax.sharding import DEFAULT_RULES
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         logits = jax.jit(lambda p, x: loaded.model.apply({"params": p}, x))(loaded.params, jnp.asarray(ids))

@@ -1,15 +1,15 @@
 """Logits of our Flax OPT against transformers' PyTorch OPTForCausalLM (float32, random tiny models)."""
+
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from optiml_jax.model import OPTForCausalLM
-from optiml_jax.checkpoints.mapping import hf_to_params
-
 from hf_reference import VARIANTS, hf_logits, hf_state_dict, make_config, make_hf_model
+
+from optiml_jax.checkpoints.mapping import hf_to_params
+from optiml_jax.model import OPTForCausalLM
 
 ATOL = 1e-4
 
@@ -92,7 +92,9 @@ def test_attention_outputs_and_gradients_match_autodiff(causal, dropout):
 
     rng = np.random.default_rng(0)
     batch, length, heads, head_dim, block = 2, 200, 3, 8, 64
-    q, k, v = (jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), jnp.float32) for _ in range(3))
+    q, k, v = (
+        jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), jnp.float32) for _ in range(3)
+    )
     segments = np.zeros((batch, length), np.int32)
     segments[0, :70], segments[0, 70:190] = 1, 2  # 10 padding tokens at the end
     segments[1, :] = 1
@@ -106,15 +108,24 @@ def test_attention_outputs_and_gradients_match_autodiff(causal, dropout):
         keep = np.zeros((batch, heads, length, length), bool)
         for index, start in enumerate(starts):
             end = min(start + block, length) if causal else length
-            keep[:, :, start:end, :end] = _dropout_keep(dropout_rng, index, dropout, (batch, heads, end - start, end))
+            keep[:, :, start:end, :end] = _dropout_keep(
+                dropout_rng, index, dropout, (batch, heads, end - start, end)
+            )
         assert 0.6 < keep[np.asarray(mask[:, :, :, :]).repeat(heads, 1)].mean() < 0.8
 
     def loss(attention, q, k, v):
         out = attention(q, k, v)
         return jnp.sum(jnp.where(valid[:, :, None, None], out * weight, 0.0)), out
 
-    ours = functools.partial(blockwise_attention, mask=mask, causal=causal, query_block=block,
-                             dropout_rate=dropout, dropout_rng=dropout_rng, deterministic=not dropout)
+    ours = functools.partial(
+        blockwise_attention,
+        mask=mask,
+        causal=causal,
+        query_block=block,
+        dropout_rate=dropout,
+        dropout_rng=dropout_rng,
+        deterministic=not dropout,
+    )
     reference = functools.partial(_reference_attention, mask=mask, keep=keep, rate=dropout)
     (l_ours, out_ours), g_ours = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(ours, q, k, v)
     (l_ref, out_ref), g_ref = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(reference, q, k, v)
@@ -191,8 +202,14 @@ def test_packed_segments_equal_separate_sequences():
     packed = np.concatenate([a, b, [1, 1]])[None]
     segments = np.array([[1] * 5 + [2] * 4 + [0, 0]])
     positions = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0]])
-    out = np.asarray(model.apply({"params": params}, jnp.asarray(packed),
-                                 position_ids=jnp.asarray(positions), segment_ids=jnp.asarray(segments)))
+    out = np.asarray(
+        model.apply(
+            {"params": params},
+            jnp.asarray(packed),
+            position_ids=jnp.asarray(positions),
+            segment_ids=jnp.asarray(segments),
+        )
+    )
     alone_a = np.asarray(model.apply({"params": params}, jnp.asarray(a[None])))
     alone_b = np.asarray(model.apply({"params": params}, jnp.asarray(b[None])))
     np.testing.assert_allclose(out[0, :5], alone_a[0], atol=ATOL, rtol=0)
@@ -227,7 +244,7 @@ def test_weights_errors_name_the_key():
     with pytest.raises(WeightsError, match=r"unexpected.*decoder\.extra\.weight"):
         hf_to_params(bad, config)
     # keys without the "model." prefix and without lm_head (tied) load the same
-    stripped = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    stripped = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
     a = hf_to_params(sd, config)
     b = hf_to_params(stripped, config)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):

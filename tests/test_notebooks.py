@@ -2,6 +2,7 @@
 it, in quick mode (OPTIML_NOTEBOOK_QUICK=1: tiny shapes, a few steps) and offline (HF_HUB_OFFLINE=1).
 A cell error fails the test; then each notebook's key outputs are checked. The quickstart's fine-tuned
 model is the tiny local model of generate.ipynb, and one JAX compilation cache serves every kernel."""
+
 import json
 import os
 import re
@@ -11,9 +12,9 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
-from nbclient import NotebookClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -30,15 +31,28 @@ def session(tmp_path_factory):
     # kernel specs the machine has installed.
     spec = base / "kernels" / KERNEL
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "optiml-jax tests", "language": "python"}))
-    env = {**os.environ, "OPTIML_NOTEBOOK_QUICK": "1", "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "", "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           # quickstart and finetune_and_evaluate compile the same train and eval steps: once, with
-           # JAX's persistent cache (of compiles over a second; caching all of them costs more)
-           "JAX_COMPILATION_CACHE_DIR": str(base / "jax-cache")}
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "optiml-jax tests",
+                "language": "python",
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "OPTIML_NOTEBOOK_QUICK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "",
+        "MPLBACKEND": "Agg",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        # quickstart and finetune_and_evaluate compile the same train and eval steps: once, with
+        # JAX's persistent cache (of compiles over a second; caching all of them costs more)
+        "JAX_COMPILATION_CACHE_DIR": str(base / "jax-cache"),
+    }
     return base / "kernels", env, base
 
 
@@ -48,7 +62,9 @@ def execute(name: str, session, **env) -> tuple[nbformat.NotebookNode, Path]:
     kernels, base_env, base = session
     workdir = base / Path(name).stem
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
-    km = AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]))
+    km = AsyncKernelManager(
+        kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)])
+    )
     client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, resources={"metadata": {"path": str(REPO)}})
     client.execute(env={**base_env, "OPTIML_NOTEBOOK_WORKDIR": str(workdir), **env})
     return nb, workdir
@@ -86,10 +102,14 @@ def quickstart(session):
 def test_every_notebook_starts_with_install_and_runtime_cells():
     assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(NOTEBOOKS)
     for name in NOTEBOOKS:
-        code = [c.source for c in nbformat.read(NOTEBOOK_DIR / name, as_version=4).cells if c.cell_type == "code"]
+        code = [
+            c.source for c in nbformat.read(NOTEBOOK_DIR / name, as_version=4).cells if c.cell_type == "code"
+        ]
         install, runtime = code[0], code[1]
         assert re.search(r'^REPO_URL = "https://github\.com/[^"]+/optiml-jax"', install, re.M), name
-        assert "import optiml_jax" in install and re.search(r'^ +%pip install .*"optiml-jax @ git\+\{REPO_URL\}"', install, re.M)
+        assert "import optiml_jax" in install and re.search(
+            r'^ +%pip install .*"optiml-jax @ git\+\{REPO_URL\}"', install, re.M
+        )
         assert "detect_runtime()" in runtime and "OPTIML_NOTEBOOK_QUICK" in runtime, name
 
 
@@ -104,7 +124,6 @@ def test_quickstart(quickstart):
     assert (workdir / "hf-export" / "model.safetensors").is_file()
 
 
-
 @pytest.mark.slow  # a kernel, JAX and a few compiles: 10-30 s
 def test_generate(quickstart, session):
     _, quickstart_dir = quickstart
@@ -114,7 +133,11 @@ def test_generate(quickstart, session):
     assert "randomly initialised" not in text
     assert text.count("pipeline: [{'generated_text': ") == 3
     assert len(re.findall(r"mean log-prob per token -?[0-9.]+", text)) == 3
-    for task in ("task1146_country_capital", "task833_poem_sentiment_classification", "task1508_wordnet_antonyms"):
+    for task in (
+        "task1146_country_capital",
+        "task833_poem_sentiment_classification",
+        "task1508_wordnet_antonyms",
+    ):
         assert re.search(rf"{task} +-[0-9.]+ +\d+", text), task  # the reference answer's log-likelihood
     assert re.search(r"ranked answer: (positive|negative|mixed) \| reference: ", text)
 
@@ -139,10 +162,14 @@ def test_finetune_and_evaluate(session):
     # the same checkpoint did inside training
     final = json.loads((workdir / "held-out-eval" / "metrics.json").read_text())
     assert set(final["per_task"]) == held_out
-    predictions = [json.loads(line)["prediction"] for line in
-                   (workdir / "held-out-eval" / "predictions.jsonl").read_text().splitlines()]
-    during = [json.loads(line)["prediction"] for line in
-              (workdir / "eval" / str(best) / "predictions.jsonl").read_text().splitlines()]
+    predictions = [
+        json.loads(line)["prediction"]
+        for line in (workdir / "held-out-eval" / "predictions.jsonl").read_text().splitlines()
+    ]
+    during = [
+        json.loads(line)["prediction"]
+        for line in (workdir / "eval" / str(best) / "predictions.jsonl").read_text().splitlines()
+    ]
     assert predictions == during and len(predictions) == 4
     assert f"exported step {best}: held-out EM" in text
     if best == 4:  # the last checkpoint holds the final model's weights
@@ -157,11 +184,14 @@ def test_convert(session):
     text = text_of(nb)
     assert "converted hf checkpoint" in text and "converted metaseq checkpoint" in text
     for source in ("HF", "metaseq"):  # float32 logits against transformers' model
-        assert number_after(f"converted from {source} (float32): logits max diff vs transformers", text) < 1e-4
+        assert (
+            number_after(f"converted from {source} (float32): logits max diff vs transformers", text) < 1e-4
+        )
     assert "the two conversions give identical logits: True" in text
     assert "original vs exported: weights identical True" in text
     assert number_after("| logits max diff", text) == 0.0  # float32 there and back: bit for bit
     assert (workdir / "hf-out" / "model.safetensors").is_file()
+
 
 # ---------------------------------------------------------------------- optiml_jax.notebook
 class FakeDevice:
@@ -171,11 +201,19 @@ class FakeDevice:
             self.compute_capability = compute_capability
 
 
-@pytest.mark.parametrize("devices, dtype, mesh", [
-    ([FakeDevice("gpu", "NVIDIA A100-SXM4-40GB", "8.0")], "bfloat16", {"data": -1, "fsdp": 1, "tensor": 1}),
-    ([FakeDevice("gpu", "Tesla T4", "7.5")], "float32", {"data": -1, "fsdp": 1, "tensor": 1}),
-    ([FakeDevice("tpu", "TPU v5 lite")] * 8, "bfloat16", {"data": 1, "fsdp": -1, "tensor": 1}),
-], ids=["a100", "t4", "tpu-v5e-8"])
+@pytest.mark.parametrize(
+    "devices, dtype, mesh",
+    [
+        (
+            [FakeDevice("gpu", "NVIDIA A100-SXM4-40GB", "8.0")],
+            "bfloat16",
+            {"data": -1, "fsdp": 1, "tensor": 1},
+        ),
+        ([FakeDevice("gpu", "Tesla T4", "7.5")], "float32", {"data": -1, "fsdp": 1, "tensor": 1}),
+        ([FakeDevice("tpu", "TPU v5 lite")] * 8, "bfloat16", {"data": 1, "fsdp": -1, "tensor": 1}),
+    ],
+    ids=["a100", "t4", "tpu-v5e-8"],
+)
 def test_detect_runtime_on_accelerators(monkeypatch, devices, dtype, mesh):
     import jax
 
@@ -237,24 +275,35 @@ def test_hub_online_is_false_when_the_hub_does_not_answer(monkeypatch):
 
 
 def test_tiny_model_is_a_freshly_initialised_preset(tmp_path):
-    import jax
     import flax.linen as nn
+    import jax
     import yaml
 
     from optiml_jax import load_pretrained
     from optiml_jax.config import OPTConfig
     from optiml_jax.model import OPTForCausalLM
+    from optiml_jax.notebook import tiny_model
     from optiml_jax.sharding import abstract_params
 
-    from optiml_jax.notebook import tiny_model
-
     preset = tmp_path / "opt-smaller.yaml"  # smaller than opt-tiny: a cheaper compile
-    preset.write_text(yaml.safe_dump(dict(vocab_size=2048, hidden_size=16, num_hidden_layers=2,
-                                          num_attention_heads=2, ffn_dim=32, max_position_embeddings=64)))
+    preset.write_text(
+        yaml.safe_dump(
+            dict(
+                vocab_size=2048,
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                ffn_dim=32,
+                max_position_embeddings=64,
+            )
+        )
+    )
     loaded = load_pretrained(tiny_model(tmp_path / "tiny", preset=str(preset), seed=3))
     config = OPTConfig.from_preset(str(preset))
     assert loaded.config == config and loaded.tokenizer is not None and loaded.tokenizer.vocab_size == 2048
-    want = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract_params(OPTForCausalLM(config, scan_layers=True))))
+    want = jax.tree_util.tree_leaves_with_path(
+        nn.meta.unbox(abstract_params(OPTForCausalLM(config, scan_layers=True)))
+    )
     got = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(loaded.params))
     assert [(path, a.shape) for path, a in got] == [(path, a.shape) for path, a in want]
     for path, array in got:  # OPT's init: N(0, init_std) weights, zero biases, unit LayerNorm scales
@@ -264,4 +313,6 @@ def test_tiny_model_is_a_freshly_initialised_preset(tmp_path):
         elif name.endswith("['scale']"):
             assert (array == 1).all(), name
         else:
-            assert abs(array.std() - config.init_std) < 0.2 * config.init_std and abs(array.mean()) < 0.01, name
+            assert abs(array.std() - config.init_std) < 0.2 * config.init_std and abs(array.mean()) < 0.01, (
+                name
+            )

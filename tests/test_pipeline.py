@@ -1,13 +1,14 @@
-"""`optiml_jax.pipeline("text-generation", ...)` (module optiml_jax.pipelines) against transformers' own pipeline on a tiny model dir."""
+"""`optiml_jax.pipeline("text-generation", ...)` (module optiml_jax.pipelines) against transformers' own
+pipeline on a tiny model dir."""
+
 import jax
 import pytest
 import transformers
+from test_generate_cli import make_tiny_model_dir
 
 from optiml_jax import generate as gen
 from optiml_jax import pipeline
 from optiml_jax.sharding import MeshConfig, make_mesh
-
-from test_generate_cli import make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,9 @@ def test_list_input_return_full_text_and_sampling(generator):
     for prompt, a, b in zip(PROMPTS, full, new_only):
         assert a[0]["generated_text"] == prompt + b[0]["generated_text"]
     sampled = generator(PROMPTS[0], do_sample=True, temperature=0.8, top_p=0.9, max_new_tokens=6, seed=4)
-    assert sampled == generator(PROMPTS[0], do_sample=True, temperature=0.8, top_p=0.9, max_new_tokens=6,
-                                seed=4)
+    assert sampled == generator(
+        PROMPTS[0], do_sample=True, temperature=0.8, top_p=0.9, max_new_tokens=6, seed=4
+    )
     assert sampled[0]["generated_text"].startswith(PROMPTS[0])
     # greedy ignores sampling settings, as transformers does
     assert generator(PROMPTS[0], max_new_tokens=6, top_k=3) == full[0]
@@ -56,10 +58,18 @@ def test_bad_arguments(generator):
         pipeline("summarization", model="x")
     with pytest.raises(ValueError, match="needs model="):
         pipeline("text-generation")
-    with pytest.raises(ValueError, match="a prompt of 11 tokens leaves nothing to generate under max_length=11"):
+    with pytest.raises(
+        ValueError, match="a prompt of 11 tokens leaves nothing to generate under max_length=11"
+    ):
         generator(PROMPTS[0], max_length=11)  # transformers refuses it too
-    for bad in (dict(num_return_sequences=0), dict(batch_size=0), dict(max_length=0), dict(stop_sequence=""),
-                dict(repetition_penalty=0.0), dict(max_new_tokens=0)):
+    for bad in (
+        dict(num_return_sequences=0),
+        dict(batch_size=0),
+        dict(max_length=0),
+        dict(stop_sequence=""),
+        dict(repetition_penalty=0.0),
+        dict(max_new_tokens=0),
+    ):
         with pytest.raises(ValueError):
             generator(PROMPTS[0], **bad)
 
@@ -69,12 +79,25 @@ def test_bad_arguments(generator):
 STOPS = [["classify", "d w", "78 1"], ["ify cl", "word", "8"], ["USA? c", ": w", "i 1"]]
 
 
-@pytest.mark.parametrize("options", [dict(max_new_tokens=12, repetition_penalty=1.5),
-                                     dict(max_new_tokens=12, repetition_penalty=0.7),
-                                     *(dict(max_new_tokens=12, stop_sequence=stops) for stops in STOPS),
-                                     dict(max_length=16), dict(max_length=9, max_new_tokens=6)],
-                         ids=["penalty>1", "penalty<1", "stops-1", "stops-2", "stops-from-prompt",
-                              "max_length", "max_length-cuts-prompt"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(max_new_tokens=12, repetition_penalty=1.5),
+        dict(max_new_tokens=12, repetition_penalty=0.7),
+        *(dict(max_new_tokens=12, stop_sequence=stops) for stops in STOPS),
+        dict(max_length=16),
+        dict(max_length=9, max_new_tokens=6),
+    ],
+    ids=[
+        "penalty>1",
+        "penalty<1",
+        "stops-1",
+        "stops-2",
+        "stops-from-prompt",
+        "max_length",
+        "max_length-cuts-prompt",
+    ],
+)
 def test_greedy_options_equal_transformers_pipeline_in_any_batch(generator, reference, options):
     """Each prompt alone through transformers' pipeline; ours in batches of 2 (one padded pair, one
     single): batching, and rows of one batch stopping or running out at different points, change nothing."""
@@ -100,7 +123,11 @@ def test_num_return_sequences(generator, reference):
     assert generator(PROMPTS, seed=1, batch_size=1, **sample) == ours
     single = generator(PROMPTS[0], seed=1, **sample)
     assert single == ours[0]  # the same rows, the same seed
-    assert [list(d) for d in single] == [["generated_text"]] * 3 == [list(d) for d in reference(PROMPTS[0], **sample)]
+    assert (
+        [list(d) for d in single]
+        == [["generated_text"]] * 3
+        == [list(d) for d in reference(PROMPTS[0], **sample)]
+    )
 
 
 def test_mesh_and_attention_pass_through(model_dir, generator):

@@ -1,20 +1,21 @@
 """Log-likelihood scoring against HF PyTorch OPTForCausalLM on the same weights (float32): packed rows with
 shared contexts, truncation, very different lengths, the greedy flag, lm_eval's text conventions, and a
 sharded mesh."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from finetune_helpers import TOKENIZER
 from hf_reference import hf_state_dict, make_config, make_hf_model
+
 from optiml_jax import Scorer, score
+from optiml_jax.checkpoints.mapping import hf_to_params
 from optiml_jax.eval.scoring import encode_pair
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.sharding import MeshConfig, make_mesh
 from optiml_jax.tokenizer import OPTTokenizer
-from optiml_jax.checkpoints.mapping import hf_to_params
 
 LIMIT = 64  # hf_reference.TINY's positions
 
@@ -29,21 +30,25 @@ def pair(request):
 
 def hf_score(hf, context, continuation):
     """lm_eval's hf model: the input is (context + continuation)[-(max_length + 1):][:-1]."""
-    full = (list(context) + list(continuation))[-(LIMIT + 1):]
+    full = (list(context) + list(continuation))[-(LIMIT + 1) :]
     with torch.no_grad():
         log_probs = torch.log_softmax(hf(input_ids=torch.tensor([full[:-1]])).logits.float(), -1)[0]
     n = len(continuation)
     target = torch.tensor(full[-n:])
-    return (float(log_probs[-n:].gather(-1, target[:, None]).sum()),
-            bool((log_probs[-n:].argmax(-1) == target).all()))
+    return (
+        float(log_probs[-n:].gather(-1, target[:, None]).sum()),
+        bool((log_probs[-n:].argmax(-1) == target).all()),
+    )
 
 
 def random_groups(seed):
     rng = np.random.default_rng(seed)
     # very short and long contexts, one-token options, and contexts cut to fit (70 + n > 65)
     shapes = [(5, [1, 3, 2]), (40, [4]), (70, [3, 1]), (1, [2]), (60, [10, 1, 6]), (2, [30])]
-    return [(rng.integers(4, 90, n).tolist(), [rng.integers(4, 90, k).tolist() for k in options])
-            for n, options in shapes]
+    return [
+        (rng.integers(4, 90, n).tolist(), [rng.integers(4, 90, k).tolist() for k in options])
+        for n, options in shapes
+    ]
 
 
 def test_scores_equal_hf_for_every_pair(pair):
@@ -97,15 +102,21 @@ def test_text_pairs_follow_lm_evals_encoding():
     assert context_ids == tokenizer.encode("The capital of France is")
     assert context_ids + continuation_ids == tokenizer.encode("The capital of France is Paris")
     assert context_ids[0] == tokenizer.bos_id
-    assert encode_pair(tokenizer, "", "Paris") == ([tokenizer.bos_id], tokenizer.encode("Paris", add_bos=False))
+    assert encode_pair(tokenizer, "", "Paris") == (
+        [tokenizer.bos_id],
+        tokenizer.encode("Paris", add_bos=False),
+    )
     assert encode_pair(tokenizer, "Q", "A", add_bos=False)[0] == tokenizer.encode("Q", add_bos=False)
 
     config = make_config("pre_ln", vocab_size=2048)
     hf = make_hf_model(config, seed=3)
     params = jax.tree_util.tree_map(jnp.asarray, hf_to_params(hf_state_dict(hf), config, scan_layers=False))
-    results = score(OPTForCausalLM(config), params, tokenizer, [("The capital of France is ", "Paris"), ("", "Hi")])
+    results = score(
+        OPTForCausalLM(config), params, tokenizer, [("The capital of France is ", "Paris"), ("", "Hi")]
+    )
     for (context, continuation), result in zip([("The capital of France is ", "Paris"), ("", "Hi")], results):
-        assert result.logprob == pytest.approx(hf_score(hf, *encode_pair(tokenizer, context, continuation))[0],
-                                               abs=1e-4)
+        assert result.logprob == pytest.approx(
+            hf_score(hf, *encode_pair(tokenizer, context, continuation))[0], abs=1e-4
+        )
     with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
         Scorer(OPTForCausalLM(config), params).score([([2], list(range(4, 70)))])

@@ -1,15 +1,15 @@
 """Params are created in their shards, and the sharded model computes what the single-device one does."""
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 import pytest
+from hf_reference import hf_logits, hf_state_dict, make_config, make_hf_model
 
+from optiml_jax.checkpoints.mapping import hf_to_params
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.sharding import DEFAULT_RULES, MeshConfig, init_params_sharded, make_mesh
-from optiml_jax.checkpoints.mapping import hf_to_params
-
-from hf_reference import hf_logits, hf_state_dict, make_config, make_hf_model
 
 
 def test_mesh_config_resolves_minus_one_and_rejects_bad_sizes():
@@ -26,8 +26,9 @@ def test_mesh_config_resolves_minus_one_and_rejects_bad_sizes():
 def test_params_are_created_sharded_per_the_rules():
     config = make_config("pre_ln", hidden_size=64, num_attention_heads=4, ffn_dim=128)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    params, shardings = init_params_sharded(OPTForCausalLM(config, scan_layers=True),
-                                            jax.random.PRNGKey(0), mesh)
+    params, shardings = init_params_sharded(
+        OPTForCausalLM(config, scan_layers=True), jax.random.PRNGKey(0), mesh
+    )
     fc1 = params["decoder"]["layers"]["fc1"]["kernel"]  # [layers, embed, mlp]
     assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     q = params["decoder"]["layers"]["self_attn"]["q_proj"]["kernel"]  # [layers, embed, heads, kv]
@@ -45,6 +46,7 @@ def test_sharded_forward_matches_hf(mesh_shape):
     model = OPTForCausalLM(config, scan_layers=True)
     mesh = make_mesh(MeshConfig(*mesh_shape))
     from optiml_jax.sharding import abstract_params, logical_shardings
+
     shardings = logical_shardings(abstract_params(model), mesh)
     params = jax.device_put(params, shardings)
     ids = np.random.default_rng(0).integers(4, config.vocab_size, size=(8, 10))

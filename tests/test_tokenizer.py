@@ -3,6 +3,7 @@
 The real 50k OPT vocabulary is not available offline, so a BPE trained on a small corpus (conftest's
 `tokenizer_dir`, saved in the facebook/opt-* hub layout) and the shipped demo tokenizer stand in.
 """
+
 import json
 import os
 import shutil
@@ -62,7 +63,11 @@ def hf_tok(tokenizer_dir):
 @lru_cache()
 def _bytes_to_unicode():
     # GPT-2's byte -> printable character table (openai/gpt-2 encoder.py).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -82,8 +87,10 @@ class ReferenceGPT2BPE:
         regex = pytest.importorskip("regex")
         self.vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
         lines = (directory / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
-        self.ranks = {tuple(line.split(" ")): i for i, line in enumerate(l for l in lines if l)}
-        self.pat = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+        self.ranks = {tuple(line.split(" ")): i for i, line in enumerate(merge for merge in lines if merge)}
+        self.pat = regex.compile(
+            r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+        )
         self.special = regex.compile("(" + "|".join(regex.escape(s) for s in special_strings) + ")")
         self.special_strings = set(special_strings)
 
@@ -124,7 +131,12 @@ def test_special_ids_and_sizes(tok, hf_tok, tokenizer_dir):
     assert tok.vocab_size == len(hf_tok) == len(json.loads((tokenizer_dir / "vocab.json").read_text()))
     assert 900 <= tok.vocab_size <= 1000
     # transformers' view of the same files: BOS = EOS = "</s>", and unk is "</s>" too (hub config).
-    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id, hf_tok.unk_token_id) == (2, 2, 1, 2)
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id, hf_tok.unk_token_id) == (
+        2,
+        2,
+        1,
+        2,
+    )
 
 
 def test_transformers_5_uses_one_tokenizers_backed_class(tokenizer_dir):
@@ -170,7 +182,9 @@ def test_special_strings_in_text(tok):
 
 def test_batch_equals_single(tok):
     for add_bos in (True, False):
-        assert tok.encode_batch(HARD_TEXTS, add_bos=add_bos) == [tok.encode(t, add_bos=add_bos) for t in HARD_TEXTS]
+        assert tok.encode_batch(HARD_TEXTS, add_bos=add_bos) == [
+            tok.encode(t, add_bos=add_bos) for t in HARD_TEXTS
+        ]
     assert tok.encode_batch([]) == []
     with pytest.raises(TypeError, match="list of strings"):
         tok.encode_batch("one string")
@@ -188,7 +202,8 @@ def test_decode_round_trip(tok, hf_tok, text):
     for skip in (True, False):
         with_bos = tok.encode(text)
         assert tok.decode(with_bos, skip_special_tokens=skip) == hf_tok.decode(
-            with_bos, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+            with_bos, skip_special_tokens=skip, clean_up_tokenization_spaces=False
+        )
 
 
 def test_decode_skips_all_four_specials_and_rejects_unknown_ids(tok):
@@ -197,6 +212,7 @@ def test_decode_skips_all_four_specials_and_rejects_unknown_ids(tok):
     assert tok.decode([2] + body, skip_special_tokens=False) == "</s>hi there"
     assert tok.decode_batch([[2] + body, body + [2, 1]]) == ["hi there", "hi there"]
     import numpy as np
+
     assert tok.decode(np.array([2] + body)) == "hi there"
     with pytest.raises(ValueError, match=f"token id {tok.vocab_size} is outside"):
         tok.decode(body + [tok.vocab_size])
@@ -213,7 +229,12 @@ def test_decode_of_a_cut_character_is_replacement_char(tok):
 # ---------------------------------------------------------------------- files
 def test_save_pretrained_round_trip(tok, tmp_path):
     out = tok.save_pretrained(tmp_path / "saved")
-    assert sorted(os.listdir(out)) == ["merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+    assert sorted(os.listdir(out)) == [
+        "merges.txt",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "GPT2Tokenizer" and config["add_bos_token"] is True
     assert json.loads((out / "special_tokens_map.json").read_text())["bos_token"]["content"] == "</s>"
@@ -223,7 +244,12 @@ def test_save_pretrained_round_trip(tok, tmp_path):
         assert ours.encode(text) == tok.encode(text) == hf(text)["input_ids"]
     # Saving over an existing save is fine and leaves no temporary files.
     ours.save_pretrained(out)
-    assert sorted(os.listdir(out)) == ["merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+    assert sorted(os.listdir(out)) == [
+        "merges.txt",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
 
 
 def test_load_from_tokenizer_json_only(tok, hf_tok, tmp_path):
@@ -239,7 +265,9 @@ def test_load_from_tokenizer_json_only(tok, hf_tok, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(hf_dir / "tokenizer.json", bare / "tokenizer.json")
-    assert [OPTTokenizer.from_pretrained(bare).encode(t) for t in HARD_TEXTS] == [tok.encode(t) for t in HARD_TEXTS]
+    assert [OPTTokenizer.from_pretrained(bare).encode(t) for t in HARD_TEXTS] == [
+        tok.encode(t) for t in HARD_TEXTS
+    ]
 
 
 def test_tokenizer_json_wins_over_vocab_and_merges(tok, hf_tok, tmp_path):
@@ -292,6 +320,7 @@ def test_non_opt_vocab_and_config_errors_name_the_file(tokenizer_dir, tmp_path):
 
 def test_offline_hub_id_error_says_pass_a_local_directory(monkeypatch):
     import huggingface_hub.constants
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     hub_id = "optiml-jax-test/no-such-tokenizer"
     with pytest.raises(OSError) as e:
@@ -301,6 +330,7 @@ def test_offline_hub_id_error_says_pass_a_local_directory(monkeypatch):
 
 def test_hub_id_loads_what_snapshot_download_returns(tokenizer_dir, tok, monkeypatch):
     import huggingface_hub
+
     calls = []
 
     def fake_snapshot_download(repo_id, allow_patterns):

@@ -1,4 +1,6 @@
-"""Fine-tuning: config validation, loss/accumulation/mesh invariance, exact resume, non-finite handling, CLI."""
+"""Fine-tuning: config validation, loss/accumulation/mesh invariance, exact resume, non-finite handling,
+CLI."""
+
 import json
 import os
 import subprocess
@@ -7,38 +9,57 @@ import sys
 import jax
 import numpy as np
 import pytest
+from finetune_helpers import REPO, TINY_MODEL, run_config
 
 from optiml_jax.config import ConfigError
-from optiml_jax.train.metrics_log import read_jsonl, read_tensorboard_scalars
 from optiml_jax.run_config import OptimSection, load_run_config
-from optiml_jax.train import (TrainingError, flops_per_token, learning_rate_schedule, train_and_evaluate,
-                              weight_decay_mask)
-
-from finetune_helpers import REPO, TINY_MODEL, run_config
+from optiml_jax.train import (
+    TrainingError,
+    flops_per_token,
+    learning_rate_schedule,
+    train_and_evaluate,
+    weight_decay_mask,
+)
+from optiml_jax.train.metrics_log import read_jsonl, read_tensorboard_scalars
 
 
 def flat_params(state):
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
+    return {
+        jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.params)
+    }
 
 
 # ---------------------------------------------------------------------- config
 def test_config_rejects_unknown_keys_and_bad_values_naming_them(tmp_path):
     cfg = load_run_config("demo", ["train.max_steps=3", "optim.lr=1e-4", "mesh.fsdp=2"])
     assert (cfg.train.max_steps, cfg.optim.lr, cfg.mesh.fsdp) == (3, 1e-4, 2)
-    for override, needle in [("train.max_stpes=3", "train.max_stpes"), ("optim.lr=fast", "optim.lr"),
-                             ("train.batch_size=0", "train.batch_size"), ("optimizer.lr=1", "optimizer"),
-                             ("data.trian=x", "data.trian"), ("train.remat_policy=some", "train.remat_policy"),
-                             ("train.grad_accum_steps=3", "grad_accum_steps"), ("mesh.data=0", "mesh.data"),
-                             ("data.template=nope", "data.template"), ("checkpoint.keep=0", "checkpoint.keep"),
-                             ("workdir=gs://bucket/run", "workdir"), ("train.head_positions=some", "train.head_positions")]:
+    for override, needle in [
+        ("train.max_stpes=3", "train.max_stpes"),
+        ("optim.lr=fast", "optim.lr"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("optimizer.lr=1", "optimizer"),
+        ("data.trian=x", "data.trian"),
+        ("train.remat_policy=some", "train.remat_policy"),
+        ("train.grad_accum_steps=3", "grad_accum_steps"),
+        ("mesh.data=0", "mesh.data"),
+        ("data.template=nope", "data.template"),
+        ("checkpoint.keep=0", "checkpoint.keep"),
+        ("workdir=gs://bucket/run", "workdir"),
+        ("train.head_positions=some", "train.head_positions"),
+    ]:
         with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
             load_run_config("demo", [override])
 
 
 def test_cli_config_error_is_one_line_and_nonzero(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "optiml_jax.finetune", "--config", "demo",
-                           "train.max_stpes=3"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "optiml_jax.finetune", "--config", "demo", "train.max_stpes=3"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.max_stpes" in lines[0] and "Traceback" not in proc.stderr
@@ -49,8 +70,12 @@ def test_shipped_recipes_load():
         cfg = load_run_config(name)
         assert cfg.optim.b2 == 0.95 and cfg.optim.eps == 1e-8 and cfg.optim.clip_norm == 1.0
     recipe = load_run_config("optiml-30b")
-    assert (recipe.optim.lr, recipe.optim.warmup_steps, recipe.train.batch_size, recipe.train.seq_len) == \
-        (5e-5, 60, 256, 2048)
+    assert (recipe.optim.lr, recipe.optim.warmup_steps, recipe.train.batch_size, recipe.train.seq_len) == (
+        5e-5,
+        60,
+        256,
+        2048,
+    )
 
 
 # ---------------------------------------------------------------------- optimizer pieces
@@ -64,8 +89,12 @@ def test_schedule_is_warmup_then_linear_decay_to_zero():
 
 
 def test_weight_decay_skips_biases_and_layer_norms():
-    params = {"decoder": {"layers": {"fc1": {"kernel": 0, "bias": 0}, "final_layer_norm": {"scale": 0, "bias": 0}},
-                          "embed_tokens": {"embedding": 0}}}
+    params = {
+        "decoder": {
+            "layers": {"fc1": {"kernel": 0, "bias": 0}, "final_layer_norm": {"scale": 0, "bias": 0}},
+            "embed_tokens": {"embedding": 0},
+        }
+    }
     mask = weight_decay_mask(params)
     assert mask["decoder"]["layers"]["fc1"] == {"kernel": True, "bias": False}
     assert mask["decoder"]["layers"]["final_layer_norm"] == {"scale": False, "bias": False}
@@ -86,12 +115,16 @@ def test_flops_per_token_formula():
 def test_grad_accumulation_gives_the_same_update(tiny_preset, tmp_path):
     runs = {}
     for accum in (1, 4):
-        cfg = run_config(tiny_preset, tmp_path / f"accum{accum}", train={"max_steps": 3, "grad_accum_steps": accum,
-                                                                        "dropout": 0.0},
-                         mesh={"data": 2, "fsdp": 1, "tensor": 1})
+        cfg = run_config(
+            tiny_preset,
+            tmp_path / f"accum{accum}",
+            train={"max_steps": 3, "grad_accum_steps": accum, "dropout": 0.0},
+            mesh={"data": 2, "fsdp": 1, "tensor": 1},
+        )
         runs[accum] = train_and_evaluate(cfg, devices=jax.devices()[:2], progress=False)
-    np.testing.assert_allclose([runs[4].losses[s] for s in (1, 2, 3)], [runs[1].losses[s] for s in (1, 2, 3)],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        [runs[4].losses[s] for s in (1, 2, 3)], [runs[1].losses[s] for s in (1, 2, 3)], rtol=1e-5
+    )
     big, small = flat_params(runs[1].state), flat_params(runs[4].state)
     # Adam divides by sqrt(v): a weight whose true gradient is 0 (the k_proj bias: softmax ignores it)
     # moves on float rounding alone, so the bound is 1% of one step (lr = 3e-3), not float epsilon.
@@ -103,9 +136,11 @@ def test_grad_accumulation_gives_the_same_update(tiny_preset, tmp_path):
 @pytest.mark.slow
 def test_mesh_shape_does_not_change_the_losses(tiny_preset, tmp_path):
     """Dropout on: the masks come from fold_in(key, step), not from the device layout."""
-    meshes = {"2x2x2": ({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()),
-              "data8": ({"data": 8, "fsdp": 1, "tensor": 1}, jax.devices()),
-              "single": ({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])}
+    meshes = {
+        "2x2x2": ({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()),
+        "data8": ({"data": 8, "fsdp": 1, "tensor": 1}, jax.devices()),
+        "single": ({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
+    }
     losses = {}
     for name, (mesh, devices) in meshes.items():
         cfg = run_config(tiny_preset, tmp_path / name, train={"max_steps": 5}, mesh=mesh)
@@ -140,14 +175,21 @@ def test_resume_continues_exactly(tiny_preset, tmp_path, monkeypatch):
     second = train_and_evaluate(cfg, progress=False)
     assert second.step == 4 and sorted(second.losses) == [3, 4]
     curve = {**first.losses, **second.losses}
-    np.testing.assert_allclose([curve[s] for s in range(1, 5)], [whole.losses[s] for s in range(1, 5)], rtol=1e-6)
+    np.testing.assert_allclose(
+        [curve[s] for s in range(1, 5)], [whole.losses[s] for s in range(1, 5)], rtol=1e-6
+    )
     a, b = flat_params(whole.state), flat_params(second.state)
     for key in a:
         np.testing.assert_allclose(b[key], a[key], atol=1e-7, err_msg=key)
     # The metrics file of the split run holds the same curve (lines of both invocations).
-    logged = {r["step"]: r["train/step_loss"] for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")
-              if "train/step_loss" in r}
-    np.testing.assert_allclose([logged[s] for s in range(1, 5)], [whole.losses[s] for s in range(1, 5)], rtol=1e-6)
+    logged = {
+        r["step"]: r["train/step_loss"]
+        for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")
+        if "train/step_loss" in r
+    }
+    np.testing.assert_allclose(
+        [logged[s] for s in range(1, 5)], [whole.losses[s] for s in range(1, 5)], rtol=1e-6
+    )
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_preset, tmp_path, monkeypatch):
@@ -171,10 +213,16 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_preset, tmp_p
 
 
 def test_skipped_update_leaves_params_untouched(tiny_preset, tmp_path):
+    from optiml_jax.config import OPTConfig
     from optiml_jax.run_config import TrainSection
     from optiml_jax.sharding import MeshConfig, make_mesh
-    from optiml_jax.train import build_model, create_train_state, global_batch, make_optimizer, make_train_step
-    from optiml_jax.config import OPTConfig
+    from optiml_jax.train import (
+        build_model,
+        create_train_state,
+        global_batch,
+        make_optimizer,
+        make_train_step,
+    )
 
     train = TrainSection(max_steps=5, batch_size=2, seq_len=8)
     model = build_model(OPTConfig(**TINY_MODEL), train)
@@ -184,9 +232,17 @@ def test_skipped_update_leaves_params_untouched(tiny_preset, tmp_path):
     before = flat_params(state)
     step = make_train_step(model, tx, train, OptimSection(), mesh, shardings)
     ones = np.ones((2, 8), np.int32)
-    batch = global_batch({"input_ids": ones * 5, "targets": ones * 6, "segment_ids": ones,
-                          "positions": np.tile(np.arange(8, dtype=np.int32), (2, 1)),
-                          "loss_mask": np.full((2, 8), np.inf, np.float32)}, mesh, 2)
+    batch = global_batch(
+        {
+            "input_ids": ones * 5,
+            "targets": ones * 6,
+            "segment_ids": ones,
+            "positions": np.tile(np.arange(8, dtype=np.int32), (2, 1)),
+            "loss_mask": np.full((2, 8), np.inf, np.float32),
+        },
+        mesh,
+        2,
+    )
     state, metrics = step(state, batch)
     assert int(metrics["nonfinite"]) == 1 and int(state.nonfinite_total) == 1 and int(state.step) == 1
     after = flat_params(state)
@@ -200,21 +256,40 @@ def test_finetune_cli_smoke(tmp_path, capsys, tiny_preset):
     from optiml_jax.finetune import main
 
     workdir = tmp_path / "cli"
-    code = main(["--config", "demo", f"workdir={workdir}", "train.max_steps=3",
-                 f"model=preset:{tiny_preset}", "train.batch_size=8", "train.seq_len=64", "eval.every_steps=2",
-                 "eval.max_batches=2", "eval.num_samples=1", "eval.sample_max_new_tokens=3",
-                 "eval.tasks.max_instances=3", "eval.tasks.max_new_tokens=4",  # the demo's held-out task metrics
-                 "train.log_every_steps=1", "train.peak_flops_per_device=1e9", "--no-progress"])
+    code = main(
+        [
+            "--config",
+            "demo",
+            f"workdir={workdir}",
+            "train.max_steps=3",
+            f"model=preset:{tiny_preset}",
+            "train.batch_size=8",
+            "train.seq_len=64",
+            "eval.every_steps=2",
+            "eval.max_batches=2",
+            "eval.num_samples=1",
+            "eval.sample_max_new_tokens=3",
+            "eval.tasks.max_instances=3",
+            "eval.tasks.max_new_tokens=4",  # the demo's held-out task metrics
+            "train.log_every_steps=1",
+            "train.peak_flops_per_device=1e9",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "done: step 3" in out and "eval prompt" in out
     # eval.tasks: every evaluation writes its predictions and scores, the final one also beside the model
-    table = out[out.index("held-out tasks at the first and last"):]
-    row = next(line for line in table.splitlines() if line.startswith("task833_poem_sentiment_classification"))
+    table = out[out.index("held-out tasks at the first and last") :]
+    row = next(
+        line for line in table.splitlines() if line.startswith("task833_poem_sentiment_classification")
+    )
     assert "@0" in table and "@3" in table and row.count("EM") == 2 and row.count("RL") == 2
     for step in (0, 2, 3):
         predictions = read_jsonl(workdir / "eval" / str(step) / "predictions.jsonl")
-        assert len(predictions) == 8 * 3 and {"prediction", "references", "exact_match", "rougeL"} <= set(predictions[0])
+        assert len(predictions) == 8 * 3 and {"prediction", "references", "exact_match", "rougeL"} <= set(
+            predictions[0]
+        )
     final_metrics = json.loads((workdir / "final" / "metrics.json").read_text())
     assert final_metrics == json.loads((workdir / "eval" / "3" / "metrics.json").read_text())
     assert final_metrics["overall"]["instances"] == 24 and final_metrics["settings"]["step"] == 3
@@ -226,11 +301,38 @@ def test_finetune_cli_smoke(tmp_path, capsys, tiny_preset):
         assert key in row
     assert any("eval/loss" in r for r in records)
     tags = {tag for _, tag, _ in read_tensorboard_scalars(workdir / "tensorboard")}
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "eval/loss"} <= tags
-    assert {"eval_tasks/exact_match", "eval_tasks/rougeL", "eval_tasks/task1146_country_capital/rougeL"} <= tags
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/mfu",
+        "eval/loss",
+    } <= tags
+    assert {
+        "eval_tasks/exact_match",
+        "eval_tasks/rougeL",
+        "eval_tasks/task1146_country_capital/rougeL",
+    } <= tags
     assert any("eval_tasks/rouge1" in r for r in records if r["step"] == 3)
     assert (workdir / "checkpoints" / "3").is_dir()
     # Same workdir again: already at max_steps, nothing to train, no crash.
-    assert main(["--config", "demo", f"workdir={workdir}", "train.max_steps=3",
-                 f"model=preset:{tiny_preset}", "train.batch_size=8", "train.seq_len=64", "eval.num_samples=0",
-                 "eval.max_batches=1", "eval.tasks=null", "train.peak_flops_per_device=1e9", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                "demo",
+                f"workdir={workdir}",
+                "train.max_steps=3",
+                f"model=preset:{tiny_preset}",
+                "train.batch_size=8",
+                "train.seq_len=64",
+                "eval.num_samples=0",
+                "eval.max_batches=1",
+                "eval.tasks=null",
+                "train.peak_flops_per_device=1e9",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )

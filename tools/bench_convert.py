@@ -5,6 +5,7 @@ model-parallel parts, or Hugging Face sharded safetensors with an index), conver
 process and reports that process's peak RSS (VmHWM) against the largest input file, plus the RSS
 after imports (jax, orbax, tensorstore: the fixed cost of any run), honestly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,14 @@ def bench_config(size_gb: float, vocab: int = 50272, hidden: int = 1024):
     per_layer = 12 * hidden * hidden + 13 * hidden
     embeddings = vocab * hidden + 2050 * hidden
     layers = max(1, round((size_gb * 1e9 / 2 - embeddings) / per_layer))
-    return OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=4 * hidden,
-                     num_attention_heads=hidden // 64, max_position_embeddings=2048)
+    return OPTConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        ffn_dim=4 * hidden,
+        num_attention_heads=hidden // 64,
+        max_position_embeddings=2048,
+    )
 
 
 def _random(rng, shape):
@@ -65,25 +72,40 @@ def write_metaseq_parts(directory: Path, config, parts: int, seed: int = 0) -> l
     paths = []
     for k in range(parts):
         rng = np.random.default_rng(seed + k)
-        model = {"decoder.version": np.array([3.0], np.float32),
-                 "decoder.embed_tokens.weight": _random(rng, (v // parts, h)),
-                 "decoder.embed_positions.weight": _random(rng, (config.num_positions, h)),
-                 "decoder.layer_norm.weight": np.ones(h, np.float16),
-                 "decoder.layer_norm.bias": np.zeros(h, np.float16)}
+        model = {
+            "decoder.version": np.array([3.0], np.float32),
+            "decoder.embed_tokens.weight": _random(rng, (v // parts, h)),
+            "decoder.embed_positions.weight": _random(rng, (config.num_positions, h)),
+            "decoder.layer_norm.weight": np.ones(h, np.float16),
+            "decoder.layer_norm.bias": np.zeros(h, np.float16),
+        }
         for i in range(config.num_hidden_layers):
             p = f"decoder.layers.{i}."
-            model.update({p + "self_attn.qkv_proj.weight": _random(rng, (3 * h // parts, h)),
-                          p + "self_attn.qkv_proj.bias": _random(rng, (3 * h // parts,)),
-                          p + "self_attn.out_proj.weight": _random(rng, (h, h // parts)),
-                          p + "self_attn.out_proj.bias": _random(rng, (h,)),
-                          p + "self_attn_layer_norm.weight": np.ones(h, np.float16),
-                          p + "self_attn_layer_norm.bias": np.zeros(h, np.float16),
-                          p + "fc1.weight": _random(rng, (f // parts, h)), p + "fc1.bias": _random(rng, (f // parts,)),
-                          p + "fc2.weight": _random(rng, (h, f // parts)), p + "fc2.bias": _random(rng, (h,)),
-                          p + "final_layer_norm.weight": np.ones(h, np.float16),
-                          p + "final_layer_norm.bias": np.zeros(h, np.float16)})
-        cfg = {"model": {"decoder_attention_heads": config.num_attention_heads, "decoder_normalize_before": True,
-                         "activation_fn": "relu", "dropout": 0.1, "attention_dropout": 0.0}}
+            model.update(
+                {
+                    p + "self_attn.qkv_proj.weight": _random(rng, (3 * h // parts, h)),
+                    p + "self_attn.qkv_proj.bias": _random(rng, (3 * h // parts,)),
+                    p + "self_attn.out_proj.weight": _random(rng, (h, h // parts)),
+                    p + "self_attn.out_proj.bias": _random(rng, (h,)),
+                    p + "self_attn_layer_norm.weight": np.ones(h, np.float16),
+                    p + "self_attn_layer_norm.bias": np.zeros(h, np.float16),
+                    p + "fc1.weight": _random(rng, (f // parts, h)),
+                    p + "fc1.bias": _random(rng, (f // parts,)),
+                    p + "fc2.weight": _random(rng, (h, f // parts)),
+                    p + "fc2.bias": _random(rng, (h,)),
+                    p + "final_layer_norm.weight": np.ones(h, np.float16),
+                    p + "final_layer_norm.bias": np.zeros(h, np.float16),
+                }
+            )
+        cfg = {
+            "model": {
+                "decoder_attention_heads": config.num_attention_heads,
+                "decoder_normalize_before": True,
+                "activation_fn": "relu",
+                "dropout": 0.1,
+                "attention_dropout": 0.0,
+            }
+        }
         path = directory / f"checkpoint_last-model_part-{k}.pt"
         torch.save({"model": {key: torch.from_numpy(a) for key, a in model.items()}, "cfg": cfg}, path)
         paths.append(path)
@@ -131,14 +153,24 @@ def run_case(fmt: str, config, files: int, workdir: Path, dtype: str) -> dict:
     largest = max(p.stat().st_size for p in inputs)
     total = sum(p.stat().st_size for p in inputs)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT), str(src), str(out), dtype, fmt],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(ROOT), str(src), str(out), dtype, fmt],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode:
         raise RuntimeError(f"conversion failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result.update(format=fmt, dtype=dtype, files=len(inputs), input_bytes=total, largest_file=largest,
-                  ratio=result["peak_rss"] / largest,
-                  ratio_above_baseline=(result["peak_rss"] - result["baseline_rss"]) / largest)
+    result.update(
+        format=fmt,
+        dtype=dtype,
+        files=len(inputs),
+        input_bytes=total,
+        largest_file=largest,
+        ratio=result["peak_rss"] / largest,
+        ratio_above_baseline=(result["peak_rss"] - result["baseline_rss"]) / largest,
+    )
     shutil.rmtree(out, ignore_errors=True)
     return result
 
@@ -155,12 +187,18 @@ def main(argv=None) -> int:
     config = bench_config(args.size_gb)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_convert_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"python {platform.python_version()}")
-    print(f"model: {config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}, "
-          f"{config.num_params():,} params, fp16 input in {args.files} files")
-    print("| input | output dtype | files | largest file | baseline RSS (after imports) | peak RSS | "
-          "peak / largest file | (peak - baseline) / largest | time |")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"python {platform.python_version()}"
+    )
+    print(
+        f"model: {config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}, "
+        f"{config.num_params():,} params, fp16 input in {args.files} files"
+    )
+    print(
+        "| input | output dtype | files | largest file | baseline RSS (after imports) | peak RSS | "
+        "peak / largest file | (peak - baseline) / largest | time |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     ok = True
     try:
@@ -168,9 +206,13 @@ def main(argv=None) -> int:
             for dtype in args.dtypes.split(","):
                 r = run_case(fmt, config, args.files, workdir, dtype)
                 mib = lambda b: f"{b / 2**20:,.0f} MiB"
-                print(f"| {fmt} | {dtype} | {r['files']} | {mib(r['largest_file'])} | {mib(r['baseline_rss'])} | "
-                      f"{mib(r['peak_rss'])} | {r['ratio']:.2f}x | {r['ratio_above_baseline']:.2f}x | "
-                      f"{r['seconds']:.1f} s |", flush=True)
+                print(
+                    f"| {fmt} | {dtype} | {r['files']} | {mib(r['largest_file'])} | "
+                    f"{mib(r['baseline_rss'])} | "
+                    f"{mib(r['peak_rss'])} | {r['ratio']:.2f}x | {r['ratio_above_baseline']:.2f}x | "
+                    f"{r['seconds']:.1f} s |",
+                    flush=True,
+                )
                 ok &= r["ratio"] < 1.5
     finally:
         if not args.workdir:

@@ -19,6 +19,7 @@ Sections, in this order, each in a fresh process under its own time limit (and w
 The JSON file (`--json`, default device_benchmark.json) is rewritten after every section and printed.
 No Hugging Face side runs here (the machine has no PyTorch GPU build): `speedup_vs_hf` is null.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,43 @@ import time
 
 RESULT_PREFIX = "BENCH_RESULT "
 # bf16 dense peak FLOP/s per chip (NVIDIA data sheets; Levanter utils/flop_utils.py for the TPUs)
-PUBLISHED_PEAK = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-                  "TPU v5e": 197e12, "TPU v5p": 459e12}
+PUBLISHED_PEAK = {
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+}
 TRAIN_VARIANTS = (  # (attention, remat, loss positions): the first is the target's configuration
-    ("auto", "dots_no_batch", "instruction"), ("blockwise", "dots_no_batch", "instruction"),
-    ("auto", "full", "instruction"), ("auto", "dots_no_batch", "all"))
-REAL = dict(preset="1.3b", seq_len=2048, batch=16, steps=8, matmul=8192, copy_mib=2048, prompt=128, new_tokens=256,
-            decode_batches=(1, 64))
-DRY = dict(preset="tiny", seq_len=128, batch=2, steps=2, matmul=256, copy_mib=8, prompt=16, new_tokens=192,
-           decode_batches=(1, 4))
+    ("auto", "dots_no_batch", "instruction"),
+    ("blockwise", "dots_no_batch", "instruction"),
+    ("auto", "full", "instruction"),
+    ("auto", "dots_no_batch", "all"),
+)
+REAL = dict(
+    preset="1.3b",
+    seq_len=2048,
+    batch=16,
+    steps=8,
+    matmul=8192,
+    copy_mib=2048,
+    prompt=128,
+    new_tokens=256,
+    decode_batches=(1, 64),
+)
+DRY = dict(
+    preset="tiny",
+    seq_len=128,
+    batch=2,
+    steps=2,
+    matmul=256,
+    copy_mib=8,
+    prompt=16,
+    new_tokens=192,
+    decode_batches=(1, 4),
+)
 LIMITS_S = {"versions": 60, "ceilings": 60, "train": 100, "decode": 90, "load": 90}
 
 
@@ -50,20 +79,32 @@ def sections() -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python tools/benchmark.py device", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python tools/benchmark.py device", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, for CPU and the tests")
     parser.add_argument("--json", default="device_benchmark.json")
     parser.add_argument("--budget-s", type=float, default=470.0, help="all sections together (default 470)")
     parser.add_argument("--only", default=None, help="comma-separated section names (default: all)")
-    parser.add_argument("--profile-dir", default=None, help="also trace one step of the first train variant here")
+    parser.add_argument(
+        "--profile-dir", default=None, help="also trace one step of the first train variant here"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return _report(run_section(args.worker, DRY if args.dry_run else REAL, args.profile_dir))
-    wanted = sections() if not args.only else [s for s in sections() if s.split(":")[0] in args.only.split(",")
-                                                 or s in args.only.split(",")]
-    figures = {"benchmark": "device", "dry_run": args.dry_run, "shapes": DRY if args.dry_run else REAL,
-               "speedup_vs_hf": None, "sections": {}}
+    wanted = (
+        sections()
+        if not args.only
+        else [s for s in sections() if s.split(":")[0] in args.only.split(",") or s in args.only.split(",")]
+    )
+    figures = {
+        "benchmark": "device",
+        "dry_run": args.dry_run,
+        "shapes": DRY if args.dry_run else REAL,
+        "speedup_vs_hf": None,
+        "sections": {},
+    }
     deadline = time.monotonic() + args.budget_s
     for name in wanted:
         left = deadline - time.monotonic()
@@ -81,17 +122,28 @@ def main(argv=None) -> int:
 
 
 def _in_fresh_process(name: str, limit: float, dry_run: bool, extra: list) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", name, *(["--dry-run"] if dry_run else []), *extra]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        name,
+        *(["--dry-run"] if dry_run else []),
+        *extra,
+    ]
     start = time.monotonic()
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired as e:
-        return {"error": f"timed out after {limit:.0f} s", "stderr_tail": (e.stderr or b"")[-1500:].decode(errors="replace")
-                if isinstance(e.stderr, bytes) else (e.stderr or "")[-1500:]}
+        return {
+            "error": f"timed out after {limit:.0f} s",
+            "stderr_tail": (e.stderr or b"")[-1500:].decode(errors="replace")
+            if isinstance(e.stderr, bytes)
+            else (e.stderr or "")[-1500:],
+        }
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         return {"error": f"exit status {proc.returncode}", "stderr_tail": proc.stderr[-1500:]}
-    return {**json.loads(lines[-1][len(RESULT_PREFIX):]), "section_s": round(time.monotonic() - start, 1)}
+    return {**json.loads(lines[-1][len(RESULT_PREFIX) :]), "section_s": round(time.monotonic() - start, 1)}
 
 
 def _write(path: str, figures: dict) -> None:
@@ -113,9 +165,14 @@ def _summarise(figures: dict) -> None:
     summary = {}
     ceilings_ = sections_.get("ceilings", {})
     for name, section in sections_.items():  # each figure against the ceilings measured in this run
-        if name.startswith("train:") and ceilings_.get("matmul_tflop_s") and "achieved_tflop_s_causal" in section:
-            section["mfu_measured_matmul_causal"] = round(section["achieved_tflop_s_causal"]
-                                                          / ceilings_["matmul_tflop_s"], 4)
+        if (
+            name.startswith("train:")
+            and ceilings_.get("matmul_tflop_s")
+            and "achieved_tflop_s_causal" in section
+        ):
+            section["mfu_measured_matmul_causal"] = round(
+                section["achieved_tflop_s_causal"] / ceilings_["matmul_tflop_s"], 4
+            )
         if name == "decode" and ceilings_.get("copy_gb_s"):
             for batch in section.values():
                 if isinstance(batch, dict) and "achieved_gb_s" in batch:
@@ -153,8 +210,15 @@ def _model_config(shapes):
     from optiml_jax.config import OPTConfig
 
     if shapes["preset"] == "tiny":  # the demo model's shape, positions for the dry run's prompts
-        return OPTConfig(vocab_size=2048, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, ffn_dim=256,
-                         word_embed_proj_dim=64, max_position_embeddings=512)
+        return OPTConfig(
+            vocab_size=2048,
+            hidden_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            ffn_dim=256,
+            word_embed_proj_dim=64,
+            max_position_embeddings=512,
+        )
     return OPTConfig.from_preset(shapes["preset"])
 
 
@@ -164,16 +228,32 @@ def versions() -> dict:
     import jax
 
     packages = {}
-    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "jax-cuda12-plugin", "jax-cuda13-plugin",
-                 "jax-cuda12-pjrt", "jax-cuda13-pjrt", "nvidia-cudnn-cu12", "nvidia-cudnn-cu13", "libtpu"):
+    for name in (
+        "jax",
+        "jaxlib",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "jax-cuda12-plugin",
+        "jax-cuda13-plugin",
+        "jax-cuda12-pjrt",
+        "jax-cuda13-pjrt",
+        "nvidia-cudnn-cu12",
+        "nvidia-cudnn-cu13",
+        "libtpu",
+    ):
         try:
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
     device = jax.devices()[0]
-    return {"packages": packages, "platform": device.platform, "device_kind": device.device_kind,
-            "device_count": jax.device_count(),
-            "platform_version": getattr(getattr(device, "client", None), "platform_version", None)}
+    return {
+        "packages": packages,
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "platform_version": getattr(getattr(device, "client", None), "platform_version", None),
+    }
 
 
 def _best_seconds(fn, repeats: int) -> float:
@@ -200,8 +280,12 @@ def ceilings(shapes) -> dict:
     x = jnp.ones((elements,), jnp.bfloat16)
     copy = jax.jit(lambda v: v + jnp.asarray(1, v.dtype))  # reads and writes every byte once
     copy_s = _best_seconds(lambda: copy(x), 10)
-    return {"matmul_shape": [n, n, n], "matmul_tflop_s": round(2 * n**3 / matmul_s / 1e12, 2),
-            "copy_bytes": 2 * elements * 2, "copy_gb_s": round(2 * elements * 2 / copy_s / 1e9, 1)}
+    return {
+        "matmul_shape": [n, n, n],
+        "matmul_tflop_s": round(2 * n**3 / matmul_s / 1e12, 2),
+        "copy_bytes": 2 * elements * 2,
+        "copy_gb_s": round(2 * elements * 2 / copy_s / 1e9, 1),
+    }
 
 
 def _published_peak(device_kind: str):
@@ -220,14 +304,19 @@ def _packed_batch(rows: int, seq_len: int, vocab: int, positions: str):
         start, segment = 0, 1
         while start < seq_len - 16:
             length = min(int(rng.integers(64, 513)), seq_len - start)
-            segments[row, start:start + length] = segment
-            offsets[row, start:start + length] = np.arange(length)
+            segments[row, start : start + length] = segment
+            offsets[row, start : start + length] = np.arange(length)
             target = max(1, round(0.03 * length)) if positions == "instruction" else length
-            loss[row, start + length - target:start + length] = 1.0
+            loss[row, start + length - target : start + length] = 1.0
             start, segment = start + length, segment + 1
     ids = rng.integers(4, vocab, (rows, seq_len)).astype(np.int32)
-    return {"input_ids": ids, "targets": np.roll(ids, -1, axis=1), "segment_ids": segments, "positions": offsets,
-            "loss_mask": loss * (segments > 0)}
+    return {
+        "input_ids": ids,
+        "targets": np.roll(ids, -1, axis=1),
+        "segment_ids": segments,
+        "positions": offsets,
+        "loss_mask": loss * (segments > 0),
+    }
 
 
 def train(shapes, attention: str, remat: str, positions: str, profile_dir=None) -> dict:
@@ -236,13 +325,27 @@ def train(shapes, attention: str, remat: str, positions: str, profile_dir=None) 
 
     from optiml_jax.run_config import OptimSection, TrainSection
     from optiml_jax.sharding import MeshConfig, make_mesh
-    from optiml_jax.train import (build_model, create_train_state, flops_per_token, global_batch, make_optimizer,
-                                  make_train_step)
+    from optiml_jax.train import (
+        build_model,
+        create_train_state,
+        flops_per_token,
+        global_batch,
+        make_optimizer,
+        make_train_step,
+    )
 
     config = _model_config(shapes)
     rows, seq_len = shapes["batch"], shapes["seq_len"]
-    train_section = TrainSection(max_steps=1000, batch_size=rows, seq_len=seq_len, compute_dtype="bfloat16",
-                                 remat_policy=remat, attention=attention, dropout=0.0, embed_dropout=False)
+    train_section = TrainSection(
+        max_steps=1000,
+        batch_size=rows,
+        seq_len=seq_len,
+        compute_dtype="bfloat16",
+        remat_policy=remat,
+        attention=attention,
+        dropout=0.0,
+        embed_dropout=False,
+    )
     optim = OptimSection(lr=1e-4, warmup_steps=0)
     mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     model = build_model(config, train_section)
@@ -276,14 +379,28 @@ def train(shapes, attention: str, remat: str, positions: str, profile_dir=None) 
     device = jax.devices()[0]
     peak = _published_peak(device.device_kind)
     stats = device.memory_stats() or {}
-    out = {"attention": attention, "remat": remat, "loss_positions": positions, "compute_dtype": "bfloat16",
-           "rows": rows, "seq_len": seq_len, "loss_fraction": round(float(batch["loss_mask"].mean()), 4),
-           "init_s": round(init_s, 2), "compile_and_first_step_s": round(compile_s, 2), "median_step_s": round(step_s, 4),
-           "tokens_per_s": round(tokens / step_s, 1), "loss": float(metrics["loss"]),
-           "model_flops_per_step_causal": float(causal), "model_flops_per_step_full": float(full),
-           "achieved_tflop_s_causal": round(causal / step_s / 1e12, 4),
-           "peak_memory_gib": round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None,
-           "device_kind": device.device_kind, "published_peak_tflop_s": peak and peak / 1e12}
+    out = {
+        "attention": attention,
+        "remat": remat,
+        "loss_positions": positions,
+        "compute_dtype": "bfloat16",
+        "rows": rows,
+        "seq_len": seq_len,
+        "loss_fraction": round(float(batch["loss_mask"].mean()), 4),
+        "init_s": round(init_s, 2),
+        "compile_and_first_step_s": round(compile_s, 2),
+        "median_step_s": round(step_s, 4),
+        "tokens_per_s": round(tokens / step_s, 1),
+        "loss": float(metrics["loss"]),
+        "model_flops_per_step_causal": float(causal),
+        "model_flops_per_step_full": float(full),
+        "achieved_tflop_s_causal": round(causal / step_s / 1e12, 4),
+        "peak_memory_gib": round(stats["peak_bytes_in_use"] / 2**30, 2)
+        if "peak_bytes_in_use" in stats
+        else None,
+        "device_kind": device.device_kind,
+        "published_peak_tflop_s": peak and peak / 1e12,
+    }
     if peak:
         out["mfu_published_causal"] = round(causal / step_s / peak, 4)
         out["mfu_published_full"] = round(full / step_s / peak, 4)
@@ -327,7 +444,9 @@ def decode(shapes, batch: int) -> dict:
     prompts = np.random.default_rng(0).integers(4, config.vocab_size, (batch, prompt)).tolist()
 
     def run(tokens: int):
-        cfg = GenerationConfig(max_new_tokens=tokens, eos_token_id=None)  # never stop early: every token counts
+        cfg = GenerationConfig(
+            max_new_tokens=tokens, eos_token_id=None
+        )  # never stop early: every token counts
         start = time.perf_counter()
         out = generate(model, params, prompts, cfg)
         jax.block_until_ready(out.tokens if hasattr(out, "tokens") else out)
@@ -338,17 +457,28 @@ def decode(shapes, batch: int) -> dict:
     first_s = min(run(1)[0] for _ in range(3))
     total_s = min(run(new)[0] for _ in range(3))
     if total_s <= first_s:  # timing noise swamped the decode steps (tiny shapes on a busy machine)
-        return {"batch": batch, "error": f"T({new} tokens) {total_s:.4f} s <= T(1) {first_s:.4f} s: not measurable"}
+        return {
+            "batch": batch,
+            "error": f"T({new} tokens) {total_s:.4f} s <= T(1) {first_s:.4f} s: not measurable",
+        }
     per_token_s = (total_s - first_s) / (new - 1)
     weight_bytes = sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in jax.tree_util.tree_leaves(params))
     kv_per_token = config.num_hidden_layers * 2 * config.hidden_size * 2  # keys and values, bfloat16
     mean_fill = prompt + new / 2
     bytes_per_step = weight_bytes + batch * mean_fill * kv_per_token
-    return {"batch": batch, "prompt_tokens": prompt, "new_tokens": new, "compile_and_first_call_s": round(compile_s, 2),
-            "time_to_first_token_s": round(first_s, 4), "per_token_s": round(per_token_s, 6),
-            "decode_tokens_per_s": round(batch / per_token_s, 1), "weight_bytes": weight_bytes,
-            "kv_bytes_per_token": kv_per_token, "bytes_read_per_step": int(bytes_per_step),
-            "achieved_gb_s": round(bytes_per_step / per_token_s / 1e9, 1)}
+    return {
+        "batch": batch,
+        "prompt_tokens": prompt,
+        "new_tokens": new,
+        "compile_and_first_call_s": round(compile_s, 2),
+        "time_to_first_token_s": round(first_s, 4),
+        "per_token_s": round(per_token_s, 6),
+        "decode_tokens_per_s": round(batch / per_token_s, 1),
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_token": kv_per_token,
+        "bytes_read_per_step": int(bytes_per_step),
+        "achieved_gb_s": round(bytes_per_step / per_token_s / 1e9, 1),
+    }
 
 
 def load(shapes) -> dict:
@@ -374,8 +504,12 @@ def load(shapes) -> dict:
         loaded = load_pretrained(os.path.join(tmp, "hf"), dtype="bfloat16", load_tokenizer=False)
         jax.block_until_ready(loaded.params)
         load_s = time.perf_counter() - start
-    return {"checkpoint_bytes": size, "prepare_s": round(write_s, 1), "load_pretrained_s": round(load_s, 2),
-            "load_gb_s": round(size / load_s / 1e9, 2)}
+    return {
+        "checkpoint_bytes": size,
+        "prepare_s": round(write_s, 1),
+        "load_pretrained_s": round(load_s, 2),
+        "load_gb_s": round(size / load_s / 1e9, 2),
+    }
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ careful HF evaluation does: the same length-sorted batches, left-padded, one `ge
 `batch_decode`. Compilation (ours) and a warm-up (HF) are excluded and reported; the best of
 `--repeats` timed passes is kept. Each side runs in a fresh process of its own.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,15 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_worker import (alternating_rounds, best_of, parse_checked, random_hf_model, report,  # noqa: E402
-                          side_by_side_parser, write_figures)
+from bench_worker import (
+    alternating_rounds,
+    best_of,
+    parse_checked,
+    random_hf_model,
+    report,  # noqa: E402
+    side_by_side_parser,
+    write_figures,
+)
 
 
 def parse_args(argv):
@@ -36,9 +44,15 @@ def benchmark_prompts(count: int):
     from optiml_jax.tokenizer import OPTTokenizer
 
     tokenizer = OPTTokenizer.from_pretrained(os.path.join(ROOT, "optiml_jax", "assets", "demo_tokenizer"))
-    tasks = load_eval_tasks(os.path.join(ROOT, "optiml_jax", "assets", "data", "sni"), max_instances=-(-count // 8))
-    texts = [build_prompt(task, inst) for inst_index in range(-(-count // 8)) for task in tasks
-             for inst in task.instances[inst_index:inst_index + 1]][:count]
+    tasks = load_eval_tasks(
+        os.path.join(ROOT, "optiml_jax", "assets", "data", "sni"), max_instances=-(-count // 8)
+    )
+    texts = [
+        build_prompt(task, inst)
+        for inst_index in range(-(-count // 8))
+        for task in tasks
+        for inst in task.instances[inst_index : inst_index + 1]
+    ][:count]
     return tokenizer, tokenizer.encode_batch(texts, add_bos=False)
 
 
@@ -46,21 +60,27 @@ def bench_ours(config, tokenizer, prompts, args) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from optiml_jax.checkpoints.mapping import hf_to_params
     from optiml_jax.eval.generation import generate_completions
     from optiml_jax.model import OPTForCausalLM
-    from optiml_jax.checkpoints.mapping import hf_to_params
 
     state = {k: v.detach().numpy() for k, v in random_hf_model(config).state_dict().items()}
     params = jax.tree_util.tree_map(jnp.asarray, hf_to_params(state, config, scan_layers=False))
     model = OPTForCausalLM(config, scan_layers=False)
 
     def run():
-        return generate_completions(model, params, tokenizer, prompts, max_new_tokens=args.new_tokens,
-                                    batch_size=args.batch_size)
+        return generate_completions(
+            model, params, tokenizer, prompts, max_new_tokens=args.new_tokens, batch_size=args.batch_size
+        )
 
     seconds, first, (_, _, stats) = best_of(run, args.repeats)
-    return {"seconds": seconds, "first_call_s": first, "new_tokens": stats.new_tokens, "programs": stats.programs,
-            "batches": stats.batches}
+    return {
+        "seconds": seconds,
+        "first_call_s": first,
+        "new_tokens": stats.new_tokens,
+        "programs": stats.programs,
+        "batches": stats.batches,
+    }
 
 
 def bench_hf(config, tokenizer, prompts, args) -> dict:
@@ -68,7 +88,7 @@ def bench_hf(config, tokenizer, prompts, args) -> dict:
 
     model = random_hf_model(config)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    batches = [order[s:s + args.batch_size] for s in range(0, len(order), args.batch_size)]
+    batches = [order[s : s + args.batch_size] for s in range(0, len(order), args.batch_size)]
 
     def run():
         new_tokens = 0
@@ -77,19 +97,30 @@ def bench_hf(config, tokenizer, prompts, args) -> dict:
             ids = torch.full((len(rows), length), 1, dtype=torch.long)
             mask = torch.zeros((len(rows), length), dtype=torch.long)
             for r, i in enumerate(rows):
-                ids[r, length - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[r, length - len(prompts[i]):] = 1
+                ids[r, length - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[r, length - len(prompts[i]) :] = 1
             with torch.no_grad():
-                out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
-                                     eos_token_id=2, pad_token_id=1)
+                out = model.generate(
+                    ids,
+                    attention_mask=mask,
+                    do_sample=False,
+                    max_new_tokens=args.new_tokens,
+                    eos_token_id=2,
+                    pad_token_id=1,
+                )
             new = out[:, length:]
             new_tokens += int(((new != 1).cumsum(1) > 0).sum())
             tokenizer.decode_batch([[t for t in row if t < tokenizer.vocab_size] for row in new.tolist()])
         return new_tokens
 
     seconds, first, new_tokens = best_of(run, args.repeats)
-    return {"seconds": seconds, "first_call_s": first, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
-            "attn_implementation": model.config._attn_implementation}
+    return {
+        "seconds": seconds,
+        "first_call_s": first,
+        "new_tokens": new_tokens,
+        "threads": torch.get_num_threads(),
+        "attn_implementation": model.config._attn_implementation,
+    }
 
 
 def run_worker(args) -> dict:
@@ -110,26 +141,62 @@ def main(argv=None) -> int:
     if args.worker:
         return report(run_worker(args))
     workers = ["jax"] + ([] if args.skip_hf else ["hf-pytorch"])
-    rounds = alternating_rounds(__file__, workers, ["--preset", args.preset, "--prompts", str(args.prompts),
-                                                    "--new-tokens", str(args.new_tokens), "--batch-size",
-                                                    str(args.batch_size), "--repeats", str(args.repeats)], args.rounds)
+    rounds = alternating_rounds(
+        __file__,
+        workers,
+        [
+            "--preset",
+            args.preset,
+            "--prompts",
+            str(args.prompts),
+            "--new-tokens",
+            str(args.new_tokens),
+            "--batch-size",
+            str(args.batch_size),
+            "--repeats",
+            str(args.repeats),
+        ],
+        args.rounds,
+    )
     ours = {**rounds[-1]["jax"], "seconds": statistics.median(r["jax"]["seconds"] for r in rounds)}
-    figures = {"preset": args.preset, "prompts": args.prompts, "new_tokens_max": args.new_tokens,
-               "batch_size": args.batch_size, "machine": f"{platform.processor() or platform.machine()}, "
-               f"{os.cpu_count()} CPUs", "ours": {**ours, "instances_per_s": args.prompts / ours["seconds"]}}
+    figures = {
+        "preset": args.preset,
+        "prompts": args.prompts,
+        "new_tokens_max": args.new_tokens,
+        "batch_size": args.batch_size,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "ours": {**ours, "instances_per_s": args.prompts / ours["seconds"]},
+    }
     print(f"machine: {figures['machine']}; jax {ours['jax']}; each side in a fresh process")
-    print(f"{args.prompts} SNI prompts of {ours['prompt_tokens'][0]}-{ours['prompt_tokens'][1]} tokens, up to "
-          f"{args.new_tokens} new tokens, greedy, batch {args.batch_size}, {args.preset} shape, float32")
-    print("\n| side | seconds | instances/s | new tokens | first call (s) | vs HF |\n|---|---|---|---|---|---|")
+    print(
+        f"{args.prompts} SNI prompts of {ours['prompt_tokens'][0]}-{ours['prompt_tokens'][1]} tokens, up to "
+        f"{args.new_tokens} new tokens, greedy, batch {args.batch_size}, {args.preset} shape, float32"
+    )
+    print(
+        "\n| side | seconds | instances/s | new tokens | first call (s) | vs HF |\n|---|---|---|---|---|---|"
+    )
     if not args.skip_hf:
-        hf = {**rounds[-1]["hf-pytorch"], "seconds": statistics.median(r["hf-pytorch"]["seconds"] for r in rounds)}
+        hf = {
+            **rounds[-1]["hf-pytorch"],
+            "seconds": statistics.median(r["hf-pytorch"]["seconds"] for r in rounds),
+        }
         figures["hf"] = {**hf, "instances_per_s": args.prompts / hf["seconds"]}
-        figures["speedup_vs_hf"] = statistics.median(r["hf-pytorch"]["seconds"] / r["jax"]["seconds"] for r in rounds)
-        print(f"| HF PyTorch generate ({hf['threads']} threads, {hf['attn_implementation']}) | {hf['seconds']:.2f} | "
-              f"{figures['hf']['instances_per_s']:.2f} | {hf['new_tokens']} | {hf['first_call_s']:.2f} | 1.00x |")
+        figures["speedup_vs_hf"] = statistics.median(
+            r["hf-pytorch"]["seconds"] / r["jax"]["seconds"] for r in rounds
+        )
+        print(
+            f"| HF PyTorch generate ({hf['threads']} threads, {hf['attn_implementation']}) | "
+            f"{hf['seconds']:.2f} | "
+            f"{figures['hf']['instances_per_s']:.2f} | {hf['new_tokens']} | {hf['first_call_s']:.2f} | "
+            "1.00x |"
+        )
     speedup = f"{figures['speedup_vs_hf']:.2f}x" if "speedup_vs_hf" in figures else "-"
-    print(f"| optiml_jax evaluation ({ours['programs']} programs, {ours['batches']} batches) | {ours['seconds']:.2f} | "
-          f"{figures['ours']['instances_per_s']:.2f} | {ours['new_tokens']} | {ours['first_call_s']:.2f} | {speedup} |")
+    print(
+        f"| optiml_jax evaluation ({ours['programs']} programs, {ours['batches']} batches) | "
+        f"{ours['seconds']:.2f} | "
+        f"{figures['ours']['instances_per_s']:.2f} | {ours['new_tokens']} | {ours['first_call_s']:.2f} | "
+        f"{speedup} |"
+    )
     return write_figures(args.json, figures)
 
 

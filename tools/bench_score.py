@@ -10,6 +10,7 @@ warm-up (our whole pass, compiles included; one batch for HF) is excluded and re
 `--repeats` timed passes; each side in a fresh
 process; "vs HF" is the median of the per-round ratios (`speedup_vs_hf` in `--json`).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,15 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_worker import (alternating_rounds, best_of, parse_checked, random_hf_model, report,  # noqa: E402
-                          side_by_side_parser, write_figures)
+from bench_worker import (
+    alternating_rounds,
+    best_of,
+    parse_checked,
+    random_hf_model,
+    report,  # noqa: E402
+    side_by_side_parser,
+    write_figures,
+)
 
 
 def parse_args(argv):
@@ -38,26 +46,35 @@ def make_requests(args):
     import numpy as np
 
     rng = np.random.default_rng(0)
-    return [(rng.integers(4, 2048, args.context).tolist(),
-             [rng.integers(4, 2048, int(rng.integers(1, 9))).tolist() for _ in range(args.options)])
-            for _ in range(args.requests)]
+    return [
+        (
+            rng.integers(4, 2048, args.context).tolist(),
+            [rng.integers(4, 2048, int(rng.integers(1, 9))).tolist() for _ in range(args.options)],
+        )
+        for _ in range(args.requests)
+    ]
 
 
 def bench_ours(config, requests, args) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from optiml_jax.checkpoints.mapping import hf_to_params
     from optiml_jax.eval.scoring import Scorer
     from optiml_jax.model import OPTForCausalLM
-    from optiml_jax.checkpoints.mapping import hf_to_params
 
     state = {k: v.detach().numpy() for k, v in random_hf_model(config).state_dict().items()}
     params = jax.tree_util.tree_map(jnp.asarray, hf_to_params(state, config, scan_layers=True))
     # rows of 512 tokens hold two requests here: batch_size / 2 rows see as many requests as HF's batch
     scorer = Scorer(OPTForCausalLM(config, scan_layers=True), params, batch_size=max(1, args.batch_size // 2))
     seconds, first, scores = best_of(lambda: scorer.score_groups(requests), args.repeats)
-    return {"seconds": seconds, "first_call_s": first, "programs": len(scorer.shapes), "jax": jax.__version__,
-            "logprob_sum": sum(s.logprob for group in scores for s in group)}
+    return {
+        "seconds": seconds,
+        "first_call_s": first,
+        "programs": len(scorer.shapes),
+        "jax": jax.__version__,
+        "logprob_sum": sum(s.logprob for group in scores for s in group),
+    }
 
 
 def bench_hf(config, requests, args) -> dict:
@@ -65,14 +82,25 @@ def bench_hf(config, requests, args) -> dict:
     import transformers
     from lm_eval.models.huggingface import HFLM
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(ROOT, "optiml_jax", "assets", "demo_tokenizer"))
-    lm = HFLM(pretrained=random_hf_model(config), tokenizer=tokenizer, batch_size=args.batch_size, device="cpu")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        os.path.join(ROOT, "optiml_jax", "assets", "demo_tokenizer")
+    )
+    lm = HFLM(
+        pretrained=random_hf_model(config), tokenizer=tokenizer, batch_size=args.batch_size, device="cpu"
+    )
     flat = [(("", ""), context, option) for context, options in requests for option in options]
     # warm-up: one batch (PyTorch has nothing to compile; a whole extra pass would only cost minutes)
-    seconds, first, scores = best_of(lambda: lm._loglikelihood_tokens(flat, disable_tqdm=True), args.repeats,
-                                    warm_up=lambda: lm._loglikelihood_tokens(flat[:args.batch_size], disable_tqdm=True))
-    return {"seconds": seconds, "first_call_s": first, "threads": torch.get_num_threads(),
-            "logprob_sum": sum(logprob for logprob, _ in scores)}
+    seconds, first, scores = best_of(
+        lambda: lm._loglikelihood_tokens(flat, disable_tqdm=True),
+        args.repeats,
+        warm_up=lambda: lm._loglikelihood_tokens(flat[: args.batch_size], disable_tqdm=True),
+    )
+    return {
+        "seconds": seconds,
+        "first_call_s": first,
+        "threads": torch.get_num_threads(),
+        "logprob_sum": sum(logprob for logprob, _ in scores),
+    }
 
 
 def run_worker(args) -> dict:
@@ -80,7 +108,11 @@ def run_worker(args) -> dict:
 
     config = OPTConfig.from_preset(args.preset, dropout=0.0)
     requests = make_requests(args)
-    return bench_hf(config, requests, args) if args.worker == "hf-lm-eval" else bench_ours(config, requests, args)
+    return (
+        bench_hf(config, requests, args)
+        if args.worker == "hf-lm-eval"
+        else bench_ours(config, requests, args)
+    )
 
 
 def main(argv=None) -> int:
@@ -88,34 +120,63 @@ def main(argv=None) -> int:
     if args.worker:
         return report(run_worker(args))
     workers = ["jax"] + ([] if args.skip_hf else ["hf-lm-eval"])
-    worker_args = ["--preset", args.preset, "--requests", str(args.requests), "--context", str(args.context),
-                   "--options", str(args.options), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
+    worker_args = [
+        "--preset",
+        args.preset,
+        "--requests",
+        str(args.requests),
+        "--context",
+        str(args.context),
+        "--options",
+        str(args.options),
+        "--batch-size",
+        str(args.batch_size),
+        "--repeats",
+        str(args.repeats),
+    ]
     rounds = alternating_rounds(__file__, workers, worker_args, args.rounds)
-    figures = {"preset": args.preset, "requests": args.requests, "context_tokens": args.context,
-               "options": args.options, "batch_size": args.batch_size,
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"}
+    figures = {
+        "preset": args.preset,
+        "requests": args.requests,
+        "context_tokens": args.context,
+        "options": args.options,
+        "batch_size": args.batch_size,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    }
     for worker in workers:
         runs = [r[worker] for r in rounds]
         figures[worker] = {**runs[-1], "seconds": statistics.median(r["seconds"] for r in runs)}
         figures[worker]["requests_per_s"] = args.requests / figures[worker]["seconds"]
     if not args.skip_hf:
-        figures["speedup_vs_hf"] = statistics.median(r["hf-lm-eval"]["seconds"] / r["jax"]["seconds"] for r in rounds)
+        figures["speedup_vs_hf"] = statistics.median(
+            r["hf-lm-eval"]["seconds"] / r["jax"]["seconds"] for r in rounds
+        )
         difference = abs(figures["jax"]["logprob_sum"] - figures["hf-lm-eval"]["logprob_sum"])
         figures["logprob_sum_difference"] = difference
     print(f"machine: {figures['machine']}; jax {figures['jax']['jax']}; each side in a fresh process")
-    print(f"{args.requests} requests: {args.context}-token context, {args.options} options of 1-8 tokens; "
-          f"{args.preset} shape, float32")
+    print(
+        f"{args.requests} requests: {args.context}-token context, {args.options} options of 1-8 tokens; "
+        f"{args.preset} shape, float32"
+    )
     print("\n| side | seconds | requests/s | first pass (s) | vs HF |\n|---|---|---|---|---|")
     if not args.skip_hf:
         hf = figures["hf-lm-eval"]
-        print(f"| lm_eval hf model ({hf['threads']} threads, batch {args.batch_size}) | {hf['seconds']:.2f} | "
-              f"{hf['requests_per_s']:.2f} | {hf['first_call_s']:.2f} | 1.00x |")
+        print(
+            f"| lm_eval hf model ({hf['threads']} threads, batch {args.batch_size}) | {hf['seconds']:.2f} | "
+            f"{hf['requests_per_s']:.2f} | {hf['first_call_s']:.2f} | 1.00x |"
+        )
     ours = figures["jax"]
     speedup = f"{figures['speedup_vs_hf']:.2f}x" if "speedup_vs_hf" in figures else "-"
-    print(f"| optiml_jax Scorer ({ours['programs']} programs) | {ours['seconds']:.2f} | {ours['requests_per_s']:.2f} | "
-          f"{ours['first_call_s']:.2f} | {speedup} |")
+    print(
+        f"| optiml_jax Scorer ({ours['programs']} programs) | {ours['seconds']:.2f} | "
+        f"{ours['requests_per_s']:.2f} | "
+        f"{ours['first_call_s']:.2f} | {speedup} |"
+    )
     if "logprob_sum_difference" in figures:
-        print(f"sum of the 1,024 log-likelihoods differs by {figures['logprob_sum_difference']:.2e} between the sides")
+        print(
+            f"sum of the 1,024 log-likelihoods differs by {figures['logprob_sum_difference']:.2e} "
+            "between the sides"
+        )
     return write_figures(args.json, figures)
 
 

@@ -4,6 +4,7 @@ Run in one process, whichever side went second was 10-30% slower (the other libr
 and heap were still there), HF PyTorch included. So a benchmark script re-runs itself with
 `--worker NAME ...`; the worker prints one `BENCH_RESULT {json}` line, which is what comes back.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,13 +23,14 @@ def report(result: dict) -> int:
 
 def run_in_fresh_process(script: str, worker: str, argv: list[str]) -> dict:
     """`python script --worker worker *argv` in a new process; its reported result."""
-    proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", worker, *argv], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(script), "--worker", worker, *argv], capture_output=True, text=True
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stderr[-3000:])
         raise SystemExit(f"benchmark worker {worker!r} failed (exit status {proc.returncode})")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
 def side_by_side_parser(name: str, description: str, *, repeats: int = 1):
@@ -38,8 +40,12 @@ def side_by_side_parser(name: str, description: str, *, repeats: int = 1):
     parser = argparse.ArgumentParser(prog=f"python tools/benchmark.py {name}", description=description)
     parser.add_argument("--preset", default="125m")
     parser.add_argument("--repeats", type=int, default=repeats, help="timed passes per process (best kept)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="measure every side this many times, alternating; figures are medians over rounds")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every side this many times, alternating; figures are medians over rounds",
+    )
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one side, in this process
@@ -85,7 +91,10 @@ def alternating_rounds(script: str, workers: list, worker_argv: list, rounds: in
     for index in range(rounds):
         order = workers if index % 2 == 0 else workers[::-1]
         out.append({w: run_in_fresh_process(script, w, worker_argv) for w in order})
-        print(f"round {index + 1}: " + ", ".join(f"{w} {r['seconds']:.2f} s" for w, r in out[-1].items()), flush=True)
+        print(
+            f"round {index + 1}: " + ", ".join(f"{w} {r['seconds']:.2f} s" for w, r in out[-1].items()),
+            flush=True,
+        )
     return out
 
 

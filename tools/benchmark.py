@@ -3,13 +3,14 @@
     python tools/benchmark.py generate [options]   decode tokens/s, batch 1 and 8, 125m shape
     python tools/benchmark.py convert  [options]   converter peak RSS on a generated ~1 GB checkpoint
     python tools/benchmark.py train    [options]   training tokens/s and MFU, 125m shape, 4 x 512
-    python tools/benchmark.py evaluate [options]   generation-evaluation instances/s, 125m shape, 64 SNI prompts
-    python tools/benchmark.py score    [options]   rank-classification requests/s vs lm_eval's hf model, 125m shape
+    python tools/benchmark.py evaluate [options]   evaluation instances/s, 125m shape, 64 SNI prompts
+    python tools/benchmark.py score    [options]   rank-classification requests/s vs lm_eval's hf
     python tools/benchmark.py device   [--dry-run] on a GPU/TPU: matmul and copy ceilings, 1.3B training MFU,
                                                    decode bandwidth, load time (tools/bench_device.py)
 
 Figures go into docs/benchmarks.md. Each subcommand lives in tools/bench_<name>.py.
 """
+
 import importlib
 import os
 import sys

@@ -10,6 +10,7 @@ layout, so every code path is the one the real tokenizer takes.
 Texts: each task's Definition, and each instance's input and outputs. Files are read in sorted name
 order, so the same files give the same vocabulary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,18 @@ def sni_texts(sni_dir: Path):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sni-dir", type=Path, default=DEFAULT_SNI_DIR,
-                        help=f"folder of SNI task *.json files (default: {DEFAULT_SNI_DIR.relative_to(REPO)})")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"output folder (default: {DEFAULT_OUT.relative_to(REPO)})")
+    parser.add_argument(
+        "--sni-dir",
+        type=Path,
+        default=DEFAULT_SNI_DIR,
+        help=f"folder of SNI task *.json files (default: {DEFAULT_SNI_DIR.relative_to(REPO)})",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"output folder (default: {DEFAULT_OUT.relative_to(REPO)})",
+    )
     parser.add_argument("--vocab-size", type=int, default=2048)
     args = parser.parse_args(argv)
 
@@ -63,8 +72,11 @@ def main(argv=None) -> int:
     out = tokenizer.save_pretrained(args.out)
     size_kb = sum(p.stat().st_size for p in out.iterdir()) / 1024
     n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts, add_bos=False))
-    print(f"trained on {len(texts)} texts from {args.sni_dir}: vocab_size={tokenizer.vocab_size}, "
-          f"{n_tokens} tokens ({sum(map(len, texts)) / n_tokens:.2f} chars/token); wrote {out} ({size_kb:.0f} KB)")
+    print(
+        f"trained on {len(texts)} texts from {args.sni_dir}: vocab_size={tokenizer.vocab_size}, "
+        f"{n_tokens} tokens ({sum(map(len, texts)) / n_tokens:.2f} chars/token); wrote {out} "
+        f"({size_kb:.0f} KB)"
+    )
     return 0
 
 

@@ -1,5 +1,6 @@
 """`python tools/convert_weights.py ...` = `optiml-convert ...` (optiml_jax/convert_weights.py), for a
 checkout that is not installed: see that module for the flags."""
+
 import sys
 from pathlib import Path
 

@@ -6,6 +6,7 @@ headerless file per output array (stacked layers: layer i is a slice of one file
 files are streamed into the Orbax checkpoint block by block. Peak memory is about one merged tensor
 plus one write block, whatever the model size; disk needs the model twice while converting.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,11 +19,13 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from optiml_jax.checkpoints import hf as hf_checkpoint, metaseq, model_format as checkpoint
-from optiml_jax.checkpoints.streamed import StreamedArray
-from optiml_jax.fileio import atomic_output_dir, check_output_dir
-from optiml_jax.config import DTYPES, OPTConfig, as_dtype
+from optiml_jax.checkpoints import hf as hf_checkpoint
+from optiml_jax.checkpoints import metaseq
+from optiml_jax.checkpoints import model_format as checkpoint
 from optiml_jax.checkpoints.mapping import TensorChecker, stacked_location
+from optiml_jax.checkpoints.streamed import StreamedArray
+from optiml_jax.config import DTYPES, OPTConfig, as_dtype
+from optiml_jax.fileio import atomic_output_dir, check_output_dir
 
 FORMATS = ("hf", "metaseq")
 STAGE_BLOCK_BYTES = 8 << 20
@@ -31,6 +34,7 @@ STAGE_BLOCK_BYTES = 8 << 20
 @dataclasses.dataclass
 class Source:
     """An opened input: its config, its files, and a stream of (HF key, array, file) triples."""
+
     format: str
     config: OPTConfig
     files: list
@@ -51,10 +55,13 @@ class ConversionSummary:
     tokenizer: bool
 
     def __str__(self) -> str:
-        return (f"converted {self.input_format} checkpoint ({self.num_files} file(s), {self.num_tensors} tensors) "
-                f"-> {self.output}: {self.num_params:,} parameters, {self.dtype}, "
-                f"{self.bytes / 2**20:,.1f} MiB, {self.seconds:.1f} s"
-                + ("" if self.tokenizer else " (no tokenizer files: pass --tokenizer DIR)"))
+        return (
+            f"converted {self.input_format} checkpoint ({self.num_files} file(s), {self.num_tensors} "
+            "tensors) "
+            f"-> {self.output}: {self.num_params:,} parameters, {self.dtype}, "
+            f"{self.bytes / 2**20:,.1f} MiB, {self.seconds:.1f} s"
+            + ("" if self.tokenizer else " (no tokenizer files: pass --tokenizer DIR)")
+        )
 
 
 # ---------------------------------------------------------------------------------------- detection
@@ -68,13 +75,17 @@ def detect_format(path: str | Path) -> str:
             return "hf"
         if name.endswith(".pt"):
             return "metaseq"
-        raise ValueError(f"{path}: cannot tell the checkpoint format from the file name; pass --format hf|metaseq")
+        raise ValueError(
+            f"{path}: cannot tell the checkpoint format from the file name; pass --format hf|metaseq"
+        )
     if (path / "config.json").is_file() or any((path / f).is_file() for f in hf_checkpoint.WEIGHT_FILES):
         return "hf"
     if any(path.glob("*.pt")):
         return "metaseq"
-    raise FileNotFoundError(f"{path}: no checkpoint found (looked for {', '.join(hf_checkpoint.WEIGHT_FILES)} "
-                            f"and metaseq *.pt files)")
+    raise FileNotFoundError(
+        f"{path}: no checkpoint found (looked for {', '.join(hf_checkpoint.WEIGHT_FILES)} "
+        f"and metaseq *.pt files)"
+    )
 
 
 def load_config_arg(config) -> Optional[OPTConfig]:
@@ -86,7 +97,8 @@ def load_config_arg(config) -> Optional[OPTConfig]:
 
 def _has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer.json").is_file() or (
-        (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file())
+        (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
+    )
 
 
 def open_source(path: str | Path, fmt: Optional[str] = None, config=None) -> Source:
@@ -183,7 +195,7 @@ class ParamStager:
         with open(slot.file, "r+b") as f:
             f.seek(offset)
             for start in range(0, flat.shape[0], rows):
-                block = np.ascontiguousarray(flat[start:start + rows], dtype=self.dtype)
+                block = np.ascontiguousarray(flat[start : start + rows], dtype=self.dtype)
                 f.write(memoryview(block.reshape(-1).view(np.uint8)))
 
     def params(self) -> dict:
@@ -199,8 +211,17 @@ class ParamStager:
 
 
 # ---------------------------------------------------------------------------------------- convert
-def convert(input_path, output_dir, *, dtype: str = "float32", config=None, tokenizer=None,
-            overwrite: bool = False, fmt: Optional[str] = None, progress: bool = True) -> ConversionSummary:
+def convert(
+    input_path,
+    output_dir,
+    *,
+    dtype: str = "float32",
+    config=None,
+    tokenizer=None,
+    overwrite: bool = False,
+    fmt: Optional[str] = None,
+    progress: bool = True,
+) -> ConversionSummary:
     """Converts a checkpoint into an optiml_jax model directory (atomically: all or nothing)."""
     start = time.perf_counter()
     if str(dtype) not in DTYPES:
@@ -233,11 +254,21 @@ def convert(input_path, output_dir, *, dtype: str = "float32", config=None, toke
                 params = _report_reads(params, bar)
             checkpoint.write_params(tmp / checkpoint.PARAMS_DIR, params)
         shutil.rmtree(staging)
-        checkpoint.finish_model_dir(tmp, source.config, np_dtype, total, tokenizer_obj,
-                                    {"converted_from": source.format})
+        checkpoint.finish_model_dir(
+            tmp, source.config, np_dtype, total, tokenizer_obj, {"converted_from": source.format}
+        )
         size = sum(p.stat().st_size for p in (tmp / checkpoint.PARAMS_DIR).rglob("*") if p.is_file())
-    return ConversionSummary(output_dir, source.format, len(source.files), count, total, np_dtype.name, size,
-                             time.perf_counter() - start, tokenizer_obj is not None)
+    return ConversionSummary(
+        output_dir,
+        source.format,
+        len(source.files),
+        count,
+        total,
+        np_dtype.name,
+        size,
+        time.perf_counter() - start,
+        tokenizer_obj is not None,
+    )
 
 
 def _report_reads(params: dict, bar) -> dict:

@@ -13,6 +13,7 @@ A training checkpoint holds the train state, not the architecture: that comes fr
 `WORKDIR/config.yaml` (its `model` and `tokenizer`, read as the training loop reads them), so a run
 whose config names relative paths is exported from the directory it was started in.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,9 +27,9 @@ from typing import Any, Optional
 import numpy as np
 
 from optiml_jax.checkpoints import model_format as checkpoint
-from optiml_jax.fileio import atomic_output_dir, check_output_dir
-from optiml_jax.config import OPTConfig, as_dtype
 from optiml_jax.checkpoints.mapping import stacked_location, tensor_specs
+from optiml_jax.config import OPTConfig, as_dtype
+from optiml_jax.fileio import atomic_output_dir, check_output_dir
 
 _SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -43,9 +44,22 @@ def parse_size(size) -> int:
     if not m:
         raise ValueError(f"cannot read size {size!r}; write e.g. 5GB, 500MB or a number of bytes")
     unit = (m.group(2) or "").upper()
-    scale = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6,
-             "G": 10**9, "T": 10**12}.get(unit)
+    scale = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+    }.get(unit)
     if scale is None:
         raise ValueError(f"cannot read size {size!r}")
     return int(float(m.group(1)) * scale)
@@ -54,13 +68,18 @@ def parse_size(size) -> int:
 def generation_config(config: OPTConfig) -> dict:
     """generation_config.json as transformers writes it for OPT (`GenerationConfig.from_model_config`,
     as on the facebook/opt-* hub repos): the special token ids."""
-    return {"_from_model_config": True, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-            "pad_token_id": config.pad_token_id}
+    return {
+        "_from_model_config": True,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportSource:
     """What an export reads: the architecture, and where and how the params are stored."""
+
     config: OPTConfig
     params_path: Path  # an Orbax PyTree checkpoint directory
     prefix: tuple  # the keys above the params in it: () in a model directory, ("params",) in a train state
@@ -83,27 +102,41 @@ def find_source(path) -> ExportSource:
     if (path / "final").is_dir() or (path / "checkpoints").is_dir():
         if checkpoint.is_converted_checkpoint(path / "final"):
             return _model_dir_source(path / "final")
-        steps = [int(p.name) for p in (path / "checkpoints").glob("*") if p.name.isdigit() and (p / "state").is_dir()]
+        steps = [
+            int(p.name)
+            for p in (path / "checkpoints").glob("*")
+            if p.name.isdigit() and (p / "state").is_dir()
+        ]
         if steps:
             return _train_checkpoint_source(path / "checkpoints" / str(max(steps)), workdir=path)
-        raise checkpoint.CheckpointError(f"{path}: a run directory with neither a final model (final/) nor a "
-                                         f"checkpoint (checkpoints/STEP/) to export")
+        raise checkpoint.CheckpointError(
+            f"{path}: a run directory with neither a final model (final/) nor a "
+            f"checkpoint (checkpoints/STEP/) to export"
+        )
     raise checkpoint.CheckpointError(
         f"{path}: not an optiml_jax model directory (no {checkpoint.MARKER}), a training checkpoint "
-        f"(WORKDIR/checkpoints/STEP) or a fine-tuning workdir")
+        f"(WORKDIR/checkpoints/STEP) or a fine-tuning workdir"
+    )
 
 
 def _model_dir_source(path: Path) -> ExportSource:
     marker = checkpoint.read_marker(path)
     if marker.get("layout") != checkpoint.LAYOUT:
-        raise checkpoint.CheckpointError(f"{path / checkpoint.MARKER}: unknown params layout {marker.get('layout')!r}")
+        raise checkpoint.CheckpointError(
+            f"{path / checkpoint.MARKER}: unknown params layout {marker.get('layout')!r}"
+        )
     from optiml_jax.tokenizer import TOKENIZER_FILES
 
     has_tokenizer = any((path / file).is_file() for file in TOKENIZER_FILES)
-    return ExportSource(config=OPTConfig.from_json_file(path / "config.json"),
-                        params_path=path / marker.get("params_dir", checkpoint.PARAMS_DIR), prefix=(),
-                        stacked=True, dtype=np.dtype(as_dtype(marker["dtype"])), tokenizer=path if has_tokenizer else None,
-                        name=str(path))
+    return ExportSource(
+        config=OPTConfig.from_json_file(path / "config.json"),
+        params_path=path / marker.get("params_dir", checkpoint.PARAMS_DIR),
+        prefix=(),
+        stacked=True,
+        dtype=np.dtype(as_dtype(marker["dtype"])),
+        tokenizer=path if has_tokenizer else None,
+        name=str(path),
+    )
 
 
 def _train_checkpoint_source(step_dir: Path, workdir: Path) -> ExportSource:
@@ -116,12 +149,20 @@ def _train_checkpoint_source(step_dir: Path, workdir: Path) -> ExportSource:
         params = handler.metadata(state_dir).tree["params"]
         dtype = np.dtype(params["decoder"]["embed_tokens"]["embedding"].dtype)
     except (ValueError, KeyError, TypeError, OSError) as e:
-        raise checkpoint.CheckpointError(f"{step_dir}: cannot read the training checkpoint's params "
-                                         f"({type(e).__name__}: {str(e)[:300]})") from None
+        raise checkpoint.CheckpointError(
+            f"{step_dir}: cannot read the training checkpoint's params ({type(e).__name__}: {str(e)[:300]})"
+        ) from None
     finally:
         handler.close()
-    return ExportSource(config=config, params_path=state_dir, prefix=("params",), stacked="layers" in params["decoder"],
-                        dtype=dtype, tokenizer=tokenizer, name=str(step_dir))
+    return ExportSource(
+        config=config,
+        params_path=state_dir,
+        prefix=("params",),
+        stacked="layers" in params["decoder"],
+        dtype=dtype,
+        tokenizer=tokenizer,
+        name=str(step_dir),
+    )
 
 
 def _run_model(workdir: Path):
@@ -138,13 +179,19 @@ def _run_model(workdir: Path):
         run = yaml.safe_load(run_file.read_text(encoding="utf-8"))
         model, tokenizer = run["model"], run.get("tokenizer")
     except FileNotFoundError:
-        raise checkpoint.CheckpointError(f"{run_file} is missing: the run's config names the model's architecture") from None
+        raise checkpoint.CheckpointError(
+            f"{run_file} is missing: the run's config names the model's architecture"
+        ) from None
     except (yaml.YAMLError, TypeError, KeyError) as e:
-        raise checkpoint.CheckpointError(f"{run_file}: not a run config with a model ({type(e).__name__})") from None
+        raise checkpoint.CheckpointError(
+            f"{run_file}: not a run config with a model ({type(e).__name__})"
+        ) from None
     model_dir = None
     if model.startswith("preset:"):
-        name = model[len("preset:"):]
-        config = OPTConfig.from_preset(resolve_path(name) if name.endswith((".yaml", ".yml", ".json")) else name)
+        name = model[len("preset:") :]
+        config = OPTConfig.from_preset(
+            resolve_path(name) if name.endswith((".yaml", ".yml", ".json")) else name
+        )
     else:
         model_dir = resolve_model_path(resolve_path(model))
         config = OPTConfig.from_json_file(model_dir / "config.json")
@@ -152,8 +199,14 @@ def _run_model(workdir: Path):
     return config, OPTTokenizer.from_pretrained(source) if source is not None else None
 
 
-def export_hf(path, output_dir, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, dtype: Optional[str] = None,
-              overwrite: bool = False) -> Path:
+def export_hf(
+    path,
+    output_dir,
+    *,
+    max_shard_size=DEFAULT_MAX_SHARD_SIZE,
+    dtype: Optional[str] = None,
+    overwrite: bool = False,
+) -> Path:
     """Writes the model at `path` (see `find_source`: one of our model directories, a training checkpoint
     WORKDIR/checkpoints/STEP, or a workdir) as a Hugging Face OPT directory at `output_dir`, in `dtype`
     (default: as stored)."""
@@ -186,15 +239,20 @@ def export_hf(path, output_dir, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, dtype:
     with atomic_output_dir(output_dir, overwrite) as tmp:
         reader = checkpoint.ParamsReader(params_path=source.params_path)
         weight_map, total = {}, 0
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        names = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
         for name, shard in zip(names, shards):
             header, offset = {"__metadata__": {"format": "pt"}}, 0
-            for spec, layer, _ in shard:
+            for spec, _layer, _ in shard:
                 nbytes = math.prod(spec.hf_shape) * out_dtype.itemsize
                 header["model." + spec.hf_key if spec.hf_key != "lm_head.weight" else spec.hf_key] = {
-                    "dtype": _SAFETENSORS_NAMES[out_dtype.name], "shape": list(spec.hf_shape),
-                    "data_offsets": [offset, offset + nbytes]}
+                    "dtype": _SAFETENSORS_NAMES[out_dtype.name],
+                    "shape": list(spec.hf_shape),
+                    "data_offsets": [offset, offset + nbytes],
+                }
                 offset += nbytes
             header_bytes = json.dumps(header, separators=(",", ":")).encode()
             header_bytes += b" " * (-len(header_bytes) % 8)
@@ -209,7 +267,8 @@ def export_hf(path, output_dir, *, max_shard_size=DEFAULT_MAX_SHARD_SIZE, dtype:
                     if tuple(tensor.shape) != tuple(spec.hf_shape):
                         raise checkpoint.CheckpointError(
                             f"{source.name}: {'/'.join(keys)} gives {spec.hf_key} shape {tensor.shape}, "
-                            f"the config needs {spec.hf_shape}")
+                            f"the config needs {spec.hf_shape}"
+                        )
                     f.write(memoryview(tensor.reshape(-1).view(np.uint8)))
                     key = "model." + spec.hf_key if spec.hf_key != "lm_head.weight" else spec.hf_key
                     weight_map[key] = name
@@ -236,4 +295,11 @@ def _write_tokenizer(tokenizer, directory: Path) -> None:
         tokenizer.save_pretrained(directory)
 
 
-__all__ = ["export_hf", "find_source", "ExportSource", "generation_config", "parse_size", "DEFAULT_MAX_SHARD_SIZE"]
+__all__ = [
+    "export_hf",
+    "find_source",
+    "ExportSource",
+    "generation_config",
+    "parse_size",
+    "DEFAULT_MAX_SHARD_SIZE",
+]

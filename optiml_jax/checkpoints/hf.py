@@ -7,6 +7,7 @@ works, and each tensor is read from disk only when its turn comes, into memory t
 the caller drops it. (A memory map would keep every page it touched resident for as long as the file
 is open, i.e. the whole file by the end.)
 """
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,24 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
-                "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 _SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -87,8 +100,10 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         except (KeyError, TypeError, ValueError):
             raise CheckpointFormatError(f"{path}: corrupted safetensors header entry for {key}") from None
         if data_start + end > size:
-            raise CheckpointFormatError(f"{path}: truncated; tensor {key} ends at byte {data_start + end} "
-                                        f"but the file has {size} bytes")
+            raise CheckpointFormatError(
+                f"{path}: truncated; tensor {key} ends at byte {data_start + end} "
+                f"but the file has {size} bytes"
+            )
     return header, data_start
 
 
@@ -101,8 +116,10 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         start, end = info["data_offsets"]
         shape = tuple(info["shape"])
         if end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
-            raise CheckpointFormatError(f"{path}: tensor {key} has {end - start} bytes for shape {shape} "
-                                        f"of {info['dtype']} (corrupted header)")
+            raise CheckpointFormatError(
+                f"{path}: tensor {key} has {end - start} bytes for shape {shape} "
+                f"of {info['dtype']} (corrupted header)"
+            )
         array = np.empty(shape, dtype)
         with open(path, "rb") as f:
             f.seek(data_start + start)

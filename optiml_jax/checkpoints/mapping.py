@@ -8,6 +8,7 @@ Our params are the contents of the Flax "params" collection. Layers are either u
 (`decoder/layers/...`, scan_layers=True); `stack_layers` / `unstack_layers` convert, and
 `stacked_location` says where one layer's array lives in the stacked tree.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +29,7 @@ class WeightsError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     """One HF tensor and where it lives in our params."""
+
     hf_key: str  # without the "model." prefix, e.g. "decoder.layers.0.fc1.weight"
     path: Path  # in the unstacked params, e.g. ("decoder", "layers_0", "fc1", "kernel")
     hf_shape: tuple
@@ -49,24 +51,54 @@ def tensor_specs(config: OPTConfig) -> list[TensorSpec]:
     h, f, v, dw = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size, cfg.word_embed_proj_dim
     nh, hd = cfg.num_attention_heads, cfg.head_dim
     specs = [
-        TensorSpec("decoder.embed_tokens.weight", ("decoder", "embed_tokens", "embedding"), (v, dw),
-                   _identity, _identity),
-        TensorSpec("decoder.embed_positions.weight", ("decoder", "embed_positions", "embedding"),
-                   (cfg.num_positions, h), _identity, _identity),
+        TensorSpec(
+            "decoder.embed_tokens.weight",
+            ("decoder", "embed_tokens", "embedding"),
+            (v, dw),
+            _identity,
+            _identity,
+        ),
+        TensorSpec(
+            "decoder.embed_positions.weight",
+            ("decoder", "embed_positions", "embedding"),
+            (cfg.num_positions, h),
+            _identity,
+            _identity,
+        ),
     ]
     if cfg.has_projections:
         specs += [
-            TensorSpec("decoder.project_in.weight", ("decoder", "project_in", "kernel"), (h, dw),
-                       _transpose, _transpose),
-            TensorSpec("decoder.project_out.weight", ("decoder", "project_out", "kernel"), (dw, h),
-                       _transpose, _transpose),
+            TensorSpec(
+                "decoder.project_in.weight",
+                ("decoder", "project_in", "kernel"),
+                (h, dw),
+                _transpose,
+                _transpose,
+            ),
+            TensorSpec(
+                "decoder.project_out.weight",
+                ("decoder", "project_out", "kernel"),
+                (dw, h),
+                _transpose,
+                _transpose,
+            ),
         ]
     if cfg.has_final_layer_norm and cfg.layer_norm_elementwise_affine:
         specs += [
-            TensorSpec("decoder.final_layer_norm.weight", ("decoder", "final_layer_norm", "scale"), (h,),
-                       _identity, _identity),
-            TensorSpec("decoder.final_layer_norm.bias", ("decoder", "final_layer_norm", "bias"), (h,),
-                       _identity, _identity),
+            TensorSpec(
+                "decoder.final_layer_norm.weight",
+                ("decoder", "final_layer_norm", "scale"),
+                (h,),
+                _identity,
+                _identity,
+            ),
+            TensorSpec(
+                "decoder.final_layer_norm.bias",
+                ("decoder", "final_layer_norm", "bias"),
+                (h,),
+                _identity,
+                _identity,
+            ),
         ]
 
     # HF Linear weights are [out, in]; ours split the head dimension out so "heads" can be sharded.
@@ -91,22 +123,52 @@ def tensor_specs(config: OPTConfig) -> list[TensorSpec]:
     for i in range(cfg.num_hidden_layers):
         hf, ours = f"decoder.layers.{i}", ("decoder", f"layers_{i}")
         for proj in ("q_proj", "k_proj", "v_proj"):
-            specs.append(TensorSpec(f"{hf}.self_attn.{proj}.weight", ours + ("self_attn", proj, "kernel"),
-                                    (h, h), qkv_kernel, qkv_kernel_back))
+            specs.append(
+                TensorSpec(
+                    f"{hf}.self_attn.{proj}.weight",
+                    ours + ("self_attn", proj, "kernel"),
+                    (h, h),
+                    qkv_kernel,
+                    qkv_kernel_back,
+                )
+            )
             if cfg.enable_bias:
-                specs.append(TensorSpec(f"{hf}.self_attn.{proj}.bias", ours + ("self_attn", proj, "bias"),
-                                        (h,), head_bias, head_bias_back))
-        specs.append(TensorSpec(f"{hf}.self_attn.out_proj.weight", ours + ("self_attn", "out_proj", "kernel"),
-                                (h, h), out_kernel, out_kernel_back))
+                specs.append(
+                    TensorSpec(
+                        f"{hf}.self_attn.{proj}.bias",
+                        ours + ("self_attn", proj, "bias"),
+                        (h,),
+                        head_bias,
+                        head_bias_back,
+                    )
+                )
+        specs.append(
+            TensorSpec(
+                f"{hf}.self_attn.out_proj.weight",
+                ours + ("self_attn", "out_proj", "kernel"),
+                (h, h),
+                out_kernel,
+                out_kernel_back,
+            )
+        )
         if cfg.enable_bias:
-            specs.append(TensorSpec(f"{hf}.self_attn.out_proj.bias", ours + ("self_attn", "out_proj", "bias"),
-                                    (h,), _identity, _identity))
+            specs.append(
+                TensorSpec(
+                    f"{hf}.self_attn.out_proj.bias",
+                    ours + ("self_attn", "out_proj", "bias"),
+                    (h,),
+                    _identity,
+                    _identity,
+                )
+            )
         if cfg.layer_norm_elementwise_affine:
             for norm in ("self_attn_layer_norm", "final_layer_norm"):
-                specs.append(TensorSpec(f"{hf}.{norm}.weight", ours + (norm, "scale"), (h,),
-                                        _identity, _identity))
-                specs.append(TensorSpec(f"{hf}.{norm}.bias", ours + (norm, "bias"), (h,),
-                                        _identity, _identity))
+                specs.append(
+                    TensorSpec(f"{hf}.{norm}.weight", ours + (norm, "scale"), (h,), _identity, _identity)
+                )
+                specs.append(
+                    TensorSpec(f"{hf}.{norm}.bias", ours + (norm, "bias"), (h,), _identity, _identity)
+                )
         specs.append(TensorSpec(f"{hf}.fc1.weight", ours + ("fc1", "kernel"), (f, h), _transpose, _transpose))
         if cfg.enable_bias:
             specs.append(TensorSpec(f"{hf}.fc1.bias", ours + ("fc1", "bias"), (f,), _identity, _identity))
@@ -119,13 +181,15 @@ def tensor_specs(config: OPTConfig) -> list[TensorSpec]:
 
 
 # Keys that HF or metaseq-derived checkpoints carry and that hold no weights of ours.
-_IGNORABLE = re.compile(r"^(decoder\.version|decoder\.embed_positions\._float_tensor|"
-                        r"decoder\.layers\.\d+\.self_attn\.(bias|masked_bias))$")
+_IGNORABLE = re.compile(
+    r"^(decoder\.version|decoder\.embed_positions\._float_tensor|"
+    r"decoder\.layers\.\d+\.self_attn\.(bias|masked_bias))$"
+)
 
 
 def normalize_hf_key(key: str) -> str:
     """Strips the `model.` prefix that some hub checkpoints have and others lack."""
-    return key[len("model."):] if key.startswith("model.") else key
+    return key[len("model.") :] if key.startswith("model.") else key
 
 
 class TensorChecker:
@@ -158,7 +222,9 @@ class TensorChecker:
         if key in self.seen:
             raise WeightsError(f"{source}: tensor {raw_key} appears twice (with and without 'model.'?)")
         if shape != spec.hf_shape:
-            raise WeightsError(f"{source}: {raw_key} has shape {shape}, expected {spec.hf_shape} for this config")
+            raise WeightsError(
+                f"{source}: {raw_key} has shape {shape}, expected {spec.hf_shape} for this config"
+            )
         self.seen.add(key)
         return spec
 
@@ -168,13 +234,20 @@ class TensorChecker:
     def check_complete(self, source: Optional[str] = None) -> None:
         missing = self.missing()
         if missing:
-            raise WeightsError(f"{source or self.source}: missing tensor(s): {', '.join(missing[:10])}"
-                               + (" ..." if len(missing) > 10 else ""))
+            raise WeightsError(
+                f"{source or self.source}: missing tensor(s): {', '.join(missing[:10])}"
+                + (" ..." if len(missing) > 10 else "")
+            )
 
 
-def hf_to_params(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
-                 config: OPTConfig, *, scan_layers: bool = False, dtype=None,
-                 source: str = "checkpoint") -> dict:
+def hf_to_params(
+    tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
+    config: OPTConfig,
+    *,
+    scan_layers: bool = False,
+    dtype=None,
+    source: str = "checkpoint",
+) -> dict:
     """Builds our params from HF (key, tensor) pairs, each checked by a TensorChecker; `source` names the
     file(s) in errors."""
     checker = TensorChecker(config, source)
@@ -197,7 +270,7 @@ def stacked_location(path: Path) -> tuple[Path, Optional[int]]:
     """Where an unstacked path lives in the stacked layout: ("decoder", "layers_3", "fc1", "kernel") ->
     (("decoder", "layers", "fc1", "kernel"), 3); a path outside the layers -> (path, None)."""
     if len(path) > 1 and path[0] == "decoder" and path[1].startswith("layers_"):
-        return ("decoder", "layers") + tuple(path[2:]), int(path[1][len("layers_"):])
+        return ("decoder", "layers") + tuple(path[2:]), int(path[1][len("layers_") :])
     return tuple(path), None
 
 
@@ -226,7 +299,9 @@ def unstack_layers(params: dict, num_layers: int, shardings: Optional[dict] = No
     flat, treedef = jax.tree_util.tree_flatten(decoder.pop("layers"))
     targets = None
     if shardings is not None:
-        targets = [jax.tree_util.tree_flatten(shardings["decoder"][f"layers_{i}"])[0] for i in range(num_layers)]
+        targets = [
+            jax.tree_util.tree_flatten(shardings["decoder"][f"layers_{i}"])[0] for i in range(num_layers)
+        ]
     per_layer = [[None] * len(flat) for _ in range(num_layers)]
     for j in range(len(flat)):
         leaf, flat[j] = flat[j], None

@@ -9,6 +9,7 @@ Handles, per docs/spec (opt_formats.md §2, §3):
     `*model_part-K-shardN.pt`, concatenated per part (each shard's padding dropped) first.
 Tensors stay lazy (torch_pickle.LazyTensor) until their turn, so memory holds one merged tensor.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,11 +27,15 @@ from optiml_jax.config import ConfigError, OPTConfig
 PART_PATTERN = re.compile(r"^(?P<prefix>.*?)-?model_part-(?P<part>\d+)(?:-shard(?P<shard>\d+))?\.pt$")
 # FSDP / flatten-wrapper module names that fairscale strips from parameter paths.
 _WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_fpw_module.")
-_DROPPED_KEYS = re.compile(r"^(decoder\.version|decoder\.output_projection\.weight|"
-                           r"decoder\.embed_positions\._float_tensor)$")
-_RENAMES = (("decoder.project_in_dim.", "decoder.project_in."),
-            ("decoder.project_out_dim.", "decoder.project_out."),
-            ("decoder.layer_norm.", "decoder.final_layer_norm."))
+_DROPPED_KEYS = re.compile(
+    r"^(decoder\.version|decoder\.output_projection\.weight|"
+    r"decoder\.embed_positions\._float_tensor)$"
+)
+_RENAMES = (
+    ("decoder.project_in_dim.", "decoder.project_in."),
+    ("decoder.project_out_dim.", "decoder.project_out."),
+    ("decoder.layer_norm.", "decoder.final_layer_norm."),
+)
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -42,6 +47,7 @@ class MetaseqError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ConcatenatedFlat:
     """Consecutive 1-D pieces (from several FSDP shards) viewed as one tensor of `shape`."""
+
     pieces: tuple  # of 1-D LazyTensors
     shape: tuple
 
@@ -53,7 +59,7 @@ class ConcatenatedFlat:
         out = np.empty(math.prod(self.shape), self.dtype)
         pos = 0
         for piece in self.pieces:
-            out[pos:pos + piece.size] = piece.numpy()
+            out[pos : pos + piece.size] = piece.numpy()
             pos += piece.size
         return out.reshape(self.shape)
 
@@ -75,6 +81,7 @@ def _flat_slice(shards: list, start: int, stop: int, shape: tuple):
 @dataclasses.dataclass
 class MetaseqFiles:
     """parts[k] = the files of model-parallel part k (several only for raw FSDP shards)."""
+
     parts: list
 
     @property
@@ -100,12 +107,16 @@ def find_files(path: str | Path) -> MetaseqFiles:
         prefixes = {m.group("prefix") for m in map(PART_PATTERN.match, (p.name for p in candidates)) if m}
         if not prefixes:
             if len(candidates) > 1:
-                raise MetaseqError(f"{path}: several .pt files and none named *model_part-K.pt "
-                                   f"({', '.join(p.name for p in candidates)}); pass the one file to convert")
+                raise MetaseqError(
+                    f"{path}: several .pt files and none named *model_part-K.pt "
+                    f"({', '.join(p.name for p in candidates)}); pass the one file to convert"
+                )
             return MetaseqFiles([[candidates[0]]])
         if len(prefixes) > 1:
-            raise MetaseqError(f"{path}: files of several checkpoints ({', '.join(sorted(prefixes))}); "
-                               f"pass one of their part files")
+            raise MetaseqError(
+                f"{path}: files of several checkpoints ({', '.join(sorted(prefixes))}); "
+                f"pass one of their part files"
+            )
         prefix = prefixes.pop()
     parts: dict[int, dict[int, Path]] = {}
     for candidate in candidates:
@@ -117,8 +128,9 @@ def find_files(path: str | Path) -> MetaseqFiles:
     numbers = sorted(parts)
     if numbers != list(range(len(numbers))):
         missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
-        raise FileNotFoundError(f"{path}: model part(s) {missing} of '{prefix}' are missing "
-                                f"(found parts {numbers})")
+        raise FileNotFoundError(
+            f"{path}: model part(s) {missing} of '{prefix}' are missing (found parts {numbers})"
+        )
     ordered = []
     for number in numbers:
         shards = parts[number]
@@ -126,8 +138,10 @@ def find_files(path: str | Path) -> MetaseqFiles:
             raise MetaseqError(f"{path}: part {number} has both an unsharded file and FSDP shard files")
         shard_numbers = sorted(shards)
         if shard_numbers != [-1] and shard_numbers != list(range(len(shard_numbers))):
-            raise FileNotFoundError(f"{path}: part {number} is missing FSDP shard(s) "
-                                    f"{sorted(set(range(max(shard_numbers) + 1)) - set(shard_numbers))}")
+            raise FileNotFoundError(
+                f"{path}: part {number} is missing FSDP shard(s) "
+                f"{sorted(set(range(max(shard_numbers) + 1)) - set(shard_numbers))}"
+            )
         ordered.append([shards[s] for s in shard_numbers])
     return MetaseqFiles(ordered)
 
@@ -136,6 +150,7 @@ def find_files(path: str | Path) -> MetaseqFiles:
 @dataclasses.dataclass
 class Part:
     """One model-parallel part, unflattened: metaseq names -> lazy tensors."""
+
     tensors: "OrderedDict[str, Any]"
     files: list
     model_args: dict  # cfg["model"] or args, as a plain dict ({} when absent)
@@ -171,17 +186,25 @@ def load_part(files: list) -> Part:
     objs = [_load_file(f) for f in files]
     models = []
     for f, obj in zip(files, objs):
-        model = obj.get("model", obj if all(isinstance(v, torch_pickle.LazyTensor) for v in obj.values()) else None)
+        model = obj.get(
+            "model", obj if all(isinstance(v, torch_pickle.LazyTensor) for v in obj.values()) else None
+        )
         if not isinstance(model, dict):
-            raise MetaseqError(f"{f}: no 'model' state dict in this checkpoint (keys: {', '.join(map(str, obj))})")
+            raise MetaseqError(
+                f"{f}: no 'model' state dict in this checkpoint (keys: {', '.join(map(str, obj))})"
+            )
         models.append(OrderedDict((_clean(k), v) for k, v in model.items()))
     flattened = any("flat_param_" in k for k in models[0])
     if not flattened and len(files) > 1:
-        raise MetaseqError(f"{files[0]}: FSDP shard files hold unflattened weights; expected flat_param_* keys")
+        raise MetaseqError(
+            f"{files[0]}: FSDP shard files hold unflattened weights; expected flat_param_* keys"
+        )
     tensors = _unflatten(files, objs, models) if flattened else models[0]
     for key, value in tensors.items():
         if not isinstance(value, (torch_pickle.LazyTensor, ConcatenatedFlat)):
-            raise MetaseqError(f"{files[0]}: entry {key!r} of 'model' is a {type(value).__name__}, not a tensor")
+            raise MetaseqError(
+                f"{files[0]}: entry {key!r} of 'model' is a {type(value).__name__}, not a tensor"
+            )
     return Part(tensors, files, _model_args(objs[0]))
 
 
@@ -192,8 +215,9 @@ def _unflatten(files: list, objs: list, models: list) -> "OrderedDict[str, Any]"
     for f, obj in zip(files, objs):
         meta = torch_pickle.plain(obj.get("shard_metadata"))
         if not isinstance(meta, dict) or "param_metadata" not in meta:
-            raise MetaseqError(f"{f}: FSDP-flattened weights (flat_param_* keys) but no shard_metadata; "
-                               f"cannot unflatten")
+            raise MetaseqError(
+                f"{f}: FSDP-flattened weights (flat_param_* keys) but no shard_metadata; cannot unflatten"
+            )
         metadatas.append(meta)
     out: OrderedDict = OrderedDict()
     for j, entry in enumerate(metadatas[0]["param_metadata"]):
@@ -217,14 +241,18 @@ def _unflatten(files: list, objs: list, models: list) -> "OrderedDict[str, Any]"
             names, shapes, numels = info["names"], info["shapes"], info["numels"]
             total = sum(s.size for s in shards)
             if sum(int(n) for n in numels) != total:
-                raise MetaseqError(f"{files[0]}: {key} holds {total} elements after removing padding, but "
-                                   f"shard_metadata lists {sum(int(n) for n in numels)}")
+                raise MetaseqError(
+                    f"{files[0]}: {key} holds {total} elements after removing padding, but "
+                    f"shard_metadata lists {sum(int(n) for n in numels)}"
+                )
             offset = 0
             for name, shape, numel in zip(names, shapes, numels):
                 shape = tuple(int(d) for d in shape)
                 numel = int(numel)
                 if math.prod(shape) != numel:
-                    raise MetaseqError(f"{files[0]}: shard_metadata gives {name} shape {shape} but {numel} elements")
+                    raise MetaseqError(
+                        f"{files[0]}: shard_metadata gives {name} shape {shape} but {numel} elements"
+                    )
                 full = _clean(f"{fsdp_path}.{name}" if fsdp_path else name)
                 out[full] = _flat_slice(shards, offset, offset + numel, shape)
                 offset += numel
@@ -248,9 +276,16 @@ def _kind(key: str) -> str:
         rest = m.group(2)
         if rest.startswith("self_attn.qkv_proj."):
             return "qkv"
-        if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                    "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
-                    "fc1.weight", "fc1.bias"):
+        if rest in (
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.q_proj.bias",
+            "self_attn.k_proj.bias",
+            "self_attn.v_proj.bias",
+            "fc1.weight",
+            "fc1.bias",
+        ):
             return "rows"
         if rest in ("self_attn.out_proj.weight", "fc2.weight"):
             return "columns"
@@ -260,14 +295,16 @@ def _kind(key: str) -> str:
 def hf_name(key: str) -> str:
     for old, new in _RENAMES:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
 def iter_hf_tensors(parts: list) -> Iterator[tuple[str, np.ndarray, str]]:
     """(HF key, array, source files) for every weight, merging parts one tensor at a time."""
     first = parts[0]
-    source_of = lambda i: str(parts[i].files[0]) if len(parts[i].files) == 1 else f"{parts[i].files[0]} (+shards)"
+    source_of = lambda i: (
+        str(parts[i].files[0]) if len(parts[i].files) == 1 else f"{parts[i].files[0]} (+shards)"
+    )
     for i, part in enumerate(parts[1:], start=1):
         missing = [k for k in first.tensors if k not in part.tensors]
         extra = [k for k in part.tensors if k not in first.tensors]
@@ -282,8 +319,10 @@ def iter_hf_tensors(parts: list) -> Iterator[tuple[str, np.ndarray, str]]:
         shapes = {tuple(p.shape) for p in pieces}
         if kind == "replicated" or len(parts) == 1:
             if len(shapes) != 1:
-                raise MetaseqError(f"{source_of(0)}: {key} should be replicated across model parts but has "
-                                   f"shapes {sorted(shapes)}")
+                raise MetaseqError(
+                    f"{source_of(0)}: {key} should be replicated across model parts but has "
+                    f"shapes {sorted(shapes)}"
+                )
             if kind == "qkv":
                 yield from _split_qkv(key, [pieces[0]], source_of(0))
             else:
@@ -317,14 +356,16 @@ def _split_qkv(key: str, pieces: list, source: str) -> Iterator[tuple[str, np.nd
     if rows % 3:
         raise MetaseqError(f"{source}: {key} has {rows} rows, not divisible into K, V, Q")
     third = rows // 3
-    suffix = key[len(key.rsplit(".", 1)[0]):]  # ".weight" / ".bias"
+    suffix = key[len(key.rsplit(".", 1)[0]) :]  # ".weight" / ".bias"
     base = key[: -len(suffix)].replace("qkv_proj", "{}")
-    merged = {name: np.empty((third * len(pieces),) + tuple(pieces[0].shape[1:]), pieces[0].dtype)
-              for name in ("k_proj", "v_proj", "q_proj")}
+    merged = {
+        name: np.empty((third * len(pieces),) + tuple(pieces[0].shape[1:]), pieces[0].dtype)
+        for name in ("k_proj", "v_proj", "q_proj")
+    }
     for r, piece in enumerate(pieces):
         block = piece.numpy()
         for c, name in enumerate(("k_proj", "v_proj", "q_proj")):
-            merged[name][r * third:(r + 1) * third] = block[c * third:(c + 1) * third]
+            merged[name][r * third : (r + 1) * third] = block[c * third : (c + 1) * third]
         del block
     for name in ("q_proj", "k_proj", "v_proj"):
         yield hf_name(base.format(name) + suffix), merged.pop(name), source
@@ -347,9 +388,11 @@ def infer_config(parts: list, override: Optional[OPTConfig] = None) -> OPTConfig
 
     heads = args.get("decoder_attention_heads")
     if not heads:
-        raise MetaseqError(f"{source}: the checkpoint's cfg/args do not give decoder_attention_heads, and the "
-                           f"number of heads cannot be inferred from tensor shapes; pass --config with a "
-                           f"preset (e.g. --config 1.3b) or a config.json")
+        raise MetaseqError(
+            f"{source}: the checkpoint's cfg/args do not give decoder_attention_heads, and the "
+            f"number of heads cannot be inferred from tensor shapes; pass --config with a "
+            f"preset (e.g. --config 1.3b) or a config.json"
+        )
     vocab, embed_dim = shape("decoder.embed_tokens.weight")
     positions, hidden = shape("decoder.embed_positions.weight")
     layers = {int(m.group(1)) for m in map(_LAYER_KEY.match, tensors) if m}
@@ -361,17 +404,24 @@ def infer_config(parts: list, override: Optional[OPTConfig] = None) -> OPTConfig
     activation = args.get("activation_fn", "relu") or "relu"
     try:
         return OPTConfig(
-            vocab_size=vocab * mp, hidden_size=hidden, num_hidden_layers=len(layers), ffn_dim=fc1[0] * mp,
-            max_position_embeddings=positions - 2, do_layer_norm_before=bool(normalize_before),
+            vocab_size=vocab * mp,
+            hidden_size=hidden,
+            num_hidden_layers=len(layers),
+            ffn_dim=fc1[0] * mp,
+            max_position_embeddings=positions - 2,
+            do_layer_norm_before=bool(normalize_before),
             remove_final_layer_norm=bool(normalize_before) and not has_final_norm,
-            word_embed_proj_dim=embed_dim, num_attention_heads=int(heads), activation_function=activation,
+            word_embed_proj_dim=embed_dim,
+            num_attention_heads=int(heads),
+            activation_function=activation,
             dropout=float(args.get("dropout", 0.1) or 0.0),
             attention_dropout=float(args.get("attention_dropout", 0.0) or 0.0),
             enable_bias=any(k.endswith(("qkv_proj.bias", "q_proj.bias")) for k in tensors),
         )
     except ConfigError as e:
-        raise MetaseqError(f"{source}: the checkpoint's hyper-parameters do not make a valid OPT config ({e}); "
-                           f"pass --config") from None
+        raise MetaseqError(
+            f"{source}: the checkpoint's hyper-parameters do not make a valid OPT config ({e}); pass --config"
+        ) from None
 
 
 def open_checkpoint(path: str | Path) -> list:
@@ -381,10 +431,21 @@ def open_checkpoint(path: str | Path) -> list:
     declared = parts[0].model_args.get("model_parallel_size")
     if isinstance(declared, int) and declared != len(parts):
         raise FileNotFoundError(
-            f"{parts[0].files[0]}: cfg says model_parallel_size={declared} but {len(parts)} part(s) were found; "
-            f"model part(s) {sorted(set(range(declared)) - set(range(len(parts))))} missing?")
+            f"{parts[0].files[0]}: cfg says model_parallel_size={declared} but {len(parts)} part(s) were "
+            "found; "
+            f"model part(s) {sorted(set(range(declared)) - set(range(len(parts))))} missing?"
+        )
     return parts
 
 
-__all__ = ["find_files", "load_part", "open_checkpoint", "iter_hf_tensors", "infer_config", "hf_name",
-           "MetaseqError", "MetaseqFiles", "Part"]
+__all__ = [
+    "find_files",
+    "load_part",
+    "open_checkpoint",
+    "iter_hf_tensors",
+    "infer_config",
+    "hf_name",
+    "MetaseqError",
+    "MetaseqFiles",
+    "Part",
+]

@@ -15,6 +15,7 @@ block (one layer of a stacked array at a time) by our own type handler (orbax_st
 module that uses Orbax internals), so saving needs memory for one block, not for the model (Orbax's
 stock numpy handler deep-copies every array first).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,10 @@ def read_marker(path) -> dict:
     if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{marker_path}: not an optiml_jax marker file")
     if marker.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{marker_path}: format version {marker.get('format_version')} is newer than "
-                              f"this optiml_jax reads ({FORMAT_VERSION}); upgrade optiml_jax")
+        raise CheckpointError(
+            f"{marker_path}: format version {marker.get('format_version')} is newer than "
+            f"this optiml_jax reads ({FORMAT_VERSION}); upgrade optiml_jax"
+        )
     return marker
 
 
@@ -79,8 +82,15 @@ def write_params(directory, params: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------- save
-def save_model(directory, config: OPTConfig, params: dict, tokenizer=None, *, overwrite: bool = False,
-               extra_marker: Optional[dict] = None) -> Path:
+def save_model(
+    directory,
+    config: OPTConfig,
+    params: dict,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+    extra_marker: Optional[dict] = None,
+) -> Path:
     """Writes a model directory atomically (temp dir next to `directory`, renamed at the end).
 
     params: the Flax "params" collection, stacked (scan_layers=True) or not, as numpy arrays or
@@ -97,15 +107,22 @@ def save_model(directory, config: OPTConfig, params: dict, tokenizer=None, *, ov
     return directory
 
 
-def finish_model_dir(tmp: Path, config: OPTConfig, dtype, n_params: int, tokenizer=None,
-                     extra_marker: Optional[dict] = None) -> None:
+def finish_model_dir(
+    tmp: Path, config: OPTConfig, dtype, n_params: int, tokenizer=None, extra_marker: Optional[dict] = None
+) -> None:
     """config.json, tokenizer files, then the marker last (its presence means the rest is complete)."""
     config.to_json_file(tmp / "config.json")
     if tokenizer is not None:
         save_tokenizer(tokenizer, tmp)
-    marker = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": LAYOUT,
-              "params_dir": PARAMS_DIR, "dtype": np.dtype(dtype).name, "num_params": int(n_params),
-              **(extra_marker or {})}
+    marker = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "layout": LAYOUT,
+        "params_dir": PARAMS_DIR,
+        "dtype": np.dtype(dtype).name,
+        "num_params": int(n_params),
+        **(extra_marker or {}),
+    }
     (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
@@ -125,8 +142,9 @@ def to_stacked_layout(params: dict, config: OPTConfig) -> dict:
 
     def stack(*xs):
         if all(isinstance(x, np.ndarray) for x in xs):
-            return StreamedArray((len(xs),) + xs[0].shape, xs[0].dtype,
-                                 lambda start, stop: np.stack(xs[start:stop]))
+            return StreamedArray(
+                (len(xs),) + xs[0].shape, xs[0].dtype, lambda start, stop: np.stack(xs[start:stop])
+            )
         return jax.numpy.stack(xs)
 
     return stack_layers(params, config.num_hidden_layers, stack)
@@ -134,22 +152,28 @@ def to_stacked_layout(params: dict, config: OPTConfig) -> dict:
 
 def check_params_shapes(params: dict, config: OPTConfig) -> None:
     """The stacked tree has exactly the model's arrays with the model's shapes."""
+    import flax.linen as nn
     import jax
 
     from optiml_jax.model import OPTForCausalLM
     from optiml_jax.sharding import abstract_params
-    import flax.linen as nn
 
     expected = nn.meta.unbox(abstract_params(OPTForCausalLM(config, scan_layers=True)))
-    flat_expected = {jax.tree_util.keystr(k): v.shape for k, v in
-                     jax.tree_util.tree_flatten_with_path(expected)[0]}
-    flat_given = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-                  jax.tree_util.tree_flatten_with_path(
-                      params, is_leaf=lambda x: isinstance(x, StreamedArray))[0]}
+    flat_expected = {
+        jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]
+    }
+    flat_given = {
+        jax.tree_util.keystr(k): tuple(v.shape)
+        for k, v in jax.tree_util.tree_flatten_with_path(
+            params, is_leaf=lambda x: isinstance(x, StreamedArray)
+        )[0]
+    }
     missing = sorted(set(flat_expected) - set(flat_given))
     unexpected = sorted(set(flat_given) - set(flat_expected))
     if missing or unexpected:
-        raise CheckpointError(f"params do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"params do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for key, shape in flat_expected.items():
         if tuple(shape) != flat_given[key]:
             raise CheckpointError(f"params{key} has shape {flat_given[key]}, the config needs {tuple(shape)}")
@@ -166,15 +190,19 @@ def params_dtype(params: dict):
 def num_bytes(params: dict) -> int:
     import jax
 
-    return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(
-        params, is_leaf=lambda x: isinstance(x, StreamedArray)))
+    return sum(
+        math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        for leaf in jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, StreamedArray))
+    )
 
 
 def num_params(params: dict) -> int:
     import jax
 
-    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(
-        params, is_leaf=lambda x: isinstance(x, StreamedArray)))
+    return sum(
+        math.prod(leaf.shape)
+        for leaf in jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, StreamedArray))
+    )
 
 
 # ---------------------------------------------------------------------------------------- restore
@@ -184,9 +212,9 @@ def restore_params(path, model, mesh=None, rules=None) -> dict:
     With a mesh, each array is read straight into the shardings the logical-axis `rules` give
     (each host reads only its shards); otherwise onto the default device.
     """
+    import flax.linen as nn
     import jax
     import orbax.checkpoint as ocp
-    import flax.linen as nn
 
     from optiml_jax.sharding import DEFAULT_RULES, abstract_params, logical_shardings
 
@@ -205,19 +233,24 @@ def restore_params(path, model, mesh=None, rules=None) -> dict:
     shapes = nn.meta.unbox(abstract)
     restore_args = jax.tree_util.tree_map(
         lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=s.shape, dtype=s.dtype),
-        shapes, shardings)
-    target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                    shapes, shardings)
+        shapes,
+        shardings,
+    )
+    target = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
     params_path = (path / marker.get("params_dir", PARAMS_DIR)).absolute()
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         try:
             stored = checkpointer.metadata(params_path).item_metadata.tree
         except (ValueError, KeyError, FileNotFoundError, OSError) as e:
-            raise CheckpointError(f"{params_path}: cannot read the params checkpoint "
-                                  f"({type(e).__name__}: {str(e)[:300]})") from None
+            raise CheckpointError(
+                f"{params_path}: cannot read the params checkpoint ({type(e).__name__}: {str(e)[:300]})"
+            ) from None
         _check_stored_shapes(stored, shapes, path)
-        params = checkpointer.restore(params_path, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args))
+        params = checkpointer.restore(
+            params_path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+        )
     if model.scan_layers:
         return params
     unstacked_shardings = None
@@ -230,18 +263,30 @@ def _check_stored_shapes(stored, expected, path: Path) -> None:
     """The stored arrays are exactly those config.json describes (checked before reading any)."""
     import jax
 
-    flat_stored = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-                   jax.tree_util.tree_flatten_with_path(stored)[0]}
-    flat_expected = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-                     jax.tree_util.tree_flatten_with_path(expected)[0]}
+    flat_stored = {
+        jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]
+    }
+    flat_expected = {
+        jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]
+    }
     missing = sorted(set(flat_expected) - set(flat_stored))
     unexpected = sorted(set(flat_stored) - set(flat_expected))
-    wrong = [f"{k} is {flat_stored[k]}, config.json needs {v}" for k, v in flat_expected.items()
-             if k in flat_stored and flat_stored[k] != v]
+    wrong = [
+        f"{k} is {flat_stored[k]}, config.json needs {v}"
+        for k, v in flat_expected.items()
+        if k in flat_stored and flat_stored[k] != v
+    ]
     if missing or unexpected or wrong:
-        detail = "; ".join(filter(None, [missing and f"missing {', '.join(missing[:5])}",
-                                         unexpected and f"unexpected {', '.join(unexpected[:5])}",
-                                         wrong and "; ".join(wrong[:5])]))
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    missing and f"missing {', '.join(missing[:5])}",
+                    unexpected and f"unexpected {', '.join(unexpected[:5])}",
+                    wrong and "; ".join(wrong[:5]),
+                ],
+            )
+        )
         raise CheckpointError(f"{path}: cannot restore params for this config.json: {detail}")
 
 
@@ -270,11 +315,14 @@ class ParamsReader:
         node_item[keys[-1]] = np.zeros(())  # only the structure matters for a partial restore
         node_args[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
         try:
-            restored = self._checkpointer.restore(self.params_path, args=ocp.args.PyTreeRestore(
-                item=item, restore_args=args, partial_restore=True))
+            restored = self._checkpointer.restore(
+                self.params_path,
+                args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
+            )
         except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"{self.params_path}: cannot read {'/'.join(keys)} "
-                                  f"({type(e).__name__}: {str(e)[:300]})") from None
+            raise CheckpointError(
+                f"{self.params_path}: cannot read {'/'.join(keys)} ({type(e).__name__}: {str(e)[:300]})"
+            ) from None
         for key in keys:
             restored = restored[key]
         return np.asarray(restored)

@@ -9,6 +9,7 @@ zarr array inside the checkpoint's OCDBT store with tensorstore (Orbax's storage
 Both are tested on the orbax-checkpoint range pinned in setup.cfg; the stored arrays are exactly
 what NumpyHandler writes, so everything else restores them with public APIs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,13 +53,20 @@ def _streamed_array_handler_class():
         async def _write_one(self, value: StreamedArray, info, arg):
             await info.await_path_creation()
             rows = _rows_per_block(value.shape, value.dtype)
-            arg = dataclasses.replace(arg, chunk_byte_size=min(arg.chunk_byte_size or CHUNK_BYTES, CHUNK_BYTES))
+            arg = dataclasses.replace(
+                arg, chunk_byte_size=min(arg.chunk_byte_size or CHUNK_BYTES, CHUNK_BYTES)
+            )
             write_shape = (rows,) + tuple(value.shape[1:]) if value.shape else ()
             spec = ts_utils.build_array_write_spec(
-                info=info, arg=arg, global_shape=value.shape, local_shape=write_shape,
-                dtype=np.dtype(value.dtype), use_ocdbt=info.is_ocdbt_checkpoint,
+                info=info,
+                arg=arg,
+                global_shape=value.shape,
+                local_shape=write_shape,
+                dtype=np.dtype(value.dtype),
+                use_ocdbt=info.is_ocdbt_checkpoint,
                 process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
-                metadata_key=self._metadata_key)
+                metadata_key=self._metadata_key,
+            )
             store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
             if not value.shape:
                 await store.write(np.asarray(value.read_rows(0, 1)))
@@ -81,8 +89,11 @@ def _streamed_array_handler_class():
             from orbax.checkpoint import SaveArgs
 
             args = args or [SaveArgs()] * len(values)
-            return [future.CommitFutureAwaitingContractedSignals(
-                self._background_serialize(values, infos, args), name="streamed_array_handler")]
+            return [
+                future.CommitFutureAwaitingContractedSignals(
+                    self._background_serialize(values, infos, args), name="streamed_array_handler"
+                )
+            ]
 
     return StreamedArrayHandler
 
@@ -104,14 +115,13 @@ def checkpoint_handler():
         level = absl_logger.level
         absl_logger.setLevel(logging.ERROR)
         try:
-            ocp.type_handlers.register_type_handler(StreamedArray, _streamed_array_handler_class()(),
-                                                    override=True)
+            ocp.type_handlers.register_type_handler(
+                StreamedArray, _streamed_array_handler_class()(), override=True
+            )
         finally:
             absl_logger.setLevel(level)
         _handler_registered = True
     return ocp.PyTreeCheckpointHandler()
-
-
 
 
 def read_layer(params_path: Path, keys: Sequence[str], layer: int) -> Optional[np.ndarray]:
@@ -120,12 +130,19 @@ def read_layer(params_path: Path, keys: Sequence[str], layer: int) -> Optional[n
     some other way (the caller then restores the whole array, and says so)."""
     import tensorstore as ts
 
-    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{params_path}/",
-                                          "path": ".".join(keys)}}
+    spec = {
+        "driver": "zarr",
+        "kvstore": {"driver": "ocdbt", "base": f"file://{params_path}/", "path": ".".join(keys)},
+    }
     try:
         store = ts.open(spec, open=True, read=True).result()
         return np.asarray(store[layer].read().result())
     except (ValueError, RuntimeError) as e:
-        log.warning("%s: cannot read layer %d of %s on its own (%s); reading the whole array", params_path, layer,
-                    "/".join(keys), str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+        log.warning(
+            "%s: cannot read layer %d of %s on its own (%s); reading the whole array",
+            params_path,
+            layer,
+            "/".join(keys),
+            str(e).splitlines()[0][:200] if str(e) else type(e).__name__,
+        )
         return None

@@ -4,6 +4,7 @@ A directory is either one of ours (`tools/convert_weights.py` or `checkpoint.sav
 restored by Orbax, straight into shards when a mesh is given) or a Hugging Face OPT directory (read
 one tensor at a time by `hf_checkpoint`, then placed).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,20 +16,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optiml_jax.config import OPTConfig, as_dtype
 from optiml_jax.checkpoints.hf import WEIGHT_FILES, find_weight_files, iter_directory_tensors
-from optiml_jax.model import OPTForCausalLM
 from optiml_jax.checkpoints.mapping import hf_to_params
+from optiml_jax.config import OPTConfig, as_dtype
+from optiml_jax.model import OPTForCausalLM
 
-HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
-                "pytorch_model.bin.index.json", "vocab.json", "merges.txt", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json"]
-
+HUB_PATTERNS = [
+    "config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+]
 
 
 @dataclasses.dataclass
 class Pretrained:
     """What a checkpoint holds, ready to run: `model.apply({"params": params}, ids)`."""
+
     model: OPTForCausalLM
     params: Any
     config: OPTConfig
@@ -46,20 +56,32 @@ def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:
         return path
     name = str(path_or_hub_id)
     if name.count("/") != 1 or name.startswith((".", "/")):
-        raise FileNotFoundError(f"{name}: no such model directory (and not a hub id like 'facebook/opt-125m')")
+        raise FileNotFoundError(
+            f"{name}: no such model directory (and not a hub id like 'facebook/opt-125m')"
+        )
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # offline, unknown repo, gated repo...
-        raise OSError(f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-                      f"If you are offline, download the model elsewhere and pass its local directory "
-                      f"(config.json + weights + tokenizer files) instead.") from None
+        raise OSError(
+            f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            f"If you are offline, download the model elsewhere and pass its local directory "
+            f"(config.json + weights + tokenizer files) instead."
+        ) from None
 
 
-def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtype=None,
-                    scan_layers: bool = True, mesh=None, rules=None,
-                    load_tokenizer: bool = True, attention: str = "auto") -> Pretrained:
+def load_pretrained(
+    path_or_hub_id: str | os.PathLike,
+    *,
+    dtype=None,
+    param_dtype=None,
+    scan_layers: bool = True,
+    mesh=None,
+    rules=None,
+    load_tokenizer: bool = True,
+    attention: str = "auto",
+) -> Pretrained:
     """Loads an OPT / OPT-IML model from a Hugging Face directory, a converted optiml-jax directory,
     or a hub id (when online).
 
@@ -77,10 +99,17 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtyp
     from optiml_jax.model.attention import KERNEL_BLOCK, choose_implementation
 
     # an AttentionError (a ValueError) now, not while tracing the first call: cuDNN on a CPU, float32 cuDNN
-    choose_implementation(attention, platform=jax.default_backend(), dtype=compute_dtype, head_dim=config.head_dim,
-                          length=KERNEL_BLOCK, dropout=False)
-    model = OPTForCausalLM(config, dtype=compute_dtype, param_dtype=storage_dtype, scan_layers=scan_layers,
-                           attention=attention)
+    choose_implementation(
+        attention,
+        platform=jax.default_backend(),
+        dtype=compute_dtype,
+        head_dim=config.head_dim,
+        length=KERNEL_BLOCK,
+        dropout=False,
+    )
+    model = OPTForCausalLM(
+        config, dtype=compute_dtype, param_dtype=storage_dtype, scan_layers=scan_layers, attention=attention
+    )
 
     from optiml_jax.checkpoints import model_format as checkpoint  # our converted format
 
@@ -89,8 +118,9 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtyp
     else:
         find_weight_files(path)  # a clear error before anything else when there are no weights
         tensors = ((key, array) for key, array, _ in iter_directory_tensors(path))
-        params = hf_to_params(tensors, config, scan_layers=scan_layers, dtype=np.dtype(storage_dtype),
-                              source=str(path))
+        params = hf_to_params(
+            tensors, config, scan_layers=scan_layers, dtype=np.dtype(storage_dtype), source=str(path)
+        )
         params = _place(params, model, mesh, rules)
     tokenizer = None
     if load_tokenizer:

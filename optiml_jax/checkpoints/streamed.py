@@ -1,5 +1,6 @@
 """`StreamedArray`: an array read on demand, a block of rows at a time, so that converting or saving a
 model never holds it whole in host memory."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,7 @@ CHUNK_BYTES = 4 << 20
 @dataclasses.dataclass(frozen=True)
 class StreamedArray:
     """An array Orbax writes block by block along axis 0, read on demand by `read_rows(start, stop)`."""
+
     shape: tuple
     dtype: np.dtype
     read_rows: Callable[[int, int], np.ndarray]

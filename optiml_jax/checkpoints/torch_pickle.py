@@ -11,6 +11,7 @@ more than tensors (argparse Namespaces, OmegaConf configs, training state). So o
 
 Only torch's zip format (torch >= 1.6, every OPT / OPT-IML release) is read here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,30 +28,105 @@ import numpy as np
 
 # torch storage class name -> numpy dtype of its elements
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
 }
 # torch dtype attribute name -> numpy dtype (pickled as GLOBAL 'torch float16')
 _TORCH_DTYPES = {
-    "float64": np.float64, "double": np.float64, "float32": np.float32, "float": np.float32,
-    "float16": np.float16, "half": np.float16, "bfloat16": ml_dtypes.bfloat16, "int64": np.int64,
-    "long": np.int64, "int32": np.int32, "int": np.int32, "int16": np.int16, "int8": np.int8,
-    "uint8": np.uint8, "bool": np.bool_,
+    "float64": np.float64,
+    "double": np.float64,
+    "float32": np.float32,
+    "float": np.float32,
+    "float16": np.float16,
+    "half": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "int64": np.int64,
+    "long": np.int64,
+    "int32": np.int32,
+    "int": np.int32,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "bool": np.bool_,
 }
 # Module roots whose globals could touch the system. Anything from these is refused outright (other
 # unknown classes become stubs), so a malicious file fails loudly instead of loading as a stub.
-_REFUSED_MODULE_ROOTS = frozenset({
-    "os", "posix", "nt", "subprocess", "sys", "shutil", "builtins", "__builtin__", "importlib", "runpy",
-    "socket", "pty", "code", "codeop", "ctypes", "cffi", "multiprocessing", "webbrowser", "pickle",
-    "_pickle", "marshal", "io", "_io", "tempfile", "signal", "threading", "_thread", "asyncio", "pdb",
-    "timeit", "platform", "urllib", "http", "ftplib", "smtplib", "telnetlib", "site", "sysconfig",
-    "dill", "cloudpickle", "gc", "inspect",
-})
+_REFUSED_MODULE_ROOTS = frozenset(
+    {
+        "os",
+        "posix",
+        "nt",
+        "subprocess",
+        "sys",
+        "shutil",
+        "builtins",
+        "__builtin__",
+        "importlib",
+        "runpy",
+        "socket",
+        "pty",
+        "code",
+        "codeop",
+        "ctypes",
+        "cffi",
+        "multiprocessing",
+        "webbrowser",
+        "pickle",
+        "_pickle",
+        "marshal",
+        "io",
+        "_io",
+        "tempfile",
+        "signal",
+        "threading",
+        "_thread",
+        "asyncio",
+        "pdb",
+        "timeit",
+        "platform",
+        "urllib",
+        "http",
+        "ftplib",
+        "smtplib",
+        "telnetlib",
+        "site",
+        "sysconfig",
+        "dill",
+        "cloudpickle",
+        "gc",
+        "inspect",
+    }
+)
 # Type names only (OmegaConf metadata pickles `builtins.dict` as a type reference); never getattr,
 # eval, exec, open, __import__ and friends.
-_ALLOWED_BUILTINS = {t.__name__: t for t in (set, frozenset, slice, complex, bytearray, range, dict, list,
-                                                tuple, int, float, str, bool, bytes, object)}
+_ALLOWED_BUILTINS = {
+    t.__name__: t
+    for t in (
+        set,
+        frozenset,
+        slice,
+        complex,
+        bytearray,
+        range,
+        dict,
+        list,
+        tuple,
+        int,
+        float,
+        str,
+        bool,
+        bytes,
+        object,
+    )
+}
 
 
 class UnsafePickleError(pickle.UnpicklingError, ValueError):
@@ -64,6 +140,7 @@ class TorchFileError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class StorageRecord:
     """One storage's bytes inside the archive."""
+
     file: Path
     data_offset: int  # absolute offset of the record's bytes in the file
     nbytes: int
@@ -74,6 +151,7 @@ class StorageRecord:
 @dataclasses.dataclass(frozen=True)
 class LazyTensor:
     """A tensor not read yet: shape, dtype, and a strided window onto a storage record."""
+
     storage: StorageRecord
     offset: int  # in elements
     shape: tuple
@@ -109,8 +187,10 @@ class LazyTensor:
             raise TorchFileError(f"{self.storage.file}: storage {self.storage.name} is not contiguous")
         shape = tuple(shape) if shape is not None else (stop - start,)
         if math.prod(shape) != stop - start or not 0 <= start <= stop <= self.size:
-            raise TorchFileError(f"{self.storage.file}: range [{start}, {stop}) of storage "
-                                 f"{self.storage.name} (size {self.size}) does not fit shape {shape}")
+            raise TorchFileError(
+                f"{self.storage.file}: range [{start}, {stop}) of storage "
+                f"{self.storage.name} (size {self.size}) does not fit shape {shape}"
+            )
         return LazyTensor(self.storage, self.offset + start, shape, _contiguous_strides(shape))
 
     def numpy(self) -> np.ndarray:
@@ -122,8 +202,9 @@ class LazyTensor:
         last = self.offset + sum((d - 1) * s for d, s in zip(self.shape, self.stride))
         count = last - self.offset + 1
         if (last + 1) * itemsize > self.storage.nbytes:
-            raise TorchFileError(f"{self.storage.file}: tensor view runs past the end of storage "
-                                 f"{self.storage.name}")
+            raise TorchFileError(
+                f"{self.storage.file}: tensor view runs past the end of storage {self.storage.name}"
+            )
         flat = np.empty(count, self.dtype)  # read straight into the result: one copy of the bytes
         with open(self.storage.file, "rb") as f:
             f.seek(self.storage.data_offset + self.offset * itemsize)
@@ -133,7 +214,8 @@ class LazyTensor:
         if self.is_contiguous():
             return flat.reshape(self.shape)
         view = np.lib.stride_tricks.as_strided(
-            flat, self.shape, tuple(s * itemsize for s in self.stride), writeable=False)
+            flat, self.shape, tuple(s * itemsize for s in self.stride), writeable=False
+        )
         return np.ascontiguousarray(view)
 
 
@@ -147,6 +229,7 @@ def _contiguous_strides(shape: tuple) -> tuple:
 
 class Stub:
     """Stands in for a class we do not import. Records what the pickle gave it; runs nothing."""
+
     _stub_name = "Stub"
 
     def __init__(self, *args, **kwargs):
@@ -215,8 +298,9 @@ class TorchDtype:
     name: str
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
     return LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride))
 
 
@@ -238,7 +322,8 @@ _ALLOWED = {
     ("collections", "OrderedDict"): _ordered_dict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor"): lambda storage, offset, size, stride: _rebuild_tensor_v2(
-        storage, offset, size, stride),
+        storage, offset, size, stride
+    ),
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
@@ -265,8 +350,10 @@ class SafeUnpickler(pickle.Unpickler):
         if module in ("builtins", "__builtin__") and name in _ALLOWED_BUILTINS:
             return _ALLOWED_BUILTINS[name]
         if module.split(".")[0] in _REFUSED_MODULE_ROOTS:
-            raise UnsafePickleError(f"{self._file}: refusing to load: the pickle calls {module}.{name}, "
-                                    f"which is not data (this file may be malicious)")
+            raise UnsafePickleError(
+                f"{self._file}: refusing to load: the pickle calls {module}.{name}, "
+                f"which is not data (this file may be malicious)"
+            )
         return _stub_class(module, name)
 
     def persistent_load(self, pid):
@@ -281,8 +368,9 @@ class SafeUnpickler(pickle.Unpickler):
         offset, nbytes = record
         dtype = np.dtype(storage_type.dtype)
         if nbytes < int(numel) * dtype.itemsize:
-            raise TorchFileError(f"{self._file}: storage {key} holds {nbytes} bytes, "
-                                 f"expected {int(numel) * dtype.itemsize}")
+            raise TorchFileError(
+                f"{self._file}: storage {key} holds {nbytes} bytes, expected {int(numel) * dtype.itemsize}"
+            )
         return StorageRecord(self._file, offset, nbytes, storage_type.dtype, str(key))
 
 
@@ -297,8 +385,10 @@ def load(path: str | Path) -> Any:
         with open(path, "rb") as f:
             head = f.read(8)
         if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
-            raise TorchFileError(f"{path}: a legacy (pre-1.6) torch pickle; re-save it with a recent torch "
-                                 f"(torch.save(torch.load(...), ...)) to convert it") from None
+            raise TorchFileError(
+                f"{path}: a legacy (pre-1.6) torch pickle; re-save it with a recent torch "
+                f"(torch.save(torch.load(...), ...)) to convert it"
+            ) from None
         raise TorchFileError(f"{path}: not a PyTorch zip checkpoint (truncated or corrupted?)") from None
     with archive:
         pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -320,8 +410,10 @@ def load(path: str | Path) -> Any:
                 name_len, extra_len = struct.unpack("<HH", header[26:30])
                 offset = info.header_offset + 30 + name_len + extra_len
                 if offset + info.file_size > size:
-                    raise TorchFileError(f"{path}: truncated (entry {info.filename} ends past the end of file)")
-                records[info.filename[len(prefix) + len("data/"):]] = (offset, info.file_size)
+                    raise TorchFileError(
+                        f"{path}: truncated (entry {info.filename} ends past the end of file)"
+                    )
+                records[info.filename[len(prefix) + len("data/") :]] = (offset, info.file_size)
         try:
             data = archive.read(pickles[0])
         except (zipfile.BadZipFile, OSError, EOFError) as e:

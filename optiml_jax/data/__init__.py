@@ -2,7 +2,8 @@
 
 Public API:
     DataConfig                       the `data:` section of the training config
-    Fields                           data.fields: which JSONL key / Parquet column holds src, tgt, task, definition
+    Fields                           data.fields: which JSONL key / Parquet column holds src, tgt,
+                                     task, definition
     build_loaders(cfg, tok)          -> (TrainLoader, EvalLoader or None), each data file read once
     build_train_loader(cfg, tok)     -> TrainLoader (infinite, resumable: get_state / set_state)
     build_eval_loader(cfg, tok)      -> EvalLoader or None (one pass per `iter()`)
@@ -13,6 +14,7 @@ Public API:
 Each batch is a dict of numpy arrays of this process's rows, [local_batch, seq_len]:
 input_ids, targets, segment_ids, positions (int32) and loss_mask (float32); see packing.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,11 +29,26 @@ from optiml_jax.data import templates
 from optiml_jax.data.holdout import holdout_problem, split_holdout
 from optiml_jax.data.loader import AllGather, EvalLoader, TrainLoader
 from optiml_jax.data.mixing import MixtureStream, mixing_weights
-from optiml_jax.data.packing import (BATCH_KEYS, OVERLONG_CHOICES, Packer, PackStats, TokenizedExample,
-                                     row_arrays, tokenize_examples)
+from optiml_jax.data.packing import (
+    BATCH_KEYS,
+    OVERLONG_CHOICES,
+    Packer,
+    PackStats,
+    TokenizedExample,
+    row_arrays,
+    tokenize_examples,
+)
 from optiml_jax.data.records import Shard, TaskRecords, read_jsonl, read_tasks
-from optiml_jax.data.sources import (FIELD_NAMES, FORMATS, ON_ERROR_CHOICES, DataError, Example, Fields, SkipStats,
-                                     read_sni_task)
+from optiml_jax.data.sources import (
+    FIELD_NAMES,
+    FORMATS,
+    ON_ERROR_CHOICES,
+    DataError,
+    Example,
+    Fields,
+    SkipStats,
+    read_sni_task,
+)
 from optiml_jax.data.templates import TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -53,6 +70,7 @@ class DataConfig:
     fraction (a float in (0, 1)) of every training task from training and evaluate on them: OPT-IML's
     "fully supervised" setting, held-out instances of seen tasks (see holdout.py). Exclusive with `eval`
     and `eval_tasks`."""
+
     train: Paths = None
     eval: Paths = None
     format: str = "auto"
@@ -94,19 +112,27 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, str) and value):
                 raise ConfigError(f"data.{name} must be the path of a split file, got {value!r}")
-        for name, choices in (("format", FORMATS), ("template", TEMPLATES), ("overlong", OVERLONG_CHOICES),
-                              ("on_error", ON_ERROR_CHOICES)):
+        for name, choices in (
+            ("format", FORMATS),
+            ("template", TEMPLATES),
+            ("overlong", OVERLONG_CHOICES),
+            ("on_error", ON_ERROR_CHOICES),
+        ):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"data.{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, int) or self.eps < 1:
-            raise ConfigError(f"data.eps must be a positive integer (examples per task cap), got {self.eps!r}")
+            raise ConfigError(
+                f"data.eps must be a positive integer (examples per task cap), got {self.eps!r}"
+            )
         if isinstance(self.num_shots, bool) or not isinstance(self.num_shots, int) or self.num_shots < 0:
             raise ConfigError(f"data.num_shots must be a non-negative integer, got {self.num_shots!r}")
         if self.template == "few_shot" and self.num_shots == 0:
             raise ConfigError("data.template='few_shot' needs data.num_shots >= 1")
         if self.template == "zero_shot" and self.num_shots != 0:
-            raise ConfigError(f"data.num_shots={self.num_shots} is only used with data.template='few_shot'; "
-                              f"set the template or num_shots: 0")
+            raise ConfigError(
+                f"data.num_shots={self.num_shots} is only used with data.template='few_shot'; "
+                f"set the template or num_shots: 0"
+            )
         try:
             Fields.from_mapping(_as_mapping(self.fields))
         except ValueError as e:
@@ -117,11 +143,15 @@ class DataConfig:
         if self.eval_holdout is not None:
             for name in ("eval", "eval_tasks"):
                 if getattr(self, name) is not None:
-                    raise ConfigError(f"data.eval_holdout and data.{name} are both set: the eval set is either "
-                                      f"held-out instances of the training tasks (eval_holdout) or separate "
-                                      f"data (eval, eval_tasks); remove one")
+                    raise ConfigError(
+                        f"data.eval_holdout and data.{name} are both set: the eval set is either "
+                        f"held-out instances of the training tasks (eval_holdout) or separate "
+                        f"data (eval, eval_tasks); remove one"
+                    )
             if self.train is None:
-                raise ConfigError("data.eval_holdout needs data.train: it holds out instances of the training tasks")
+                raise ConfigError(
+                    "data.eval_holdout needs data.train: it holds out instances of the training tasks"
+                )
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "data") -> "DataConfig":
@@ -131,8 +161,10 @@ class DataConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - fields)
         if unknown:
-            raise ConfigError(f"{source}: unknown data key(s): {', '.join(map(str, unknown))} "
-                              f"(known: {', '.join(sorted(fields))})")
+            raise ConfigError(
+                f"{source}: unknown data key(s): {', '.join(map(str, unknown))} "
+                f"(known: {', '.join(sorted(fields))})"
+            )
         try:
             return cls(**data)
         except ConfigError as e:
@@ -210,24 +242,47 @@ def _default_allgather(process_count: int) -> Optional[AllGather]:
 def _read(data: DataConfig, paths, split_file, seed: int, shard: Shard) -> tuple[dict, SkipStats]:
     # Every process ends up with the same tasks and skip counts; only the first logs the skips.
     stats = SkipStats(data.on_error, log=shard.index == 0)
-    tasks = read_tasks(paths, stats, format=data.format, split_file=split_file, template=data.template,
-                       num_shots=data.num_shots, seed=seed, shard=shard, fields=data.field_map)
+    tasks = read_tasks(
+        paths,
+        stats,
+        format=data.format,
+        split_file=split_file,
+        template=data.template,
+        num_shots=data.num_shots,
+        seed=seed,
+        shard=shard,
+        fields=data.field_map,
+    )
     if not tasks:
         raise DataError(f"{paths}: no usable examples (skipped: {stats.as_dict()})")
     return tasks, stats
 
 
 def _log_holdout(data: DataConfig, held_out: dict) -> None:
-    logger.info("eval set: the last %s of every training task (data.eval_holdout=%r): %d examples of %d tasks",
-                data.eval_holdout if isinstance(data.eval_holdout, int) else f"{data.eval_holdout:.0%}",
-                data.eval_holdout, sum(map(len, held_out.values())), len(held_out))
+    logger.info(
+        "eval set: the last %s of every training task (data.eval_holdout=%r): %d examples of %d tasks",
+        data.eval_holdout if isinstance(data.eval_holdout, int) else f"{data.eval_holdout:.0%}",
+        data.eval_holdout,
+        sum(map(len, held_out.values())),
+        len(held_out),
+    )
 
 
-def build_loaders(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
-                  eval_batch_size: Optional[int] = None, seq_len: Optional[int] = None,
-                  process_index: Optional[int] = None, process_count: Optional[int] = None,
-                  state: Optional[dict] = None, allgather: Optional[AllGather] = None,
-                  train: bool = True, eval: bool = True) -> tuple[Optional[TrainLoader], Optional[EvalLoader]]:
+def build_loaders(
+    cfg: Any,
+    tokenizer,
+    *,
+    seed: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    eval_batch_size: Optional[int] = None,
+    seq_len: Optional[int] = None,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    state: Optional[dict] = None,
+    allgather: Optional[AllGather] = None,
+    train: bool = True,
+    eval: bool = True,
+) -> tuple[Optional[TrainLoader], Optional[EvalLoader]]:
     """(train loader, eval loader) from `cfg` (a DataConfig, or the training config: `.data`, `.seed`,
     `.train.batch_size` = global batch in sequences, `.train.seq_len`), reading each file once: with
     data.eval_holdout both come from one read of the training files. Arguments override the config
@@ -262,14 +317,33 @@ def build_loaders(cfg: Any, tokenizer, *, seed: Optional[int] = None, batch_size
             eval_tasks, eval_stats = _read(data, data.eval, data.eval_tasks, seed, shard)
     train_loader = eval_loader = None
     if train:
-        train_loader = TrainLoader(train_tasks, tokenizer, global_batch_size=batch_size, seq_len=seq_len,
-                                   eps=data.eps, seed=seed, overlong=data.overlong, process_index=process_index,
-                                   process_count=process_count, state=state, skip_stats=train_stats,
-                                   holdout=data.eval_holdout, allgather=allgather)
+        train_loader = TrainLoader(
+            train_tasks,
+            tokenizer,
+            global_batch_size=batch_size,
+            seq_len=seq_len,
+            eps=data.eps,
+            seed=seed,
+            overlong=data.overlong,
+            process_index=process_index,
+            process_count=process_count,
+            state=state,
+            skip_stats=train_stats,
+            holdout=data.eval_holdout,
+            allgather=allgather,
+        )
     if want_eval:
-        eval_loader = EvalLoader(eval_tasks, tokenizer, global_batch_size=eval_batch_size or batch_size,
-                                 seq_len=seq_len, overlong=data.overlong, process_index=process_index,
-                                 process_count=process_count, skip_stats=eval_stats, allgather=allgather)
+        eval_loader = EvalLoader(
+            eval_tasks,
+            tokenizer,
+            global_batch_size=eval_batch_size or batch_size,
+            seq_len=seq_len,
+            overlong=data.overlong,
+            process_index=process_index,
+            process_count=process_count,
+            skip_stats=eval_stats,
+            allgather=allgather,
+        )
     return train_loader, eval_loader
 
 
@@ -286,8 +360,29 @@ def build_eval_loader(cfg: Any, tokenizer, **kwargs) -> Optional[EvalLoader]:
 
 
 __all__ = [
-    "BATCH_KEYS", "DataConfig", "DataError", "EvalLoader", "Example", "Fields", "MixtureStream", "PackStats", "Packer",
-    "Shard", "SkipStats", "TaskRecords", "TokenizedExample", "TrainLoader", "build_eval_loader", "build_loaders",
-    "build_train_loader", "mixing_weights",
-    "read_jsonl", "read_sni_task", "read_tasks", "row_arrays", "split_holdout", "templates", "tokenize_examples",
+    "BATCH_KEYS",
+    "DataConfig",
+    "DataError",
+    "EvalLoader",
+    "Example",
+    "Fields",
+    "MixtureStream",
+    "PackStats",
+    "Packer",
+    "Shard",
+    "SkipStats",
+    "TaskRecords",
+    "TokenizedExample",
+    "TrainLoader",
+    "build_eval_loader",
+    "build_loaders",
+    "build_train_loader",
+    "mixing_weights",
+    "read_jsonl",
+    "read_sni_task",
+    "read_tasks",
+    "row_arrays",
+    "split_holdout",
+    "templates",
+    "tokenize_examples",
 ]

@@ -14,6 +14,7 @@ batch layout), so the eval set stays fixed across runs, and the two parts are di
 Examples keep their formatting (an SNI instance gets the same prompt delimiter whichever side it lands
 on). Duplicate instances inside a task are not looked for: the SNI sample in data/sni has none.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,10 @@ def holdout_problem(value) -> Optional[str]:
     if isinstance(value, int) and value < 1:
         return f"must be >= 1 instances per task (leave it out for no hold-out), got {value!r}"
     if isinstance(value, float) and not 0.0 < value < 1.0:
-        return (f"as a fraction must be in (0, 1), got {value!r} (write an integer without a decimal point "
-                f"for a number of instances per task)")
+        return (
+            f"as a fraction must be in (0, 1), got {value!r} (write an integer without a decimal point "
+            f"for a number of instances per task)"
+        )
     return None
 
 
@@ -48,8 +51,9 @@ def holdout_size(num_examples: int, holdout: Holdout) -> int:
     return holdout
 
 
-def split_holdout(tasks: Mapping[str, Sequence[T]], holdout: Holdout) -> tuple[dict[str, Sequence[T]],
-                                                                             dict[str, Sequence[T]]]:
+def split_holdout(
+    tasks: Mapping[str, Sequence[T]], holdout: Holdout
+) -> tuple[dict[str, Sequence[T]], dict[str, Sequence[T]]]:
     """(train, held_out), both task name -> examples in the original order. Held-out tasks with no
     example (a fraction of a small task) are left out of `held_out`."""
     problem = holdout_problem(holdout)
@@ -59,16 +63,20 @@ def split_holdout(tasks: Mapping[str, Sequence[T]], holdout: Holdout) -> tuple[d
     for name, examples in tasks.items():  # slices: lazily read tasks (records.py) stay unread
         k = holdout_size(len(examples), holdout)
         if k >= len(examples):
-            raise DataError(f"data.eval_holdout={holdout!r} would withhold all {len(examples)} usable examples "
-                            f"of task {name}, leaving it nothing to train on; lower it, or give a fraction "
-                            f"(e.g. 0.1) to hold out a share of every task")
-        train[name] = examples[:len(examples) - k]
+            raise DataError(
+                f"data.eval_holdout={holdout!r} would withhold all {len(examples)} usable examples "
+                f"of task {name}, leaving it nothing to train on; lower it, or give a fraction "
+                f"(e.g. 0.1) to hold out a share of every task"
+            )
+        train[name] = examples[: len(examples) - k]
         if k:
-            held_out[name] = examples[len(examples) - k:]
+            held_out[name] = examples[len(examples) - k :]
     if holdout is not None and not held_out:
-        raise DataError(f"data.eval_holdout={holdout!r} holds out no example of any of the {len(tasks)} "
-                        f"task(s) (largest: {max((len(v) for v in tasks.values()), default=0)} examples); "
-                        f"raise it")
+        raise DataError(
+            f"data.eval_holdout={holdout!r} holds out no example of any of the {len(tasks)} "
+            f"task(s) (largest: {max((len(v) for v in tasks.values()), default=0)} examples); "
+            f"raise it"
+        )
     return train, held_out
 
 

@@ -9,6 +9,7 @@ version of the dataset gets a new file. It is named after the dataset, so withou
 rows are one task of that name. `datasets` is an optional dependency (the `hub` extra), imported only
 here and only for such a path.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,9 +34,11 @@ def is_hub_path(path) -> bool:
 
 def parse(spec: str) -> tuple[str, str]:
     """(NAME, SPLIT) of `hf:NAME[:SPLIT]`; SPLIT defaults to "train" and may be a slice ("train[:1000]")."""
-    name, _, split = spec[len(PREFIX):].partition(":")
+    name, _, split = spec[len(PREFIX) :].partition(":")
     if not name:
-        raise DataError(f"{spec}: expected hf:NAME or hf:NAME:SPLIT (e.g. hf:Muennighoff/natural-instructions:train)")
+        raise DataError(
+            f"{spec}: expected hf:NAME or hf:NAME:SPLIT (e.g. hf:Muennighoff/natural-instructions:train)"
+        )
     return name, split or "train"
 
 
@@ -47,17 +50,23 @@ def _load(spec: str, name: str, split: str):
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{spec}: loading a hub dataset needs the `datasets` package, which is not installed "
-                        f"(pip install 'optiml-jax[hub]'); or {LOCAL_ALTERNATIVE}") from None
+        raise DataError(
+            f"{spec}: loading a hub dataset needs the `datasets` package, which is not installed "
+            f"(pip install 'optiml-jax[hub]'); or {LOCAL_ALTERNATIVE}"
+        ) from None
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as e:  # noqa: BLE001 - offline, unknown name or split, network: all end the same way
         reason = (str(e).strip().splitlines() or [""])[0][:300]
-        raise DataError(f"{spec}: datasets.load_dataset({name!r}, split={split!r}) failed ({type(e).__name__}: "
-                        f"{reason}); {LOCAL_ALTERNATIVE}") from None
+        raise DataError(
+            f"{spec}: datasets.load_dataset({name!r}, split={split!r}) failed ({type(e).__name__}: "
+            f"{reason}); {LOCAL_ALTERNATIVE}"
+        ) from None
     if not isinstance(dataset, datasets.Dataset):
-        raise DataError(f"{spec}: datasets.load_dataset gave a {type(dataset).__name__}, not one split; "
-                        f"{LOCAL_ALTERNATIVE}")
+        raise DataError(
+            f"{spec}: datasets.load_dataset gave a {type(dataset).__name__}, not one split; "
+            f"{LOCAL_ALTERNATIVE}"
+        )
     return dataset, Path(datasets.config.HF_DATASETS_CACHE)
 
 

@@ -19,6 +19,7 @@ Batch dict (numpy, local rows only; see packing.py for the exact layout):
     input_ids, targets, segment_ids, positions: int32 [local_batch, seq_len]
     loss_mask: float32 [local_batch, seq_len]
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,17 @@ import numpy as np
 
 from optiml_jax.data.holdout import Holdout, holdout_problem, holdout_tag
 from optiml_jax.data.mixing import MixtureStream
-from optiml_jax.data.packing import (PACK_COUNTERS, Packer, PackStats, TokenizedExample, Tokenizer, empty_row,
-                                     row_arrays, stack_rows, tokenize_examples)
+from optiml_jax.data.packing import (
+    PACK_COUNTERS,
+    Packer,
+    PackStats,
+    TokenizedExample,
+    Tokenizer,
+    empty_row,
+    row_arrays,
+    stack_rows,
+    tokenize_examples,
+)
 from optiml_jax.data.records import AllGather, locate
 from optiml_jax.data.sources import DataError, Example, SkipStats
 
@@ -47,11 +57,19 @@ def _local_rows(global_batch_size: int, process_index: int, process_count: int) 
     for name, value in (("global_batch_size", global_batch_size), ("process_count", process_count)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(process_index, bool) or not isinstance(process_index, int) or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, process_count={process_count}), got {process_index!r}")
+    if (
+        isinstance(process_index, bool)
+        or not isinstance(process_index, int)
+        or not 0 <= process_index < process_count
+    ):
+        raise ValueError(
+            f"process_index must be in [0, process_count={process_count}), got {process_index!r}"
+        )
     if global_batch_size % process_count:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by the process count "
-                         f"{process_count}; every process must get the same number of rows")
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the process count "
+            f"{process_count}; every process must get the same number of rows"
+        )
     local = global_batch_size // process_count
     return process_index * local, (process_index + 1) * local
 
@@ -67,8 +85,10 @@ def _gather(local: Sequence[int], process_count: int, allgather: Optional[AllGat
     if process_count == 1:
         return local
     if allgather is None:
-        raise ValueError(f"process_count={process_count}: this needs the loader's `allgather` (e.g. jax."
-                         f"experimental.multihost_utils.process_allgather), since a process knows only its own rows")
+        raise ValueError(
+            f"process_count={process_count}: this needs the loader's `allgather` (e.g. jax."
+            f"experimental.multihost_utils.process_allgather), since a process knows only its own rows"
+        )
     return np.asarray(allgather(local), np.int64).reshape(-1)
 
 
@@ -78,13 +98,19 @@ def _row_starts(state: dict, batch_size: int) -> list[int]:
         index = state.get("stream_index")
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise DataError(f"TrainLoader state has a bad stream_index {index!r}")
-        logger.warning("resuming from a version-1 data state (one stream): the data continues at stream index "
-                       "%d, with rows laid out the current way from there", index)
+        logger.warning(
+            "resuming from a version-1 data state (one stream): the data continues at stream index "
+            "%d, with rows laid out the current way from there",
+            index,
+        )
         return [index + r for r in range(batch_size)]
     starts = state.get("row_starts")
-    if (not isinstance(starts, list) or not starts
-            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in starts)
-            or any(i % len(starts) != r for r, i in enumerate(starts))):
+    if (
+        not isinstance(starts, list)
+        or not starts
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in starts)
+        or any(i % len(starts) != r for r, i in enumerate(starts))
+    ):
         raise DataError(f"TrainLoader state has bad row_starts {starts!r:.200}")
     if len(starts) == batch_size:
         return starts
@@ -106,10 +132,23 @@ class _RowSlot:
 class TrainLoader:
     """Infinite iterator of packed training batches from an EPS-capped task mixture."""
 
-    def __init__(self, tasks: Mapping[str, Sequence[Example]], tokenizer: Tokenizer, *, global_batch_size: int,
-                 seq_len: int, eps: int = 4096, seed: int = 0, overlong: str = "truncate", process_index: int = 0,
-                 process_count: int = 1, state: Optional[dict] = None, skip_stats: Optional[SkipStats] = None,
-                 holdout: Holdout = None, allgather: Optional[AllGather] = None):
+    def __init__(
+        self,
+        tasks: Mapping[str, Sequence[Example]],
+        tokenizer: Tokenizer,
+        *,
+        global_batch_size: int,
+        seq_len: int,
+        eps: int = 4096,
+        seed: int = 0,
+        overlong: str = "truncate",
+        process_index: int = 0,
+        process_count: int = 1,
+        state: Optional[dict] = None,
+        skip_stats: Optional[SkipStats] = None,
+        holdout: Holdout = None,
+        allgather: Optional[AllGather] = None,
+    ):
         """`holdout`: the data.eval_holdout that `tasks` were split with (see holdout.py); it does not change
         the stream, but it is part of the state fingerprint, so a state saved under one split is refused
         under another. `allgather`: needed when process_count > 1 (see the module doc)."""
@@ -148,8 +187,10 @@ class TrainLoader:
         return self._hi - self._lo
 
     def _reset(self, row_starts: Sequence[int], batches: int) -> None:
-        self._slots = [_RowSlot(row_starts[r], Packer(self.seq_len, self.overlong, self.pack_stats))
-                       for r in range(self._lo, self._hi)]
+        self._slots = [
+            _RowSlot(row_starts[r], Packer(self.seq_len, self.overlong, self.pack_stats))
+            for r in range(self._lo, self._hi)
+        ]
         # Tokenised examples of this process's rows that the stream has passed but a row has not packed yet.
         self._buffer: dict[int, TokenizedExample] = {}
         self.mixture.seek(min(slot.next_index for slot in self._slots))
@@ -160,9 +201,16 @@ class TrainLoader:
         """JSON-able position: pass it to `set_state` (or `state=`) to continue with the same batches.
         Collective when process_count > 1."""
         starts = _gather([slot.resume_index for slot in self._slots], self.process_count, self._allgather)
-        return {"kind": STATE_KIND, "version": STATE_VERSION, "row_starts": [int(i) for i in starts],
-                "batches": self._batches, "fingerprint": self.fingerprint, "seq_len": self.seq_len,
-                "global_batch_size": self.global_batch_size, "overlong": self.overlong}
+        return {
+            "kind": STATE_KIND,
+            "version": STATE_VERSION,
+            "row_starts": [int(i) for i in starts],
+            "batches": self._batches,
+            "fingerprint": self.fingerprint,
+            "seq_len": self.seq_len,
+            "global_batch_size": self.global_batch_size,
+            "overlong": self.overlong,
+        }
 
     def set_state(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
@@ -170,15 +218,21 @@ class TrainLoader:
         if state.get("version") not in (1, STATE_VERSION):
             raise DataError(f"TrainLoader state version {state.get('version')!r} is not 1 or {STATE_VERSION}")
         if state.get("fingerprint") != self.fingerprint:
-            raise DataError("TrainLoader state was saved for a different data stream (task names or sizes, "
-                            "data.eps, data.eval_holdout or seed changed), so its position means nothing here; "
-                            "start without the saved data state to begin the new stream from the start")
+            raise DataError(
+                "TrainLoader state was saved for a different data stream (task names or sizes, "
+                "data.eps, data.eval_holdout or seed changed), so its position means nothing here; "
+                "start without the saved data state to begin the new stream from the start"
+            )
         starts = _row_starts(state, self.global_batch_size)
         for key in ("seq_len", "global_batch_size", "overlong"):
             if state.get(key) != getattr(self, key):
-                logger.warning("resuming data with %s=%r (state was saved with %r): the stream continues "
-                               "where it was, but batches differ from an uninterrupted run",
-                               key, getattr(self, key), state.get(key))
+                logger.warning(
+                    "resuming data with %s=%r (state was saved with %r): the stream continues "
+                    "where it was, but batches differ from an uninterrupted run",
+                    key,
+                    getattr(self, key),
+                    state.get(key),
+                )
         self._reset(starts, int(state.get("batches", 0)))
 
     # ------------------------------------------------------------------ iteration
@@ -227,7 +281,9 @@ class TrainLoader:
     def stats(self) -> dict[str, int]:
         """Flat counters for the training log: "skipped/<reason>" (what the readers dropped) and
         "packed/<counter>" (summed over every process's rows). Collective when process_count > 1."""
-        return _flat_stats(self.skip_stats, _sum_pack_stats(self.pack_stats, self.process_count, self._allgather))
+        return _flat_stats(
+            self.skip_stats, _sum_pack_stats(self.pack_stats, self.process_count, self._allgather)
+        )
 
 
 def _sum_pack_stats(stats: PackStats, process_count: int, allgather: Optional[AllGather]) -> PackStats:
@@ -253,9 +309,19 @@ class EvalLoader:
     of batches (with several processes, one allgather per pass agrees on it). Iterating again starts
     over. The loss over a pass does not depend on the row layout (segments never attend to each other)."""
 
-    def __init__(self, tasks: Mapping[str, Sequence[Example]], tokenizer: Tokenizer, *, global_batch_size: int,
-                 seq_len: int, overlong: str = "truncate", process_index: int = 0, process_count: int = 1,
-                 skip_stats: Optional[SkipStats] = None, allgather: Optional[AllGather] = None):
+    def __init__(
+        self,
+        tasks: Mapping[str, Sequence[Example]],
+        tokenizer: Tokenizer,
+        *,
+        global_batch_size: int,
+        seq_len: int,
+        overlong: str = "truncate",
+        process_index: int = 0,
+        process_count: int = 1,
+        skip_stats: Optional[SkipStats] = None,
+        allgather: Optional[AllGather] = None,
+    ):
         _check_seq_len(seq_len)
         self.skip_stats = skip_stats if skip_stats is not None else SkipStats()
         self.tasks = {name: tasks[name] for name in sorted(tasks)}
@@ -271,7 +337,9 @@ class EvalLoader:
 
     def stats(self) -> dict[str, int]:
         """Like TrainLoader.stats(), for the latest pass; collective when process_count > 1."""
-        return _flat_stats(self.skip_stats, _sum_pack_stats(self.pack_stats, self.process_count, self._allgather))
+        return _flat_stats(
+            self.skip_stats, _sum_pack_stats(self.pack_stats, self.process_count, self._allgather)
+        )
 
     @property
     def num_examples(self) -> int:
@@ -290,7 +358,7 @@ class EvalLoader:
                 mine.append(sequences[task][i])
             packed = []
             for start in range(0, len(mine), TOKENIZE_CHUNK):
-                for example in tokenize_examples(mine[start:start + TOKENIZE_CHUNK], self.tokenizer):
+                for example in tokenize_examples(mine[start : start + TOKENIZE_CHUNK], self.tokenizer):
                     packed.extend(packer.add(example))
             last = packer.flush()
             if last is not None:
@@ -304,5 +372,11 @@ class EvalLoader:
         num_batches = int(_gather([max(map(len, rows))], self.process_count, self._allgather).max())
         pad_id = self.tokenizer.pad_id
         for k in range(num_batches):
-            yield stack_rows([row_arrays(packed[k], self.seq_len, pad_id) if k < len(packed)
-                              else empty_row(self.seq_len, pad_id) for packed in rows])
+            yield stack_rows(
+                [
+                    row_arrays(packed[k], self.seq_len, pad_id)
+                    if k < len(packed)
+                    else empty_row(self.seq_len, pad_id)
+                    for packed in rows
+                ]
+            )

@@ -12,6 +12,7 @@ So the stream position is one integer: `seek(i)` replays only the cheap task dra
 chunk, no tokenisation) to recover how far each task has got. Tasks are taken in sorted name order,
 so the order in which files were read does not matter.
 """
+
 from __future__ import annotations
 
 import hashlib

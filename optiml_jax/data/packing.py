@@ -33,6 +33,7 @@ to predict the first target token. If the target alone does not fit (tgt + `</s>
 `overlong="drop"` drops the example and `overlong="truncate"` keeps the last source token and the first
 seq_len target tokens (the `</s>` is lost). Each case is counted in `PackStats`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,8 +64,17 @@ class TokenizedExample:
 
 
 # What PackStats counts (tokens = row slots holding an example).
-PACK_COUNTERS = ("examples", "rows", "tokens", "loss_tokens", "pad_tokens", "source_truncated", "target_truncated",
-                 "overlong_dropped", "empty_dropped")
+PACK_COUNTERS = (
+    "examples",
+    "rows",
+    "tokens",
+    "loss_tokens",
+    "pad_tokens",
+    "source_truncated",
+    "target_truncated",
+    "overlong_dropped",
+    "empty_dropped",
+)
 
 
 class PackStats(Counter):
@@ -81,12 +91,15 @@ def tokenize_examples(examples: Sequence, tokenizer: Tokenizer) -> list[Tokenize
     src_ids = tokenizer.encode_batch(srcs, add_bos=False) if srcs else []
     tgt_ids = tokenizer.encode_batch(tgts, add_bos=False) if tgts else []
     eos = tokenizer.eos_id
-    return [TokenizedExample(tokens=(*s, *t, eos), num_source=len(s), source=e.source)
-            for e, s, t in zip(examples, src_ids, tgt_ids)]
+    return [
+        TokenizedExample(tokens=(*s, *t, eos), num_source=len(s), source=e.source)
+        for e, s, t in zip(examples, src_ids, tgt_ids)
+    ]
 
 
-def fit_to_length(example: TokenizedExample, seq_len: int, overlong: str,
-                  stats: Optional[PackStats] = None) -> Optional[TokenizedExample]:
+def fit_to_length(
+    example: TokenizedExample, seq_len: int, overlong: str, stats: Optional[PackStats] = None
+) -> Optional[TokenizedExample]:
     """The example cut to at most seq_len + 1 tokens (seq_len row slots), or None if dropped."""
     tokens, num_source = example.tokens, example.num_source
     limit = seq_len + 1
@@ -100,14 +113,14 @@ def fit_to_length(example: TokenizedExample, seq_len: int, overlong: str,
     keep_source = limit - num_target
     if num_source >= 1 and keep_source >= 1:
         _count(stats, "source_truncated")
-        return dataclasses.replace(example, tokens=tokens[num_source - keep_source:], num_source=keep_source)
+        return dataclasses.replace(example, tokens=tokens[num_source - keep_source :], num_source=keep_source)
     if overlong == "drop":
         _count(stats, "overlong_dropped")
         return None
     _count(stats, "target_truncated")
     keep_source = min(1, num_source)
     start = num_source - keep_source
-    return dataclasses.replace(example, tokens=tokens[start:start + limit], num_source=keep_source)
+    return dataclasses.replace(example, tokens=tokens[start : start + limit], num_source=keep_source)
 
 
 def _count(stats: Optional[PackStats], key: str) -> None:
@@ -180,7 +193,7 @@ def row_arrays(row: Sequence[TokenizedExample], seq_len: int, pad_id: int = 1) -
         out["input_ids"][offset:end] = tokens[:-1]
         out["targets"][offset:end] = tokens[1:]
         # Slot i predicts token i + 1, a target token iff i + 1 >= num_source.
-        out["loss_mask"][offset + max(example.num_source - 1, 0):end] = 1.0
+        out["loss_mask"][offset + max(example.num_source - 1, 0) : end] = 1.0
         out["segment_ids"][offset:end] = segment
         out["positions"][offset:end] = np.arange(n, dtype=np.int32)
         offset = end

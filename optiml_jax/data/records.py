@@ -23,6 +23,7 @@ of where the usable records are, and reads a record (one seek) only when a row o
 Records are checked once, here; reading one again at step time only re-parses it (a record that no
 longer parses means the file changed under the run, which is reported as such).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,10 +40,30 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from optiml_jax.data import hub
-from optiml_jax.data.sources import (FORMATS, MAX_LOGGED_PER_FILE, DataError, Example, Fields, SkipStats, SNIExample,
-                                     check_jsonl_line, check_record, detect_format, jsonl_files, open_parquet,
-                                     parquet_files, read_row_group, read_sni_header, read_sni_instance, read_span,
-                                     record_example, scan_jsonl, scan_parquet, scan_sni_file, sni_files)
+from optiml_jax.data.sources import (
+    FORMATS,
+    MAX_LOGGED_PER_FILE,
+    DataError,
+    Example,
+    Fields,
+    SkipStats,
+    SNIExample,
+    check_jsonl_line,
+    check_record,
+    detect_format,
+    jsonl_files,
+    open_parquet,
+    parquet_files,
+    read_row_group,
+    read_sni_header,
+    read_sni_instance,
+    read_span,
+    record_example,
+    scan_jsonl,
+    scan_parquet,
+    scan_sni_file,
+    sni_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +82,7 @@ CACHED_ROW_GROUPS = 4
 class Shard:
     """This process's part of the start-up reading: process `index` of `count`, exchanging what it found
     through `allgather`. Without an allgather (or with one process) a process reads everything itself."""
+
     index: int = 0
     count: int = 1
     allgather: Optional[AllGather] = None
@@ -72,8 +94,10 @@ class Shard:
 
 # ---------------------------------------------------------------------------------------- records
 def _changed(where: str, what: str = "line") -> DataError:
-    return DataError(f"{where}: the {what} no longer holds the usable record found there when the run started; "
-                     f"the file changed after it was read")
+    return DataError(
+        f"{where}: the {what} no longer holds the usable record found there when the run started; "
+        f"the file changed after it was read"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +181,16 @@ class SNISource:
 
     def example(self, start: int, end: int, position: int, index: int) -> SNIExample:
         ident, text, output = read_sni_instance(self.path, start, end, position)
-        return SNIExample(task=self.task, source=f"{self.path}#{ident}", definition=self.definition, input=text,
-                          output=output, exemplars=self.exemplars, seed=self.seed, index=index)
+        return SNIExample(
+            task=self.task,
+            source=f"{self.path}#{ident}",
+            definition=self.definition,
+            input=text,
+            output=output,
+            exemplars=self.exemplars,
+            seed=self.seed,
+            index=index,
+        )
 
 
 Source = Union[JsonlSource, ParquetSource, SNISource]
@@ -221,18 +253,19 @@ def _pack(meta, arrays: Sequence[np.ndarray]) -> np.ndarray:
     text = json.dumps(meta).encode("ascii")
     text += b" " * (-len(text) % 8)
     header = np.array([len(text) // 8, len(arrays), *(a.size for a in arrays)], np.int64)
-    return np.concatenate([header, np.frombuffer(text, np.int64)]
-                          + [np.asarray(a, np.int64).reshape(-1) for a in arrays])
+    return np.concatenate(
+        [header, np.frombuffer(text, np.int64)] + [np.asarray(a, np.int64).reshape(-1) for a in arrays]
+    )
 
 
 def _unpack(vector: np.ndarray):
     words, count = int(vector[0]), int(vector[1])
-    sizes, pos = vector[2:2 + count], 2 + count
-    meta = json.loads(np.ascontiguousarray(vector[pos:pos + words]).tobytes())
+    sizes, pos = vector[2 : 2 + count], 2 + count
+    meta = json.loads(np.ascontiguousarray(vector[pos : pos + words]).tobytes())
     pos += words
     arrays = []
     for size in sizes:
-        arrays.append(np.asarray(vector[pos:pos + int(size)]).reshape(-1, RECORD_COLUMNS))
+        arrays.append(np.asarray(vector[pos : pos + int(size)]).reshape(-1, RECORD_COLUMNS))
         pos += int(size)
     return meta, arrays
 
@@ -246,9 +279,9 @@ def exchange(shard: Shard, meta, arrays: Sequence[np.ndarray]) -> list:
         return [_unpack(payload)]
     lengths = np.asarray(shard.allgather(np.array([payload.size], np.int64)), np.int64).reshape(-1)
     padded = np.zeros(int(lengths.max()), np.int64)
-    padded[:payload.size] = payload
+    padded[: payload.size] = payload
     everything = np.asarray(shard.allgather(padded), np.int64).reshape(len(lengths), -1)
-    return [_unpack(everything[q, :int(lengths[q])]) for q in range(len(lengths))]
+    return [_unpack(everything[q, : int(lengths[q])]) for q in range(len(lengths))]
 
 
 # ---------------------------------------------------------------------------------------- index
@@ -270,8 +303,10 @@ def _list_files(paths, format: str, split_file, template: str) -> list[_DataFile
             found = [("sni", f) for f in sni_files(path, split_file)]
         else:
             if template != "zero_shot":
-                raise DataError(f"{path}: template {template!r} applies to SNI task files only; JSONL and "
-                                f"Parquet records have no exemplars")
+                raise DataError(
+                    f"{path}: template {template!r} applies to SNI task files only; JSONL and "
+                    f"Parquet records have no exemplars"
+                )
             # Each file is one corpus (task) named by its stem, unless data.fields.task names each record's
             # task; files with the same stem in different subdirectories (metaseq's shards 00/, 01/, ...)
             # are the same corpus, concatenated in path order. All shards are mixed at once, not one shard
@@ -350,9 +385,18 @@ def _raise_first_error(gathered: list, me: int) -> None:
             raise DataError(their["error"] if q == me else f"process {q}: {their['error']}")
 
 
-def read_tasks(paths, stats: SkipStats, *, format: str = "auto", split_file=None, template: str = "zero_shot",
-               num_shots: int = 0, seed: int = 0, shard: Shard = Shard(),
-               fields: Fields = Fields()) -> dict[str, TaskRecords]:
+def read_tasks(
+    paths,
+    stats: SkipStats,
+    *,
+    format: str = "auto",
+    split_file=None,
+    template: str = "zero_shot",
+    num_shots: int = 0,
+    seed: int = 0,
+    shard: Shard = Shard(),
+    fields: Fields = Fields(),  # noqa: B008 (frozen, never mutated)
+) -> dict[str, TaskRecords]:
     """Every usable example under `paths` (a path or several; `hf:NAME[:SPLIT]` = a hub dataset, see
     hub.py), by task, in a deterministic order, read lazily. `fields` maps our fields to the keys or
     columns of JSONL and Parquet records (SNI task files have their own layout). Collective when `shard`
@@ -377,16 +421,22 @@ def read_tasks(paths, stats: SkipStats, *, format: str = "auto", split_file=None
     meta["error"] = listing_error or meta["error"]
     # Hosts with their own copies of the data (local disks) must hold the same files, or the shares
     # and the index would not fit together.
-    meta["listing"] = hashlib.sha256(json.dumps([[f.listed, f.size] for f in files]).encode()).hexdigest()[:16]
+    meta["listing"] = hashlib.sha256(json.dumps([[f.listed, f.size] for f in files]).encode()).hexdigest()[
+        :16
+    ]
     meta["num_files"] = len(files)
     gathered = exchange(shard, meta, arrays)
     _raise_first_error(gathered, me)
     listings = {(their["listing"], their["num_files"]) for their, _ in gathered}
     if len(listings) > 1:
-        seen = "; ".join(f"process {q}: {their['num_files']} files ({their['listing']})"
-                         for q, (their, _) in enumerate(gathered))
-        raise DataError(f"{', '.join(map(str, paths))}: the processes see different data files (paths or sizes "
-                        f"differ: {seen}); every host must read the same data, e.g. from a shared filesystem")
+        seen = "; ".join(
+            f"process {q}: {their['num_files']} files ({their['listing']})"
+            for q, (their, _) in enumerate(gathered)
+        )
+        raise DataError(
+            f"{', '.join(map(str, paths))}: the processes see different data files (paths or sizes "
+            f"differ: {seen}); every host must read the same data, e.g. from a shared filesystem"
+        )
 
     _read_other_headers(files, owners, gathered, headers, shard, me)
     return _assemble_tasks(files, owners, gathered, headers, stats, template, num_shots, seed, fields)
@@ -446,13 +496,22 @@ def _by_task(records: np.ndarray, tasks: list[str]) -> list[tuple[str, np.ndarra
     counts = np.bincount(records[:, 4], minlength=len(tasks))
     out, start = [], 0
     for task, n in zip(tasks, counts.tolist()):
-        out.append((task, records[order[start:start + n]]))
+        out.append((task, records[order[start : start + n]]))
         start += n
     return out
 
 
-def _assemble_tasks(files, owners, gathered, headers, stats: SkipStats, template: str, num_shots: int,
-                    seed: int, fields: Fields) -> dict[str, TaskRecords]:
+def _assemble_tasks(
+    files,
+    owners,
+    gathered,
+    headers,
+    stats: SkipStats,
+    template: str,
+    num_shots: int,
+    seed: int,
+    fields: Fields,
+) -> dict[str, TaskRecords]:
     """The tasks from every process's share of the index, with skips counted in file order."""
     parts: dict[str, list] = {}
     for i, file in enumerate(files):
@@ -461,8 +520,11 @@ def _assemble_tasks(files, owners, gathered, headers, stats: SkipStats, template
             records, tasks = _gather_rows(file, i, gathered, stats)
             groups = RowGroups(name, fields) if file.kind == "parquet" else None
             for task, task_records in _by_task(records, tasks or [file.task]):
-                source = (JsonlSource(name, task, fields, seed) if groups is None
-                          else ParquetSource(name, task, groups, seed))
+                source = (
+                    JsonlSource(name, task, fields, seed)
+                    if groups is None
+                    else ParquetSource(name, task, groups, seed)
+                )
                 parts.setdefault(task, []).append((source, task_records))
             continue
         meta, arrays = gathered[owners[i]]
@@ -473,7 +535,9 @@ def _assemble_tasks(files, owners, gathered, headers, stats: SkipStats, template
         if entry["problem"]:
             continue
         definition, positives = headers[i]
-        source = SNISource(name, file.task, definition, positives[:num_shots] if template == "few_shot" else (), seed)
+        source = SNISource(
+            name, file.task, definition, positives[:num_shots] if template == "few_shot" else (), seed
+        )
         parts.setdefault(file.task, []).append((source, arrays[entry["array"]]))
     tasks = {}
     for task, task_parts in parts.items():

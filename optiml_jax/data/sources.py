@@ -15,6 +15,7 @@ or `file#instance_id` (SNI). A Parquet file whose mapped column is missing or do
 a `DataError` naming the file and column. The reader does the checking so that templates, tokenizer
 and packer can assume clean strings.
 """
+
 from __future__ import annotations
 
 import array
@@ -59,6 +60,7 @@ class SNIExample:
     Every instance of a task refers to the task's one definition and exemplars instead of holding its
     own formatted copy (the definition is most of a zero-shot prompt, and k-shot prompts repeat the
     exemplars too), and a training process formats only the instances of its own batch rows."""
+
     task: str
     source: str
     definition: str
@@ -73,8 +75,15 @@ class SNIExample:
 
     @property
     def src(self) -> str:
-        return templates.format_sni(self.definition, self.input, self.output, exemplars=self.exemplars,
-                                    seed=self.seed, task=self.task, index=self.index)[0]
+        return templates.format_sni(
+            self.definition,
+            self.input,
+            self.output,
+            exemplars=self.exemplars,
+            seed=self.seed,
+            task=self.task,
+            index=self.index,
+        )[0]
 
     @property
     def tgt(self) -> str:
@@ -84,6 +93,7 @@ class SNIExample:
 @dataclasses.dataclass(frozen=True)
 class SNITask:
     """One SNI task file, validated. `instances` are (id, input, output) with one chosen output."""
+
     name: str
     path: str
     definition: str
@@ -152,7 +162,10 @@ def _check_string_field(record: dict, key: str) -> Optional[tuple[str, str]]:
         return "missing_field", f"no {key!r} field"
     value = record[key]
     if not isinstance(value, str):
-        return "non_string_field", f"{key!r} is {'null' if value is None else type(value).__name__}, expected string"
+        return (
+            "non_string_field",
+            f"{key!r} is {'null' if value is None else type(value).__name__}, expected string",
+        )
     if _bad_unicode(value):
         return "invalid_unicode", f"{key!r} holds a lone surrogate"
     return None
@@ -168,6 +181,7 @@ class Fields:
     prompt and the target; `task`: the name of the row's task (None: the file's stem names the task of
     all its rows); `definition`: an SNI-style instruction (None: `src` is the whole prompt; else `src`
     is the instance's input and the prompt is SNI's zero-shot template, templates.format_sni)."""
+
     src: str = "src"
     tgt: str = "tgt"
     task: Optional[str] = None
@@ -179,8 +193,10 @@ class Fields:
         if mapping is None:
             return cls()
         if not isinstance(mapping, Mapping):
-            raise ValueError(f"must map our names ({', '.join(FIELD_NAMES)}) to the file's columns, "
-                             f"e.g. {{src: inputs, tgt: targets}}; got {mapping!r}")
+            raise ValueError(
+                f"must map our names ({', '.join(FIELD_NAMES)}) to the file's columns, "
+                f"e.g. {{src: inputs, tgt: targets}}; got {mapping!r}"
+            )
         unknown = sorted(map(str, set(mapping) - set(FIELD_NAMES)))
         if unknown:
             raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(FIELD_NAMES)})")
@@ -223,16 +239,30 @@ def check_record(record: dict, fields: Fields) -> tuple[Optional[dict], Optional
             return None, ("missing_field", f"no {fields.definition!r} field")
         values["definition"] = _definition_text(record[fields.definition])
         if values["definition"] is None:
-            return None, ("bad_definition", f"{fields.definition!r} is not a non-empty string (or list of strings)")
+            return None, (
+                "bad_definition",
+                f"{fields.definition!r} is not a non-empty string (or list of strings)",
+            )
     return values, None
 
 
-def record_example(values: dict, task: str, source: str, seed: int, index: int) -> Union[Example, "SNIExample"]:
+def record_example(
+    values: dict, task: str, source: str, seed: int, index: int
+) -> Union[Example, "SNIExample"]:
     """The example of a record check_record accepted: its src and tgt as they are, or, with a definition,
     an SNI instance (prompted as task files' instances are, `index` seeding its answer delimiter)."""
     if "definition" in values:
-        return SNIExample(task=task, source=source, definition=values["definition"], input=values["src"],
-                          output=values["tgt"], exemplars=(), seed=seed, index=index, in_task_file=False)
+        return SNIExample(
+            task=task,
+            source=source,
+            definition=values["definition"],
+            input=values["src"],
+            output=values["tgt"],
+            exemplars=(),
+            seed=seed,
+            index=index,
+            in_task_file=False,
+        )
     return Example(task=task, src=values["src"], tgt=values["tgt"], source=source)
 
 
@@ -255,6 +285,7 @@ class TaskCodes:
 class JsonlScan:
     """What one scan of the lines starting in a byte range of a JSONL file found. Line numbers are
     counted from the range's first line (1-based): the caller adds the lines of earlier ranges."""
+
     lines: int = 0
     # start byte, end byte, line, task code (TaskCodes; 0 without a task field) of each usable line,
     # flat: 32 bytes a record, not a tuple's ~150
@@ -263,7 +294,9 @@ class JsonlScan:
     tasks: TaskCodes = dataclasses.field(default_factory=TaskCodes)
 
 
-def check_jsonl_line(raw: bytes, fields: Fields = Fields()) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
+def check_jsonl_line(
+    raw: bytes, fields: Fields = Fields()
+) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
     """({our name: value}, None) for a usable line (check_record), (None, (reason, detail)) for an
     unusable one, (None, None) for a blank line (not a record: e.g. a trailing newline)."""
     try:
@@ -290,8 +323,9 @@ def open_data_file(path: str | os.PathLike):
         raise DataError(f"{path}: cannot open ({e.strerror})") from None
 
 
-def scan_jsonl(path: str | os.PathLike, lo: int = 0, hi: Optional[int] = None,
-               fields: Fields = Fields()) -> JsonlScan:
+def scan_jsonl(
+    path: str | os.PathLike, lo: int = 0, hi: Optional[int] = None, fields: Fields = Fields()
+) -> JsonlScan:
     """Checks the lines of a JSONL file that START in bytes [lo, hi) (all of it by default), reading only
     those lines: ranges that tile a file give every line to exactly one scan."""
     scan = JsonlScan()
@@ -367,7 +401,9 @@ def _holds_strings(kind, lists: bool) -> bool:
 
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
-    if lists and (pa.types.is_list(kind) or pa.types.is_large_list(kind)):  # SNI's list-of-strings definitions
+    if lists and (
+        pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    ):  # SNI's list-of-strings definitions
         kind = kind.value_type
     return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
 
@@ -420,13 +456,16 @@ def group_first_rows(metadata) -> list[int]:
 @dataclasses.dataclass
 class ParquetScan:
     """What one scan of a share of a Parquet file's row groups found; rows count from the file's start."""
+
     # row group, row in the group, row in the file, task code of each usable row, flat (as JsonlScan)
     records: array.array = dataclasses.field(default_factory=lambda: array.array("q"))
     skips: list = dataclasses.field(default_factory=list)  # (row, reason, detail)
     tasks: TaskCodes = dataclasses.field(default_factory=TaskCodes)
 
 
-def scan_parquet(path: str | os.PathLike, fields: Fields = Fields(), me: int = 0, count: int = 1) -> ParquetScan:
+def scan_parquet(
+    path: str | os.PathLike, fields: Fields = Fields(), me: int = 0, count: int = 1
+) -> ParquetScan:
     """Checks every row of process `me`'s share of a Parquet file's row groups (row_group_share),
     reading only the mapped columns of those groups and the file's footer."""
     handle = open_parquet(path)
@@ -516,6 +555,7 @@ def _choose_output(output) -> tuple[Optional[str], str]:
 @dataclasses.dataclass
 class SNIScan:
     """What parsing one SNI task file found. Byte offsets are into the file as stored."""
+
     problem: Optional[tuple[str, str, str]] = None  # (reason, where, detail): the whole file is unusable
     definition: str = ""
     positive_examples: tuple[tuple[str, str], ...] = ()
@@ -539,37 +579,37 @@ def _parse_task(text: str) -> tuple[dict, tuple[int, int], list[tuple[int, int]]
         return _JSON_SPACE.match(text, i).end()
 
     def expect(i, char):
-        if text[i:i + 1] != char:
+        if text[i : i + 1] != char:
             raise ValueError(f"expected {char!r} at character {i}")
         return skip(i + 1)
 
     data, array_span, spans = {}, (0, 0), []
     pos = expect(skip(0), "{")
-    while text[pos:pos + 1] != "}":
+    while text[pos : pos + 1] != "}":
         key, pos = decode(text, pos)
         if not isinstance(key, str):
             raise ValueError(f"object key at character {pos} is not a string")
         pos = expect(skip(pos), ":")
-        if key == "Instances" and text[pos:pos + 1] == "[":
+        if key == "Instances" and text[pos : pos + 1] == "[":
             start, items, spans = pos, [], []
             pos = skip(pos + 1)
-            while text[pos:pos + 1] != "]":
+            while text[pos : pos + 1] != "]":
                 value, end = decode(text, pos)
                 items.append(value)
                 spans.append((pos, end))
                 pos = skip(end)
-                if text[pos:pos + 1] != "]":
+                if text[pos : pos + 1] != "]":
                     pos = expect(pos, ",")
-                    if text[pos:pos + 1] == "]":
+                    if text[pos : pos + 1] == "]":
                         raise ValueError(f"trailing comma before character {pos}")
             array_span, value, pos = (start, pos + 1), items, skip(pos + 1)
         else:
             value, pos = decode(text, pos)
             pos = skip(pos)
         data[key] = value
-        if text[pos:pos + 1] != "}":
+        if text[pos : pos + 1] != "}":
             pos = expect(pos, ",")
-            if text[pos:pos + 1] == "}":
+            if text[pos : pos + 1] == "}":
                 raise ValueError(f"trailing comma before character {pos}")
     if skip(pos + 1) != len(text):
         raise ValueError(f"extra data after the object at character {pos + 1}")
@@ -594,8 +634,14 @@ def _sni_header(data: dict, name: str, skips: list) -> tuple[Optional[str], tupl
     if not isinstance(raw_positives, list):
         raw_positives = []
     for i, ex in enumerate(raw_positives):
-        ok = (isinstance(ex, dict) and isinstance(ex.get("input"), str) and isinstance(ex.get("output"), str)
-              and ex["output"].strip() and not _bad_unicode(ex["input"]) and not _bad_unicode(ex["output"]))
+        ok = (
+            isinstance(ex, dict)
+            and isinstance(ex.get("input"), str)
+            and isinstance(ex.get("output"), str)
+            and ex["output"].strip()
+            and not _bad_unicode(ex["input"])
+            and not _bad_unicode(ex["output"])
+        )
         if ok:
             positives.append((ex["input"], ex["output"]))
         else:
@@ -650,13 +696,19 @@ def scan_sni_file(path: str | os.PathLike, keep_parsed: bool = False) -> SNIScan
         if isinstance(data, dict):  # _parse_task reads every JSON object json.loads reads
             raise AssertionError(f"{name}: parsed by json.loads but not by _parse_task") from None
     if not isinstance(data, dict) or not isinstance(data.get("Instances"), list):
-        scan.problem = ("bad_task_file", f"{name}#Instances",
-                        "whole task file skipped: expected an object with an 'Instances' list")
+        scan.problem = (
+            "bad_task_file",
+            f"{name}#Instances",
+            "whole task file skipped: expected an object with an 'Instances' list",
+        )
         return scan
     definition, scan.positive_examples = _sni_header(data, name, scan.skips)
     if definition is None:
-        scan.problem = ("bad_task_file", f"{name}#Definition",
-                        "whole task file skipped: 'Definition' missing or not (a list of) non-empty strings")
+        scan.problem = (
+            "bad_task_file",
+            f"{name}#Definition",
+            "whole task file skipped: 'Definition' missing or not (a list of) non-empty strings",
+        )
         scan.skips.clear()
         return scan
     scan.definition = definition
@@ -669,7 +721,9 @@ def scan_sni_file(path: str | os.PathLike, keep_parsed: bool = False) -> SNIScan
         usable.append(i)
         if keep_parsed:
             scan.parsed.append((ident, inst["input"], output))
-    offsets = _byte_offsets(text, [p for span in [array_span, *(spans[i] for i in usable)] for p in span], base)
+    offsets = _byte_offsets(
+        text, [p for span in [array_span, *(spans[i] for i in usable)] for p in span], base
+    )
     scan.instances_span = (offsets[0], offsets[1])
     scan.instances = list(zip(offsets[2::2], offsets[3::2], usable))
     return scan
@@ -688,9 +742,13 @@ def read_sni_header(path: str | os.PathLike, instances_span: tuple[int, int]) ->
         definition, positives = _sni_header(data, str(path), [])
         if definition is None:
             raise ValueError("no usable definition")
-    except (ValueError, AttributeError) as e:  # JSON and UTF-8 errors are ValueErrors; a non-object has no .get
-        raise DataError(f"{path}: its definition and exemplars no longer parse ({e}); the file changed after "
-                        f"it was read") from None
+    except (
+        ValueError,
+        AttributeError,
+    ) as e:  # JSON and UTF-8 errors are ValueErrors; a non-object has no .get
+        raise DataError(
+            f"{path}: its definition and exemplars no longer parse ({e}); the file changed after it was read"
+        ) from None
     return definition, positives
 
 
@@ -703,8 +761,10 @@ def read_sni_instance(path: str | os.PathLike, start: int, end: int, position: i
         inst = None
     ident, output, problem = _check_instance(inst, position, str(path))
     if problem:
-        raise DataError(f"{path}: bytes {start}-{end} no longer hold the instance indexed there ({problem[0]}); "
-                        f"the file changed after it was read")
+        raise DataError(
+            f"{path}: bytes {start}-{end} no longer hold the instance indexed there ({problem[0]}); "
+            f"the file changed after it was read"
+        )
     return ident, inst["input"], output
 
 
@@ -714,8 +774,10 @@ def read_span(path: str | os.PathLike, start: int, end: int) -> bytes:
         handle.seek(start)
         raw = handle.read(end - start)
     if len(raw) != end - start:
-        raise DataError(f"{path}: cannot read the record at bytes {start}-{end}: the file is now {start + len(raw)} "
-                        f"bytes long; it changed after it was read")
+        raise DataError(
+            f"{path}: cannot read the record at bytes {start}-{end}: the file is now {start + len(raw)} "
+            f"bytes long; it changed after it was read"
+        )
     return raw
 
 
@@ -728,8 +790,13 @@ def read_sni_task(path: str | os.PathLike, stats: SkipStats) -> Optional[SNITask
     stats.end_file(name)
     if scan.problem:
         return None
-    return SNITask(name=Path(path).stem, path=name, definition=scan.definition,
-                   positive_examples=scan.positive_examples, instances=tuple(scan.parsed))
+    return SNITask(
+        name=Path(path).stem,
+        path=name,
+        definition=scan.definition,
+        positive_examples=scan.positive_examples,
+        instances=tuple(scan.parsed),
+    )
 
 
 # ---------------------------------------------------------------------------------------- dispatch
@@ -738,24 +805,30 @@ _SUFFIXES = {".json": "sni", ".jsonl": "jsonl", ".parquet": "parquet"}
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """"sni" for `.json` files / directories of `task*.json`, "jsonl" for `.jsonl` files / trees,
+    """ "sni" for `.json` files / directories of `task*.json`, "jsonl" for `.jsonl` files / trees,
     "parquet" for `.parquet` files / trees."""
     path = Path(path)
     if path.is_file():
         if path.suffix in _SUFFIXES:
             return _SUFFIXES[path.suffix]
-        raise DataError(f"{path}: cannot tell the data format from the suffix {path.suffix!r}; "
-                        f"use .json (SNI task), .jsonl (src/tgt lines) or .parquet, or set data.format")
+        raise DataError(
+            f"{path}: cannot tell the data format from the suffix {path.suffix!r}; "
+            f"use .json (SNI task), .jsonl (src/tgt lines) or .parquet, or set data.format"
+        )
     if not path.is_dir():
         raise DataError(f"{path}: no such file or directory")
-    found = {"sni": any(p.is_file() for p in path.glob("task*.json")),
-             "jsonl": any(p.is_file() for p in path.rglob("*.jsonl")),
-             "parquet": any(p.is_file() for p in path.rglob("*.parquet"))}
+    found = {
+        "sni": any(p.is_file() for p in path.glob("task*.json")),
+        "jsonl": any(p.is_file() for p in path.rglob("*.jsonl")),
+        "parquet": any(p.is_file() for p in path.rglob("*.parquet")),
+    }
     kinds = [kind for kind, present in found.items() if present]
     names = {"sni": "SNI task*.json", "jsonl": ".jsonl", "parquet": ".parquet"}
     if len(kinds) > 1:
-        raise DataError(f"{path}: holds both {' and '.join(names[k] for k in kinds)} files; set data.format "
-                        f"to {' or '.join(repr(k) for k in kinds)}")
+        raise DataError(
+            f"{path}: holds both {' and '.join(names[k] for k in kinds)} files; set data.format "
+            f"to {' or '.join(repr(k) for k in kinds)}"
+        )
     if kinds:
         return kinds[0]
     raise DataError(f"{path}: holds neither SNI task*.json files nor .jsonl or .parquet files")

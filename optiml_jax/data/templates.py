@@ -26,12 +26,22 @@ a prompt is self-consistent. The packer joins src and tgt with a single space, s
 in whitespace here. Fields are stripped of surrounding whitespace (SNI inputs often end in " " or
 "\\n").
 """
+
 from __future__ import annotations
 
 import random
 from typing import Optional, Sequence
 
-ANSWER_DELIMITERS = ("\nAnswer:", " Answer:", "\nA:", " A:", "\nOutput:", " Output:", "\nanswer:", "\noutput:")
+ANSWER_DELIMITERS = (
+    "\nAnswer:",
+    " Answer:",
+    "\nA:",
+    " A:",
+    "\nOutput:",
+    " Output:",
+    "\nanswer:",
+    "\noutput:",
+)
 TEMPLATES = ("zero_shot", "few_shot")
 
 
@@ -48,8 +58,17 @@ def add_delimiter(prompt: str, delimiter: str) -> str:
     return prompt if prompt.endswith(":") else prompt + delimiter
 
 
-def format_sni(definition: str, input: str, output: str, exemplars: Sequence[tuple[str, str]] = (), *,
-               seed: int = 0, task: str = "", index: int = 0, delimiter: Optional[str] = None) -> tuple[str, str]:
+def format_sni(
+    definition: str,
+    input: str,
+    output: str,
+    exemplars: Sequence[tuple[str, str]] = (),
+    *,
+    seed: int = 0,
+    task: str = "",
+    index: int = 0,
+    delimiter: Optional[str] = None,
+) -> tuple[str, str]:
     """(src, tgt) for one SNI instance; `exemplars` are (input, output) pairs (empty = zero-shot).
     `delimiter` fixes the answer delimiter; by default it is sampled from (seed, task, index).
 

@@ -1,12 +1,36 @@
 """Evaluation as OPT-IML reports it: SNI metrics (metrics.py), evaluation data with every reference
 (tasks.py), prompt formats (prompts.py), bucketed data-parallel greedy generation (generation.py),
 log-likelihood scoring and rank classification (scoring.py), the end-to-end run with its output files
-(runner.py) and the lm-evaluation-harness model (optiml_jax/lm_eval.py). `python -m optiml_jax.evaluate` is the CLI."""
+(runner.py) and the lm-evaluation-harness model (optiml_jax/lm_eval.py). `python -m optiml_jax.evaluate`
+is the CLI."""
+
 from optiml_jax.eval.metrics import METRICS, InstanceScorer, aggregate, normalize_answer
 from optiml_jax.eval.prompts import PROMPT_TEMPLATES, build_prompt
-from optiml_jax.eval.runner import EvalResult, EvalSettings, evaluate, evaluate_generation, rescore, write_results
+from optiml_jax.eval.runner import (
+    EvalResult,
+    EvalSettings,
+    evaluate,
+    evaluate_generation,
+    rescore,
+    write_results,
+)
 from optiml_jax.eval.tasks import EvalDataError, EvalInstance, EvalTask, load_eval_tasks
 
-__all__ = ["METRICS", "InstanceScorer", "aggregate", "normalize_answer", "PROMPT_TEMPLATES", "build_prompt",
-           "EvalResult", "EvalSettings", "evaluate", "evaluate_generation", "rescore", "write_results", "EvalDataError",
-           "EvalInstance", "EvalTask", "load_eval_tasks"]
+__all__ = [
+    "METRICS",
+    "InstanceScorer",
+    "aggregate",
+    "normalize_answer",
+    "PROMPT_TEMPLATES",
+    "build_prompt",
+    "EvalResult",
+    "EvalSettings",
+    "evaluate",
+    "evaluate_generation",
+    "rescore",
+    "write_results",
+    "EvalDataError",
+    "EvalInstance",
+    "EvalTask",
+    "load_eval_tasks",
+]

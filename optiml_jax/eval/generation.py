@@ -15,6 +15,7 @@ one CPU, a GPU box and a multi-host launch.
 A prompt longer than the context allows (max_position_embeddings - max_new_tokens) keeps its last
 tokens: the end of an instruction prompt is the instance and the answer cue. Such prompts are counted.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,13 +23,20 @@ import math
 import time
 from typing import Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
-from optiml_jax.generate import (GenerationConfig, complete_texts, cut_at_stop, generate_padded, left_pad, round_up,
-                                 stop_token_mask)
+from optiml_jax.generate import (
+    GenerationConfig,
+    complete_texts,
+    cut_at_stop,
+    generate_padded,
+    left_pad,
+    round_up,
+    stop_token_mask,
+)
 from optiml_jax.sharding import DEFAULT_RULES, batch_sharding, on_mesh
 
 SMALLEST_BUCKET = 64
@@ -86,49 +94,89 @@ def to_host(array) -> np.ndarray:
     return np.asarray(array)
 
 
-def generate_completions(model, params, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                         batch_size: int, stop: Sequence[str] = (), mesh=None, rules=DEFAULT_RULES,
-                         progress: bool = False) -> tuple[list[str], list[bool], GenerationStats]:
+def generate_completions(
+    model,
+    params,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    stop: Sequence[str] = (),
+    mesh=None,
+    rules=DEFAULT_RULES,
+    progress: bool = False,
+) -> tuple[list[str], list[bool], GenerationStats]:
     """Greedy completions of token-id `prompts`, in their order: (texts, truncated flags, stats).
 
     A completion ends at EOS or after `max_new_tokens`; it is decoded with the prompt (so a character
     split across the boundary comes out whole), cut before the first of the `stop` strings, and stripped.
     """
     stop = [s for s in stop if s]
-    new_ids, kept, truncated, stats = generate_token_ids(model, params, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                                         batch_size=batch_size, stop=stop, mesh=mesh, rules=rules,
-                                                         progress=progress)
+    new_ids, kept, truncated, stats = generate_token_ids(
+        model,
+        params,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        stop=stop,
+        mesh=mesh,
+        rules=rules,
+        progress=progress,
+    )
     texts = [cut_at_stop(text, stop).strip() for text in complete_texts(tokenizer, kept, new_ids)]
     return texts, truncated, stats
 
 
-def generate_token_ids(model, params, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                       batch_size: int, stop: Sequence[str] = (), mesh=None, rules=DEFAULT_RULES,
-                       progress: bool = False, temperature: float = 0.0, seed: int = 0):
+def generate_token_ids(
+    model,
+    params,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    stop: Sequence[str] = (),
+    mesh=None,
+    rules=DEFAULT_RULES,
+    progress: bool = False,
+    temperature: float = 0.0,
+    seed: int = 0,
+):
     """(new token ids without EOS, the prompts as kept, truncated flags, stats) for token-id `prompts`,
     in their order; greedy unless `temperature` > 0. A row ends early at a token whose text holds a
     `stop` string (the ids keep it: cut the text afterwards)."""
     config = model.config
     room = config.max_position_embeddings - max_new_tokens
     if room < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-                         f"{config.max_position_embeddings} positions")
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+            f"{config.max_position_embeddings} positions"
+        )
     if batch_size < 1 or batch_size % data_parallel_size(mesh):
-        raise ValueError(f"the evaluation batch size {batch_size} is not a positive multiple of the mesh's "
-                         f"data-parallel devices (data x fsdp = {data_parallel_size(mesh)})")
+        raise ValueError(
+            f"the evaluation batch size {batch_size} is not a positive multiple of the mesh's "
+            f"data-parallel devices (data x fsdp = {data_parallel_size(mesh)})"
+        )
     cut = [list(p)[-room:] for p in prompts]
     if any(not p for p in cut):
         raise ValueError("an evaluation prompt encodes to no tokens")
     truncated = [len(p) > room for p in prompts]
     stats = GenerationStats(prompts=len(cut), truncated=sum(truncated))
-    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
-                                  pad_token_id=tokenizer.pad_id, temperature=temperature, seed=seed)
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+        temperature=temperature,
+        seed=seed,
+    )
     stop_mask = jnp.asarray(stop_token_mask(tokenizer, [s for s in stop if s], config.vocab_size))
     decoder = model.clone(remat_policy="none") if model.remat_policy != "none" else model
     params = nn.meta.unbox(params)
     buckets = prompt_buckets(room)
     order = sorted(range(len(cut)), key=lambda i: -len(cut[i]))
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     new_ids: list[Optional[list[int]]] = [None] * len(cut)
     shapes = set()
     bar = None
@@ -143,14 +191,20 @@ def generate_token_ids(model, params, tokenizer, prompts: Sequence[Sequence[int]
         shapes.add(length)
         ids, mask = left_pad(batch_prompts, tokenizer.pad_id, length)
         batch_config = dataclasses.replace(gen_config, seed=seed + index) if temperature else gen_config
-        return generate_padded(decoder, params, device_rows(ids, mesh, rules), device_rows(mask, mesh, rules), batch_config,
-                               stop_mask=stop_mask)
+        return generate_padded(
+            decoder,
+            params,
+            device_rows(ids, mesh, rules),
+            device_rows(mask, mesh, rules),
+            batch_config,
+            stop_mask=stop_mask,
+        )
 
     def collect(rows, outputs):
         tokens, _, lengths = outputs
         tokens, lengths = to_host(tokens), to_host(lengths)
         for r, i in enumerate(rows):
-            ids = tokens[r, :lengths[r]].tolist()
+            ids = tokens[r, : lengths[r]].tolist()
             stats.new_tokens += len(ids)
             # ids past the tokenizer (the embedding's padding rows) have no text
             new_ids[i] = [t for t in ids if t != tokenizer.eos_id and t < tokenizer.vocab_size]

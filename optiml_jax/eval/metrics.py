@@ -18,6 +18,7 @@ Rank classification (tasks with answer options) reports `acc` (the option of hig
 log-probability is a reference) and `acc_norm` (the same after dividing each option's log-probability
 by its length in characters), lm-evaluation-harness's conventions.
 """
+
 from __future__ import annotations
 
 import string
@@ -25,9 +26,16 @@ from typing import Iterable, Mapping, Sequence
 
 METRICS = ("exact_match", "rouge1", "rougeL")
 # Tk-Instruct's categories scored by exact match (names as `category_name` writes them); ROUGE-L elsewhere.
-EXACT_MATCH_CATEGORIES = frozenset({
-    "textual_entailment", "cause_effect_classification", "coreference_resolution", "dialogue_act_recognition",
-    "answerability_classification", "word_analogy"})
+EXACT_MATCH_CATEGORIES = frozenset(
+    {
+        "textual_entailment",
+        "cause_effect_classification",
+        "coreference_resolution",
+        "dialogue_act_recognition",
+        "answerability_classification",
+        "word_analogy",
+    }
+)
 UNCATEGORIZED = "uncategorized"
 DECIMALS = 4
 
@@ -65,9 +73,11 @@ class InstanceScorer:
         normalized = normalize_answer(prediction)
         exact = max(float(normalized == normalize_answer(reference)) for reference in references)
         rouge = [self._rouge.score(target=reference, prediction=prediction) for reference in references]
-        return {"exact_match": 100.0 * exact,
-                "rouge1": 100.0 * max(r["rouge1"].fmeasure for r in rouge),
-                "rougeL": 100.0 * max(r["rougeL"].fmeasure for r in rouge)}
+        return {
+            "exact_match": 100.0 * exact,
+            "rouge1": 100.0 * max(r["rouge1"].fmeasure for r in rouge),
+            "rougeL": 100.0 * max(r["rougeL"].fmeasure for r in rouge),
+        }
 
 
 RANK_METRICS = ("acc", "acc_norm")  # rank classification (scoring.py): the likeliest option is right
@@ -99,6 +109,12 @@ def aggregate(records: Iterable[Mapping]) -> dict:
     per_category = {}
     for name, group in by_category.items():
         ranked = all("acc" in r for r in group)
-        per_category[name] = {**mean_scores(group), "primary_metric": "acc" if ranked else primary_metric(name)}
-    return {"overall": mean_scores(records), "per_category": per_category,
-            "per_task": {name: mean_scores(group) for name, group in by_task.items()}}
+        per_category[name] = {
+            **mean_scores(group),
+            "primary_metric": "acc" if ranked else primary_metric(name),
+        }
+    return {
+        "overall": mean_scores(records),
+        "per_category": per_category,
+        "per_task": {name: mean_scores(group) for name, group in by_task.items()},
+    }

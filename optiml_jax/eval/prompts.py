@@ -24,6 +24,7 @@ trailing space in the prompt is a token the model never saw there), and a prompt
 context is cut from the left (generation.py) instead of from the right, which would cut away the
 instance. The definition is the task's whole `Definition` (SNI v2 definitions are one string).
 """
+
 from __future__ import annotations
 
 import string
@@ -42,14 +43,27 @@ def _with_period(text: str) -> str:
 def tk_instruct_prompt(definition: str, input: str, exemplars=()) -> str:
     parts = [_with_period(f"Definition: {definition.strip()}") + "\n\n"]
     for k, (ex_input, ex_output) in enumerate(exemplars, start=1):
-        parts.append(f" Positive Example {k} -\n" + _with_period(f"Input: {ex_input.strip()}") + "\n"
-                     + _with_period(f" Output: {ex_output.strip()}") + "\n\n")
-    parts.append("Now complete the following example -\n" + _with_period(f"Input: {input.strip()}") + "\nOutput:")
+        parts.append(
+            f" Positive Example {k} -\n"
+            + _with_period(f"Input: {ex_input.strip()}")
+            + "\n"
+            + _with_period(f" Output: {ex_output.strip()}")
+            + "\n\n"
+        )
+    parts.append(
+        "Now complete the following example -\n" + _with_period(f"Input: {input.strip()}") + "\nOutput:"
+    )
     return "".join(parts)
 
 
-def build_prompt(task: EvalTask, instance: EvalInstance, *, template: str = "optiml", shots: int = 0,
-                 delimiter: str = DEFAULT_DELIMITER) -> str:
+def build_prompt(
+    task: EvalTask,
+    instance: EvalInstance,
+    *,
+    template: str = "optiml",
+    shots: int = 0,
+    delimiter: str = DEFAULT_DELIMITER,
+) -> str:
     """The prompt of one instance. JSONL instances are their own prompt (`src`, trailing spaces removed
     as training does); SNI instances get `template` with the task's first `shots` positive examples."""
     if template not in PROMPT_TEMPLATES:

@@ -1,6 +1,8 @@
 """Generation evaluation end to end: tasks -> prompts -> greedy completions -> official scores -> files.
 
-    tasks = load_eval_tasks("natural-instructions/tasks", "natural-instructions/splits/default/test_tasks.txt")
+    tasks = load_eval_tasks(
+        "natural-instructions/tasks", "natural-instructions/splits/default/test_tasks.txt"
+    )
     result = evaluate(model, params, tokenizer, tasks, EvalSettings(shots=2))
     write_results("out/", result)        # predictions.jsonl, metrics.json, report.md
 
@@ -9,6 +11,7 @@ classification: every option scored by its log-likelihood (scoring.py). The fine
 `python -m optiml_jax.evaluate` both call these; `rescore` scores an existing
 predictions file with no model, so other systems' outputs are scored by the same code.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +37,7 @@ MODES = ("auto", "generate", "rank")
 class EvalSettings:
     """How prompts are built and answers generated (the paper's protocol by default: zero-shot, greedy,
     up to 256 new tokens, stopping at </s>)."""
+
     template: str = "optiml"  # prompts.PROMPT_TEMPLATES
     shots: int = 0  # the task's first k positive examples before the instance
     delimiter: str = DEFAULT_DELIMITER  # the answer cue of the optiml template
@@ -51,7 +55,11 @@ class EvalSettings:
             raise ValueError(f"template must be one of {', '.join(PROMPT_TEMPLATES)}, got {self.template!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if isinstance(self.max_options, bool) or not isinstance(self.max_options, int) or self.max_options < 2:
+        if (
+            isinstance(self.max_options, bool)
+            or not isinstance(self.max_options, int)
+            or self.max_options < 2
+        ):
             raise ValueError(f"max_options must be an integer >= 2, got {self.max_options!r}")
         for name in ("shots", "max_new_tokens", "batch_size"):
             value, low = getattr(self, name), 0 if name == "shots" else 1
@@ -75,22 +83,38 @@ def score_records(records: Iterable[dict], scorer: Optional[InstanceScorer] = No
     for record in records:
         record = {k: v for k, v in record.items() if k not in ALL_METRICS}
         if "option_logprobs" in record:
-            out.append({**record, **_rank_scores(record["options"], record["option_logprobs"], record["references"])})
+            out.append(
+                {**record, **_rank_scores(record["options"], record["option_logprobs"], record["references"])}
+            )
         else:
             out.append({**record, **scorer(record["prediction"], record["references"])})
     return out
 
 
 def _rank_scores(options, logprobs, references) -> dict:
-    """The likeliest option, with and without dividing by its length in characters, and whether each is right."""
+    """The likeliest option, with and without dividing by its length in characters, and whether each is
+    right."""
     best = options[int(np.argmax(logprobs))]
     best_norm = options[int(np.argmax([lp / len(option) for lp, option in zip(logprobs, options)]))]
-    return {"prediction": best, "prediction_norm": best_norm, "acc": 100.0 * (best in references),
-            "acc_norm": 100.0 * (best_norm in references)}
+    return {
+        "prediction": best,
+        "prediction_norm": best_norm,
+        "acc": 100.0 * (best in references),
+        "acc_norm": 100.0 * (best_norm in references),
+    }
 
 
-def evaluate(model, params, tokenizer, tasks: Sequence[EvalTask], settings: EvalSettings = EvalSettings(), *,
-             mesh=None, rules=None, progress: bool = False) -> EvalResult:
+def evaluate(
+    model,
+    params,
+    tokenizer,
+    tasks: Sequence[EvalTask],
+    settings: EvalSettings = EvalSettings(),
+    *,
+    mesh=None,
+    rules=None,
+    progress: bool = False,
+) -> EvalResult:
     """Every instance of `tasks`, generated and scored as the official SNI scorer does, or ranked by
     likelihood over its options (settings.mode); records in task order."""
     from optiml_jax.sharding import DEFAULT_RULES
@@ -99,19 +123,30 @@ def evaluate(model, params, tokenizer, tasks: Sequence[EvalTask], settings: Eval
     ranked, generated, skipped = _split_by_mode(tasks, settings)
     records, extra = {}, {"tasks": len(tasks) - len(skipped)}
     if skipped:
-        log.warning("mode=rank: %d task(s) have more than %d distinct outputs (or none listed) and are not "
-                    "evaluated: %s", len(skipped), settings.max_options, ", ".join(skipped[:5]))
+        log.warning(
+            "mode=rank: %d task(s) have more than %d distinct outputs (or none listed) and are not "
+            "evaluated: %s",
+            len(skipped),
+            settings.max_options,
+            ", ".join(skipped[:5]),
+        )
         extra["skipped_tasks"] = skipped
     if generated:
-        generation_records, stats = _generate_records(model, params, tokenizer, generated, settings, mesh, rules,
-                                                      progress)
+        generation_records, stats = _generate_records(
+            model, params, tokenizer, generated, settings, mesh, rules, progress
+        )
         records.update(generation_records)
         extra["generation"] = stats
     if ranked:
         rank_records, stats = _rank_records(model, params, tokenizer, ranked, settings, mesh, rules)
         records.update(rank_records)
         extra["ranking"] = stats
-    ordered = [records[(task.name, i)] for task in tasks for i in range(len(task.instances)) if (task.name, i) in records]
+    ordered = [
+        records[(task.name, i)]
+        for task in tasks
+        for i in range(len(task.instances))
+        if (task.name, i) in records
+    ]
     if not ordered:
         raise EvalDataError("nothing to evaluate: every task was skipped")
     metrics = aggregate(ordered)
@@ -119,8 +154,9 @@ def evaluate(model, params, tokenizer, tasks: Sequence[EvalTask], settings: Eval
     return EvalResult(records=ordered, metrics=metrics)
 
 
-def evaluate_generation(model, params, tokenizer, tasks: Sequence[EvalTask], settings: EvalSettings = EvalSettings(),
-                        **kwargs) -> EvalResult:
+def evaluate_generation(
+    model, params, tokenizer, tasks: Sequence[EvalTask], settings: EvalSettings = EvalSettings(), **kwargs
+) -> EvalResult:
     """`evaluate` with every task answered by generation."""
     return evaluate(model, params, tokenizer, tasks, dataclasses.replace(settings, mode="generate"), **kwargs)
 
@@ -142,8 +178,13 @@ def _split_by_mode(tasks, settings):
 
 
 def _record(task, index, instance, prompt) -> dict:
-    return {"task": task.name, "id": instance.id, "category": task.category, "prompt": prompt,
-            "references": list(instance.references)}
+    return {
+        "task": task.name,
+        "id": instance.id,
+        "category": task.category,
+        "prompt": prompt,
+        "references": list(instance.references),
+    }
 
 
 def _generate_records(model, params, tokenizer, tasks, settings, mesh, rules, progress):
@@ -152,8 +193,17 @@ def _generate_records(model, params, tokenizer, tasks, settings, mesh, rules, pr
     items = [(task, i, instance, prompt) for task, i, instance, prompt in _prompts(tasks, settings)]
     prompt_ids = tokenizer.encode_batch([item[3] for item in items], add_bos=settings.add_bos)
     texts, truncated, stats = generate_completions(
-        model, params, tokenizer, prompt_ids, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-        stop=settings.stop, mesh=mesh, rules=rules, progress=progress)
+        model,
+        params,
+        tokenizer,
+        prompt_ids,
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        stop=settings.stop,
+        mesh=mesh,
+        rules=rules,
+        progress=progress,
+    )
     scorer = InstanceScorer()
     records = {}
     for (task, i, instance, prompt), text, cut in zip(items, texts, truncated):
@@ -172,22 +222,40 @@ def _rank_records(model, params, tokenizer, ranked, settings, mesh, rules):
     options_of = {task.name: options for task, options in ranked}
     items = list(_prompts(tasks, settings))
     groups = []
-    for task, i, instance, prompt in items:
-        encoded = [encode_pair(tokenizer, prompt, " " + option, settings.add_bos) for option in options_of[task.name][i]]
+    for task, i, _instance, prompt in items:
+        encoded = [
+            encode_pair(tokenizer, prompt, " " + option, settings.add_bos)
+            for option in options_of[task.name][i]
+        ]
         groups.append((encoded[0][0], [ids for _, ids in encoded]))
-    scorer = Scorer(model, params, tokenizer, batch_size=settings.batch_size, add_bos=settings.add_bos, mesh=mesh,
-                    rules=rules)
+    scorer = Scorer(
+        model,
+        params,
+        tokenizer,
+        batch_size=settings.batch_size,
+        add_bos=settings.add_bos,
+        mesh=mesh,
+        rules=rules,
+    )
     start = time.perf_counter()
     scores = scorer.score_groups(groups)
     seconds = time.perf_counter() - start
     records = {}
     for (task, i, instance, prompt), option_scores in zip(items, scores):
         options, logprobs = list(options_of[task.name][i]), [s.logprob for s in option_scores]
-        records[(task.name, i)] = {**_record(task, i, instance, prompt), "options": options, "option_logprobs": logprobs,
-                                   "option_tokens": [s.tokens for s in option_scores],
-                                   **_rank_scores(options, logprobs, instance.references)}
-    stats = {"instances": len(items), "options": sum(len(g[1]) for g in groups), "seconds": round(seconds, 3),
-             "programs": len(scorer.shapes)}
+        records[(task.name, i)] = {
+            **_record(task, i, instance, prompt),
+            "options": options,
+            "option_logprobs": logprobs,
+            "option_tokens": [s.tokens for s in option_scores],
+            **_rank_scores(options, logprobs, instance.references),
+        }
+    stats = {
+        "instances": len(items),
+        "options": sum(len(g[1]) for g in groups),
+        "seconds": round(seconds, 3),
+        "programs": len(scorer.shapes),
+    }
     return records, stats
 
 
@@ -197,8 +265,18 @@ def _prompts(tasks, settings):
         raise EvalDataError("shots > 0 takes the tasks' positive examples, which only SNI task files have")
     for task in tasks:
         for i, instance in enumerate(task.instances):
-            yield task, i, instance, build_prompt(task, instance, template=settings.template, shots=settings.shots,
-                                                  delimiter=settings.delimiter)
+            yield (
+                task,
+                i,
+                instance,
+                build_prompt(
+                    task,
+                    instance,
+                    template=settings.template,
+                    shots=settings.shots,
+                    delimiter=settings.delimiter,
+                ),
+            )
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
@@ -236,7 +314,13 @@ def _value(m: dict, metric: str) -> str:
 def report_markdown(metrics: dict, title: str = "Evaluation") -> str:
     """A per-category and per-task table a person reads (values in percent)."""
     shown = [m for m in ALL_METRICS if m in metrics["overall"]]
-    names = {"exact_match": "exact match", "rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "acc": "acc", "acc_norm": "acc_norm"}
+    names = {
+        "exact_match": "exact match",
+        "rouge1": "ROUGE-1",
+        "rougeL": "ROUGE-L",
+        "acc": "acc",
+        "acc_norm": "acc_norm",
+    }
     header = " | ".join(names[m] for m in shown)
 
     def row(name, m, extra=""):
@@ -244,9 +328,16 @@ def report_markdown(metrics: dict, title: str = "Evaluation") -> str:
 
     overall = metrics["overall"]
     summary = ", ".join(f"{names[m]} {overall[m]:.2f}" for m in shown)
-    lines = [f"# {title}", "", f"{overall['instances']} instances: {summary} (percent, micro-averaged).", "",
-             "## Per category", "", f"| category | primary metric | instances | {header} |",
-             "|---|---|---:|" + "---:|" * len(shown)]
+    lines = [
+        f"# {title}",
+        "",
+        f"{overall['instances']} instances: {summary} (percent, micro-averaged).",
+        "",
+        "## Per category",
+        "",
+        f"| category | primary metric | instances | {header} |",
+        "|---|---|---:|" + "---:|" * len(shown),
+    ]
     lines += [row(name, m, f" {m['primary_metric']} |") for name, m in metrics["per_category"].items()]
     lines += ["", "## Per task", "", f"| task | instances | {header} |", "|---|---:|" + "---:|" * len(shown)]
     lines += [row(name, m) for name, m in metrics["per_task"].items()]
@@ -256,8 +347,9 @@ def report_markdown(metrics: dict, title: str = "Evaluation") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(directory: str | os.PathLike, result: EvalResult, *, overwrite: bool = False,
-                  title: str = "Evaluation") -> Path:
+def write_results(
+    directory: str | os.PathLike, result: EvalResult, *, overwrite: bool = False, title: str = "Evaluation"
+) -> Path:
     """predictions.jsonl, metrics.json and report.md, written into a temporary directory and renamed
     into place (from one process: other processes must not call this)."""
     from optiml_jax.fileio import atomic_output_dir
@@ -266,8 +358,9 @@ def write_results(directory: str | os.PathLike, result: EvalResult, *, overwrite
         with open(tmp / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
             for record in result.records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        (tmp / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
+        (tmp / METRICS_FILE).write_text(
+            json.dumps(result.metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         (tmp / REPORT_FILE).write_text(report_markdown(result.metrics, title), encoding="utf-8")
     return Path(directory)
 
@@ -275,9 +368,16 @@ def write_results(directory: str | os.PathLike, result: EvalResult, *, overwrite
 # ---------------------------------------------------------------------- inside fine-tuning
 def settings_from_config(tasks_cfg, batch_size: int) -> EvalSettings:
     """EvalSettings of a run config's `eval.tasks` section (batch_size when the section leaves it unset)."""
-    return EvalSettings(template=tasks_cfg.template, shots=tasks_cfg.shots, delimiter=tasks_cfg.delimiter,
-                        max_new_tokens=tasks_cfg.max_new_tokens, batch_size=tasks_cfg.batch_size or batch_size,
-                        stop=tuple(tasks_cfg.stop), mode=tasks_cfg.mode, max_options=tasks_cfg.max_options)
+    return EvalSettings(
+        template=tasks_cfg.template,
+        shots=tasks_cfg.shots,
+        delimiter=tasks_cfg.delimiter,
+        max_new_tokens=tasks_cfg.max_new_tokens,
+        batch_size=tasks_cfg.batch_size or batch_size,
+        stop=tuple(tasks_cfg.stop),
+        mode=tasks_cfg.mode,
+        max_options=tasks_cfg.max_options,
+    )
 
 
 def tasks_from_config(tasks_cfg, held_out=None, resolve=lambda path: path) -> list[EvalTask]:
@@ -287,7 +387,9 @@ def tasks_from_config(tasks_cfg, held_out=None, resolve=lambda path: path) -> li
 
     if tasks_cfg.data == "holdout":
         if held_out is None:
-            raise EvalDataError("eval.tasks.data=holdout but the run holds no instances out (data.eval_holdout)")
+            raise EvalDataError(
+                "eval.tasks.data=holdout but the run holds no instances out (data.eval_holdout)"
+            )
         return holdout_eval_tasks(held_out, tasks_cfg.max_instances)
     split = resolve(tasks_cfg.split) if tasks_cfg.split else None
     return load_eval_tasks(resolve(tasks_cfg.data), split, tasks_cfg.max_instances, tasks_cfg.format)
@@ -298,8 +400,13 @@ def metric_scalars(metrics: dict, prefix: str = "eval_tasks") -> dict[str, float
     acc and acc_norm for ranked tasks."""
     out = {f"{prefix}/{m}": v for m, v in metrics["overall"].items() if m in ALL_METRICS}
     for task, values in metrics["per_task"].items():
-        out.update({f"{prefix}/{task}/{m}": values[m] for m in ("exact_match", "rougeL", "acc", "acc_norm")
-                    if m in values})
+        out.update(
+            {
+                f"{prefix}/{task}/{m}": values[m]
+                for m in ("exact_match", "rougeL", "acc", "acc_norm")
+                if m in values
+            }
+        )
     generation = metrics.get("settings", {}).get("generation", {})
     if generation:
         out[f"{prefix}/seconds"] = generation["seconds"]
@@ -334,6 +441,8 @@ def progress_table(by_step: dict[int, dict]) -> str:
         row = f"{name[:50]:<50}"
         for s in steps:
             m = by_step[s]["overall"] if name == "overall" else by_step[s]["per_task"].get(name)
-            row += " " + ("  ".join(f"{label} {m[key]:>6.2f}" for label, key in headline(m)) if m else "-").rjust(21)
+            row += " " + (
+                "  ".join(f"{label} {m[key]:>6.2f}" for label, key in headline(m)) if m else "-"
+            ).rjust(21)
         lines.append(row)
     return "\n".join(lines)

@@ -21,18 +21,19 @@ bucket and a scored-positions bucket (a bounded number of compiles), and the LM 
 the scored positions. HF instead runs context + option through the model once per option and
 projects every position onto the vocabulary.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 from typing import Optional, Sequence, Union
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
-from optiml_jax.eval.generation import to_host, data_parallel_size, device_rows, prompt_buckets
+from optiml_jax.eval.generation import data_parallel_size, device_rows, prompt_buckets, to_host
 from optiml_jax.model import branch_segment_ids, lm_head_logits
 from optiml_jax.sharding import DEFAULT_RULES
 
@@ -48,7 +49,9 @@ class Score:
     is_greedy: bool  # greedy decoding would have produced exactly these tokens
 
 
-def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = True) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer, context: str, continuation: str, add_bos: bool = True
+) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm_eval's TemplateLM splits a text pair."""
     if not context:
         ids = tokenizer.encode(continuation, add_bos=False)
@@ -59,12 +62,13 @@ def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = True
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer.encode(context + continuation, add_bos=add_bos)
     context_ids = tokenizer.encode(context, add_bos=add_bos)
-    return context_ids, whole[len(context_ids):]
+    return context_ids, whole[len(context_ids) :]
 
 
 @dataclasses.dataclass
 class _Unit:
     """One context and the options scored after it: (request, option, option ids)."""
+
     context: tuple[int, ...]
     options: list[tuple[int, int, tuple[int, ...]]]
 
@@ -81,11 +85,24 @@ class Scorer:
     """Compiled log-likelihood scoring with one model (see the module doc). `batch_size` rows of
     `row_length` tokens per forward pass, split over the mesh's data-parallel devices."""
 
-    def __init__(self, model, params, tokenizer=None, *, batch_size: int = 8, row_length: int = DEFAULT_ROW_LENGTH,
-                 max_length: Optional[int] = None, add_bos: bool = True, mesh=None, rules=DEFAULT_RULES):
+    def __init__(
+        self,
+        model,
+        params,
+        tokenizer=None,
+        *,
+        batch_size: int = 8,
+        row_length: int = DEFAULT_ROW_LENGTH,
+        max_length: Optional[int] = None,
+        add_bos: bool = True,
+        mesh=None,
+        rules=DEFAULT_RULES,
+    ):
         if batch_size < 1 or batch_size % data_parallel_size(mesh):
-            raise ValueError(f"batch_size {batch_size} is not a positive multiple of the mesh's data-parallel "
-                             f"devices (data x fsdp = {data_parallel_size(mesh)})")
+            raise ValueError(
+                f"batch_size {batch_size} is not a positive multiple of the mesh's data-parallel "
+                f"devices (data x fsdp = {data_parallel_size(mesh)})"
+            )
         self.model = model.clone(remat_policy="none") if model.remat_policy != "none" else model
         self.params = nn.meta.unbox(params)
         self.tokenizer, self.batch_size, self.add_bos = tokenizer, batch_size, add_bos
@@ -101,7 +118,9 @@ class Scorer:
         groups = [(context, [continuation]) for context, continuation in encoded]
         return [scores[0] for scores in self.score_groups(groups)]
 
-    def score_options(self, context: Union[str, TokenIds], options: Sequence[Union[str, TokenIds]]) -> list[Score]:
+    def score_options(
+        self, context: Union[str, TokenIds], options: Sequence[Union[str, TokenIds]]
+    ) -> list[Score]:
         """One Score per option continuing the same context (computed once)."""
         encoded = [self._encode(context, option) for option in options]
         return self.score_groups([(encoded[0][0], [ids for _, ids in encoded])])[0] if encoded else []
@@ -114,7 +133,7 @@ class Scorer:
         pending = None
         with self._mesh_context():
             for start in range(0, len(rows), self.batch_size):
-                batch_rows = rows[start:start + self.batch_size]
+                batch_rows = rows[start : start + self.batch_size]
                 outputs = self._dispatch(batch_rows)
                 if pending is not None:
                     self._collect(*pending, results)
@@ -127,7 +146,9 @@ class Scorer:
     def _encode(self, context, continuation) -> tuple[list[int], list[int]]:
         if isinstance(context, str) or isinstance(continuation, str):
             if not (isinstance(context, str) and isinstance(continuation, str)) or self.tokenizer is None:
-                raise TypeError("give context and continuation both as text (with a tokenizer) or both as token ids")
+                raise TypeError(
+                    "give context and continuation both as text (with a tokenizer) or both as token ids"
+                )
             return encode_pair(self.tokenizer, context, continuation, self.add_bos)
         return [int(t) for t in context], [int(t) for t in continuation]
 
@@ -141,12 +162,14 @@ class Scorer:
                 if not option:
                     raise ValueError(f"request {g}: the continuation has no tokens")
                 if len(option) > limit:
-                    raise ValueError(f"request {g}: a continuation of {len(option)} tokens exceeds the model's "
-                                     f"{limit} positions")
+                    raise ValueError(
+                        f"request {g}: a continuation of {len(option)} tokens exceeds the model's "
+                        f"{limit} positions"
+                    )
                 if any(not 0 <= t < vocab for t in (*context, *option)):
                     raise ValueError(f"request {g}: a token id outside [0, {vocab})")
                 # lm_eval: the input is (context + option)[-(limit + 1):][:-1]
-                kept = tuple(context)[max(0, len(context) + len(option) - limit - 1):]
+                kept = tuple(context)[max(0, len(context) + len(option) - limit - 1) :]
                 if not kept:
                     raise ValueError(f"request {g}: an empty context (give at least one token, e.g. BOS)")
                 by_context.setdefault(kept, _Unit(kept, [])).options.append((g, o, option))
@@ -170,7 +193,9 @@ class Scorer:
     def _dispatch(self, rows):
         length, scored = self._buckets(rows)
         self.shapes.add((length, scored))
-        arrays = _row_arrays(rows, self.batch_size, length, scored, self.tokenizer.pad_id if self.tokenizer else 1)
+        arrays = _row_arrays(
+            rows, self.batch_size, length, scored, self.tokenizer.pad_id if self.tokenizer else 1
+        )
         arrays = {k: device_rows(v, self.mesh, self.rules) for k, v in arrays.items()}
         return _score_compiled(self.model, self.params, **arrays)
 
@@ -181,8 +206,11 @@ class Scorer:
             for unit in row:
                 for g, o, ids in unit.options:
                     n = len(ids)
-                    results[g][o] = Score(float(logprobs[r, k:k + n].sum(dtype=np.float64)), n,
-                                          bool(greedy[r, k:k + n].all()))
+                    results[g][o] = Score(
+                        float(logprobs[r, k : k + n].sum(dtype=np.float64)),
+                        n,
+                        bool(greedy[r, k : k + n].all()),
+                    )
                     k += n
 
     def _mesh_context(self):
@@ -224,27 +252,40 @@ def _row_arrays(rows, batch_size: int, length: int, scored: int, pad_id: int) ->
         slot, k = 0, 0
         for u, unit in enumerate(row, start=1):
             n = len(unit.context)
-            ids[r, slot:slot + n], positions[r, slot:slot + n] = unit.context, np.arange(n)
-            segments[r, slot:slot + n] = u
+            ids[r, slot : slot + n], positions[r, slot : slot + n] = unit.context, np.arange(n)
+            segments[r, slot : slot + n] = u
             last_context_slot = slot + n - 1
             slot += n
             for b, (_, _, option) in enumerate(unit.options, start=1):
                 m = len(option) - 1  # inputs: all but the last token
-                ids[r, slot:slot + m], positions[r, slot:slot + m] = option[:-1], n + np.arange(m)
-                segments[r, slot:slot + m] = branch_segment_ids(u, b)
-                score_at[r, k], score_at[r, k + 1:k + 1 + m] = last_context_slot, slot + np.arange(m)
-                targets[r, k:k + m + 1] = option
+                ids[r, slot : slot + m], positions[r, slot : slot + m] = option[:-1], n + np.arange(m)
+                segments[r, slot : slot + m] = branch_segment_ids(u, b)
+                score_at[r, k], score_at[r, k + 1 : k + 1 + m] = last_context_slot, slot + np.arange(m)
+                targets[r, k : k + m + 1] = option
                 slot, k = slot + m, k + m + 1
         valid[r, :slot] = 1
-    return {"input_ids": ids, "positions": positions, "segment_ids": segments, "valid": valid,
-            "score_at": score_at, "targets": targets}
+    return {
+        "input_ids": ids,
+        "positions": positions,
+        "segment_ids": segments,
+        "valid": valid,
+        "score_at": score_at,
+        "targets": targets,
+    }
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _score_compiled(model, params, input_ids, positions, segment_ids, valid, score_at, targets):
     """(log p(target), target == argmax) at each scored position [batch, scored]."""
-    hidden = model.apply({"params": params}, input_ids, attention_mask=valid, position_ids=positions,
-                         segment_ids=segment_ids, return_hidden=True, segment_branches=True)
+    hidden = model.apply(
+        {"params": params},
+        input_ids,
+        attention_mask=valid,
+        position_ids=positions,
+        segment_ids=segment_ids,
+        return_hidden=True,
+        segment_branches=True,
+    )
     picked = jnp.take_along_axis(hidden, score_at[..., None], axis=1)  # [batch, scored, embed]
     batch, scored, embed = picked.shape
     logits = lm_head_logits(model, params, picked.reshape(batch * scored, embed)).astype(jnp.float32)

@@ -14,6 +14,7 @@ an `EvalDataError` naming its file and key (`task.json#id: 'output' ...`, `file.
   `tgt` (a string or a list). The task is the record's `task`, else the file's stem; the category its
   `category`, else "uncategorized". The id of a record is its line number.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,8 +62,12 @@ class EvalTask:
         return self.definition is not None
 
 
-def load_eval_tasks(path: str | Path, split_file: Optional[str | Path] = None,
-                    max_instances: int = DEFAULT_MAX_INSTANCES, format: str = "auto") -> list[EvalTask]:
+def load_eval_tasks(
+    path: str | Path,
+    split_file: Optional[str | Path] = None,
+    max_instances: int = DEFAULT_MAX_INSTANCES,
+    format: str = "auto",
+) -> list[EvalTask]:
     """The tasks at `path` (see the module doc), each with its first `max_instances` instances
     (0 = all). Tasks of the same name (JSONL records naming their task) are merged in file order."""
     if isinstance(max_instances, bool) or not isinstance(max_instances, int) or max_instances < 0:
@@ -73,8 +78,13 @@ def load_eval_tasks(path: str | Path, split_file: Optional[str | Path] = None,
         if split_file is not None:
             missing = sorted(set(read_split_file(split_file)) - {f.stem for f in files})
             if missing:  # e.g. a partial download: the scores are then not comparable with published ones
-                log.warning("%s lists %d task(s) with no file in %s, evaluated without them (first: %s)",
-                            split_file, len(missing), path, ", ".join(missing[:3]))
+                log.warning(
+                    "%s lists %d task(s) with no file in %s, evaluated without them (first: %s)",
+                    split_file,
+                    len(missing),
+                    path,
+                    ", ".join(missing[:3]),
+                )
         return [read_sni_task(file, max_instances) for file in files]
     if fmt == "parquet":
         raise EvalDataError(f"{path}: evaluation reads SNI task files or JSONL, not Parquet")
@@ -87,7 +97,9 @@ def load_eval_tasks(path: str | Path, split_file: Optional[str | Path] = None,
         for task in read_jsonl_tasks(file, max_instances):
             if task.name in tasks:
                 old = tasks[task.name]
-                task = dataclasses.replace(old, instances=(old.instances + task.instances)[:max_instances or None])
+                task = dataclasses.replace(
+                    old, instances=(old.instances + task.instances)[: max_instances or None]
+                )
             tasks[task.name] = task
     return list(tasks.values())
 
@@ -106,7 +118,9 @@ def _load_json(path: Path):
 def _references(value, where: str, key: str) -> tuple[str, ...]:
     refs = [value] if isinstance(value, str) else value
     if not isinstance(refs, list) or not refs:
-        raise EvalDataError(f"{where}: {key!r} must be a non-empty list of reference strings, got {value!r:.80}")
+        raise EvalDataError(
+            f"{where}: {key!r} must be a non-empty list of reference strings, got {value!r:.80}"
+        )
     bad = [r for r in refs if not isinstance(r, str)]
     if bad:
         raise EvalDataError(f"{where}: {key!r} holds a non-string reference {bad[0]!r:.80}")
@@ -116,7 +130,11 @@ def _references(value, where: str, key: str) -> tuple[str, ...]:
 def _definition(data: dict, where: str) -> str:
     value = data.get("Definition")
     parts = [value] if isinstance(value, str) else value
-    if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts) or not "".join(parts).strip():
+    if (
+        not isinstance(parts, list)
+        or not all(isinstance(p, str) for p in parts)
+        or not "".join(parts).strip()
+    ):
         raise EvalDataError(f"{where}#Definition: must be a non-empty string or list of strings")
     return "\n".join(p.strip() for p in parts if p.strip())
 
@@ -134,8 +152,11 @@ def _positive_examples(data: dict, where: str) -> tuple[tuple[str, str], ...]:
         raise EvalDataError(f"{where}#Positive Examples: must be a list")
     out = []
     for i, example in enumerate(examples):
-        if not (isinstance(example, dict) and isinstance(example.get("input"), str)
-                and isinstance(example.get("output"), str)):
+        if not (
+            isinstance(example, dict)
+            and isinstance(example.get("input"), str)
+            and isinstance(example.get("output"), str)
+        ):
             raise EvalDataError(f"{where}#Positive Examples[{i}]: needs string 'input' and 'output'")
         out.append((example["input"], example["output"]))
     return tuple(out)
@@ -151,8 +172,10 @@ def read_sni_task(path: str | Path, max_instances: int = DEFAULT_MAX_INSTANCES) 
 def _warn_empty_references(instances) -> None:
     for instance in instances:
         if not any(r.strip() for r in instance.references):
-            log.warning("%s: its only reference is empty; scored against it as the official SNI scorer does",
-                        instance.source)
+            log.warning(
+                "%s: its only reference is empty; scored against it as the official SNI scorer does",
+                instance.source,
+            )
 
 
 def _read_sni_task(path: Path, max_instances: int) -> EvalTask:
@@ -161,7 +184,7 @@ def _read_sni_task(path: Path, max_instances: int) -> EvalTask:
         raise EvalDataError(f"{path}#Instances: expected a task object with an 'Instances' list")
     where = str(path)
     instances = []
-    for i, inst in enumerate(data["Instances"][:max_instances or None]):
+    for i, inst in enumerate(data["Instances"][: max_instances or None]):
         ident = inst.get("id") if isinstance(inst, dict) else None
         ident = ident if isinstance(ident, str) and ident else f"Instances[{i}]"
         at = f"{where}#{ident}"
@@ -173,9 +196,15 @@ def _read_sni_task(path: Path, max_instances: int) -> EvalTask:
         instances.append(EvalInstance(ident, inst["input"], references, at))
     if not instances:
         raise EvalDataError(f"{path}#Instances: no instances")
-    return EvalTask(name=path.stem, category=_category(data), path=where, instances=tuple(instances),
-                    definition=_definition(data, where), positive_examples=_positive_examples(data, where),
-                    labels=_label_set(data["Instances"]))
+    return EvalTask(
+        name=path.stem,
+        category=_category(data),
+        path=where,
+        instances=tuple(instances),
+        definition=_definition(data, where),
+        positive_examples=_positive_examples(data, where),
+        labels=_label_set(data["Instances"]),
+    )
 
 
 def _label_set(instances: list) -> Optional[tuple[str, ...]]:
@@ -192,8 +221,12 @@ def _label_set(instances: list) -> Optional[tuple[str, ...]]:
 
 def _options(record: dict, at: str) -> tuple[str, ...]:
     options = record.get("options", [])
-    if not isinstance(options, list) or not all(isinstance(o, str) and o for o in options) \
-            or len(set(options)) != len(options) or len(options) == 1:
+    if (
+        not isinstance(options, list)
+        or not all(isinstance(o, str) and o for o in options)
+        or len(set(options)) != len(options)
+        or len(options) == 1
+    ):
         raise EvalDataError(f"{at}: 'options' must be a list of at least two distinct non-empty strings")
     return tuple(options)
 
@@ -231,7 +264,9 @@ def read_jsonl_tasks(path: str | Path, max_instances: int = DEFAULT_MAX_INSTANCE
         if "label" in record and options:
             label = record["label"]
             if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(options):
-                raise EvalDataError(f"{at}: 'label' must be an index into the {len(options)} options, got {label!r:.40}")
+                raise EvalDataError(
+                    f"{at}: 'label' must be an index into the {len(options)} options, got {label!r:.40}"
+                )
             key, references = "label", (options[label],)
         else:
             key = "references" if "references" in record else "tgt"
@@ -249,8 +284,10 @@ def read_jsonl_tasks(path: str | Path, max_instances: int = DEFAULT_MAX_INSTANCE
             instances.append(EvalInstance(number, record["src"], references, at, options))
     if not tasks:
         raise EvalDataError(f"{path}: no records")
-    return [EvalTask(name=name, category=category, path=str(path), instances=tuple(instances))
-            for name, (category, instances) in tasks.items()]
+    return [
+        EvalTask(name=name, category=category, path=str(path), instances=tuple(instances))
+        for name, (category, instances) in tasks.items()
+    ]
 
 
 def _record_id(source: str) -> int | str:
@@ -259,27 +296,42 @@ def _record_id(source: str) -> int | str:
     return int(tail) if tail.isdigit() else tail
 
 
-def holdout_eval_tasks(held_out: Mapping[str, Sequence], max_instances: int = DEFAULT_MAX_INSTANCES) -> list[EvalTask]:
+def holdout_eval_tasks(
+    held_out: Mapping[str, Sequence], max_instances: int = DEFAULT_MAX_INSTANCES
+) -> list[EvalTask]:
     """Evaluation tasks of the instances a fine-tuning run holds out (data.eval_holdout): `held_out` is
     the eval loader's task name -> examples. SNI examples get every reference of their instance from
     the task file (training kept one); a JSONL example's reference is its `tgt`."""
     tasks = []
     for name, examples in held_out.items():
-        examples = list(examples)[:max_instances or None]
+        examples = list(examples)[: max_instances or None]
         if not examples:
             continue
         path = examples[0].source.rsplit(":", 1)[0]
-        if getattr(examples[0], "in_task_file", False):  # SNI: the instances, by id, of the task file they came from
+        if getattr(
+            examples[0], "in_task_file", False
+        ):  # SNI: the instances, by id, of the task file they came from
             path = examples[0].source.rsplit("#", 1)[0]
             full = _read_sni_task(Path(path), max_instances=0)
             by_id = {instance.id: instance for instance in full.instances}
             instances = tuple(by_id[e.source.rsplit("#", 1)[1]] for e in examples)
             _warn_empty_references(instances)
             tasks.append(dataclasses.replace(full, name=name, instances=instances))
-        elif hasattr(examples[0], "definition"):  # JSONL/Parquet rows with a definition (data.fields.definition)
-            instances = tuple(EvalInstance(_record_id(e.source), e.input, (e.tgt,), e.source) for e in examples)
-            tasks.append(EvalTask(name=name, category=UNCATEGORIZED, path=path, instances=instances,
-                                  definition=examples[0].definition))
+        elif hasattr(
+            examples[0], "definition"
+        ):  # JSONL/Parquet rows with a definition (data.fields.definition)
+            instances = tuple(
+                EvalInstance(_record_id(e.source), e.input, (e.tgt,), e.source) for e in examples
+            )
+            tasks.append(
+                EvalTask(
+                    name=name,
+                    category=UNCATEGORIZED,
+                    path=path,
+                    instances=instances,
+                    definition=examples[0].definition,
+                )
+            )
         else:
             instances = tuple(EvalInstance(_record_id(e.source), e.src, (e.tgt,), e.source) for e in examples)
             tasks.append(EvalTask(name=name, category=UNCATEGORIZED, path=path, instances=instances))

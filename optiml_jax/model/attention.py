@@ -8,6 +8,7 @@ platform by "auto"; and the attention over a KV cache of decoding. The model (op
 The choice is static (made while tracing) and logged once per process with its reason. On CPU the
 Pallas kernels run in interpret mode, so the tests check every path against `blockwise` here.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,8 +45,9 @@ def _same_example(query_ids, key_ids):
     return (query_ids == key_ids) | (key_is_trunk & ((query_ids & low) == (key_ids & low)))
 
 
-def attention_mask_for(query_len: int, key_valid: jax.Array, query_offset,
-                       segment_ids: Optional[jax.Array] = None) -> jax.Array:
+def attention_mask_for(
+    query_len: int, key_valid: jax.Array, query_offset, segment_ids: Optional[jax.Array] = None
+) -> jax.Array:
     """Boolean [batch, 1, query, key] mask of decoding: causal by slot, padded keys hidden, no
     cross-example attention.
 
@@ -74,7 +76,7 @@ def segments_from(key_valid: Optional[jax.Array], segment_ids: Optional[jax.Arra
     """`attention`'s segment ids from the model's inputs: packed ids as given, a padded key (mask 0)
     as segment 0, and an unpacked row as one segment."""
     if segment_ids is None:
-        return (jnp.ones(shape, jnp.int32) if key_valid is None else key_valid.astype(jnp.int32))
+        return jnp.ones(shape, jnp.int32) if key_valid is None else key_valid.astype(jnp.int32)
     segment_ids = segment_ids.astype(jnp.int32)
     return segment_ids if key_valid is None else jnp.where(key_valid.astype(bool), segment_ids, 0)
 
@@ -97,9 +99,19 @@ class AttentionError(ValueError):
     """An attention implementation cannot run here (platform, dtype, head dim, dropout)."""
 
 
-def attention(query, key, value, *, segment_ids, causal: bool = True, dropout_rate: float = 0.0,
-              dropout_rng=None, implementation: str = "auto", segment_branches: bool = False,
-              dtype: Optional[Dtype] = None):
+def attention(
+    query,
+    key,
+    value,
+    *,
+    segment_ids,
+    causal: bool = True,
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
+    implementation: str = "auto",
+    segment_branches: bool = False,
+    dtype: Optional[Dtype] = None,
+):
     """softmax(q k^T) v over whole rows (training, scoring, plain forward passes); q already scaled.
 
     query/key/value [batch, length, heads, head_dim]; segment_ids [batch, length] int: a token sees
@@ -110,19 +122,37 @@ def attention(query, key, value, *, segment_ids, causal: bool = True, dropout_ra
     """
     dtype = jnp.dtype(dtype or query.dtype)
     rate = float(dropout_rate) if dropout_rng is not None and dropout_rate > 0.0 else 0.0
-    name, reason = choose_implementation(implementation, platform=jax.default_backend(), dtype=dtype,
-                                         head_dim=query.shape[-1], length=query.shape[1],
-                                         dropout=rate > 0.0, segment_branches=segment_branches)
+    name, reason = choose_implementation(
+        implementation,
+        platform=jax.default_backend(),
+        dtype=dtype,
+        head_dim=query.shape[-1],
+        length=query.shape[1],
+        dropout=rate > 0.0,
+        segment_branches=segment_branches,
+    )
     _log_choice(implementation, name, reason)
     if name == "blockwise":
-        return blockwise_attention(query, key, value, segment_mask(segment_ids, causal), dropout_rate=rate,
-                                   dropout_rng=dropout_rng, deterministic=not rate, dtype=dtype,
-                                   causal=causal)
+        return blockwise_attention(
+            query,
+            key,
+            value,
+            segment_mask(segment_ids, causal),
+            dropout_rate=rate,
+            dropout_rng=dropout_rng,
+            deterministic=not rate,
+            dtype=dtype,
+            causal=causal,
+        )
     query, key, value = (x.astype(dtype) for x in (query, key, value))
     interpret = jax.default_backend() == "cpu"
     if name in ("xla", "cudnn"):
-        kernel = functools.partial(fused_dot_product_attention, backend=name, causal=causal,
-                                   pad_to=KERNEL_BLOCK if name == "cudnn" else 1)
+        kernel = functools.partial(
+            fused_dot_product_attention,
+            backend=name,
+            causal=causal,
+            pad_to=KERNEL_BLOCK if name == "cudnn" else 1,
+        )
     elif name == "splash":
         kernel = functools.partial(splash_attention, causal=causal, interpret=interpret)
     else:
@@ -130,8 +160,16 @@ def attention(query, key, value, *, segment_ids, causal: bool = True, dropout_ra
     return _shard_over_batch_and_heads(kernel, query, key, value, segment_ids)
 
 
-def choose_implementation(implementation: str, *, platform: str, dtype, head_dim: int, length: int,
-                          dropout: bool, segment_branches: bool = False) -> tuple[str, str]:
+def choose_implementation(
+    implementation: str,
+    *,
+    platform: str,
+    dtype,
+    head_dim: int,
+    length: int,
+    dropout: bool,
+    segment_branches: bool = False,
+) -> tuple[str, str]:
     """(the implementation to run, why) for a request; an explicit name that cannot run here is an
     AttentionError, except that a request the kernels cannot express (dropout, segment branches)
     falls back to `blockwise`, logged."""
@@ -141,36 +179,57 @@ def choose_implementation(implementation: str, *, platform: str, dtype, head_dim
     if implementation == "auto":
         if dropout:
             return "blockwise", "attention dropout > 0 (only blockwise has dropout)"
-        if platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128:
-            return (("xla", "segment branches need a dense mask; cuDNN's bias path is not used for them")
-                    if segment_branches else ("cudnn", f"GPU, {dtype.name}, head dim {head_dim}"))
+        if (
+            platform == "gpu"
+            and dtype in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0
+            and head_dim <= 128
+        ):
+            return (
+                ("xla", "segment branches need a dense mask; cuDNN's bias path is not used for them")
+                if segment_branches
+                else ("cudnn", f"GPU, {dtype.name}, head dim {head_dim}")
+            )
         if platform == "tpu" and length % KERNEL_BLOCK == 0 and not segment_branches:
             return "splash", f"TPU, length {length} a multiple of {KERNEL_BLOCK}"
         why = {"cpu": "CPU"}.get(platform) or (
             f"{platform}: no fused kernel for {dtype.name}, head dim {head_dim}, length {length}"
-            + (", segment branches" if segment_branches else ""))
+            + (", segment branches" if segment_branches else "")
+        )
         return "blockwise", why
     if dropout and implementation != "blockwise":
-        raise AttentionError(f"attention={implementation!r} has no attention dropout; set the model's "
-                             f"attention_dropout to 0 or use attention='blockwise' (or 'auto')")
+        raise AttentionError(
+            f"attention={implementation!r} has no attention dropout; set the model's "
+            f"attention_dropout to 0 or use attention='blockwise' (or 'auto')"
+        )
     if segment_branches and implementation not in _MASK_PATHS:
         return "blockwise", f"{implementation} compares segment ids only; segment branches need a mask"
     if implementation == "cudnn":
         if platform != "gpu":
-            raise AttentionError(f"attention='cudnn' needs an NVIDIA GPU; this process runs on {platform} "
-                                 f"(use 'xla' or 'blockwise')")
+            raise AttentionError(
+                f"attention='cudnn' needs an NVIDIA GPU; this process runs on {platform} "
+                f"(use 'xla' or 'blockwise')"
+            )
         if dtype not in (jnp.bfloat16, jnp.float16):
-            raise AttentionError(f"attention='cudnn' runs in bfloat16 or float16, not {dtype.name} "
-                                 f"(set the compute dtype, or use 'xla')")
+            raise AttentionError(
+                f"attention='cudnn' runs in bfloat16 or float16, not {dtype.name} "
+                f"(set the compute dtype, or use 'xla')"
+            )
         if head_dim % 8 or head_dim > 256:
-            raise AttentionError(f"attention='cudnn' needs a head dim that is a multiple of 8 and at most "
-                                 f"256 (128 before Hopper), not {head_dim}")
+            raise AttentionError(
+                f"attention='cudnn' needs a head dim that is a multiple of 8 and at most "
+                f"256 (128 before Hopper), not {head_dim}"
+            )
     if implementation == "splash" and platform not in ("tpu", "cpu"):
-        raise AttentionError(f"attention='splash' is a TPU kernel (CPU runs it in interpret mode, for "
-                             f"tests); this process runs on {platform}")
+        raise AttentionError(
+            f"attention='splash' is a TPU kernel (CPU runs it in interpret mode, for "
+            f"tests); this process runs on {platform}"
+        )
     if implementation == "pallas_gpu" and platform not in ("gpu", "cpu"):
-        raise AttentionError(f"attention='pallas_gpu' is a GPU (Triton) kernel (CPU runs it in interpret "
-                             f"mode, for tests); this process runs on {platform}")
+        raise AttentionError(
+            f"attention='pallas_gpu' is a GPU (Triton) kernel (CPU runs it in interpret "
+            f"mode, for tests); this process runs on {platform}"
+        )
     if implementation in ("splash", "pallas_gpu") and platform == "cpu":
         return implementation, "asked for; Pallas interpret mode on CPU (slow: for tests)"
     return implementation, "asked for"
@@ -196,23 +255,39 @@ def _shard_over_batch_and_heads(kernel, query, key, value, segment_ids):
     mesh = _current_mesh()
     if mesh is None:
         return kernel(query, key, value, segment_ids)
-    batch_axes, head_axes = (_dividing(mesh, axes, size) for axes, size in zip(
-        nn.logical_to_mesh_axes(("activation_batch", "activation_heads")), (query.shape[0], query.shape[2])))
+    batch_axes, head_axes = (
+        _dividing(mesh, axes, size)
+        for axes, size in zip(
+            nn.logical_to_mesh_axes(("activation_batch", "activation_heads")),
+            (query.shape[0], query.shape[2]),
+        )
+    )
     if batch_axes is None and head_axes is None:
         return kernel(query, key, value, segment_ids)
     qkv = jax.sharding.PartitionSpec(batch_axes, None, head_axes, None)
     segments = jax.sharding.PartitionSpec(batch_axes, None)
     return _shard_map(kernel, mesh, in_specs=(qkv, qkv, qkv, segments), out_specs=qkv)(
-        query, key, value, segment_ids)
+        query, key, value, segment_ids
+    )
 
 
 # Query block of causal attention: keys past a block's last query are never computed (see below).
 CAUSAL_QUERY_BLOCK = 128
 
 
-def blockwise_attention(query, key, value, mask, *, dropout_rate: float = 0.0,
-                        dropout_rng=None, deterministic: bool = True, dtype: Dtype = jnp.float32,
-                        causal: bool = False, query_block: int = CAUSAL_QUERY_BLOCK):
+def blockwise_attention(
+    query,
+    key,
+    value,
+    mask,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
+    deterministic: bool = True,
+    dtype: Dtype = jnp.float32,
+    causal: bool = False,
+    query_block: int = CAUSAL_QUERY_BLOCK,
+):
     """softmax(q k^T) v with q already scaled, in plain XLA ops: `attention`'s "blockwise" path.
 
     query [b, q, heads, d], key/value [b, k, heads, d], mask bool [b, 1|heads, q, k].
@@ -232,8 +307,10 @@ def blockwise_attention(query, key, value, mask, *, dropout_rate: float = 0.0,
     """
     length, key_len = query.shape[1], key.shape[1]
     if causal and key_len == length:  # (first query, end of queries, end of keys) per block
-        blocks = tuple((start, min(start + query_block, length), min(start + query_block, length))
-                       for start in range(0, length, query_block))
+        blocks = tuple(
+            (start, min(start + query_block, length), min(start + query_block, length))
+            for start in range(0, length, query_block)
+        )
     else:  # one block of every query against every key
         blocks = ((0, length, key_len),)
     rate = float(dropout_rate) if not deterministic and dropout_rate > 0.0 else 0.0
@@ -248,8 +325,9 @@ def _to_heads_major(query, key, value):
 
 def _masked_scores(q, k_t, mask, block):
     start, end, key_end = block
-    scores = jnp.einsum("bhqd,bhdk->bhqk", q[:, :, start:end], k_t[..., :key_end],
-                        preferred_element_type=jnp.float32)
+    scores = jnp.einsum(
+        "bhqd,bhdk->bhqk", q[:, :, start:end], k_t[..., :key_end], preferred_element_type=jnp.float32
+    )
     return jnp.where(mask[:, :, start:end, :key_end], scores, jnp.finfo(jnp.float32).min)
 
 
@@ -299,21 +377,27 @@ def _attention_vjp_backward(blocks, rate, dtype, residuals, d_out):
         start, end, key_end = block
         probs = jnp.exp(_masked_scores(q, k_t, mask, block) - log_sum_exp[:, :, start:end, None])
         d_out_block = d_out[:, :, start:end]
-        d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out_block, v[:, :, :key_end], preferred_element_type=jnp.float32)
+        d_probs = jnp.einsum(
+            "bhqd,bhkd->bhqk", d_out_block, v[:, :, :key_end], preferred_element_type=jnp.float32
+        )
         used = probs
         if rate:
             keep = _dropout_keep(dropout_rng, index, rate, probs.shape)
             used = jnp.where(keep, probs / (1.0 - rate), 0.0)
             d_probs = jnp.where(keep, d_probs / (1.0 - rate), 0.0)
         d_value_t = d_value_t.at[..., :key_end].add(
-            jnp.einsum("bhqd,bhqk->bhdk", d_out_block, used.astype(dtype), preferred_element_type=jnp.float32))
+            jnp.einsum("bhqd,bhqk->bhdk", d_out_block, used.astype(dtype), preferred_element_type=jnp.float32)
+        )
         # Masked scores get no gradient (jnp.where's); only a fully masked row has nonzero p there.
-        d_scores = jnp.where(mask[:, :, start:end, :key_end],
-                             probs * (d_probs - out_dot_grad[:, :, start:end, None]), 0.0).astype(dtype)
-        d_query_blocks.append(jnp.einsum("bhqk,bhdk->bhqd", d_scores, k_t[..., :key_end],
-                                         preferred_element_type=jnp.float32))
+        d_scores = jnp.where(
+            mask[:, :, start:end, :key_end], probs * (d_probs - out_dot_grad[:, :, start:end, None]), 0.0
+        ).astype(dtype)
+        d_query_blocks.append(
+            jnp.einsum("bhqk,bhdk->bhqd", d_scores, k_t[..., :key_end], preferred_element_type=jnp.float32)
+        )
         d_key_t = d_key_t.at[..., :key_end].add(
-            jnp.einsum("bhqd,bhqk->bhdk", q[:, :, start:end], d_scores, preferred_element_type=jnp.float32))
+            jnp.einsum("bhqd,bhqk->bhdk", q[:, :, start:end], d_scores, preferred_element_type=jnp.float32)
+        )
     d_query = jnp.swapaxes(jnp.concatenate(d_query_blocks, axis=2), 1, 2).astype(query.dtype)
     d_key = jnp.transpose(d_key_t, (0, 3, 1, 2)).astype(key.dtype)
     d_value = jnp.transpose(d_value_t, (0, 3, 1, 2)).astype(value.dtype)
@@ -327,6 +411,7 @@ _attention.defvjp(_attention_vjp_forward, _attention_vjp_backward)
 # Fused kernels: jax.nn.dot_product_attention (XLA or cuDNN) and the Pallas kernels (TPU splash,
 # GPU Triton). Each takes one shard: [batch, length, heads, head_dim] and its segment ids.
 
+
 def _pad_rows(multiple: int, query, key, value, segment_ids):
     """Rows padded to a multiple of `multiple`; the padding is segment -1, which only sees itself."""
     length = query.shape[1]
@@ -337,14 +422,17 @@ def _pad_rows(multiple: int, query, key, value, segment_ids):
     return pad(query), pad(key), pad(value), jnp.pad(segment_ids, ((0, 0), (0, extra)), constant_values=-1)
 
 
-def fused_dot_product_attention(query, key, value, segment_ids, *, backend: str, causal: bool, pad_to: int = 1):
+def fused_dot_product_attention(
+    query, key, value, segment_ids, *, backend: str, causal: bool, pad_to: int = 1
+):
     """`jax.nn.dot_product_attention` with our segments as its boolean mask (`backend` "xla" or
     "cudnn"). The mask is passed whole, [batch, 1, length, length] (a broadcast-shaped one fails on
     cuDNN: jax #28974); cuDNN turns it into a bias of the compute dtype."""
     length = query.shape[1]
     query, key, value, segment_ids = _pad_rows(pad_to, query, key, value, segment_ids)
-    out = jax.nn.dot_product_attention(query, key, value, mask=segment_mask(segment_ids, causal), scale=1.0,
-                                       implementation=backend)
+    out = jax.nn.dot_product_attention(
+        query, key, value, mask=segment_mask(segment_ids, causal), scale=1.0, implementation=backend
+    )
     return out[:, :length]
 
 
@@ -360,11 +448,23 @@ def splash_attention(query, key, value, segment_ids, *, causal: bool, interpret:
     padded, heads = query.shape[1], query.shape[2]
     block = _kernel_block(padded)
     one_head = splash.CausalMask((padded, padded)) if causal else splash.FullMask((padded, padded))
-    blocks = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
-                               block_kv_dq=block)
-    kernel = splash.make_splash_mha(splash.MultiHeadMask([one_head] * heads), block_sizes=blocks,
-                                    head_shards=1, q_seq_shards=1, interpret=interpret)
+    blocks = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    kernel = splash.make_splash_mha(
+        splash.MultiHeadMask([one_head] * heads),
+        block_sizes=blocks,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
     heads_major = lambda x: jnp.swapaxes(x, 1, 2)
     per_row = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
     out = jax.vmap(per_row)(heads_major(query), heads_major(key), heads_major(value), segment_ids)
@@ -384,13 +484,16 @@ def pallas_gpu_attention(query, key, value, segment_ids, *, causal: bool, interp
 # The jax APIs that move between versions, in one place (the GPU machine runs a newer jax than CI):
 # the Pallas kernels' modules, shard_map and the mesh of the current `jax.set_mesh`.
 
+
 def _splash_module():
     from jax.experimental.pallas.ops.tpu import splash_attention  # TPU splash kernel, jax >= 0.4.26
+
     return splash_attention
 
 
 def _pallas_gpu_mha():
     from jax.experimental.pallas.ops.gpu.attention import mha  # the Triton flash attention
+
     return mha
 
 
@@ -404,12 +507,14 @@ def _shard_map(fn, mesh, *, in_specs, out_specs):
     if hasattr(jax, "shard_map"):  # jax >= 0.7
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
     from jax.experimental.shard_map import shard_map
+
     return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
 def cached_dot_product_attention(query, key, value, mask, *, dtype: Dtype = jnp.float32):
     """softmax(q k^T) v (q already scaled) over a KV cache in either layout of
-    `OPTAttention._update_cache`, told apart by rank: standard key/value [batch, slots, heads, head_dim], or the cpu layout's
+    `OPTAttention._update_cache`, told apart by rank: standard key/value [batch, slots, heads, head_dim],
+    or the cpu layout's
     key_t [batch * heads, head_dim, slots] and value [batch * heads, slots, head_dim]. Scores are
     taken in `dtype` and softmaxed in float32 either way, as HF's eager attention does."""
     batch, query_len, heads, head_dim = query.shape

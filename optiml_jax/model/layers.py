@@ -1,13 +1,14 @@
 """The model's numerical building blocks with hand-written gradients: LayerNorm, the ReLU, the activation
 table, and the parameter initialisers that carry logical axis names (see sharding.py)."""
+
 from __future__ import annotations
 
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 Dtype = Any
 
@@ -41,7 +42,6 @@ ACTIVATIONS = {
 }
 
 
-
 def activation(name: str):
     """The activation function of a config's `activation_function`; ConfigError naming it otherwise."""
     if name not in ACTIVATIONS:
@@ -71,6 +71,7 @@ class LayerNorm(nn.Module):
     recomputes the normalised values: autodiff of the plain formula kept three more activations of
     the input's size per LayerNorm, which under `nn.scan` are stacked, zero-filled and copied per layer.
     """
+
     epsilon: float
     affine: bool
     dtype: Dtype
@@ -109,8 +110,11 @@ def _normalize_vjp_backward(epsilon, dtype, residuals, d_out):
     d_scale = jnp.sum(d_out * normalized, axis=rows)
     d_bias = jnp.sum(d_out, axis=rows)
     d_normalized = d_out * scale.astype(jnp.float32)
-    d_x = inv_std * (d_normalized - jnp.mean(d_normalized, axis=-1, keepdims=True)
-                     - normalized * jnp.mean(d_normalized * normalized, axis=-1, keepdims=True))
+    d_x = inv_std * (
+        d_normalized
+        - jnp.mean(d_normalized, axis=-1, keepdims=True)
+        - normalized * jnp.mean(d_normalized * normalized, axis=-1, keepdims=True)
+    )
     return d_x.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 

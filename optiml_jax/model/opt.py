@@ -1,8 +1,8 @@
 """The OPT decoder (Zhang et al. 2022, arXiv 2205.01068) in Flax, exact to Hugging Face's PyTorch OPT.
 
 Every parameter and large activation carries logical axis names (see `sharding.py` for how they map
-onto a device mesh), so this one file serves a CPU test, one GPU and a TPU pod unchanged. The attention kernels live in
-attention.py, the norm and activation with their hand-written gradients in layers.py.
+onto a device mesh), so this one file serves a CPU test, one GPU and a TPU pod unchanged. The attention
+kernels live in attention.py, the norm and activation with their hand-written gradients in layers.py.
 
 Parity traps handled here (see docs and the HF source for the reference semantics):
   * positions come from the attention mask (`cumsum(mask) * mask - 1`) and index a learned table
@@ -12,17 +12,23 @@ Parity traps handled here (see docs and the HF source for the reference semantic
     layers are post-LN, there is no final LayerNorm, and `project_out` precedes the tied LM head;
   * the LM head is tied to the token embedding over all rows, the vocabulary's padding rows included.
 """
+
 from __future__ import annotations
 
 import functools
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from optiml_jax.config import OPTConfig
-from optiml_jax.model.attention import attention, attention_mask_for, cached_dot_product_attention, segments_from
+from optiml_jax.model.attention import (
+    attention,
+    attention_mask_for,
+    cached_dot_product_attention,
+    segments_from,
+)
 from optiml_jax.model.layers import LayerNorm, activation, init_normal, init_zeros
 
 Dtype = Any
@@ -41,15 +47,21 @@ REMAT_POLICIES = {
     # recomputes anyway: more memory than "none" at long sequences)
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names("attention_out", "attention_log_sum_exp")),
+        jax.checkpoint_policies.save_only_these_names("attention_out", "attention_log_sum_exp"),
+    ),
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
 }
 
 
 def _layer_norm(cfg: OPTConfig, dtype, param_dtype, name: str) -> "LayerNorm":
     """OPT's LayerNorm: eps 1e-5 (HF and metaseq), affine unless layer_norm_elementwise_affine=False."""
-    return LayerNorm(epsilon=1e-5, affine=cfg.layer_norm_elementwise_affine, dtype=dtype,
-                     param_dtype=param_dtype, name=name)
+    return LayerNorm(
+        epsilon=1e-5,
+        affine=cfg.layer_norm_elementwise_affine,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -64,6 +76,7 @@ class HeadsProjection(nn.Module):
     Kernels keep the head axis separate ([embed, heads, kv] / [heads, kv, embed]) so tensor
     parallelism splits whole heads.
     """
+
     heads: int
     head_dim: int
     use_bias: bool
@@ -87,8 +100,9 @@ class HeadsProjection(nn.Module):
         else:
             # Not jnp.einsum: it contracts (kv, heads) in that order, which made XLA on CPU transpose
             # the whole out_proj kernel on every call (a quarter of a decode step's time at batch 1).
-            out = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                      (((2, 3), (0, 1)), ((), ())))
+            out = jax.lax.dot_general(
+                x.astype(self.dtype), kernel.astype(self.dtype), (((2, 3), (0, 1)), ((), ()))
+            )
         if self.use_bias:
             bias = self.param("bias", init_zeros(bias_axes), bias_shape, self.param_dtype)
             out = out + bias.astype(self.dtype)
@@ -108,9 +122,16 @@ class OPTAttention(nn.Module):
     def __call__(self, hidden, key_valid, segment_ids):
         cfg = self.config
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
-        dense = functools.partial(HeadsProjection, heads=heads, head_dim=head_dim, use_bias=cfg.enable_bias,
-                                  init_std=cfg.init_std, dtype=self.dtype, param_dtype=self.param_dtype)
-        query = dense(name="q_proj")(hidden) * jnp.asarray(head_dim ** -0.5, self.dtype)
+        dense = functools.partial(
+            HeadsProjection,
+            heads=heads,
+            head_dim=head_dim,
+            use_bias=cfg.enable_bias,
+            init_std=cfg.init_std,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        query = dense(name="q_proj")(hidden) * jnp.asarray(head_dim**-0.5, self.dtype)
         key = dense(name="k_proj")(hidden)
         value = dense(name="v_proj")(hidden)
         qkv_axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -126,14 +147,30 @@ class OPTAttention(nn.Module):
             dropout_rng = None
             if not self.deterministic and cfg.attention_dropout > 0.0:
                 dropout_rng = self.make_rng("dropout")
-            out = attention(query, key, value, segment_ids=segments_from(key_valid, segment_ids, hidden.shape[:2]),
-                            causal=True, dropout_rate=cfg.attention_dropout, dropout_rng=dropout_rng,
-                            implementation=self.attention, segment_branches=self.segment_branches,
-                            dtype=self.dtype)
+            out = attention(
+                query,
+                key,
+                value,
+                segment_ids=segments_from(key_valid, segment_ids, hidden.shape[:2]),
+                causal=True,
+                dropout_rate=cfg.attention_dropout,
+                dropout_rng=dropout_rng,
+                implementation=self.attention,
+                segment_branches=self.segment_branches,
+                dtype=self.dtype,
+            )
         out = nn.with_logical_constraint(out, qkv_axes)
-        return HeadsProjection(heads, head_dim, cfg.enable_bias, cfg.init_std, self.dtype,
-                               self.param_dtype, into_heads=False, hidden_size=cfg.hidden_size,
-                               name="out_proj")(out)
+        return HeadsProjection(
+            heads,
+            head_dim,
+            cfg.enable_bias,
+            cfg.init_std,
+            self.dtype,
+            self.param_dtype,
+            into_heads=False,
+            hidden_size=cfg.hidden_size,
+            name="out_proj",
+        )(out)
 
     def _update_cache(self, key, value):
         """Writes this step's keys/values at the fill level; returns the whole cache to attend over.
@@ -161,17 +198,27 @@ class OPTAttention(nn.Module):
         batch, step_len, heads, head_dim = key.shape
         if cached_key.value.ndim == 4:  # standard
             cache_axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
-            key = nn.with_logical_constraint(jax.lax.dynamic_update_slice(
-                cached_key.value, key.astype(cached_key.value.dtype), (zero, index, zero, zero)), cache_axes)
-            value = nn.with_logical_constraint(jax.lax.dynamic_update_slice(
-                cached_value.value, value.astype(cached_value.value.dtype), (zero, index, zero, zero)), cache_axes)
+            key = nn.with_logical_constraint(
+                jax.lax.dynamic_update_slice(
+                    cached_key.value, key.astype(cached_key.value.dtype), (zero, index, zero, zero)
+                ),
+                cache_axes,
+            )
+            value = nn.with_logical_constraint(
+                jax.lax.dynamic_update_slice(
+                    cached_value.value, value.astype(cached_value.value.dtype), (zero, index, zero, zero)
+                ),
+                cache_axes,
+            )
         else:  # cpu; this step's tokens only are transposed: cheap to move
             key = jnp.transpose(key, (0, 2, 3, 1)).reshape(batch * heads, head_dim, step_len)
             value = jnp.swapaxes(value, 1, 2).reshape(batch * heads, step_len, head_dim)
-            key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                               (zero, zero, index))
-            value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype),
-                                                 (zero, index, zero))
+            key = jax.lax.dynamic_update_slice(
+                cached_key.value, key.astype(cached_key.value.dtype), (zero, zero, index)
+            )
+            value = jax.lax.dynamic_update_slice(
+                cached_value.value, value.astype(cached_value.value.dtype), (zero, index, zero)
+            )
         cached_key.value, cached_value.value = key, value
         cache_index.value = index + step_len
         return key, value, index
@@ -197,8 +244,16 @@ class OPTDecoderLayer(nn.Module):
         residual = hidden
         if cfg.do_layer_norm_before:
             hidden = layer_norm(name="self_attn_layer_norm")(hidden)
-        self_attention = OPTAttention(cfg, self.dtype, self.param_dtype, self.deterministic, self.decode,
-                                      self.attention, self.segment_branches, name="self_attn")
+        self_attention = OPTAttention(
+            cfg,
+            self.dtype,
+            self.param_dtype,
+            self.deterministic,
+            self.decode,
+            self.attention,
+            self.segment_branches,
+            name="self_attn",
+        )
         hidden = self_attention(hidden, key_valid, segment_ids)
         hidden = residual + dropout(hidden, deterministic=self.deterministic)
         if not cfg.do_layer_norm_before:
@@ -208,15 +263,28 @@ class OPTDecoderLayer(nn.Module):
         residual = hidden
         if cfg.do_layer_norm_before:
             hidden = layer_norm(name="final_layer_norm")(hidden)
-        hidden = nn.Dense(cfg.ffn_dim, use_bias=cfg.enable_bias, dtype=self.dtype,
-                          param_dtype=self.param_dtype, kernel_init=init_normal(cfg.init_std, ("embed", "mlp")),
-                          bias_init=init_zeros(("mlp",)), name="fc1")(hidden)
+        hidden = nn.Dense(
+            cfg.ffn_dim,
+            use_bias=cfg.enable_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=init_normal(cfg.init_std, ("embed", "mlp")),
+            bias_init=init_zeros(("mlp",)),
+            name="fc1",
+        )(hidden)
         hidden = nn.with_logical_constraint(
-            hidden, ("activation_batch", "activation_length", "activation_mlp"))
+            hidden, ("activation_batch", "activation_length", "activation_mlp")
+        )
         hidden = activation(cfg.activation_function)(hidden)
-        hidden = nn.Dense(cfg.hidden_size, use_bias=cfg.enable_bias, dtype=self.dtype,
-                          param_dtype=self.param_dtype, kernel_init=init_normal(cfg.init_std, ("mlp", "embed")),
-                          bias_init=init_zeros(("embed",)), name="fc2")(hidden)
+        hidden = nn.Dense(
+            cfg.hidden_size,
+            use_bias=cfg.enable_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=init_normal(cfg.init_std, ("mlp", "embed")),
+            bias_init=init_zeros(("embed",)),
+            name="fc2",
+        )(hidden)
         hidden = residual + dropout(hidden, deterministic=self.deterministic)
         if not cfg.do_layer_norm_before:
             hidden = layer_norm(name="final_layer_norm")(hidden)
@@ -242,24 +310,46 @@ class OPTDecoder(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, input_ids, key_valid, position_ids, segment_ids, deterministic: bool,
-                 decode: bool, tied_head: bool, segment_branches: bool = False):
+    def __call__(
+        self,
+        input_ids,
+        key_valid,
+        position_ids,
+        segment_ids,
+        deterministic: bool,
+        decode: bool,
+        tied_head: bool,
+        segment_branches: bool = False,
+    ):
         """Final hidden states, or with `tied_head` the logits of the LM head tied to embed_tokens."""
         cfg = self.config
         act_axes = ("activation_batch", "activation_length", "activation_embed")
         embed_tokens = nn.Embed(
-            cfg.vocab_size, cfg.word_embed_proj_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-            embedding_init=init_normal(cfg.init_std, ("vocab", "embed")), name="embed_tokens")
+            cfg.vocab_size,
+            cfg.word_embed_proj_dim,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=init_normal(cfg.init_std, ("vocab", "embed")),
+            name="embed_tokens",
+        )
         hidden = embed_tokens(input_ids)  # no sqrt(d) scaling: OPT trained without it
         if cfg.has_projections:
-            hidden = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype,
-                              param_dtype=self.param_dtype,
-                              kernel_init=init_normal(cfg.init_std, ("embed_proj", "embed")),
-                              name="project_in")(hidden)
-        positions = nn.Embed(cfg.num_positions, cfg.hidden_size, dtype=self.dtype,
-                             param_dtype=self.param_dtype,
-                             embedding_init=init_normal(cfg.init_std, ("positions", "embed")),
-                             name="embed_positions")(position_ids + POSITION_OFFSET)
+            hidden = nn.Dense(
+                cfg.hidden_size,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=init_normal(cfg.init_std, ("embed_proj", "embed")),
+                name="project_in",
+            )(hidden)
+        positions = nn.Embed(
+            cfg.num_positions,
+            cfg.hidden_size,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=init_normal(cfg.init_std, ("positions", "embed")),
+            name="embed_positions",
+        )(position_ids + POSITION_OFFSET)
         hidden = nn.with_logical_constraint(hidden + positions, act_axes)
         # HF applies no dropout here; metaseq (and the OPT-IML fine-tuning recipe) does.
         hidden = nn.Dropout(rate=self.embed_dropout)(hidden, deterministic=deterministic)
@@ -270,25 +360,46 @@ class OPTDecoder(nn.Module):
                 _maybe_remat(OPTDecoderLayer, self.remat_policy, prevent_cse=False),
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"})
-            hidden, _ = stack(cfg, self.dtype, self.param_dtype, deterministic, decode, scanned=True,
-                              attention=self.attention, segment_branches=segment_branches,
-                              name="layers")(hidden, key_valid, segment_ids)
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            hidden, _ = stack(
+                cfg,
+                self.dtype,
+                self.param_dtype,
+                deterministic,
+                decode,
+                scanned=True,
+                attention=self.attention,
+                segment_branches=segment_branches,
+                name="layers",
+            )(hidden, key_valid, segment_ids)
         else:
             layer_cls = _maybe_remat(OPTDecoderLayer, self.remat_policy, prevent_cse=True)
             for i in range(cfg.num_hidden_layers):
-                hidden = layer_cls(cfg, self.dtype, self.param_dtype, deterministic, decode,
-                                   attention=self.attention, segment_branches=segment_branches,
-                                   name=f"layers_{i}")(hidden, key_valid, segment_ids)
+                hidden = layer_cls(
+                    cfg,
+                    self.dtype,
+                    self.param_dtype,
+                    deterministic,
+                    decode,
+                    attention=self.attention,
+                    segment_branches=segment_branches,
+                    name=f"layers_{i}",
+                )(hidden, key_valid, segment_ids)
 
         if cfg.has_final_layer_norm:
             hidden = _layer_norm(cfg, self.dtype, self.param_dtype, name="final_layer_norm")(hidden)
         if cfg.has_projections:
-            hidden = nn.Dense(cfg.word_embed_proj_dim, use_bias=False, dtype=self.dtype,
-                              param_dtype=self.param_dtype,
-                              kernel_init=init_normal(cfg.init_std, ("embed", "embed_proj")),
-                              name="project_out")(hidden)
+            hidden = nn.Dense(
+                cfg.word_embed_proj_dim,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=init_normal(cfg.init_std, ("embed", "embed_proj")),
+                name="project_out",
+            )(hidden)
         if tied_head:  # logits over every embedding row, the vocabulary's padding rows included
             return embed_tokens.attend(hidden)
         return hidden
@@ -303,6 +414,7 @@ class OPTForCausalLM(nn.Module):
     metaseq's dropout on the input embeddings (0 in HF; 0.1 in the OPT-IML recipe). `attention` is
     one of attention.IMPLEMENTATIONS (the kernel of whole-row attention; decoding has its own).
     """
+
     config: OPTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -312,9 +424,17 @@ class OPTForCausalLM(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
-                 deterministic: bool = True, decode: bool = False, return_hidden: bool = False,
-                 segment_branches: bool = False):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        segment_ids=None,
+        deterministic: bool = True,
+        decode: bool = False,
+        return_hidden: bool = False,
+        segment_branches: bool = False,
+    ):
         """Logits [batch, length, vocab].
 
         attention_mask: [batch, key_length] with 1 for real tokens (left padding allowed). When
@@ -333,20 +453,43 @@ class OPTForCausalLM(nn.Module):
             if decode:
                 raise ValueError("decode=True needs explicit position_ids")
             position_ids = positions_from_mask(attention_mask)
-        decoder = OPTDecoder(cfg, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy,
-                             self.embed_dropout, self.attention, name="decoder")
+        decoder = OPTDecoder(
+            cfg,
+            self.dtype,
+            self.param_dtype,
+            self.scan_layers,
+            self.remat_policy,
+            self.embed_dropout,
+            self.attention,
+            name="decoder",
+        )
         tied_head = cfg.tie_word_embeddings and not return_hidden
-        out = decoder(input_ids, attention_mask, position_ids, segment_ids, deterministic, decode,
-                      tied_head, segment_branches)
+        out = decoder(
+            input_ids,
+            attention_mask,
+            position_ids,
+            segment_ids,
+            deterministic,
+            decode,
+            tied_head,
+            segment_branches,
+        )
         if return_hidden:
             return out
         if tied_head:
             logits = out
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
-                              param_dtype=self.param_dtype,
-                              kernel_init=init_normal(cfg.init_std, ("embed", "vocab")), name="lm_head")(out)
-        return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+            logits = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=init_normal(cfg.init_std, ("embed", "vocab")),
+                name="lm_head",
+            )(out)
+        return nn.with_logical_constraint(
+            logits, ("activation_batch", "activation_length", "activation_vocab")
+        )
 
     def init_cache(self, batch_size: int, max_length: int, layout: str = "standard"):
         """Zero KV cache for `max_length` slots in `layout` ("standard" or "cpu", see
@@ -355,8 +498,10 @@ class OPTForCausalLM(nn.Module):
             raise ValueError(f"cache layout must be one of {', '.join(CACHE_LAYOUTS)}, got {layout!r}")
         ids = jnp.ones((batch_size, max_length), jnp.int32)
         shapes = jax.eval_shape(
-            lambda: self.init(jax.random.PRNGKey(0), ids, attention_mask=ids, position_ids=ids,
-                              decode=True)["cache"])
+            lambda: self.init(jax.random.PRNGKey(0), ids, attention_mask=ids, position_ids=ids, decode=True)[
+                "cache"
+            ]
+        )
 
         def zeros(path, shape):
             name, dims = path[-1].key, shape.shape
@@ -383,4 +528,3 @@ def lm_head_logits(model: OPTForCausalLM, params, hidden: jax.Array) -> jax.Arra
     outputs), in the model's compute dtype."""
     table = lm_head_weights(model.config, params).astype(model.dtype)
     return jnp.einsum("...e,ve->...v", hidden.astype(model.dtype), table)
-

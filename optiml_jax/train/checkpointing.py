@@ -4,6 +4,7 @@ loader's position, restored straight into the shards, the workdir they live in, 
 A checkpoint holds params, Adam state, step, the base dropout key, the non-finite counters and the data
 loader position, so resuming reproduces the uninterrupted run exactly.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 def checkpoint_manager(workdir: str, keep: int, async_save: bool):
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+    )
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
@@ -36,8 +38,11 @@ def save_checkpoint(manager, state: TrainState, data_state: dict, force: bool = 
     step = int(jax.device_get(state.step))
     if manager.latest_step() == step:
         return
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-                 force=force)
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+        force=force,
+    )
 
 
 def _all_processes_agree(ok: bool) -> bool:
@@ -59,25 +64,36 @@ def restore_checkpoint(manager, abstract: TrainState, shardings: TrainState) -> 
     """
     import orbax.checkpoint as ocp
 
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
     directory = Path(str(manager.directory))
     bad = []
     try:
         for step in sorted(manager.all_steps(), reverse=True):
             try:
-                restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                         data=ocp.args.JsonRestore()))
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+                    ),
+                )
                 ok = isinstance(restored["data"], dict)
                 error = None if ok else "no data loader state"
             except Exception as e:  # orbax / tensorstore raise many types for unreadable data
                 ok, error = False, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             if _all_processes_agree(ok):
                 return restored["state"], restored["data"]
-            log.warning("checkpoint %s is unreadable or incomplete (%s); falling back to the previous checkpoint",
-                        directory / str(step), error or "unreadable on another process")
+            log.warning(
+                "checkpoint %s is unreadable or incomplete (%s); falling back to the previous checkpoint",
+                directory / str(step),
+                error or "unreadable on another process",
+            )
             bad.append(step)
-        raise TrainingError(f"no readable checkpoint in {directory} (tried steps {bad}); fix or remove them, or "
-                            f"pass --overwrite to start afresh")
+        raise TrainingError(
+            f"no readable checkpoint in {directory} (tried steps {bad}); fix or remove them, or "
+            f"pass --overwrite to start afresh"
+        )
     finally:
         if bad:
             _quarantine(directory, bad)
@@ -126,15 +142,21 @@ def prepare_workdir(cfg: RunConfig, workdir: Path, overwrite: bool) -> None:
             try:
                 saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"{saved_path}: not valid YAML ({str(e).splitlines()[0]}); pass --overwrite to "
-                                  f"start afresh") from None
+                raise ConfigError(
+                    f"{saved_path}: not valid YAML ({str(e).splitlines()[0]}); pass --overwrite to "
+                    f"start afresh"
+                ) from None
             conflicts = resume_conflicts(saved, cfg.to_dict())
             if conflicts:
-                raise ConfigError(f"{workdir} holds checkpoints of a run with a different config ("
-                                  f"{'; '.join(conflicts)}): resuming would not give the same result; restore those "
-                                  f"settings, use another workdir, or pass --overwrite to start afresh")
+                raise ConfigError(
+                    f"{workdir} holds checkpoints of a run with a different config ("
+                    f"{'; '.join(conflicts)}): resuming would not give the same result; restore those "
+                    f"settings, use another workdir, or pass --overwrite to start afresh"
+                )
         else:
-            log.warning("%s has checkpoints but no config.yaml: cannot check that they match this config", workdir)
+            log.warning(
+                "%s has checkpoints but no config.yaml: cannot check that they match this config", workdir
+            )
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         tmp = saved_path.with_name("config.yaml.tmp")

@@ -21,6 +21,7 @@ the float32 sums, not the terms.
 Numerics: logits are computed in the operands' dtype with float32 accumulation and output, and the
 softmax and CE in float32.
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,8 +75,9 @@ def _loss_only(hidden, head, targets, weights, size):
         h, t, w = xs
         return total + jnp.sum(_chunk_cross_entropy(h, head, t)[3] * w), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (_split(hidden, size), _split(targets, size), _split(weights, size)))
+    total, _ = jax.lax.scan(
+        body, jnp.zeros((), jnp.float32), (_split(hidden, size), _split(targets, size), _split(weights, size))
+    )
     return total
 
 
@@ -111,16 +113,20 @@ def _loss_and_grads(hidden, head, targets, weights, size):
         # d/dhead is accumulated transposed, [d, vocab]: both matmul operands then contract their
         # leading (position) axis, and the one CPU matmuls transpose first is the small hidden
         # chunk, not the vocab-wide d_logits (a 100 MB copy per chunk, 0.2 s a step at 125m).
-        partial = jnp.einsum("xbcd,xbcv->xdv", per_shard(h), per_shard(d_logits),
-                             preferred_element_type=jnp.float32)
+        partial = jnp.einsum(
+            "xbcd,xbcv->xdv", per_shard(h), per_shard(d_logits), preferred_element_type=jnp.float32
+        )
         d_head_t = d_head_t + nn.with_logical_constraint(partial, ("activation_batch", None, "vocab"))
         return (total, d_head_t), d_hidden.astype(hidden.dtype)
 
-    zeros = nn.with_logical_constraint(jnp.zeros((shards, head.shape[1], head.shape[0]), jnp.float32),
-                                       ("activation_batch", None, "vocab"))
+    zeros = nn.with_logical_constraint(
+        jnp.zeros((shards, head.shape[1], head.shape[0]), jnp.float32), ("activation_batch", None, "vocab")
+    )
     (total, d_head_t), d_hidden = jax.lax.scan(
-        body, (jnp.zeros((), jnp.float32), zeros),
-        (_split(hidden, size), _split(targets, size), _split(weights, size)))
+        body,
+        (jnp.zeros((), jnp.float32), zeros),
+        (_split(hidden, size), _split(targets, size), _split(weights, size)),
+    )
     return total, _merge(d_hidden), d_head_t.sum(0).T.astype(head.dtype)
 
 
@@ -148,8 +154,13 @@ def _on_weighted_positions(compute, hidden, head, targets, weights, chunk, capac
 
     def gathered(capacity, order):
         order = order[:, :capacity]
-        out = compute(_gather_rows(hidden, order), head, _gather_rows(targets, order), _gather_rows(weights, order),
-                      _chunk_size(capacity, chunk))
+        out = compute(
+            _gather_rows(hidden, order),
+            head,
+            _gather_rows(targets, order),
+            _gather_rows(weights, order),
+            _chunk_size(capacity, chunk),
+        )
         return (out[0], _scatter_rows(out[1], order, length), out[2]) if with_grads else out
 
     if not capacities:
@@ -169,23 +180,29 @@ def _fused(hidden, head, targets, weights, chunk, capacities):
 
 
 def _fused_fwd(hidden, head, targets, weights, chunk, capacities):
-    total, d_hidden, d_head = _on_weighted_positions(_loss_and_grads, hidden, head, targets, weights, chunk,
-                                                     capacities, True)
+    total, d_hidden, d_head = _on_weighted_positions(
+        _loss_and_grads, hidden, head, targets, weights, chunk, capacities, True
+    )
     return total, (d_hidden, d_head, targets, weights)
 
 
 def _fused_bwd(chunk, capacities, residuals, g):
     d_hidden, d_head, targets, weights = residuals
     # targets are integers and weights are data (the loss mask over a token count): no gradient.
-    return (d_hidden * g.astype(d_hidden.dtype), d_head * g.astype(d_head.dtype),
-            None, jnp.zeros_like(weights))
+    return (
+        d_hidden * g.astype(d_hidden.dtype),
+        d_head * g.astype(d_head.dtype),
+        None,
+        jnp.zeros_like(weights),
+    )
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def weighted_head_cross_entropy(hidden, head, targets, weights, chunk: int = DEFAULT_CHUNK,
-                                positions: str = "weighted"):
+def weighted_head_cross_entropy(
+    hidden, head, targets, weights, chunk: int = DEFAULT_CHUNK, positions: str = "weighted"
+):
     """sum(weights * CE(hidden @ head.T, targets)) as float32.
 
     hidden: [batch, length, d]; head: [vocab, d] (the tied embedding, or an untied kernel transposed);
@@ -193,8 +210,10 @@ def weighted_head_cross_entropy(hidden, head, targets, weights, chunk: int = DEF
     positions: "weighted" runs the head only where weights != 0 (see the module doc), "all" at every
     position. Differentiable in hidden and head (see the module doc for how)."""
     if hidden.ndim != 3 or targets.shape != hidden.shape[:2] or weights.shape != hidden.shape[:2]:
-        raise ValueError(f"expected hidden [batch, length, d] and targets/weights [batch, length], got "
-                         f"{hidden.shape}, {targets.shape}, {weights.shape}")
+        raise ValueError(
+            f"expected hidden [batch, length, d] and targets/weights [batch, length], got "
+            f"{hidden.shape}, {targets.shape}, {weights.shape}"
+        )
     if head.ndim != 2 or head.shape[1] != hidden.shape[2]:
         raise ValueError(f"head must be [vocab, {hidden.shape[2]}], got {head.shape}")
     if positions not in HEAD_POSITIONS:

@@ -6,6 +6,7 @@ plan can be checked on a laptop). Activation bytes are an estimate from the laye
 remat policy, following the per-layer accounting of Korthikanti et al. 2022 ("Reducing Activation
 Recomputation in Large Transformer Models", section 4), adapted to what each JAX policy saves.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +15,8 @@ import math
 import os
 from typing import Optional
 
-import numpy as np
-
 import jax
+import numpy as np
 
 from optiml_jax.config import ConfigError, OPTConfig
 from optiml_jax.run_config import RunConfig
@@ -24,7 +24,7 @@ from optiml_jax.sharding import DEFAULT_RULES
 
 log = logging.getLogger(__name__)
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 class InsufficientMemoryError(RuntimeError):
@@ -44,13 +44,20 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return (self.params + self.grads + self.optimizer + self.grad_accumulator + self.activations
-                + self.logits)
+        return (
+            self.params + self.grads + self.optimizer + self.grad_accumulator + self.activations + self.logits
+        )
 
     def table(self) -> str:
-        rows = [("parameters", self.params), ("gradients", self.grads), ("optimizer state", self.optimizer),
-                ("grad accumulator", self.grad_accumulator), ("activations (saved)", self.activations),
-                ("logits + loss", self.logits), ("total", self.total)]
+        rows = [
+            ("parameters", self.params),
+            ("gradients", self.grads),
+            ("optimizer state", self.optimizer),
+            ("grad accumulator", self.grad_accumulator),
+            ("activations (saved)", self.activations),
+            ("logits + loss", self.logits),
+            ("total", self.total),
+        ]
         width = max(len(name) for name, _ in rows)
         lines = [f"memory per device (estimate, {self.devices} devices):"]
         lines += [f"  {name:<{width}}  {value / GiB:9.3f} GiB" for name, value in rows]
@@ -62,10 +69,12 @@ def _dtype_bytes(dtype) -> int:
     return np.dtype(dtype).itemsize
 
 
-def sharded_param_bytes(config: OPTConfig, mesh_shape: dict, rules, *, scan_layers: bool = True,
-                        param_dtype="float32") -> int:
+def sharded_param_bytes(
+    config: OPTConfig, mesh_shape: dict, rules, *, scan_layers: bool = True, param_dtype="float32"
+) -> int:
     """Bytes of one device's shard of every parameter, under `rules` on a mesh of `mesh_shape`."""
     import flax.linen as nn
+
     from optiml_jax.model import OPTForCausalLM
     from optiml_jax.sharding import abstract_params
 
@@ -99,8 +108,15 @@ def _leaves_with_specs(specs, shapes):
     return list(zip(spec_leaves, shape_leaves))
 
 
-def activation_bytes_per_layer(config: OPTConfig, tokens: int, seq_len: int, batch_rows: int,
-                               tensor: int, remat_policy: str, compute_dtype) -> int:
+def activation_bytes_per_layer(
+    config: OPTConfig,
+    tokens: int,
+    seq_len: int,
+    batch_rows: int,
+    tensor: int,
+    remat_policy: str,
+    compute_dtype,
+) -> int:
     """Bytes one layer keeps for the backward pass, for `tokens` = rows x seq_len on one device."""
     h, f, heads = config.hidden_size, config.ffn_dim, config.num_attention_heads
     act = _dtype_bytes(compute_dtype)
@@ -122,10 +138,19 @@ def activation_bytes_per_layer(config: OPTConfig, tokens: int, seq_len: int, bat
     return tokens * ((4 * h + 4 * h // tensor + f // tensor) * act + 2 * h) + attention_state
 
 
-def estimate_training_memory(config: OPTConfig, *, mesh_shape: dict, global_batch: int, seq_len: int,
-                             grad_accum_steps: int = 1, remat_policy: str = "none",
-                             compute_dtype="float32", param_dtype="float32", rules=None,
-                             scan_layers: bool = True) -> MemoryEstimate:
+def estimate_training_memory(
+    config: OPTConfig,
+    *,
+    mesh_shape: dict,
+    global_batch: int,
+    seq_len: int,
+    grad_accum_steps: int = 1,
+    remat_policy: str = "none",
+    compute_dtype="float32",
+    param_dtype="float32",
+    rules=None,
+    scan_layers: bool = True,
+) -> MemoryEstimate:
     """Per-device bytes of one training step with AdamW (float32 moments)."""
 
     rules = rules or DEFAULT_RULES
@@ -139,12 +164,16 @@ def estimate_training_memory(config: OPTConfig, *, mesh_shape: dict, global_batc
     accumulator = grads if grad_accum_steps > 1 else 0
     micro_rows = max(global_batch // grad_accum_steps // data_parallel, 1)
     tokens = micro_rows * seq_len
-    saved = activation_bytes_per_layer(config, tokens, seq_len, micro_rows, tensor, remat_policy, compute_dtype)
+    saved = activation_bytes_per_layer(
+        config, tokens, seq_len, micro_rows, tensor, remat_policy, compute_dtype
+    )
     activations = config.num_hidden_layers * saved
     if remat_policy != "none":
         # The backward pass recomputes one layer at a time and holds that layer's whole working set: without
         # this term the "full" estimate was ~3x below XLA's compiled temp size (tests/test_reliability.py).
-        whole_layer = activation_bytes_per_layer(config, tokens, seq_len, micro_rows, tensor, "none", compute_dtype)
+        whole_layer = activation_bytes_per_layer(
+            config, tokens, seq_len, micro_rows, tensor, "none", compute_dtype
+        )
         activations += max(whole_layer - saved, 0)
     # Whatever is saved, one layer's float32 attention probabilities exist while its backward pass runs.
     local_heads = max(config.num_attention_heads // tensor, 1)
@@ -157,12 +186,25 @@ def estimate_training_memory(config: OPTConfig, *, mesh_shape: dict, global_batc
 
     local_vocab = config.vocab_size // tensor if config.vocab_size % tensor == 0 else config.vocab_size
     head_dim = config.word_embed_proj_dim if config.has_projections else config.hidden_size
-    logits = (3 * micro_rows * min(DEFAULT_CHUNK, seq_len) * local_vocab * 4
-              + local_vocab * head_dim * 4 + tokens * head_dim * 4)
-    notes = [f"micro-batch of {micro_rows} sequence(s) x {seq_len} tokens per device, remat={remat_policy}",
-             "XLA temporaries and fragmentation come on top; keep ~10-20% headroom"]
-    return MemoryEstimate(params=params, grads=grads, optimizer=moments, grad_accumulator=accumulator,
-                          activations=activations, logits=logits, devices=devices, notes=tuple(notes))
+    logits = (
+        3 * micro_rows * min(DEFAULT_CHUNK, seq_len) * local_vocab * 4
+        + local_vocab * head_dim * 4
+        + tokens * head_dim * 4
+    )
+    notes = [
+        f"micro-batch of {micro_rows} sequence(s) x {seq_len} tokens per device, remat={remat_policy}",
+        "XLA temporaries and fragmentation come on top; keep ~10-20% headroom",
+    ]
+    return MemoryEstimate(
+        params=params,
+        grads=grads,
+        optimizer=moments,
+        grad_accumulator=accumulator,
+        activations=activations,
+        logits=logits,
+        devices=devices,
+        notes=tuple(notes),
+    )
 
 
 def device_memory_bytes(device=None) -> Optional[int]:
@@ -193,12 +235,14 @@ def check_fits(estimate: MemoryEstimate, available: Optional[int], *, headroom: 
         f"this run needs about {estimate.total / GiB:.2f} GiB per device but {available / GiB:.2f} GiB "
         f"is available ({headroom:.0%} usable).\n{estimate.table()}\n"
         "Try: a smaller train.batch_size or more train.grad_accum_steps, train.remat_policy=full, "
-        "bfloat16 compute, or more fsdp/tensor parallelism in mesh.*")
+        "bfloat16 compute, or more fsdp/tensor parallelism in mesh.*"
+    )
 
 
 # ---------------------------------------------------------------------- the start-up check of a run
 def memory_limit_bytes(cfg: RunConfig, mesh) -> Optional[int]:
-    """OPTIML_JAX_MEMORY_LIMIT_GIB, else train.memory_limit_gib, else what one local device of the mesh has."""
+    """OPTIML_JAX_MEMORY_LIMIT_GIB, else train.memory_limit_gib, else what one local device of the mesh
+    has."""
     env = os.environ.get("OPTIML_JAX_MEMORY_LIMIT_GIB")
     if env:
         try:
@@ -215,10 +259,18 @@ def check_memory(cfg: RunConfig, opt_config: OPTConfig, mesh, rules=DEFAULT_RULE
     """Prints the per-device estimate (process 0) and raises InsufficientMemoryError when it cannot fit;
     called before anything is allocated or compiled."""
     t = cfg.train
-    estimate = estimate_training_memory(opt_config, mesh_shape=dict(mesh.shape), global_batch=t.batch_size,
-                                        seq_len=t.seq_len, grad_accum_steps=t.grad_accum_steps,
-                                        remat_policy=t.remat_policy, compute_dtype=t.compute_dtype,
-                                        param_dtype=t.param_dtype, rules=rules, scan_layers=t.scan_layers)
+    estimate = estimate_training_memory(
+        opt_config,
+        mesh_shape=dict(mesh.shape),
+        global_batch=t.batch_size,
+        seq_len=t.seq_len,
+        grad_accum_steps=t.grad_accum_steps,
+        remat_policy=t.remat_policy,
+        compute_dtype=t.compute_dtype,
+        param_dtype=t.param_dtype,
+        rules=rules,
+        scan_layers=t.scan_layers,
+    )
     available = memory_limit_bytes(cfg, mesh)
     if jax.process_index() == 0:
         limit = f"{available / GiB:.3f} GiB per device available" if available else "device memory unknown"

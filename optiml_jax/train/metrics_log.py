@@ -12,6 +12,7 @@ last checkpoint) are cut from metrics.jsonl, and a TensorBoard SessionLog.START 
 makes TensorBoard drop its copies of those steps, so each step appears once in both.
 Only process 0 writes (pass enabled=False elsewhere).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ JSONL_NAME = "metrics.jsonl"
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True, resume_step: Optional[int] = None,
-                 keep=None):
+    def __init__(
+        self, workdir: str | os.PathLike, enabled: bool = True, resume_step: Optional[int] = None, keep=None
+    ):
         """resume_step: the step the run restarts from (0 for a fresh start in a workdir that may hold
         metrics of a run that died before its first checkpoint). Lines with a larger step are removed,
         and so are lines AT resume_step for which `keep(record)` is false (default: all kept)."""
@@ -51,8 +53,13 @@ class MetricsWriter:
             # _CheckForRestartAndMaybePurge), so a resumed run's steps replace the dead run's.
             from tensorboard.compat.proto import event_pb2
 
-            self._events.add_event(event_pb2.Event(wall_time=time.time(), step=int(resume_step) + 1,
-                                                   session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+            self._events.add_event(
+                event_pb2.Event(
+                    wall_time=time.time(),
+                    step=int(resume_step) + 1,
+                    session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+                )
+            )
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -63,9 +70,14 @@ class MetricsWriter:
         if self._events is not None:
             from tensorboard.compat.proto import event_pb2, summary_pb2
 
-            values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in clean.items()
-                      if isinstance(v, float) and math.isfinite(v)]
-            event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values))
+            values = [
+                summary_pb2.Summary.Value(tag=k, simple_value=v)
+                for k, v in clean.items()
+                if isinstance(v, float) and math.isfinite(v)
+            ]
+            event = event_pb2.Event(
+                wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+            )
             self._events.add_event(event)
 
     def flush(self) -> None:
@@ -126,7 +138,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def read_tensorboard_scalars(directory: str | os.PathLike, tag: Optional[str] = None) -> list[tuple[int, str, float]]:
+def read_tensorboard_scalars(
+    directory: str | os.PathLike, tag: Optional[str] = None
+) -> list[tuple[int, str, float]]:
     """(step, tag, value) from the event files in `directory` (TensorBoard's reader; for tests)."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 

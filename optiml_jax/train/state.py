@@ -5,13 +5,14 @@ Every sharding comes from the logical axis names (flax lm1b's `setup_initial_sta
 state is built from the *boxed* abstract params, so Adam's moments carry the params' logical names,
 and `sharding.logical_shardings` maps the whole tree onto the mesh by the rules.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import optax
 from flax import struct
 
@@ -47,13 +48,25 @@ def build_model(opt_config: OPTConfig, train: TrainSection) -> OPTForCausalLM:
         changes["attention_dropout"] = train.attention_dropout
     config = opt_config.replace(**changes) if changes else opt_config
     try:  # what cannot run here (cuDNN on a CPU, a kernel with dropout) is a config error, not a trace error
-        choose_implementation(train.attention, platform=jax.default_backend(), dtype=as_dtype(train.compute_dtype),
-                              head_dim=config.head_dim, length=train.seq_len, dropout=config.attention_dropout > 0)
+        choose_implementation(
+            train.attention,
+            platform=jax.default_backend(),
+            dtype=as_dtype(train.compute_dtype),
+            head_dim=config.head_dim,
+            length=train.seq_len,
+            dropout=config.attention_dropout > 0,
+        )
     except AttentionError as error:
         raise ConfigError(f"train.{error}") from None
-    return OPTForCausalLM(config, dtype=as_dtype(train.compute_dtype), param_dtype=as_dtype(train.param_dtype),
-                          scan_layers=train.scan_layers, remat_policy=train.remat_policy,
-                          embed_dropout=config.dropout if train.embed_dropout else 0.0, attention=train.attention)
+    return OPTForCausalLM(
+        config,
+        dtype=as_dtype(train.compute_dtype),
+        param_dtype=as_dtype(train.param_dtype),
+        scan_layers=train.scan_layers,
+        remat_policy=train.remat_policy,
+        embed_dropout=config.dropout if train.embed_dropout else 0.0,
+        attention=train.attention,
+    )
 
 
 def learning_rate_schedule(optim: OptimSection, max_steps: int) -> Callable:
@@ -82,6 +95,7 @@ def weight_decay_mask(params) -> Any:
     """True where weight decay applies: everything but biases and LayerNorm parameters (by name, since
     under scan_layers a bias is [layers, d] and its rank says nothing). Works on boxed params too (the
     name is the last dict key of the path, not the box's attribute)."""
+
     def decays(path, _):
         name = next((entry.key for entry in reversed(path) if hasattr(entry, "key")), "")
         return name not in NO_DECAY_NAMES
@@ -91,8 +105,15 @@ def weight_decay_mask(params) -> Any:
 
 def make_optimizer(optim: OptimSection, max_steps: int) -> optax.GradientTransformation:
     """AdamW (decoupled weight decay, float32 moments) after global-norm clipping."""
-    adamw = optax.adamw(learning_rate_schedule(optim, max_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                        weight_decay=optim.weight_decay, mask=weight_decay_mask, mu_dtype=jnp.float32)
+    adamw = optax.adamw(
+        learning_rate_schedule(optim, max_steps),
+        b1=optim.b1,
+        b2=optim.b2,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        mask=weight_decay_mask,
+        mu_dtype=jnp.float32,
+    )
     if optim.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(optim.clip_norm), adamw)
     return adamw
@@ -100,8 +121,14 @@ def make_optimizer(optim: OptimSection, max_steps: int) -> optax.GradientTransfo
 
 def _state_from(params, tx, dropout_key) -> TrainState:
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=tx.init(params), rng=dropout_key,
-                      nonfinite_in_a_row=zero, nonfinite_total=zero)
+    return TrainState(
+        step=zero,
+        params=params,
+        opt_state=tx.init(params),
+        rng=dropout_key,
+        nonfinite_in_a_row=zero,
+        nonfinite_total=zero,
+    )
 
 
 def state_shardings(model: OPTForCausalLM, tx, mesh, rules=DEFAULT_RULES) -> tuple[TrainState, TrainState]:
@@ -113,8 +140,9 @@ def state_shardings(model: OPTForCausalLM, tx, mesh, rules=DEFAULT_RULES) -> tup
     return nn.meta.unbox(boxed_state), logical_shardings(boxed_state, mesh, rules)
 
 
-def create_train_state(model: OPTForCausalLM, tx, mesh, seed: int, params=None,
-                       rules=DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+def create_train_state(
+    model: OPTForCausalLM, tx, mesh, seed: int, params=None, rules=DEFAULT_RULES
+) -> tuple[TrainState, TrainState]:
     """(state, shardings). Random params (seed) unless `params` is given; either way every array is
     created in its shards by one jitted init (a 30B model is never whole on one device)."""
     _, shardings = state_shardings(model, tx, mesh, rules)
@@ -122,12 +150,17 @@ def create_train_state(model: OPTForCausalLM, tx, mesh, seed: int, params=None,
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         if params is None:
             sample = jnp.ones((1, 8), jnp.int32)
-            init = jax.jit(lambda k, d: _state_from(nn.meta.unbox(model.init(k, sample)["params"]), tx, d),
-                           out_shardings=shardings)
+            init = jax.jit(
+                lambda k, d: _state_from(nn.meta.unbox(model.init(k, sample)["params"]), tx, d),
+                out_shardings=shardings,
+            )
             state = init(init_key, dropout_key)
         else:
             params = jax.device_put(params, shardings.params)
-            init = jax.jit(lambda p, d: _state_from(p, tx, d), in_shardings=(shardings.params, shardings.rng),
-                           out_shardings=shardings)
+            init = jax.jit(
+                lambda p, d: _state_from(p, tx, d),
+                in_shardings=(shardings.params, shardings.rng),
+                out_shardings=shardings,
+            )
             state = init(params, dropout_key)
     return state, shardings

@@ -13,6 +13,7 @@ Shardings: the state's from `state.state_shardings`, the batch's from the logica
 (`sharding.batch_sharding`); each step is one jitted function with them as explicit in/out
 shardings, the input state donated.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,9 +21,9 @@ import functools
 import math
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import optax
 
 from optiml_jax.data.packing import BATCH_KEYS
@@ -36,6 +37,7 @@ from optiml_jax.train.state import TrainState, learning_rate_schedule
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
     """What a train step needs besides state and batch (static: part of the compiled program)."""
+
     model: OPTForCausalLM
     tx: Any  # optax.GradientTransformation
     schedule: Callable
@@ -49,11 +51,18 @@ def lm_loss(model, params, batch, weights, deterministic, dropout_key=None, head
     """sum(weights * token CE) over the batch, the LM head fused with the loss and run only where
     weights != 0 unless head_positions="all" (see loss.py)."""
     rngs = None if deterministic else {"dropout": dropout_key}
-    hidden = model.apply({"params": params}, batch["input_ids"], position_ids=batch["positions"],
-                         segment_ids=batch["segment_ids"], deterministic=deterministic, rngs=rngs,
-                         return_hidden=True)
-    return weighted_head_cross_entropy(hidden, lm_head_weights(model.config, params), batch["targets"], weights,
-                                       positions=head_positions)
+    hidden = model.apply(
+        {"params": params},
+        batch["input_ids"],
+        position_ids=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        deterministic=deterministic,
+        rngs=rngs,
+        return_hidden=True,
+    )
+    return weighted_head_cross_entropy(
+        hidden, lm_head_weights(model.config, params), batch["targets"], weights, positions=head_positions
+    )
 
 
 def _gradients(settings: StepSettings, params, batch, step_key):
@@ -63,8 +72,15 @@ def _gradients(settings: StepSettings, params, batch, step_key):
 
     def loss_fn(params, microbatch, index):
         # Weighted by the whole batch's count of target tokens: the microbatch losses add up.
-        return lm_loss(settings.model, params, microbatch, microbatch["loss_mask"] / total_tokens, False,
-                       jax.random.fold_in(step_key, index), settings.head_positions)
+        return lm_loss(
+            settings.model,
+            params,
+            microbatch,
+            microbatch["loss_mask"] / total_tokens,
+            False,
+            jax.random.fold_in(step_key, index),
+            settings.head_positions,
+        )
 
     grad_fn = jax.value_and_grad(loss_fn)
     if accum == 1:
@@ -72,19 +88,23 @@ def _gradients(settings: StepSettings, params, batch, step_key):
 
     def split(x):  # microbatch a = rows a, a+A, a+2A...: each stays spread over every device
         b, s = x.shape
-        return jax.lax.with_sharding_constraint(jnp.swapaxes(x.reshape(b // accum, accum, s), 0, 1),
-                                                settings.micro_sharding)
+        return jax.lax.with_sharding_constraint(
+            jnp.swapaxes(x.reshape(b // accum, accum, s), 0, 1), settings.micro_sharding
+        )
 
     def body(carry, xs):
         loss_sum, grad_sum = carry
         index, microbatch = xs
         loss, grads = grad_fn(params, microbatch, index)
-        grad_sum = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, grad_sum, grads), settings.param_shardings)
+        grad_sum = jax.lax.with_sharding_constraint(
+            jax.tree.map(jnp.add, grad_sum, grads), settings.param_shardings
+        )
         return (loss_sum + loss, grad_sum), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                    (jnp.arange(accum), jax.tree.map(split, batch)))
+    (loss, grads), _ = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum), jax.tree.map(split, batch))
+    )
     return loss, grads
 
 
@@ -102,16 +122,28 @@ def train_step(state: TrainState, batch: dict, settings: StepSettings) -> tuple[
 
     # A cond, not a select of old and new trees: that select read and wrote params and both Adam moments
     # once more (0.77 s vs 0.36 s for the update of the 125m shape on CPU).
-    params, opt_state = jax.lax.cond(finite, update, lambda operands: operands[:2],
-                                     (state.params, state.opt_state, grads))
+    params, opt_state = jax.lax.cond(
+        finite, update, lambda operands: operands[:2], (state.params, state.opt_state, grads)
+    )
     bad = (~finite).astype(jnp.int32)
     applied = state.step - state.nonfinite_total  # the optimizer's own count of applied updates
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng,
-                           nonfinite_in_a_row=(state.nonfinite_in_a_row + bad) * bad,
-                           nonfinite_total=state.nonfinite_total + bad)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": settings.schedule(applied),
-               "target_tokens": jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0), "nonfinite": bad,
-               "nonfinite_in_a_row": new_state.nonfinite_in_a_row, "nonfinite_total": new_state.nonfinite_total}
+    new_state = TrainState(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        rng=state.rng,
+        nonfinite_in_a_row=(state.nonfinite_in_a_row + bad) * bad,
+        nonfinite_total=state.nonfinite_total + bad,
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": settings.schedule(applied),
+        "target_tokens": jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0),
+        "nonfinite": bad,
+        "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
+        "nonfinite_total": new_state.nonfinite_total,
+    }
     return new_state, metrics
 
 
@@ -126,6 +158,7 @@ def _batch_shardings(mesh, rules) -> dict:
 
 def _under_mesh(jitted, mesh, rules):
     """`jitted` called (and lowered: `.lower`, e.g. for memory_analysis()) under the mesh and rules."""
+
     def run(*args):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(*args)
@@ -138,30 +171,45 @@ def _under_mesh(jitted, mesh, rules):
     return run
 
 
-def make_train_step(model, tx, train: TrainSection, optim: OptimSection, mesh, shardings: TrainState,
-                    rules=DEFAULT_RULES):
+def make_train_step(
+    model, tx, train: TrainSection, optim: OptimSection, mesh, shardings: TrainState, rules=DEFAULT_RULES
+):
     """The jitted `train_step(state, batch) -> (state, metrics)`; the input state is donated."""
-    settings = StepSettings(model=model, tx=tx, schedule=learning_rate_schedule(optim, train.max_steps),
-                            grad_accum_steps=train.grad_accum_steps, head_positions=train.head_positions,
-                            param_shardings=shardings.params,
-                            micro_sharding=batch_sharding(mesh, rules, microbatched=True))
-    jitted = jax.jit(functools.partial(train_step, settings=settings), in_shardings=(shardings, _batch_shardings(mesh, rules)),
-                     out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+    settings = StepSettings(
+        model=model,
+        tx=tx,
+        schedule=learning_rate_schedule(optim, train.max_steps),
+        grad_accum_steps=train.grad_accum_steps,
+        head_positions=train.head_positions,
+        param_shardings=shardings.params,
+        micro_sharding=batch_sharding(mesh, rules, microbatched=True),
+    )
+    jitted = jax.jit(
+        functools.partial(train_step, settings=settings),
+        in_shardings=(shardings, _batch_shardings(mesh, rules)),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
     return _under_mesh(jitted, mesh, rules)
 
 
 def make_eval_step(model, mesh, param_shardings, rules=DEFAULT_RULES):
     """The jitted `eval_step(params, batch) -> (sum of CE over target tokens, number of target tokens)`."""
-    jitted = jax.jit(functools.partial(eval_step, model=model), in_shardings=(param_shardings, _batch_shardings(mesh, rules)),
-                     out_shardings=replicated(mesh))
+    jitted = jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(param_shardings, _batch_shardings(mesh, rules)),
+        out_shardings=replicated(mesh),
+    )
     return _under_mesh(jitted, mesh, rules)
 
 
 def global_batch(local_batch: dict, mesh, global_batch_size: int, rules=DEFAULT_RULES) -> dict:
     """Global arrays from this process's rows (each host reads only its share of the batch)."""
     sharding = batch_sharding(mesh, rules)
-    return {key: jax.make_array_from_process_local_data(sharding, value, (global_batch_size,) + value.shape[1:])
-            for key, value in local_batch.items()}
+    return {
+        key: jax.make_array_from_process_local_data(sharding, value, (global_batch_size,) + value.shape[1:])
+        for key, value in local_batch.items()
+    }
 
 
 def evaluate_loss(eval_step_fn, params, loader, mesh, batch_size: int, max_batches: int = 0) -> dict:

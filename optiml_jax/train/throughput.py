@@ -1,4 +1,5 @@
 """Throughput accounting: model FLOPs per trained token and the matmul peak MFU is measured against."""
+
 from __future__ import annotations
 
 import time
@@ -30,4 +31,4 @@ def measure_matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5, d
         start = time.perf_counter()
         matmul(a, a).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+    return 2 * size**3 / best
