@@ -63,6 +63,7 @@ def _mesh_config(text: str):
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     from optiml_jax.config import DTYPES
+    from optiml_jax.data.formats import format_choices
     from optiml_jax.eval.prompts import DEFAULT_DELIMITER, PROMPT_TEMPLATES
     from optiml_jax.eval.runner import MODES
     from optiml_jax.eval.tasks import DEFAULT_MAX_INSTANCES
@@ -82,7 +83,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--split", help="split file listing the tasks to evaluate (e.g. splits/default/test_tasks.txt)"
     )
-    parser.add_argument("--format", default="auto", choices=["auto", "sni", "jsonl"])
+    parser.add_argument("--format", default="auto", choices=format_choices())
     parser.add_argument(
         "--max-instances",
         type=int,

@@ -17,11 +17,12 @@ from simulated_processes import as_processes
 
 from optiml_jax import run_config
 from optiml_jax.config import ConfigError
-from optiml_jax.data import DataConfig, DataError, build_loaders, read_tasks, records, sources
+from optiml_jax.data import DataConfig, DataError, build_loaders, read_tasks
+from optiml_jax.data.formats import parquet as parquet_format
 from optiml_jax.data.records import Shard
 from optiml_jax.data.sources import Fields, SkipStats
 from optiml_jax.data.templates import format_sni
-from optiml_jax.eval.tasks import EvalDataError, holdout_eval_tasks, load_eval_tasks
+from optiml_jax.eval.tasks import holdout_eval_tasks, load_eval_tasks
 
 SNI_FIELDS = {"src": "inputs", "tgt": "targets", "task": "task_name", "definition": "definition"}
 FLAN_FIELDS = {"src": "inputs", "tgt": "targets", "task": "task"}
@@ -149,14 +150,13 @@ class GroupReads:
     training."""
 
     def __init__(self, monkeypatch):
-        self.reads, self.owner, real = {}, {}, sources.read_row_group
+        self.reads, self.owner, real = {}, {}, parquet_format.read_row_group
 
         def read_row_group(handle, path, group, columns):
             self.reads.setdefault(self.owner.get(threading.get_ident(), -1), []).append((str(path), group))
             return real(handle, path, group, columns)
 
-        monkeypatch.setattr(sources, "read_row_group", read_row_group)
-        monkeypatch.setattr(records, "read_row_group", read_row_group)
+        monkeypatch.setattr(parquet_format, "read_row_group", read_row_group)
 
     def register(self, p):
         self.owner[threading.get_ident()] = p
@@ -253,10 +253,13 @@ def test_column_and_field_errors_are_one_line_naming_file_and_column(tmp_path):
         DataError, match=rf"^{numbers}: column 'tgt' \(data.fields.tgt\) holds int64, not strings$"
     ):
         read_tasks(numbers, SkipStats())
-    with pytest.raises(
-        EvalDataError, match=rf"^{path}: evaluation reads SNI task files or JSONL, not Parquet$"
-    ):
-        load_eval_tasks(path)  # eval.tasks.data (the held-out rows of a Parquet file evaluate, see below)
+    # Evaluation reads Parquet through the same registry and Fields (issue #21: it refused Parquet).
+    with pytest.raises(DataError) as e:
+        load_eval_tasks(path)
+    assert str(e.value) == (
+        f"{path}: no column 'src' (data.fields.src); its columns are inputs, targets, task, template_type: "
+        f"map them with data.fields.src=inputs data.fields.tgt=targets"
+    )
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"junk.parquet: not a readable Parquet file"):
         read_tasks(tmp_path / "junk.parquet", SkipStats())

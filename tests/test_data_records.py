@@ -14,7 +14,8 @@ from fake_tokenizer import ByteTokenizer
 from simulated_processes import as_processes
 
 from optiml_jax.data import DataConfig, DataError, MixtureStream, build_loaders, read_tasks, sources
-from optiml_jax.data import records as records_module
+from optiml_jax.data.formats import jsonl as jsonl_format
+from optiml_jax.data.formats import sni as sni_format
 from optiml_jax.data.records import Shard, deal_out
 from optiml_jax.data.sources import SkipStats
 
@@ -108,7 +109,8 @@ class ReadCounter:
             def __exit__(self, *exc):
                 self.handle.close()
 
-        monkeypatch.setattr(sources, "open_data_file", Handle)
+        for module in (sources, jsonl_format, sni_format):  # every reader that opens data files
+            monkeypatch.setattr(module, "open_data_file", Handle)
 
     def process(self):
         return self.owner.get(threading.get_ident(), -1)  # -1: the test itself
@@ -301,14 +303,14 @@ def test_an_sni_file_changed_before_another_host_reads_its_header_stops_every_pr
     root.mkdir()
     for name in ("task1146_country_capital.json", "task1508_wordnet_antonyms.json"):
         shutil.copy(SNI / name, root / name)
-    real = sources.read_sni_header
+    real = sni_format.read_sni_header
 
     def changed_under_us(path, span):  # the owner's scan saw task1146 whole; then it was cut short
         if "task1146" in str(path):
             Path(path).write_bytes(Path(path).read_bytes()[:100])
         return real(path, span)
 
-    monkeypatch.setattr(records_module, "read_sni_header", changed_under_us)
+    monkeypatch.setattr(sni_format, "read_sni_header", changed_under_us)
 
     def work(p, g):
         try:
@@ -330,11 +332,11 @@ def test_an_sni_file_changed_before_another_host_reads_its_header_stops_every_pr
 def test_task_files_are_parsed_once_exactly_as_json_loads_would():
     for file in sorted(SNI.glob("task*.json")):
         text = file.read_text(encoding="utf-8")
-        data, (start, end), spans = sources._parse_task(text)
+        data, (start, end), spans = sni_format._parse_task(text)
         assert data == json.loads(text) and json.loads(text[start:end]) == data["Instances"]
         assert [json.loads(text[a:b]) for a, b in spans] == data["Instances"]
     for text in ["{}", ' {"Instances": []} ', '{"Instances": [1], "Instances": 3}', '{"k" :\t"v\\"}"\r}']:
-        assert sources._parse_task(text)[0] == json.loads(text)
+        assert sni_format._parse_task(text)[0] == json.loads(text)
     for text in [
         '{"a" 1}',
         '{"a": 1,}',
@@ -349,4 +351,4 @@ def test_task_files_are_parsed_once_exactly_as_json_loads_would():
         '{"Instances": [,1]}',
     ]:
         with pytest.raises(ValueError):
-            sources._parse_task(text)
+            sni_format._parse_task(text)

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from optiml_jax.data.formats import detect_format
+from optiml_jax.data.formats.sni import read_sni_task
 from optiml_jax.data.records import read_jsonl, read_tasks
-from optiml_jax.data.sources import DataError, SkipStats, detect_format, read_sni_task
+from optiml_jax.data.sources import DataError, SkipStats
 
 SNI = Path(__file__).resolve().parents[1] / "optiml_jax" / "assets" / "data" / "sni"
 TASK1564 = SNI / "task1564_triviaqa_answer_generation.json"

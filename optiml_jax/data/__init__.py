@@ -26,6 +26,8 @@ import numpy as np
 
 from optiml_jax.config import ConfigError
 from optiml_jax.data import templates
+from optiml_jax.data.formats import format_choices
+from optiml_jax.data.formats.sni import read_sni_task
 from optiml_jax.data.holdout import holdout_problem, split_holdout
 from optiml_jax.data.loader import AllGather, EvalLoader, TrainLoader
 from optiml_jax.data.mixing import MixtureStream, mixing_weights
@@ -41,13 +43,11 @@ from optiml_jax.data.packing import (
 from optiml_jax.data.records import Shard, TaskRecords, read_jsonl, read_tasks
 from optiml_jax.data.sources import (
     FIELD_NAMES,
-    FORMATS,
     ON_ERROR_CHOICES,
     DataError,
     Example,
     Fields,
     SkipStats,
-    read_sni_task,
 )
 from optiml_jax.data.templates import TEMPLATES
 
@@ -113,7 +113,7 @@ class DataConfig:
             if value is not None and not (isinstance(value, str) and value):
                 raise ConfigError(f"data.{name} must be the path of a split file, got {value!r}")
         for name, choices in (
-            ("format", FORMATS),
+            ("format", format_choices()),
             ("template", TEMPLATES),
             ("overlong", OVERLONG_CHOICES),
             ("on_error", ON_ERROR_CHOICES),
@@ -254,7 +254,8 @@ def _read(data: DataConfig, paths, split_file, seed: int, shard: Shard) -> tuple
         fields=data.field_map,
     )
     if not tasks:
-        raise DataError(f"{paths}: no usable examples (skipped: {stats.as_dict()})")
+        first = f"; first: {stats.first_message}" if stats.first_message else ""
+        raise DataError(f"{paths}: no usable examples (skipped: {stats.as_dict()}){first}")
     return tasks, stats
 
 

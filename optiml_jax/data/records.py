@@ -32,38 +32,14 @@ import heapq
 import json
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from optiml_jax.data import hub
-from optiml_jax.data.sources import (
-    FORMATS,
-    MAX_LOGGED_PER_FILE,
-    DataError,
-    Example,
-    Fields,
-    SkipStats,
-    SNIExample,
-    check_jsonl_line,
-    check_record,
-    detect_format,
-    jsonl_files,
-    open_parquet,
-    parquet_files,
-    read_row_group,
-    read_sni_header,
-    read_sni_instance,
-    read_span,
-    record_example,
-    scan_jsonl,
-    scan_parquet,
-    scan_sni_file,
-    sni_files,
-)
+from optiml_jax.data.formats import AUTO, Format, Source, format_choices, get_format, resolve_format
+from optiml_jax.data.sources import MAX_LOGGED_PER_FILE, DataError, Example, Fields, SkipStats
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +50,6 @@ AllGather = Callable[[np.ndarray], np.ndarray]
 # SNI: position in Instances; Parquet: row), its index among its task's usable records (SNI templates seed
 # the answer delimiter with it) and, in the exchange only, the code of its task among the scan's TaskCodes.
 RECORD_COLUMNS = 5
-# Row groups of a Parquet file kept in memory while training (per file; mapped columns only).
-CACHED_ROW_GROUPS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,109 +67,6 @@ class Shard:
 
 
 # ---------------------------------------------------------------------------------------- records
-def _changed(where: str, what: str = "line") -> DataError:
-    return DataError(
-        f"{where}: the {what} no longer holds the usable record found there when the run started; "
-        f"the file changed after it was read"
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class JsonlSource:
-    path: str
-    task: str
-    fields: Fields = Fields()
-    seed: int = 0
-
-    def example(self, start: int, end: int, line: int, index: int) -> Union[Example, SNIExample]:
-        values, _ = check_jsonl_line(read_span(self.path, start, end), self.fields)
-        if values is None or values.get("task", self.task) != self.task:
-            raise _changed(f"{self.path}:{line}")
-        return record_example(values, self.task, f"{self.path}:{line}", self.seed, index)
-
-
-class RowGroups:
-    """The row groups of one Parquet file, read (mapped columns only) when a row of theirs is needed; the
-    CACHED_ROW_GROUPS most recent are kept, as Arrow tables. One per file, shared by the tasks with rows
-    in it."""
-
-    def __init__(self, path: str, fields: Fields):
-        self.path, self.fields = path, fields
-        self._cache: OrderedDict = OrderedDict()  # group -> pyarrow Table
-        self._footer = None  # (size, mtime) of the file when its metadata was read, the metadata
-
-    def _open(self):
-        # Opened per read, so a run over many files holds no descriptors; the footer is parsed again only
-        # when the file changed (parsing it costs as much as reading a group of a thousand rows).
-        try:
-            stat = os.stat(self.path)
-        except OSError as e:
-            raise DataError(f"{self.path}: cannot open ({e.strerror})") from None
-        version = (stat.st_size, stat.st_mtime_ns)
-        if self._footer is None or self._footer[0] != version:
-            self._cache.clear()
-            self._footer = (version, open_parquet(self.path).metadata)
-        return open_parquet(self.path, metadata=self._footer[1])
-
-    def row(self, group: int, k: int) -> Optional[dict]:
-        """{column: value} of row k of a group, None when the group has no such row."""
-        table = self._cache.get(group)
-        if table is None:
-            handle = self._open()
-            if group >= handle.metadata.num_row_groups:
-                return None
-            table = read_row_group(handle, self.path, group, self.fields.columns)
-            self._cache[group] = table
-            if len(self._cache) > CACHED_ROW_GROUPS:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(group)
-        if k >= table.num_rows:
-            return None
-        return {column: table.column(column)[k].as_py() for column in self.fields.columns}
-
-
-@dataclasses.dataclass(frozen=True)
-class ParquetSource:
-    path: str
-    task: str
-    groups: RowGroups
-    seed: int = 0
-
-    def example(self, group: int, k: int, row: int, index: int) -> Union[Example, SNIExample]:
-        where = f"{self.path}:row {row}"
-        record = self.groups.row(group, k)
-        values = check_record(record, self.groups.fields)[0] if record is not None else None
-        if values is None or values.get("task", self.task) != self.task:
-            raise _changed(where, "row")
-        return record_example(values, self.task, where, self.seed, index)
-
-
-@dataclasses.dataclass(frozen=True)
-class SNISource:
-    path: str
-    task: str
-    definition: str
-    exemplars: tuple[tuple[str, str], ...]
-    seed: int
-
-    def example(self, start: int, end: int, position: int, index: int) -> SNIExample:
-        ident, text, output = read_sni_instance(self.path, start, end, position)
-        return SNIExample(
-            task=self.task,
-            source=f"{self.path}#{ident}",
-            definition=self.definition,
-            input=text,
-            output=output,
-            exemplars=self.exemplars,
-            seed=self.seed,
-            index=index,
-        )
-
-
-Source = Union[JsonlSource, ParquetSource, SNISource]
-
-
 def locate(ends: np.ndarray, i: int) -> tuple[int, int]:
     """(part, index in that part) of item i of sequences laid end to end, `ends` their cumulative lengths."""
     k = int(np.searchsorted(ends, i, side="right"))
@@ -287,7 +158,7 @@ def exchange(shard: Shard, meta, arrays: Sequence[np.ndarray]) -> list:
 # ---------------------------------------------------------------------------------------- index
 @dataclasses.dataclass(frozen=True)
 class _DataFile:
-    kind: str  # "jsonl", "parquet" or "sni"
+    format: Format  # the format reading the file
     path: Path
     task: str
     size: int
@@ -297,32 +168,24 @@ class _DataFile:
 def _list_files(paths, format: str, split_file, template: str) -> list[_DataFile]:
     files = []
     for path in paths:
-        from_hub = hub.is_hub_path(path)
-        fmt = "parquet" if from_hub else detect_format(path) if format == "auto" else format
-        if fmt == "sni":
-            found = [("sni", f) for f in sni_files(path, split_file)]
-        else:
-            if template != "zero_shot":
-                raise DataError(
-                    f"{path}: template {template!r} applies to SNI task files only; JSONL and "
-                    f"Parquet records have no exemplars"
-                )
-            # Each file is one corpus (task) named by its stem, unless data.fields.task names each record's
-            # task; files with the same stem in different subdirectories (metaseq's shards 00/, 01/, ...)
-            # are the same corpus, concatenated in path order. All shards are mixed at once, not one shard
-            # per epoch as in metaseq: the mixer already cycles and reshuffles every task per epoch.
-            if from_hub:
-                found = [("parquet", hub.materialise(path))]
-            else:
-                found = [(fmt, f) for f in (jsonl_files(path) if fmt == "jsonl" else parquet_files(path))]
-        for kind, file in found:
+        fmt = resolve_format(path, format)
+        if template != "zero_shot" and not fmt.has_exemplars:
+            raise DataError(
+                f"{path}: template {template!r} applies to SNI task files only; {fmt.name} records have "
+                f"no exemplars"
+            )
+        # Each JSONL/Parquet file is one corpus (task) named by its stem, unless data.fields.task names each
+        # record's task; files with the same stem in different subdirectories (metaseq's shards 00/, 01/,
+        # ...) are the same corpus, concatenated in path order. All shards are mixed at once, not one shard
+        # per epoch as in metaseq: the mixer already cycles and reshuffles every task per epoch.
+        reader = get_format(fmt.reads_as) if fmt.reads_as else fmt
+        # A split file names SNI tasks; other formats' data is read whole, as it always was.
+        for file in fmt.files(path, split_file if fmt.takes_split_file else None):
             try:
                 size = file.stat().st_size
             except OSError as e:
                 raise DataError(f"{file}: cannot open ({e.strerror})") from None
-            # A hub dataset's local copy may lie in another cache directory on each host: its version counts.
-            listed = f"{path}@{file.parent.name}" if from_hub else str(file)
-            files.append(_DataFile(kind, file, file.stem, size, listed))
+            files.append(_DataFile(reader, file, file.stem, size, fmt.listed(path, file)))
     return files
 
 
@@ -351,28 +214,21 @@ def _record_array(flat) -> np.ndarray:
 
 
 def _scan_my_share(files: list[_DataFile], owners: list[int], me: int, count: int, fields: Fields):
-    """(meta, arrays) to exchange, and the headers of the SNI files this process owns."""
+    """(meta, arrays) to exchange, and the headers of the whole files this process owns (read by the
+    others themselves: the exchange carries only where the records are)."""
     meta, arrays, headers = {"files": {}, "error": None}, [], {}
     try:
         for i, file in enumerate(files):
-            if file.kind == "jsonl":
-                scan = scan_jsonl(file.path, file.size * me // count, file.size * (me + 1) // count, fields)
-                entry = {"lines": scan.lines, "skips": _skips_to_send(scan.skips), "tasks": scan.tasks.names}
-                records = _record_array(scan.records)
-            elif file.kind == "parquet":
-                scan = scan_parquet(file.path, fields, me, count)
-                entry = {"skips": _skips_to_send(scan.skips), "tasks": scan.tasks.names}
-                records = _record_array(scan.records)
-            elif owners[i] == me:
-                scan = scan_sni_file(file.path)
-                headers[i] = (scan.definition, scan.positive_examples)
-                entry = {"problem": scan.problem, "skips": scan.skips, "span": scan.instances_span}
-                records = [(start, end, position, 0, 0) for start, end, position in scan.instances]
-            else:
+            if file.format.whole_files and owners[i] != me:
                 continue
+            entry, flat = file.format.scan(file.path, fields, me, 1 if file.format.whole_files else count)
+            if "header" in entry:
+                headers[i] = entry.pop("header")
+            if not file.format.whole_files:
+                entry["skips"] = _skips_to_send(entry["skips"])
             entry["array"] = len(arrays)
             meta["files"][str(i)] = entry
-            arrays.append(np.array(records, np.int64).reshape(-1, RECORD_COLUMNS))
+            arrays.append(_record_array(flat))
     except DataError as e:  # reported by every process after the exchange, never by this one alone
         meta["error"] = str(e)
     return meta, arrays, headers
@@ -389,7 +245,7 @@ def read_tasks(
     paths,
     stats: SkipStats,
     *,
-    format: str = "auto",
+    format: str = AUTO,
     split_file=None,
     template: str = "zero_shot",
     num_shots: int = 0,
@@ -404,8 +260,8 @@ def read_tasks(
     (see SkipStats); task name collisions merge (same name = same corpus)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format not in format_choices():
+        raise ValueError(f"format must be one of {format_choices()}, got {format!r}")
     me, count = (shard.index, shard.count) if shard.splits else (0, 1)
     try:
         files = _list_files(paths, format, split_file, template)
@@ -413,9 +269,9 @@ def read_tasks(
         files, listing_error = [], str(e)
     else:
         listing_error = None
-    sni = [i for i, f in enumerate(files) if f.kind == "sni"]
+    whole = [i for i, f in enumerate(files) if f.format.whole_files]
     owners = [0] * len(files)
-    for i, q in zip(sni, deal_out([files[i].size for i in sni], count)):
+    for i, q in zip(whole, deal_out([files[i].size for i in whole], count)):
         owners[i] = q
     meta, arrays, headers = _scan_my_share(files, owners, me, count, fields)
     meta["error"] = listing_error or meta["error"]
@@ -443,15 +299,15 @@ def read_tasks(
 
 
 def _read_other_headers(files, owners, gathered, headers: dict, shard: Shard, me: int) -> None:
-    """Adds to `headers` the definitions and exemplars of the SNI files other processes own. A failure
+    """Adds to `headers` the headers (SNI: definitions and exemplars) of the whole files others own. A failure
     here (a file that changed since its owner read it) is this process's alone, so it is exchanged like
     the others (collective when `shard` splits)."""
     header_error = None
     for i, file in enumerate(files):
         entry = gathered[owners[i]][0]["files"].get(str(i), {})
-        if file.kind == "sni" and i not in headers and not entry.get("problem"):
+        if file.format.whole_files and i not in headers and not entry.get("problem"):
             try:
-                headers[i] = read_sni_header(file.path, tuple(entry["span"]))
+                headers[i] = file.format.read_header(file.path, entry)
             except DataError as e:
                 header_error = str(e)
                 break
@@ -462,7 +318,7 @@ def _read_other_headers(files, owners, gathered, headers: dict, shard: Shard, me
 
 
 def _gather_rows(file: _DataFile, i: int, gathered, stats: SkipStats) -> tuple[np.ndarray, list[str]]:
-    """A JSONL or Parquet file's records from every process's share (task codes made global, into the
+    """A shared (not whole) file's records from every process's share (task codes made global, into the
     returned task names), its skips counted in file order."""
     name, chunks, tasks, codes, first_line = str(file.path), [], [], {}, 0
     for meta, arrays in gathered:  # process order is file order
@@ -475,14 +331,11 @@ def _gather_rows(file: _DataFile, i: int, gathered, stats: SkipStats) -> tuple[n
                     codes[task] = len(tasks)
                     tasks.append(task)
             records[:, 4] = np.asarray([codes[t] for t in their], np.int64)[records[:, 4]]
-        if file.kind == "jsonl":  # a share counts its lines from 1; Parquet rows are the file's already
-            records[:, 2] += first_line
-            for line, reason, detail in entry["skips"]:
-                stats.skip(reason, name, f"{name}:{first_line + line}", detail)
-            first_line += entry["lines"]
-        else:
-            for row, reason, detail in entry["skips"]:
-                stats.skip(reason, name, f"{name}:row {row}", detail)
+        # A JSONL share counts its lines from 1 ("lines" says how many it read); Parquet rows are the file's.
+        records[:, 2] += first_line
+        for number, reason, detail in entry["skips"]:
+            stats.skip(reason, name, file.format.where(name, first_line + number), detail)
+        first_line += entry.get("lines", 0)
         chunks.append(records)
     stats.end_file(name)
     return np.concatenate(chunks), tasks
@@ -516,16 +369,11 @@ def _assemble_tasks(
     parts: dict[str, list] = {}
     for i, file in enumerate(files):
         name = str(file.path)
-        if file.kind in ("jsonl", "parquet"):
+        if not file.format.whole_files:
             records, tasks = _gather_rows(file, i, gathered, stats)
-            groups = RowGroups(name, fields) if file.kind == "parquet" else None
+            source_of = file.format.sources(name, fields, seed)
             for task, task_records in _by_task(records, tasks or [file.task]):
-                source = (
-                    JsonlSource(name, task, fields, seed)
-                    if groups is None
-                    else ParquetSource(name, task, groups, seed)
-                )
-                parts.setdefault(task, []).append((source, task_records))
+                parts.setdefault(task, []).append((source_of(task), task_records))
             continue
         meta, arrays = gathered[owners[i]]
         entry = meta["files"][str(i)]
@@ -534,10 +382,8 @@ def _assemble_tasks(
         stats.end_file(name)
         if entry["problem"]:
             continue
-        definition, positives = headers[i]
-        source = SNISource(
-            name, file.task, definition, positives[:num_shots] if template == "few_shot" else (), seed
-        )
+        exemplars = num_shots if template == "few_shot" else 0
+        source = file.format.source(name, file.task, headers[i], exemplars, seed)
         parts.setdefault(file.task, []).append((source, arrays[entry["array"]]))
     tasks = {}
     for task, task_parts in parts.items():

@@ -24,6 +24,9 @@ from __future__ import annotations
 import string
 from typing import Iterable, Mapping, Sequence
 
+# Re-exported: the grouping key is defined with the evaluation data that carries it.
+from optiml_jax.data.formats.base import UNCATEGORIZED, category_name  # noqa: F401
+
 METRICS = ("exact_match", "rouge1", "rougeL")
 # Tk-Instruct's categories scored by exact match (names as `category_name` writes them); ROUGE-L elsewhere.
 EXACT_MATCH_CATEGORIES = frozenset(
@@ -36,7 +39,6 @@ EXACT_MATCH_CATEGORIES = frozenset(
         "word_analogy",
     }
 )
-UNCATEGORIZED = "uncategorized"
 DECIMALS = 4
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -44,11 +46,6 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 def normalize_answer(text: str) -> str:
     return " ".join(text.lower().translate(_PUNCTUATION).split())
-
-
-def category_name(category: str) -> str:
-    """'Textual Entailment' -> 'textual_entailment' (the official grouping key)."""
-    return "_".join(category.lower().split()) or UNCATEGORIZED
 
 
 def primary_metric(category: str) -> str:
