@@ -63,6 +63,7 @@ def _mesh_config(text: str):
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     from optiml_jax.config import DTYPES
+    from optiml_jax.data import Fields
     from optiml_jax.data.formats import format_choices
     from optiml_jax.eval.prompts import DEFAULT_DELIMITER, PROMPT_TEMPLATES
     from optiml_jax.eval.runner import MODES
@@ -84,6 +85,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--split", help="split file listing the tasks to evaluate (e.g. splits/default/test_tasks.txt)"
     )
     parser.add_argument("--format", default="auto", choices=format_choices())
+    parser.add_argument(
+        "--fields",
+        help="which JSONL key / Parquet column holds src, tgt, task, definition, as data.fields does "
+        "for training: e.g. src=inputs,tgt=targets",
+    )
     parser.add_argument(
         "--max-instances",
         type=int,
@@ -170,6 +176,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if any(not s for s in args.stop):
         raise CLIError("--stop needs a non-empty string")
     args.mesh = _mesh_config(args.mesh)
+    try:
+        args.fields = Fields.from_text(args.fields)
+    except ValueError as e:
+        raise CLIError(f"--fields: {e}") from None
     return args
 
 
@@ -192,7 +202,7 @@ def _evaluate_model(args):
             f"--batch-size {args.batch_size} is not divisible by the mesh's data-parallel devices "
             f"(data x fsdp = {data_parallel_size(mesh)})"
         )
-    tasks = load_eval_tasks(args.data, args.split, args.max_instances, args.format)
+    tasks = load_eval_tasks(args.data, args.split, args.max_instances, args.format, args.fields)
     batch_size = args.batch_size or 8 * data_parallel_size(mesh)
     settings = EvalSettings(
         template=args.template,

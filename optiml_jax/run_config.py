@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from optiml_jax.config import ASSETS_DIR, DTYPES, ConfigError
-from optiml_jax.data import DataConfig
+from optiml_jax.data import DataConfig, Fields
 from optiml_jax.data.formats import format_choices
 from optiml_jax.eval.prompts import PROMPT_TEMPLATES
 from optiml_jax.sharding import MeshConfig
@@ -90,6 +90,9 @@ class EvalTasksSection:
     data: str = HOLDOUT  # SNI task file(s) or JSONL; "holdout" = the data.eval_holdout instances
     split: Optional[str] = None  # split file listing the tasks of `data` (SNI)
     format: str = "auto"  # auto or a registered data format (data/formats/): sni, jsonl, parquet
+    fields: Optional[str] = (
+        None  # JSONL keys / Parquet columns, as evaluate's --fields: src=inputs,tgt=targets
+    )
     max_instances: int = 100  # first N instances of each task (SNI's protocol); 0 = all
     shots: int = 0  # the task's first K positive examples in the prompt
     template: str = "optiml"  # optiml (the training template, fixed delimiter) or tk_instruct
@@ -109,6 +112,10 @@ class EvalTasksSection:
             raise ConfigError(f"max_options must be >= 2, got {self.max_options}")
         if self.format not in format_choices():
             raise ConfigError(f"format={self.format!r} is not one of {', '.join(format_choices())}")
+        try:
+            Fields.from_text(self.fields)
+        except ValueError as e:
+            raise ConfigError(f"fields: {e}") from None
         for name, low in (("max_instances", 0), ("shots", 0), ("max_new_tokens", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")

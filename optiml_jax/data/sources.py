@@ -208,6 +208,19 @@ class Fields:
                 raise ValueError(f"{key} must name a column (a non-empty string), got {column!r}")
         return cls(**mapping)
 
+    @classmethod
+    def from_text(cls, text: Optional[str]) -> "Fields":
+        """From `src=inputs,tgt=targets` (evaluation's --fields); ValueError naming the bad part."""
+        if not text:
+            return cls()
+        mapping = {}
+        for part in text.split(","):
+            name, sep, column = (p.strip() for p in part.partition("="))
+            if not sep:
+                raise ValueError(f"expected NAME=COLUMN pairs separated by commas, got {part!r}")
+            mapping[name] = column
+        return cls.from_mapping(mapping)
+
     def mapped(self) -> list[tuple[str, str]]:
         """(our name, column) of every field read from the records."""
         return [(name, getattr(self, name)) for name in FIELD_NAMES if getattr(self, name) is not None]

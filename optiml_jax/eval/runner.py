@@ -23,6 +23,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from optiml_jax.data.sources import Fields
 from optiml_jax.eval.metrics import ALL_METRICS, UNCATEGORIZED, InstanceScorer, aggregate
 from optiml_jax.eval.prompts import DEFAULT_DELIMITER, PROMPT_TEMPLATES, build_prompt
 from optiml_jax.eval.tasks import EvalDataError, EvalTask, jsonl_objects
@@ -392,7 +393,8 @@ def tasks_from_config(tasks_cfg, held_out=None, resolve=lambda path: path) -> li
             )
         return holdout_eval_tasks(held_out, tasks_cfg.max_instances)
     split = resolve(tasks_cfg.split) if tasks_cfg.split else None
-    return load_eval_tasks(resolve(tasks_cfg.data), split, tasks_cfg.max_instances, tasks_cfg.format)
+    fields = Fields.from_text(tasks_cfg.fields)
+    return load_eval_tasks(resolve(tasks_cfg.data), split, tasks_cfg.max_instances, tasks_cfg.format, fields)
 
 
 def metric_scalars(metrics: dict, prefix: str = "eval_tasks") -> dict[str, float]:
