@@ -41,8 +41,6 @@ class TsvFormat(Format):
 
     name = "tsv"
     suffixes = (".tsv",)
-    pattern = "*.tsv"
-    described = ".tsv"
 
     def lines(self, path):
         offset = 0

@@ -82,9 +82,9 @@ class Format:
 
     name: str = ""
     suffixes: tuple[str, ...] = ()  # a file with one of these suffixes is this format
-    pattern: str = ""  # the files of this format in a directory (glob)
+    pattern: str = ""  # the files of this format in a directory (glob); default: "*" + its first suffix
     recursive: bool = True  # `pattern` is searched in subdirectories too
-    described: str = ""  # how messages name its files, e.g. ".jsonl"
+    described: str = ""  # how messages name its files; default: its first suffix
     selectable: bool = True  # a value of data.format / --format (False: detected from the path only)
     whole_files: bool = False
     has_exemplars: bool = False  # few-shot templates need the file's own exemplars
@@ -122,7 +122,18 @@ class Format:
 
     # ------------------------------------------------------------------ evaluation
     def eval_tasks(self, path, split_file, max_instances: int, fields: Fields) -> list[EvalTask]:
-        """The evaluation tasks at `path`, each with its first `max_instances` instances (0 = all)."""
+        """The evaluation tasks at `path`, each with its first `max_instances` instances (0 = all): by
+        default those of the records eval_records() gives (records_eval_tasks), merged across files."""
+        return merge_eval_tasks(
+            (
+                records_eval_tasks(file, self.eval_records(file, fields), max_instances, fields)
+                for file in self.files(path, split_file)
+            ),
+            max_instances,
+        )
+
+    def eval_records(self, file: Path, fields: Fields) -> Iterable[tuple[int | str, str, dict]]:
+        """(id, "where", {key: value}) of every record of a file, for records_eval_tasks."""
         raise NotImplementedError
 
 
@@ -133,7 +144,11 @@ def register(cls: type[Format]) -> type[Format]:
     """Class decorator: registers one instance of a Format subclass under its `name`."""
     if not cls.name or cls.name == AUTO or cls.name in _REGISTRY:
         raise ValueError(f"format name {cls.name!r} is empty, reserved or registered twice")
-    _REGISTRY[cls.name] = cls()
+    fmt = cls()
+    if cls.suffixes:
+        fmt.pattern = fmt.pattern or f"*{cls.suffixes[0]}"
+        fmt.described = fmt.described or cls.suffixes[0]
+    _REGISTRY[cls.name] = fmt
     return cls
 
 

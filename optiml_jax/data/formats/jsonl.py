@@ -16,11 +16,8 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 from optiml_jax.data.formats.base import (
-    EvalTask,
     Format,
     changed,
-    merge_eval_tasks,
-    records_eval_tasks,
     register,
 )
 from optiml_jax.data.sources import (
@@ -150,8 +147,6 @@ def jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, str, dict]]:
 class JsonlFormat(Format):
     name = "jsonl"
     suffixes = (".jsonl",)
-    pattern = "*.jsonl"
-    described = ".jsonl"
 
     def scan(self, path: Path, fields: Fields, me: int, count: int) -> tuple[dict, array.array]:
         size = path.stat().st_size
@@ -161,11 +156,5 @@ class JsonlFormat(Format):
     def sources(self, path: str, fields: Fields, seed: int):
         return lambda task: JsonlSource(path, task, fields, seed)
 
-    def eval_tasks(self, path, split_file, max_instances: int, fields: Fields) -> list[EvalTask]:
-        return merge_eval_tasks(
-            (
-                records_eval_tasks(file, jsonl_objects(file), max_instances, fields)
-                for file in self.files(path, split_file)
-            ),
-            max_instances,
-        )
+    def eval_records(self, file: Path, fields: Fields):
+        return jsonl_objects(file)

@@ -19,11 +19,8 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 from optiml_jax.data.formats.base import (
-    EvalTask,
     Format,
     changed,
-    merge_eval_tasks,
-    records_eval_tasks,
     register,
 )
 from optiml_jax.data.sources import (
@@ -229,25 +226,17 @@ def parquet_rows(path: Path, fields: Fields) -> Iterator[tuple[str, str, dict]]:
 class ParquetFormat(Format):
     name = "parquet"
     suffixes = (".parquet",)
-    pattern = "*.parquet"
-    described = ".parquet"
+
+    def where(self, path: str, number: int) -> str:
+        return f"{path}:row {number}"
 
     def scan(self, path: Path, fields: Fields, me: int, count: int) -> tuple[dict, array.array]:
         scan = scan_parquet(path, fields, me, count)
         return {"skips": scan.skips, "tasks": scan.tasks.names}, scan.records
 
-    def where(self, path: str, number: int) -> str:
-        return f"{path}:row {number}"
-
     def sources(self, path: str, fields: Fields, seed: int):
         groups = RowGroups(path, fields)  # one per file: its cached row groups serve all its tasks
         return lambda task: ParquetSource(path, task, groups, seed)
 
-    def eval_tasks(self, path, split_file, max_instances: int, fields: Fields) -> list[EvalTask]:
-        return merge_eval_tasks(
-            (
-                records_eval_tasks(file, parquet_rows(file, fields), max_instances, fields)
-                for file in self.files(path, split_file)
-            ),
-            max_instances,
-        )
+    def eval_records(self, file: Path, fields: Fields):
+        return parquet_rows(file, fields)

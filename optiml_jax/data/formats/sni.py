@@ -370,10 +370,11 @@ def read_sni_task(path: str | os.PathLike, stats: SkipStats) -> Optional[SNITask
 
 @dataclasses.dataclass(frozen=True)
 class SNISource:
+    """A task file's instances, prompted with its `header`: (definition, the exemplars few-shot uses)."""
+
     path: str
     task: str
-    definition: str
-    exemplars: tuple[tuple[str, str], ...]
+    header: tuple[str, tuple[tuple[str, str], ...]]
     seed: int
 
     def example(self, start: int, end: int, position: int, index: int) -> SNIExample:
@@ -381,10 +382,10 @@ class SNISource:
         return SNIExample(
             task=self.task,
             source=f"{self.path}#{ident}",
-            definition=self.definition,
+            definition=self.header[0],
             input=text,
             output=output,
-            exemplars=self.exemplars,
+            exemplars=self.header[1],
             seed=self.seed,
             index=index,
         )
@@ -514,7 +515,7 @@ class SNIFormat(Format):
 
     def source(self, path: str, task: str, header: tuple, exemplars: int, seed: int) -> SNISource:
         definition, positives = header
-        return SNISource(path, task, definition, tuple(positives[:exemplars]), seed)
+        return SNISource(path, task, (definition, tuple(positives[:exemplars])), seed)
 
     def eval_tasks(self, path, split_file, max_instances: int, fields: Fields) -> list[EvalTask]:
         files = self.files(path, split_file)
