@@ -380,6 +380,12 @@ def test_hub_dataset_is_materialised_once_as_parquet_and_read_like_a_local_file(
         ),
     )
     assert all({k: len(v) for k, v in b.items()} == {k: len(v) for k, v in tasks.items()} for b in built)
+    # Evaluation reads the same hub dataset through the same registry (its null rows are bad input there).
+    found = load_eval_tasks(
+        "hf:org/flan-sample", max_instances=0, fields=Fields(src="targets", tgt="targets")
+    )
+    assert sorted(t.name for t in found) == sorted(tasks) and sum(len(t.instances) for t in found) == 70
+    assert all(i.source.startswith(f"{written[0]}:row ") for t in found for i in t.instances)
 
 
 # ---------------------------------------------------------------------- end to end

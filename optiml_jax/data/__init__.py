@@ -60,7 +60,7 @@ Paths = Union[str, tuple[str, ...], None]
 class DataConfig:
     """`train`/`eval`: a file or directory (or a list of them); `.json` = SNI task files, `.jsonl` =
     metaseq src/tgt lines, `.parquet` = tables (a directory: every such file under it); `hf:NAME[:SPLIT]`
-    = a hub dataset through `datasets` (hub.py). `fields`: which key / column of JSONL and Parquet
+    = a hub dataset through `datasets` (formats/hub.py). `fields`: which key / column of JSONL and Parquet
     records holds our `src`, `tgt`, `task` and `definition` (see sources.Fields), e.g. {src: inputs,
     tgt: targets, task: task_name}; unset = `src` and `tgt`, one task per file.
     `train_tasks`/`eval_tasks`: optional split files (one task name per line, e.g.

@@ -254,7 +254,7 @@ def read_tasks(
     fields: Fields = Fields(),  # noqa: B008 (frozen, never mutated)
 ) -> dict[str, TaskRecords]:
     """Every usable example under `paths` (a path or several; `hf:NAME[:SPLIT]` = a hub dataset, see
-    hub.py), by task, in a deterministic order, read lazily. `fields` maps our fields to the keys or
+    formats/hub.py), by task, in a deterministic order, read lazily. `fields` maps our fields to the keys or
     columns of JSONL and Parquet records (SNI task files have their own layout). Collective when `shard`
     splits: every process must call it, and all get the same result. What is skipped goes to `stats`
     (see SkipStats); task name collisions merge (same name = same corpus)."""
