@@ -10,8 +10,8 @@ A format is one module of this package defining a `Format` subclass and register
 * how it yields evaluation instances: `eval_tasks()`, every reference kept.
 
 Training (records.py), evaluation (eval/tasks.py) and the configuration's and CLIs' choices
-(`FORMATS`, `selectable_names()`) all ask the registry, so adding a format is one new module (imported
-by this package's __init__) plus its tests.
+(`format_choices()`: data.format, eval.tasks.format, --format) all ask the registry, so adding a
+format is one new module (imported by this package's __init__) plus its tests.
 """
 
 from __future__ import annotations
