@@ -326,3 +326,22 @@ def test_remat_and_memory_ask_the_kernel_that_runs():
         on_tpu, on_cpu = estimate("tpu", policy), estimate("cpu", policy)
         assert on_tpu.activations < on_cpu.activations, policy
         assert "attention=splash" in on_tpu.table() and "attention=blockwise" in on_cpu.table()
+
+
+def test_every_kernel_module_is_a_listed_kernel_and_the_model_takes_its_platform():
+    """A kernel is one module of model/kernels/ with a SPEC: found by name, listed for configs and
+    CLIs, asked by auto (the fallback last); a run's model is built for the platform it is given."""
+    import pkgutil
+
+    from finetune_helpers import TINY_MODEL
+
+    from optiml_jax.config import OPTConfig
+    from optiml_jax.model import kernels
+    from optiml_jax.run_config import TrainSection
+    from optiml_jax.train import build_model
+
+    modules = {info.name for info in pkgutil.iter_modules(kernels.__path__)} - {"base"}
+    assert set(kernels.KERNELS) == modules and set(kernels.IMPLEMENTATIONS) == {"auto", *modules}
+    assert list(kernels.KERNELS)[-1] == kernels.FALLBACK.name == "blockwise"
+    train = TrainSection(attention="cudnn", compute_dtype="bfloat16", attention_dropout=0.0)
+    assert build_model(OPTConfig(**TINY_MODEL), train, platform="gpu").platform == "gpu"
