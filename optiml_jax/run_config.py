@@ -22,6 +22,8 @@ from optiml_jax.config import ASSETS_DIR, DTYPES, ConfigError
 from optiml_jax.data import DataConfig, Fields
 from optiml_jax.data.formats import format_choices
 from optiml_jax.eval.prompts import PROMPT_TEMPLATES
+from optiml_jax.model.kernels import IMPLEMENTATIONS
+from optiml_jax.model.remat import REMAT_POLICIES
 from optiml_jax.sharding import MeshConfig
 
 # The shipped run configs: `--config NAME` is CONFIGS_DIR/NAME.yaml; `python -m optiml_jax.finetune`
@@ -42,7 +44,7 @@ class TrainSection:
     param_dtype: str = "float32"  # master weights
     remat_policy: str = "none"  # model.REMAT_POLICIES
     scan_layers: bool = True
-    # The attention kernel (model/attention.py IMPLEMENTATIONS): auto = per platform and dtype (CPU:
+    # The attention kernel (model/kernels IMPLEMENTATIONS): auto = per platform and dtype (CPU:
     # blockwise; GPU bfloat16/float16: cuDNN; TPU: splash), logged with the reason at start.
     attention: str = "auto"
     # Where the LM head and loss run: "weighted" = only positions with loss (a prompt's positions have
@@ -260,17 +262,14 @@ def validate(cfg: RunConfig) -> None:
     _require(
         t.param_dtype in DTYPES, f"train.param_dtype={t.param_dtype!r} is not one of {', '.join(DTYPES)}"
     )
-    # the tables that use these names own them (imported here, not at the top: the train package
+    # the table that uses these names owns them (imported here, not at the top: the train package
     # imports this module)
-    from optiml_jax.model import REMAT_POLICIES
     from optiml_jax.train.loss import HEAD_POSITIONS
 
     _require(
         t.remat_policy in REMAT_POLICIES,
         f"train.remat_policy={t.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}",
     )
-    from optiml_jax.model.attention import IMPLEMENTATIONS
-
     _require(
         t.attention in IMPLEMENTATIONS,
         f"train.attention={t.attention!r} is not one of {', '.join(IMPLEMENTATIONS)}",

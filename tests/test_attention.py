@@ -11,14 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optiml_jax.model.attention import (
-    AttentionError,
-    attention,
-    blockwise_attention,
-    choose_implementation,
-    fused_dot_product_attention,
-    segment_mask,
-)
+from optiml_jax.model.attention import AttentionError, attention, choose_implementation
+from optiml_jax.model.kernels.base import fused_dot_product_attention
+from optiml_jax.model.kernels.blockwise import blockwise_attention
+from optiml_jax.model.masks import segment_mask
 
 KERNELS = ("xla", "splash", "pallas_gpu")
 # (length, head dim, dtype, tolerance relative to the largest reference value)
@@ -260,3 +256,92 @@ def test_float32_parity_runs_with_full_precision_matmuls_here_and_in_subprocesse
         check=True,
     )
     assert child.stdout.strip() == "highest"
+
+
+# ---------------------------------------------------------------------- the target platform is a parameter
+def _traced_forward(platform, dtype=jnp.bfloat16, remat_policy="dots"):
+    """The jaxpr of the tiny model's forward pass traced for `platform` on abstract shapes (nothing
+    runs: a CPU host traces the program of a TPU or GPU)."""
+    from finetune_helpers import TINY_MODEL
+
+    from optiml_jax.config import OPTConfig
+    from optiml_jax.model import OPTForCausalLM
+
+    model = OPTForCausalLM(OPTConfig(**TINY_MODEL), dtype=dtype, platform=platform, remat_policy=remat_policy)
+    ids = jax.ShapeDtypeStruct((2, 128), jnp.int32)
+    params = jax.eval_shape(lambda ids: model.init(jax.random.PRNGKey(0), ids), ids)
+    return str(jax.jit(lambda params, ids: model.apply(params, ids)).trace(params, ids).jaxpr)
+
+
+def test_a_cpu_host_traces_the_kernel_of_the_target_platform(monkeypatch):
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    from optiml_jax.model import attention as module
+
+    tpu = _traced_forward("tpu")
+    assert "pallas_call" in tpu and "dot_product_attention_fwd" not in tpu
+    assert any(choice[:2] == ("auto", "splash") for choice in module._logged_choices)
+    # jax asks the installed cuDNN for its version while tracing; a CPU host has none (a GPU host's
+    # jax CUDA plugin answers), so a version stands in for it here
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
+    gpu = _traced_forward("gpu")
+    assert "dot_product_attention_fwd" in gpu and "pallas_call" not in gpu
+    assert any(choice[:2] == ("auto", "cudnn") for choice in module._logged_choices)
+    here = _traced_forward(None)  # the running backend: this CPU
+    assert "pallas_call" not in here and "dot_product_attention_fwd" not in here
+    assert "attention_log_sum_exp" in here  # blockwise's named state, which remat "dots" keeps
+
+
+def test_remat_and_memory_ask_the_kernel_that_runs():
+    from optiml_jax.model.attention import resolve_attention
+    from optiml_jax.model.kernels import KERNELS, AttentionShapes
+    from optiml_jax.model.remat import REMAT_POLICIES
+    from optiml_jax.train.memory import estimate_training_memory
+
+    shapes = AttentionShapes(length=2048, head_dim=128, heads=16)
+    splash, _ = resolve_attention("auto", "tpu", "bfloat16", shapes)
+    blockwise, _ = resolve_attention("auto", "cpu", "bfloat16", shapes)
+    assert (splash, blockwise) == (KERNELS["splash"], KERNELS["blockwise"])
+    # "dots" keeps what the kernel names: blockwise its output and log-sum-exp, splash nothing of its own
+    assert blockwise.saved_names == ("attention_out", "attention_log_sum_exp") and splash.saved_names == ()
+    assert REMAT_POLICIES["dots"](splash.saved_names) is not None
+    # a flash kernel keeps a log-sum-exp per head, not blockwise's [length x length] mask per row
+    assert splash.saved_bytes_per_token(shapes, np.dtype("float32")) < blockwise.saved_bytes_per_token(
+        shapes, np.dtype("float32")
+    )
+
+    from optiml_jax.config import OPTConfig
+
+    config = OPTConfig.from_preset("1.3b")
+    estimate = lambda platform, policy: estimate_training_memory(
+        config,
+        mesh_shape={"data": 1, "fsdp": 1, "tensor": 1},
+        global_batch=4,
+        seq_len=2048,
+        remat_policy=policy,
+        compute_dtype="bfloat16",
+        platform=platform,
+    )
+    for policy in ("none", "dots"):
+        on_tpu, on_cpu = estimate("tpu", policy), estimate("cpu", policy)
+        assert on_tpu.activations < on_cpu.activations, policy
+        assert "attention=splash" in on_tpu.table() and "attention=blockwise" in on_cpu.table()
+
+
+def test_every_kernel_module_is_a_listed_kernel_and_the_model_takes_its_platform():
+    """A kernel is one module of model/kernels/ with a SPEC: found by name, listed for configs and
+    CLIs, asked by auto (the fallback last); a run's model is built for the platform it is given."""
+    import pkgutil
+
+    from finetune_helpers import TINY_MODEL
+
+    from optiml_jax.config import OPTConfig
+    from optiml_jax.model import kernels
+    from optiml_jax.run_config import TrainSection
+    from optiml_jax.train import build_model
+
+    modules = {info.name for info in pkgutil.iter_modules(kernels.__path__)} - {"base"}
+    assert set(kernels.KERNELS) == modules and set(kernels.IMPLEMENTATIONS) == {"auto", *modules}
+    assert list(kernels.KERNELS)[-1] == kernels.FALLBACK.name == "blockwise"
+    train = TrainSection(attention="cudnn", compute_dtype="bfloat16", attention_dropout=0.0)
+    assert build_model(OPTConfig(**TINY_MODEL), train, platform="gpu").platform == "gpu"

@@ -56,7 +56,7 @@ def test_left_padded_batch_matches_hf(variant, scan_layers):
 @pytest.mark.parametrize("variant", ["pre_ln", "post_ln_350m"])
 def test_long_left_padded_batch_matches_hf_across_causal_query_blocks(variant):
     """300 tokens: three query blocks of causal attention (128, 128, 44), left padding crossing a block."""
-    from optiml_jax.model.attention import CAUSAL_QUERY_BLOCK
+    from optiml_jax.model.kernels.blockwise import CAUSAL_QUERY_BLOCK
 
     length = 300
     assert length > 2 * CAUSAL_QUERY_BLOCK
@@ -88,7 +88,8 @@ def test_attention_outputs_and_gradients_match_autodiff(causal, dropout):
     """Packed rows (segments, trailing padding), three causal query blocks (64, 64, 72): our attention
     with its recomputing VJP equals plain softmax attention under autodiff at every non-padding
     query, values and gradients, with attention dropout drawing the same masks."""
-    from optiml_jax.model.attention import _dropout_keep, attention_mask_for, blockwise_attention
+    from optiml_jax.model.kernels.blockwise import _dropout_keep, blockwise_attention
+    from optiml_jax.model.masks import attention_mask_for
 
     rng = np.random.default_rng(0)
     batch, length, heads, head_dim, block = 2, 200, 3, 8, 64

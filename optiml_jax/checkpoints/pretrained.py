@@ -89,14 +89,15 @@ def load_pretrained(
       of the params unless `param_dtype` is given. Defaults to float32.
     scan_layers: stacked layer weights under nn.scan (fast compiles) or one module per layer.
     mesh: a `jax.sharding.Mesh`; params are then placed in their shards per `rules`.
-    attention: the attention kernel of whole-row passes (model/attention.py IMPLEMENTATIONS; "auto"
+    attention: the attention kernel of whole-row passes (model/kernels IMPLEMENTATIONS; "auto"
       picks per platform and dtype). Decoding has its own.
     """
     compute_dtype = as_dtype(dtype) or as_dtype("float32")
     storage_dtype = as_dtype(param_dtype) or compute_dtype
     path = resolve_model_path(path_or_hub_id)
     config = OPTConfig.from_json_file(path / "config.json")
-    from optiml_jax.model.attention import KERNEL_BLOCK, choose_implementation
+    from optiml_jax.model.attention import choose_implementation
+    from optiml_jax.model.kernels import KERNEL_BLOCK
 
     # an AttentionError (a ValueError) now, not while tracing the first call: cuDNN on a CPU, float32 cuDNN
     choose_implementation(

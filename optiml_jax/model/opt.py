@@ -2,7 +2,8 @@
 
 Every parameter and large activation carries logical axis names (see `sharding.py` for how they map
 onto a device mesh), so this one file serves a CPU test, one GPU and a TPU pod unchanged. The attention
-kernels live in attention.py, the norm and activation with their hand-written gradients in layers.py.
+kernels live in kernels/ (dispatched by attention.py), the remat policies in remat.py, the norm and
+activation with their hand-written gradients in layers.py.
 
 Parity traps handled here (see docs and the HF source for the reference semantics):
   * positions come from the attention mask (`cumsum(mask) * mask - 1`) and index a learned table
@@ -23,13 +24,11 @@ import jax
 import jax.numpy as jnp
 
 from optiml_jax.config import OPTConfig
-from optiml_jax.model.attention import (
-    attention,
-    attention_mask_for,
-    cached_dot_product_attention,
-    segments_from,
-)
+from optiml_jax.model.attention import attention, cached_dot_product_attention, resolve_attention
+from optiml_jax.model.kernels import AttentionShapes
 from optiml_jax.model.layers import LayerNorm, activation, init_normal, init_zeros
+from optiml_jax.model.masks import attention_mask_for, segments_from
+from optiml_jax.model.remat import REMAT_POLICIES
 
 Dtype = Any
 
@@ -38,19 +37,6 @@ CACHE_LAYOUTS = ("standard", "cpu")
 
 # The position table is indexed with `position + POSITION_OFFSET` (metaseq's padding_idx + 1).
 POSITION_OFFSET = 2
-
-REMAT_POLICIES = {
-    "none": None,  # no rematerialisation: keep every activation (fastest, most memory)
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in the backward pass
-    # keep the weight matmuls' outputs and attention's output and softmax statistics, recompute the
-    # rest (jax's checkpoint_dots would also keep the float32 scores, which attention's backward
-    # recomputes anyway: more memory than "none" at long sequences)
-    "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names("attention_out", "attention_log_sum_exp"),
-    ),
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
-}
 
 
 def _layer_norm(cfg: OPTConfig, dtype, param_dtype, name: str) -> "LayerNorm":
@@ -115,8 +101,9 @@ class OPTAttention(nn.Module):
     param_dtype: Dtype
     deterministic: bool
     decode: bool
-    attention: str = "auto"  # attention.IMPLEMENTATIONS
+    attention: str = "auto"  # kernels.IMPLEMENTATIONS
     segment_branches: bool = False  # segment ids may carry branches (scoring)
+    platform: Optional[str] = None  # the attention kernel's target platform; None: the running backend
 
     @nn.compact
     def __call__(self, hidden, key_valid, segment_ids):
@@ -158,6 +145,7 @@ class OPTAttention(nn.Module):
                 implementation=self.attention,
                 segment_branches=self.segment_branches,
                 dtype=self.dtype,
+                platform=self.platform,
             )
         out = nn.with_logical_constraint(out, qkv_axes)
         return HeadsProjection(
@@ -233,6 +221,7 @@ class OPTDecoderLayer(nn.Module):
     scanned: bool = False  # under nn.scan: return (carry, per-layer output) as scan expects
     attention: str = "auto"
     segment_branches: bool = False
+    platform: Optional[str] = None
 
     @nn.compact
     def __call__(self, hidden, key_valid, segment_ids):
@@ -252,6 +241,7 @@ class OPTDecoderLayer(nn.Module):
             self.decode,
             self.attention,
             self.segment_branches,
+            self.platform,
             name="self_attn",
         )
         hidden = self_attention(hidden, key_valid, segment_ids)
@@ -292,12 +282,14 @@ class OPTDecoderLayer(nn.Module):
         return (hidden, None) if self.scanned else hidden
 
 
-def _maybe_remat(layer_cls, policy_name: str, prevent_cse: bool):
+def _maybe_remat(layer_cls, policy_name: str, prevent_cse: bool, attention_names: tuple[str, ...]):
+    """`layer_cls` under the remat policy `policy_name`, which keeps `attention_names` (what the
+    attention kernel that runs names for its backward pass) where the policy keeps attention's state."""
     if policy_name not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {policy_name!r}; choose one of {', '.join(REMAT_POLICIES)}")
     if policy_name == "none":
         return layer_cls
-    return nn.remat(layer_cls, policy=REMAT_POLICIES[policy_name], prevent_cse=prevent_cse)
+    return nn.remat(layer_cls, policy=REMAT_POLICIES[policy_name](attention_names), prevent_cse=prevent_cse)
 
 
 class OPTDecoder(nn.Module):
@@ -308,6 +300,7 @@ class OPTDecoder(nn.Module):
     remat_policy: str = "none"
     embed_dropout: float = 0.0
     attention: str = "auto"
+    platform: Optional[str] = None
 
     @nn.compact
     def __call__(
@@ -353,11 +346,12 @@ class OPTDecoder(nn.Module):
         hidden = nn.with_logical_constraint(hidden + positions, act_axes)
         # HF applies no dropout here; metaseq (and the OPT-IML fine-tuning recipe) does.
         hidden = nn.Dropout(rate=self.embed_dropout)(hidden, deterministic=deterministic)
+        attention_names = () if decode else self._attention_kernel(input_ids, deterministic, segment_branches)
 
         if self.scan_layers:
             # prevent_cse=False is safe under scan and lets XLA optimise the rematerialised layer.
             stack = nn.scan(
-                _maybe_remat(OPTDecoderLayer, self.remat_policy, prevent_cse=False),
+                _maybe_remat(OPTDecoderLayer, self.remat_policy, False, attention_names),
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast),
@@ -373,10 +367,11 @@ class OPTDecoder(nn.Module):
                 scanned=True,
                 attention=self.attention,
                 segment_branches=segment_branches,
+                platform=self.platform,
                 name="layers",
             )(hidden, key_valid, segment_ids)
         else:
-            layer_cls = _maybe_remat(OPTDecoderLayer, self.remat_policy, prevent_cse=True)
+            layer_cls = _maybe_remat(OPTDecoderLayer, self.remat_policy, True, attention_names)
             for i in range(cfg.num_hidden_layers):
                 hidden = layer_cls(
                     cfg,
@@ -386,6 +381,7 @@ class OPTDecoder(nn.Module):
                     decode,
                     attention=self.attention,
                     segment_branches=segment_branches,
+                    platform=self.platform,
                     name=f"layers_{i}",
                 )(hidden, key_valid, segment_ids)
 
@@ -404,6 +400,20 @@ class OPTDecoder(nn.Module):
             return embed_tokens.attend(hidden)
         return hidden
 
+    def _attention_kernel(self, input_ids, deterministic: bool, segment_branches: bool) -> tuple[str, ...]:
+        """The names the attention kernel that the layers will run keeps for its backward pass (the
+        layers' `attention` calls make the same choice, and log it)."""
+        cfg = self.config
+        shapes = AttentionShapes(
+            length=input_ids.shape[1],
+            head_dim=cfg.head_dim,
+            heads=cfg.num_attention_heads,
+            dropout=not deterministic and cfg.attention_dropout > 0.0,
+            segment_branches=segment_branches,
+        )
+        spec, _ = resolve_attention(self.attention, self.platform, self.dtype, shapes)
+        return spec.saved_names
+
 
 class OPTForCausalLM(nn.Module):
     """OPT with its (tied) language-model head.
@@ -412,7 +422,9 @@ class OPTForCausalLM(nn.Module):
     stacks the layers' weights on a leading "layers" axis and runs them under `nn.scan`, so compile
     time does not grow with depth; `remat_policy` is one of REMAT_POLICIES. `embed_dropout` is
     metaseq's dropout on the input embeddings (0 in HF; 0.1 in the OPT-IML recipe). `attention` is
-    one of attention.IMPLEMENTATIONS (the kernel of whole-row attention; decoding has its own).
+    one of kernels.IMPLEMENTATIONS (the kernel of whole-row attention; decoding has its own), chosen
+    for `platform` ("cpu", "gpu", "tpu"; None: the running backend, so a program can be traced for
+    another platform than the one tracing it).
     """
 
     config: OPTConfig
@@ -422,6 +434,7 @@ class OPTForCausalLM(nn.Module):
     remat_policy: str = "none"
     embed_dropout: float = 0.0
     attention: str = "auto"
+    platform: Optional[str] = None
 
     @nn.compact
     def __call__(
@@ -442,7 +455,7 @@ class OPTForCausalLM(nn.Module):
         position_ids: positions without OPT's +2 offset; derived from the mask when omitted
           (required when decoding, since the mask then covers the whole cache).
         segment_ids: [batch, length] example ids of packed sequences (0 = padding); attention never
-          crosses examples. `segment_branches`: the ids carry branches (attention.SEGMENT_BRANCH_SHIFT).
+          crosses examples. `segment_branches`: the ids carry branches (masks.SEGMENT_BRANCH_SHIFT).
         """
         cfg = self.config
         if attention_mask is None:
@@ -461,6 +474,7 @@ class OPTForCausalLM(nn.Module):
             self.remat_policy,
             self.embed_dropout,
             self.attention,
+            self.platform,
             name="decoder",
         )
         tied_head = cfg.tie_word_embeddings and not return_hidden

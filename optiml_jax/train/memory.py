@@ -19,6 +19,8 @@ import jax
 import numpy as np
 
 from optiml_jax.config import ConfigError, OPTConfig
+from optiml_jax.model.attention import resolve_attention
+from optiml_jax.model.kernels import AttentionShapes, KernelSpec
 from optiml_jax.run_config import RunConfig
 from optiml_jax.sharding import DEFAULT_RULES
 
@@ -116,26 +118,38 @@ def activation_bytes_per_layer(
     tensor: int,
     remat_policy: str,
     compute_dtype,
+    kernel: KernelSpec,
 ) -> int:
-    """Bytes one layer keeps for the backward pass, for `tokens` = rows x seq_len on one device."""
-    h, f, heads = config.hidden_size, config.ffn_dim, config.num_attention_heads
+    """Bytes one layer keeps for the backward pass, for `tokens` = rows x seq_len on one device, with
+    the attention kernel `kernel` (what it keeps beyond its inputs and output is its spec's)."""
+    h, f = config.hidden_size, config.ffn_dim
     act = _dtype_bytes(compute_dtype)
-    local_heads = max(heads // tensor, 1)
-    # Attention's backward pass recomputes the probabilities from the boolean mask (one per row,
-    # shared by the heads) and a float32 log-sum-exp per query (attention.blockwise_attention).
-    attention_state = batch_rows * seq_len * seq_len + tokens * local_heads * 4
+    shapes = _attention_shapes(config, seq_len, tensor)
+    attention_state = tokens * kernel.saved_bytes_per_token(shapes, np.dtype(compute_dtype))
     if remat_policy == "full":
         return tokens * h * act  # the layer input only; the layer is recomputed in the backward pass
     if remat_policy == "dots_no_batch":
         # weight matmul outputs: q, k, v, out_proj, fc1, fc2 (attention einsums are recomputed)
         return tokens * (4 * h // tensor + f // tensor + h) * act
     if remat_policy == "dots":
-        # the same and attention's output and softmax statistics (model.REMAT_POLICIES)
+        # the same and, where the kernel names them (model.REMAT_POLICIES), attention's output and state
+        if not kernel.saved_names:
+            return tokens * (4 * h // tensor + f // tensor + h) * act
         return tokens * (5 * h // tensor + f // tensor + h) * act + attention_state
     # "none": what the backward pass reads (Korthikanti et al.'s count, less what our LayerNorm, ReLU
     # and attention recompute): each LayerNorm's input and output, q, k, v and attention's output,
     # the MLP activation, two boolean dropout masks, plus the attention state above.
     return tokens * ((4 * h + 4 * h // tensor + f // tensor) * act + 2 * h) + attention_state
+
+
+def _attention_shapes(config: OPTConfig, seq_len: int, tensor: int) -> AttentionShapes:
+    """One device's attention in training: whole rows of `seq_len`, heads split over `tensor`."""
+    return AttentionShapes(
+        length=seq_len,
+        head_dim=config.head_dim,
+        heads=max(config.num_attention_heads // tensor, 1),
+        dropout=config.attention_dropout > 0.0,
+    )
 
 
 def estimate_training_memory(
@@ -150,8 +164,11 @@ def estimate_training_memory(
     param_dtype="float32",
     rules=None,
     scan_layers: bool = True,
+    attention: str = "auto",
+    platform: Optional[str] = None,
 ) -> MemoryEstimate:
-    """Per-device bytes of one training step with AdamW (float32 moments)."""
+    """Per-device bytes of one training step with AdamW (float32 moments), with the attention kernel
+    that `attention` runs on `platform` (None: the running backend)."""
 
     rules = rules or DEFAULT_RULES
     devices = math.prod(mesh_shape.values())
@@ -164,20 +181,22 @@ def estimate_training_memory(
     accumulator = grads if grad_accum_steps > 1 else 0
     micro_rows = max(global_batch // grad_accum_steps // data_parallel, 1)
     tokens = micro_rows * seq_len
+    shapes = _attention_shapes(config, seq_len, tensor)
+    kernel, _ = resolve_attention(attention, platform, compute_dtype, shapes)
     saved = activation_bytes_per_layer(
-        config, tokens, seq_len, micro_rows, tensor, remat_policy, compute_dtype
+        config, tokens, seq_len, micro_rows, tensor, remat_policy, compute_dtype, kernel
     )
     activations = config.num_hidden_layers * saved
     if remat_policy != "none":
         # The backward pass recomputes one layer at a time and holds that layer's whole working set: without
         # this term the "full" estimate was ~3x below XLA's compiled temp size (tests/test_reliability.py).
         whole_layer = activation_bytes_per_layer(
-            config, tokens, seq_len, micro_rows, tensor, "none", compute_dtype
+            config, tokens, seq_len, micro_rows, tensor, "none", compute_dtype, kernel
         )
         activations += max(whole_layer - saved, 0)
-    # Whatever is saved, one layer's float32 attention probabilities exist while its backward pass runs.
-    local_heads = max(config.num_attention_heads // tensor, 1)
-    activations += micro_rows * local_heads * seq_len * seq_len * 4
+    # Whatever is saved, one layer's attention backward working set (blockwise: its float32
+    # probabilities) exists while its backward pass runs.
+    activations += tokens * kernel.backward_bytes_per_token(shapes, np.dtype(compute_dtype))
     # The fused head + loss (loss.py): float32 logits, softmax and their gradient for one chunk of
     # positions over the (tensor-split) vocabulary, this batch shard's float32 partial sum of the head's
     # gradient (vocab x d, not split over fsdp), and the gradient wrt the final hidden states, kept from
@@ -192,7 +211,8 @@ def estimate_training_memory(
         + tokens * head_dim * 4
     )
     notes = [
-        f"micro-batch of {micro_rows} sequence(s) x {seq_len} tokens per device, remat={remat_policy}",
+        f"micro-batch of {micro_rows} sequence(s) x {seq_len} tokens per device, remat={remat_policy}, "
+        f"attention={kernel.name}",
         "XLA temporaries and fragmentation come on top; keep ~10-20% headroom",
     ]
     return MemoryEstimate(
@@ -259,6 +279,8 @@ def check_memory(cfg: RunConfig, opt_config: OPTConfig, mesh, rules=DEFAULT_RULE
     """Prints the per-device estimate (process 0) and raises InsufficientMemoryError when it cannot fit;
     called before anything is allocated or compiled."""
     t = cfg.train
+    if t.attention_dropout is not None:  # the run's attention dropout decides which kernel can run
+        opt_config = opt_config.replace(attention_dropout=t.attention_dropout)
     estimate = estimate_training_memory(
         opt_config,
         mesh_shape=dict(mesh.shape),
@@ -270,6 +292,9 @@ def check_memory(cfg: RunConfig, opt_config: OPTConfig, mesh, rules=DEFAULT_RULE
         param_dtype=t.param_dtype,
         rules=rules,
         scan_layers=t.scan_layers,
+        attention=t.attention,
+        # the mesh's devices are the target (they may be a topology's, compiled for from another host)
+        platform=mesh.devices.flat[0].platform,
     )
     available = memory_limit_bytes(cfg, mesh)
     if jax.process_index() == 0:

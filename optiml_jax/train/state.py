@@ -8,7 +8,7 @@ and `sharding.logical_shardings` maps the whole tree onto the mesh by the rules.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -39,8 +39,9 @@ class TrainState:
     nonfinite_total: jax.Array  # int32
 
 
-def build_model(opt_config: OPTConfig, train: TrainSection) -> OPTForCausalLM:
-    """The model with the run's dropout, dtypes, scan and remat settings."""
+def build_model(opt_config: OPTConfig, train: TrainSection, platform: Optional[str] = None) -> OPTForCausalLM:
+    """The model with the run's dropout, dtypes, scan and remat settings, its attention kernel chosen
+    for `platform` (None: the running backend)."""
     changes = {}
     if train.dropout is not None:
         changes["dropout"] = train.dropout
@@ -50,7 +51,7 @@ def build_model(opt_config: OPTConfig, train: TrainSection) -> OPTForCausalLM:
     try:  # what cannot run here (cuDNN on a CPU, a kernel with dropout) is a config error, not a trace error
         choose_implementation(
             train.attention,
-            platform=jax.default_backend(),
+            platform=platform or jax.default_backend(),
             dtype=as_dtype(train.compute_dtype),
             head_dim=config.head_dim,
             length=train.seq_len,
@@ -66,6 +67,7 @@ def build_model(opt_config: OPTConfig, train: TrainSection) -> OPTForCausalLM:
         remat_policy=train.remat_policy,
         embed_dropout=config.dropout if train.embed_dropout else 0.0,
         attention=train.attention,
+        platform=platform,
     )
 
 
