@@ -150,7 +150,7 @@ REGISTRY = {
         "t5_wmt16_enro": {"category": "Translation", "sources": ["wmt16_enro"], "instruction": "Translate."},
         "unifiedskg_dart": {
             "category": "Data to Text",
-            "sources": ["dart"],
+            "sources": ["dart", "RTE source"],
             "instruction": "Describe the table",
         },
         "reasoning_gsm8k": {"category": "Reasoning", "sources": ["gsm8k"], "instruction": "Solve:"},
