@@ -96,16 +96,16 @@ def test_drop_overlapping_train_removes_the_train_task_of_each_pair(tmp_path):
 def test_levels_and_splits(bench):
     directory, result = bench
     tasks = result.manifest["tasks"]
-    expect = {
-        "task833_poem_sentiment_classification": ("test", "fully_held_out"),  # its category is held out
-        "flan_rte": ("test", "fully_held_out"),
-        "task1564_triviaqa_answer_generation": ("test", "partially_supervised"),
-        "promptsource_jigsaw_toxic": ("dev", "partially_supervised"),
-        "flan_squad_v1": ("train", "fully_supervised"),
-        "task1146_country_capital": ("train", "fully_supervised"),
-        "task751_svamp_subtraction_question_answering": ("train", "train"),
-    }
-    assert {name: (tasks[name]["split"], tasks[name]["level"]) for name in expect} == expect
+    expect = [  # (task, split, level)
+        ("task833_poem_sentiment_classification", "test", "fully_held_out"),  # its category is held out
+        ("flan_rte", "test", "fully_held_out"),
+        ("task1564_triviaqa_answer_generation", "test", "partially_supervised"),
+        ("promptsource_jigsaw_toxic", "dev", "partially_supervised"),
+        ("flan_squad_v1", "train", "fully_supervised"),
+        ("task1146_country_capital", "train", "fully_supervised"),
+        ("task751_svamp_subtraction_question_answering", "train", "train"),
+    ]
+    assert [(name, tasks[name]["split"], tasks[name]["level"]) for name, _, _ in expect] == expect
     assert {r["level"] for r in rows(directory, "test", "flan_rte")} == {"fully_held_out"}
     # fully supervised: the last 20 instances evaluated (dev or test as dev_tasks says), never trained on
     capital = json.loads((SNI_SAMPLE / "task1146_country_capital.json").read_text())["Instances"]

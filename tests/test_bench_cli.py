@@ -118,31 +118,20 @@ def test_the_shipped_registry_and_split_files_load(tmp_path):
     assert yaml.safe_load((CONFIGS / "optiml.yaml").read_text())["fully_supervised_instances"] > 0
 
 
+# one process of one, a small batch: the loader's own settings, not the bench's, are not under test here
+LOADER_SETTINGS = {"seed": 0, "batch_size": 4, "seq_len": 128, "process_index": 0, "process_count": 1}
+
+
+def first_batch(**data):
+    loader, _ = build_loaders(DataConfig(**data), ByteTokenizer(), **LOADER_SETTINGS)
+    return next(loader)
+
+
 def test_finetuning_reads_dir_train_with_the_default_fields(built):
-    train, _ = build_loaders(
-        DataConfig(train=str(built / "train")),
-        ByteTokenizer(),
-        seed=0,
-        batch_size=4,
-        seq_len=128,
-        process_index=0,
-        process_count=1,
-        eval=False,
-    )
-    batch = next(train)
-    assert batch["input_ids"].shape == (4, 128)
-    # with data.fields mapping the task column too, the tasks are the bench's
-    train, _ = build_loaders(
-        DataConfig(train=str(built / "train"), fields={"src": "src", "tgt": "tgt", "task": "task"}),
-        ByteTokenizer(),
-        seed=0,
-        batch_size=4,
-        seq_len=128,
-        process_index=0,
-        process_count=1,
-        eval=False,
-    )
-    assert next(train)["input_ids"].shape == (4, 128)
+    assert first_batch(train=str(built / "train"))["input_ids"].shape == (4, 128)
+    # data.fields mapping the task column too: the tasks are the bench's (as they are by file stem)
+    fields = {"src": "src", "tgt": "tgt", "task": "task"}
+    assert first_batch(train=str(built / "train"), fields=fields)["input_ids"].shape == (4, 128)
 
 
 def test_evaluation_reads_dir_test(built, tmp_path):

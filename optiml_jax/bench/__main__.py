@@ -9,6 +9,7 @@ failure while building (disk full, a worker killed) exit 1. `main` is ready to m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -68,15 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args = parse_args(argv)
-        settings = BenchSettings(
-            seed=args.seed,
-            max_per_task=args.max_per_task,
-            max_per_task_flan=args.max_per_task_flan,
-            max_dev_per_task=args.max_dev_per_task,
-            overlap_threshold=args.overlap_threshold,
-            drop_overlapping=args.drop_overlapping,
-            workers=args.workers,
-        )
+        # every setting has the flag of its name (--max-per-task -> max_per_task)
+        settings = BenchSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchSettings)})
         result = build_bench(
             args.collections, args.registry, args.split, args.output, settings, args.overwrite, not args.quiet
         )
