@@ -54,7 +54,10 @@ class BuildResult:
     manifest: dict
     overlap: list
     seconds: float
+    eval_seconds: float  # before the train pass: collections scanned; evaluation side written, indexed
+    train_seconds: float  # the train pass: read, prompted, written, looked up (the workers)
     overlap_seconds: float  # worker-seconds spent hashing and looking up the train side, over the workers
+    workers: int
     train_examples: int
     eval_examples: int
 
@@ -218,6 +221,7 @@ def build_bench(
             info[task.name]["dropped_prompts"] = dropped
             template_counts[task.name] = len({row["template"] for row in rows})
         index = EvalIndex.build(eval_texts)
+        eval_seconds = time.perf_counter() - started
         train_tasks = [
             t for t in tasks if t.name not in removed and levels[t.name] in ("train", "fully_supervised")
         ]
@@ -248,6 +252,7 @@ def build_bench(
                 ]
                 bar.update()
             bar.close()
+            train_seconds = time.perf_counter() - started - eval_seconds
         finally:
             _JOB.clear()
             if pool is not None:
@@ -293,7 +298,10 @@ def build_bench(
         manifest=manifest,
         overlap=overlap,
         seconds=time.perf_counter() - started,
+        eval_seconds=eval_seconds,
+        train_seconds=train_seconds,
         overlap_seconds=overlap_seconds / workers,
+        workers=workers,
         train_examples=train_examples,
         eval_examples=sum(len(v) for v in eval_texts.values()),
     )

@@ -9,6 +9,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from optiml_jax.bench.tasks import BenchError, Example, Task, qualified_name
 from optiml_jax.data import sources
 from optiml_jax.eval.tasks import jsonl_objects
@@ -39,24 +42,26 @@ def task_stem(file: Path) -> str:
     return stem
 
 
-def read_rows(file: Path, columns: dict, where: str) -> list[dict]:
-    """The rows of one Parquet / JSONL / JSON-list file as {our key: value}, only the mapped columns.
-    A mapped column a file lacks is an error naming the file, the column and `where` it was mapped."""
+def read_rows(file: Path, columns: dict, where: str, task: Optional[str] = None) -> list[dict]:
+    """The rows of one Parquet / JSONL / JSON-list file as {our key: value}, only the mapped columns;
+    with `task`, only that task's rows (in Parquet, row groups whose statistics exclude it are not read:
+    one task of a many-task dump costs its share, not the file). A mapped column a file lacks is an
+    error naming the file, the column and `where` it was mapped."""
     wanted = {key: column for key, column in columns.items() if column}
     if file.suffix == ".parquet":
-        handle = sources.open_parquet(file)
-        names = handle.schema_arrow.names
+        names = sources.open_parquet(file).schema_arrow.names
         for key, column in wanted.items():
             if column not in names:
                 raise BenchError(
                     f"{file}: no column {column!r} ({where}.{key}); its columns are {names[:20]}"
                 )
-        rows = []
-        for group in range(handle.metadata.num_row_groups):
-            table = sources.read_row_group(handle, file, group, list(dict.fromkeys(wanted.values())))
-            cells = {key: table.column(column).to_pylist() for key, column in wanted.items()}
-            rows.extend({key: cells[key][k] for key in wanted} for k in range(table.num_rows))
-        return rows
+        filters = [(columns["task"], "==", task)] if task is not None and columns.get("task") else None
+        try:
+            table = pq.read_table(file, columns=list(dict.fromkeys(wanted.values())), filters=filters)
+        except (OSError, pa.ArrowException) as e:
+            raise BenchError(f"{file}: cannot read ({e})") from None
+        cells = {key: table.column(column).to_pylist() for key, column in wanted.items()}
+        return [{key: cells[key][k] for key in wanted} for k in range(table.num_rows)]
     if file.suffix == ".jsonl":
         records = [(at, record) for _, at, record in jsonl_objects(file)]
     else:
@@ -113,7 +118,7 @@ def load_rows(files: list[Path], columns: dict, where: str, local: Optional[str]
     """The rows of task `local` in `files` (all rows when no task column is mapped), in file order."""
     rows = []
     for file in files:
-        for row in read_rows(file, columns, where):
+        for row in read_rows(file, columns, where, local if columns.get("task") else None):
             if not columns.get("task") or str(row["task"]) == local:
                 rows.append(row)
     return rows
