@@ -57,6 +57,11 @@ class BuildResult:
     eval_seconds: float  # before the train pass: collections scanned; evaluation side written, indexed
     train_seconds: float  # the train pass: read, prompted, written, looked up (the workers)
     overlap_seconds: float  # worker-seconds spent hashing and looking up the train side, over the workers
+    # CPU seconds (not wall: a shared host's load does not change them), for per-core rates
+    eval_cpu_seconds: float
+    train_cpu_seconds: float
+    overlap_cpu_seconds: float
+    index_bytes: int  # the evaluation side's n-gram index, held by every worker (shared, forked)
     workers: int
     train_examples: int
     eval_examples: int
@@ -152,11 +157,12 @@ def _train_task(i: int) -> dict:
         _JOB[k] for k in ("tasks", "levels", "settings", "split", "directory", "index")
     )
     task = task[i]
+    cpu_start = time.process_time()
     kept, dropped = instances_of(task, settings, split, level[task.name], "train")
     rows = prompts.task_rows(task, kept, settings.seed, "train")
     if rows:
         output.write_rows(output.shard_path(directory, "train", task.name), rows)
-    start = time.perf_counter()
+    start, overlap_cpu = time.perf_counter(), time.process_time()
     fractions = index.fractions(index.matches(texts(rows)), skip_task=task.name)
     pairs = sorted((e, float(f)) for e, f in fractions.items() if f > settings.overlap_threshold)
     return {
@@ -165,6 +171,8 @@ def _train_task(i: int) -> dict:
         "dropped_prompts": dropped,
         "pairs": pairs,
         "overlap_seconds": time.perf_counter() - start,
+        "overlap_cpu_seconds": time.process_time() - overlap_cpu,
+        "cpu_seconds": time.process_time() - cpu_start,
     }
 
 
@@ -178,7 +186,7 @@ def build_bench(
     progress: bool = True,
 ) -> BuildResult:
     """Builds OPT-IML Bench from `collections` ({name: path}) into `output_dir` (see the module doc)."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if settings.drop_overlapping not in DROP_CHOICES:
         raise BenchError(
             f"--drop-overlapping must be one of {', '.join(DROP_CHOICES)}, got {settings.drop_overlapping!r}"
@@ -221,7 +229,7 @@ def build_bench(
             info[task.name]["dropped_prompts"] = dropped
             template_counts[task.name] = len({row["template"] for row in rows})
         index = EvalIndex.build(eval_texts)
-        eval_seconds = time.perf_counter() - started
+        eval_seconds, eval_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         train_tasks = [
             t for t in tasks if t.name not in removed and levels[t.name] in ("train", "fully_supervised")
         ]
@@ -229,7 +237,7 @@ def build_bench(
             tasks=train_tasks, levels=levels, settings=settings, split=split, directory=directory, index=index
         )
         workers = max(1, min(settings.workers or os.cpu_count() or 1, len(train_tasks) or 1))
-        overlap, overlap_seconds = [], 0.0
+        overlap, overlap_seconds, overlap_cpu_seconds, train_cpu_seconds = [], 0.0, 0.0, 0.0
         try:
             if workers == 1:
                 results = map(_train_task, range(len(train_tasks)))
@@ -246,6 +254,8 @@ def build_bench(
                 entry["dropped_prompts"] += result["dropped_prompts"]
                 template_counts[task.name] = max(template_counts.get(task.name, 0), result["templates"])
                 overlap_seconds += result["overlap_seconds"]
+                overlap_cpu_seconds += result["overlap_cpu_seconds"]
+                train_cpu_seconds += result["cpu_seconds"]
                 overlap += [
                     {"train_task": task.name, "eval_task": e, "fraction": round(f, 6)}
                     for e, f in result["pairs"]
@@ -302,6 +312,10 @@ def build_bench(
         train_seconds=train_seconds,
         overlap_seconds=overlap_seconds / workers,
         workers=workers,
+        eval_cpu_seconds=eval_cpu_seconds,
+        train_cpu_seconds=train_cpu_seconds,
+        overlap_cpu_seconds=overlap_cpu_seconds,
+        index_bytes=index.nbytes,
         train_examples=train_examples,
         eval_examples=sum(len(v) for v in eval_texts.values()),
     )

@@ -72,6 +72,10 @@ class EvalIndex:
             task_names=names,
         )
 
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.hashes, self.starts, self.examples, self.example_task))
+
     def matches(self, texts: list[str]) -> np.ndarray:
         """Indices (into `hashes`) of the evaluation n-grams that `texts` contain."""
         if not len(self.hashes):
