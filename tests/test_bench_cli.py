@@ -9,7 +9,9 @@ import yaml
 from bench_fixtures import REGISTRY, SPLIT, make_collections, write_yaml
 from fake_tokenizer import ByteTokenizer
 
-from optiml_jax.bench.__main__ import main
+from optiml_jax.bench.__main__ import CONFIGS, main
+from optiml_jax.bench.registry import load_registry
+from optiml_jax.bench.splits import load_split
 from optiml_jax.data import DataConfig, build_loaders
 from optiml_jax.eval.tasks import load_eval_tasks
 
@@ -104,10 +106,6 @@ def test_an_existing_output_is_refused(inputs, built, capsys):
 
 
 def test_the_shipped_registry_and_split_files_load(tmp_path):
-    from optiml_jax.bench.__main__ import CONFIGS
-    from optiml_jax.bench.registry import load_registry
-    from optiml_jax.bench.splits import load_split
-
     registry = load_registry(CONFIGS / "registry.yaml")
     split = load_split(CONFIGS / "optiml.yaml")
     assert {f"t5_{n}" for n in ("wmt14_ende", "wmt16_enro", "cnn_dailymail")} <= set(registry.tasks)
