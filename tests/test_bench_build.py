@@ -4,6 +4,7 @@ gives the same bench."""
 
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from bench_fixtures import REGISTRY, SNI_SAMPLE, SPLIT, make_collections, rte_inputs, write_yaml
@@ -176,3 +177,27 @@ def test_the_same_seed_gives_the_same_bench(bench, tmp_path):
         n: e["examples"] for n, e in result.manifest["tasks"].items()
     }
     assert rte_inputs()[0] in rows(again, "test", "flan_rte")[0]["src"]
+
+
+def test_a_parquet_collection_read_through_the_registry_column_mapping(tmp_path):
+    rows = [{"name": f"t{i % 2}", "q": f"question {i}", "a": [f"a{i}", f"b{i}"]} for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "exmix.parquet", row_group_size=2)
+    registry = {
+        "collections": {"exmix": {"columns": {"task": "name", "input": "q", "output": "a"}}},
+        "tasks": {
+            f"exmix_t{i}": {"category": "Misc.", "sources": [f"s{i}"], "instruction": "Go."} for i in (0, 1)
+        },
+    }
+    split = {"partially_supervised_tasks": ["exmix_t1"]}
+    result = build_bench(
+        {"exmix": str(tmp_path / "exmix.parquet")},
+        write_yaml(tmp_path / "r.yaml", registry),
+        write_yaml(tmp_path / "s.yaml", split),
+        tmp_path / "out",
+        BenchSettings(workers=1),
+        progress=False,
+    )
+    assert result.manifest["tasks"]["exmix_t0"]["examples"] == 3
+    test = pq.read_table(tmp_path / "out" / "test").to_pylist()
+    assert [r["references"] for r in test] == [["a1", "b1"], ["a3", "b3"], ["a5", "b5"]]
+    assert test[0]["src"].startswith("Go.\n\nquestion 1")

@@ -2,6 +2,8 @@
 built bench read by fine-tuning's data loader (data.train=DIR/train) and by evaluation (DIR/test)."""
 
 import json
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -153,3 +155,21 @@ def test_evaluation_reads_dir_test(built, tmp_path):
     except ValueError as e:
         pytest.skip(f"optiml-evaluate --data DIR/test: evaluation does not read Parquet yet ({e})")
     assert {t.name for t in direct} == set(tasks)
+
+
+def test_a_keyword_task_without_its_instruction_is_one_line(inputs, capsys, tmp_path):
+    tasks = {
+        **REGISTRY["tasks"],
+        "crossfit_ethos": {"category": "Toxic Language Detection", "sources": ["e"]},
+    }
+    assert run(inputs, registry=write_yaml(tmp_path / "r.yaml", {"tasks": tasks}), output="x") == 2
+    assert "task 'crossfit_ethos' (crossfit) has no instruction: add one to" in error_line(capsys)
+
+
+def test_python_dash_m_is_the_command(tmp_path):
+    command = [sys.executable, "-m", "optiml_jax.bench", "build", "--collection", f"sni={tmp_path / 'no'}"]
+    done = subprocess.run([*command, "--output", str(tmp_path / "o")], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: --collection sni={tmp_path / 'no'}: no such file or directory"
+    ]

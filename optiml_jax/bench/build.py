@@ -68,14 +68,15 @@ class BuildResult:
 
 
 def read_collections(collections: dict, registry, progress: bool) -> list[Task]:
-    tasks: list[Task] = []
-    for name, path in tqdm(collections.items(), desc="collections", disable=not progress):
+    for name, path in collections.items():  # every path checked before any is read
         if name not in BENCHMARKS:
             raise BenchError(
                 f"--collection {name}={path}: unknown collection (known: {', '.join(BENCHMARKS)})"
             )
         if not Path(path).exists():
             raise BenchError(f"--collection {name}={path}: no such file or directory")
+    tasks: list[Task] = []
+    for name, path in tqdm(collections.items(), desc="collections", disable=not progress):
         tasks += READERS[name](path, registry.columns.get(name, {}), known=frozenset(registry.tasks))
     seen: dict[str, str] = {}
     for task in tasks:
