@@ -114,12 +114,13 @@ def main(argv=None) -> int:
         )
     main_rss, worker_rss = _peak_rss_gib()
     train, evaluated, workers = result.train_examples, result.eval_examples, result.workers
+    t = result.timings
     # Per-core rates from CPU seconds: a shared host's load slows the wall clock, not the CPU work;
     # the extrapolation assumes the train pass scales with the cores (workers share nothing but the
     # index, read-only) and the evaluation side runs in one process.
-    per_core_train = train / result.train_cpu_seconds
-    per_core_overlap = train / result.overlap_cpu_seconds
-    eval_rate = evaluated / result.eval_cpu_seconds
+    per_core_train = train / t["train_cpu"]
+    per_core_overlap = train / t["overlap_cpu"]
+    eval_rate = evaluated / t["eval_cpu"]
     figures = {
         "host": f"{platform.node()} ({os.cpu_count()} cores, load {os.getloadavg()[0]:.2f})",
         "python": sys.version.split()[0],
@@ -127,13 +128,13 @@ def main(argv=None) -> int:
         "train_examples": train,
         "eval_examples": evaluated,
         "generate_seconds": round(generated, 1),
-        "build_seconds_wall": round(result.seconds, 1),
-        "build_examples_per_s_wall": round((train + evaluated) / result.seconds),
-        "overlap_pass_seconds_wall": round(result.overlap_seconds, 1),
+        "build_seconds_wall": round(t["build"], 1),
+        "build_examples_per_s_wall": round((train + evaluated) / t["build"]),
+        "overlap_pass_seconds_wall": round(t["overlap"], 1),
         "train_pass_examples_per_cpu_s": round(per_core_train),
         "overlap_pass_examples_per_cpu_s": round(per_core_overlap),
         "eval_side_examples_per_cpu_s": round(eval_rate),
-        "train_pass_examples_per_s_per_worker_wall": round(train / (result.train_seconds * workers)),
+        "train_pass_examples_per_s_per_worker_wall": round(train / (t["train"] * workers)),
         "eval_index_mib": round(result.index_bytes / 2**20, 1),
         "peak_rss_main_gib": round(main_rss, 2),
         "peak_rss_largest_worker_gib": round(worker_rss, 2),
@@ -143,10 +144,7 @@ def main(argv=None) -> int:
         "real_bench_16_cores_overlap_minutes": round(REAL_TRAIN / (per_core_overlap * REAL_CORES) / 60, 1),
         # the same from this run's wall clock per worker (pessimistic on a loaded host)
         "real_bench_16_cores_build_minutes_wall": round(
-            (
-                REAL_TRAIN / (train / (result.train_seconds * workers) * REAL_CORES)
-                + REAL_EVAL / (evaluated / result.eval_seconds)
-            )
+            (REAL_TRAIN / (train / (t["train"] * workers) * REAL_CORES) + REAL_EVAL / (evaluated / t["eval"]))
             / 60,
             1,
         ),

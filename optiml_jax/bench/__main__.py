@@ -82,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_FAILED
     print(
         f"wrote {args.output}: {result.train_examples:,} train and {result.eval_examples:,} evaluation "
-        f"examples, {len(result.overlap)} overlapping pairs (report.md) in {result.seconds:.0f} s"
+        f"examples, {len(result.overlap)} overlapping pairs (report.md) in {result.timings['build']:.0f} s"
     )
     return 0
 

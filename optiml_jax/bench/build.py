@@ -53,18 +53,14 @@ class BenchSettings:
 class BuildResult:
     manifest: dict
     overlap: list
-    seconds: float
-    eval_seconds: float  # before the train pass: collections scanned; evaluation side written, indexed
-    train_seconds: float  # the train pass: read, prompted, written, looked up (the workers)
-    overlap_seconds: float  # worker-seconds spent hashing and looking up the train side, over the workers
-    # CPU seconds (not wall: a shared host's load does not change them), for per-core rates
-    eval_cpu_seconds: float
-    train_cpu_seconds: float
-    overlap_cpu_seconds: float
-    index_bytes: int  # the evaluation side's n-gram index, held by every worker (shared, forked)
-    workers: int
     train_examples: int
     eval_examples: int
+    workers: int
+    index_bytes: int  # the evaluation side's n-gram index, held by every worker (shared, forked)
+    # Seconds: `build` (all, wall), `eval` (before the train pass: collections scanned, evaluation side
+    # written and indexed; wall), `train` (the train pass, wall), `overlap` (hashing + lookups, wall per
+    # worker); the `_cpu` ones are CPU seconds (a shared host's load does not change them).
+    timings: dict
 
 
 def read_collections(collections: dict, registry, progress: bool) -> list[Task]:
@@ -171,10 +167,73 @@ def _train_task(i: int) -> dict:
         "templates": len({row["template"] for row in rows}),
         "dropped_prompts": dropped,
         "pairs": pairs,
-        "overlap_seconds": time.perf_counter() - start,
-        "overlap_cpu_seconds": time.process_time() - overlap_cpu,
-        "cpu_seconds": time.process_time() - cpu_start,
+        "overlap": time.perf_counter() - start,
+        "overlap_cpu": time.process_time() - overlap_cpu,
+        "train_cpu": time.process_time() - cpu_start,
     }
+
+
+def _eval_side(eval_tasks, levels, settings, split, directory, info, progress) -> dict[str, list[str]]:
+    """Writes the evaluation rows to dev/ and test/; {task: its rows' texts} for the overlap index."""
+    eval_texts = {}
+    for task in tqdm(eval_tasks, desc="evaluation tasks", disable=not progress):
+        kept, dropped = instances_of(task, settings, split, levels[task.name], "eval")
+        rows = prompts.task_rows(task, kept, settings.seed, levels[task.name])
+        eval_split = "dev" if task.name in split.dev_tasks else "test"
+        if rows:
+            output.write_rows(output.shard_path(directory, eval_split, task.name), rows)
+            eval_texts[task.name] = texts(rows)
+        info[task.name]["examples_by_split"][eval_split] = len(rows)
+        info[task.name]["dropped_prompts"] = dropped
+        info[task.name]["templates"] = len({row["template"] for row in rows})
+    return eval_texts
+
+
+def _train_pass(train_tasks, workers: int, info: dict, timings: dict, progress: bool) -> list[dict]:
+    """Runs _train_task over `train_tasks` (on `workers` forked processes, _JOB already set), fills
+    their entries of `info` and the CPU timings; the overlapping pairs over the threshold."""
+    overlap, pool = [], None
+    try:
+        if workers == 1:
+            results = map(_train_task, range(len(train_tasks)))
+        else:
+            pool = multiprocessing.get_context("fork").Pool(workers)
+            results = pool.imap(_train_task, range(len(train_tasks)))
+        bar = tqdm(total=len(train_tasks), desc="train tasks (write + 13-gram overlap)", disable=not progress)
+        for task, result in zip(train_tasks, results):
+            entry = info[task.name]
+            entry["examples_by_split"]["train"] = result["examples"]
+            entry["dropped_prompts"] += result["dropped_prompts"]
+            entry["templates"] = max(entry.get("templates", 0), result["templates"])
+            for key in ("overlap", "overlap_cpu", "train_cpu"):
+                timings[key] += result[key]
+            overlap += [
+                {"train_task": task.name, "eval_task": e, "fraction": round(f, 6)} for e, f in result["pairs"]
+            ]
+            bar.update()
+        bar.close()
+    finally:
+        _JOB.clear()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return overlap
+
+
+def _drop_overlapping(overlap: list, info: dict, directory: Path) -> None:
+    """--drop-overlapping train: the train task of every reported pair removed, its shards deleted."""
+    for pair in overlap:
+        entry = info[pair["train_task"]]
+        if entry["split"] == "removed":
+            continue
+        entry["split"] = "removed"
+        entry["removed_reason"] = (
+            f"{pair['fraction']:.1%} of {pair['eval_task']!r}'s examples share a {NGRAM}-gram "
+            "with it (spec §4)"
+        )
+        entry["examples_by_split"] = {"train": 0, "dev": 0, "test": 0}
+        for split in output.SPLITS:  # a fully supervised task goes whole
+            output.shard_path(directory, split, pair["train_task"]).unlink(missing_ok=True)
 
 
 def build_bench(
@@ -211,80 +270,23 @@ def build_bench(
         }
         for t in tasks
     }
-    template_counts: dict[str, int] = {}
+    kept = [t for t in tasks if t.name not in removed]
+    train_tasks = [t for t in kept if levels[t.name] in ("train", "fully_supervised")]
+    workers = max(1, min(settings.workers or os.cpu_count() or 1, len(train_tasks) or 1))
+    timings = dict.fromkeys(("overlap", "overlap_cpu", "train_cpu"), 0.0)
     with atomic_output_dir(output_dir, overwrite=overwrite, collective=False) as directory:
-        eval_texts = {}
-        eval_tasks = [
-            t
-            for t in tasks
-            if t.name not in removed and levels[t.name] in EVAL_LEVELS + ("fully_supervised",)
-        ]
-        for task in tqdm(eval_tasks, desc="evaluation tasks", disable=not progress):
-            kept, dropped = instances_of(task, settings, split, levels[task.name], "eval")
-            rows = prompts.task_rows(task, kept, settings.seed, levels[task.name])
-            eval_split = "dev" if task.name in split.dev_tasks else "test"
-            if rows:
-                output.write_rows(output.shard_path(directory, eval_split, task.name), rows)
-                eval_texts[task.name] = texts(rows)
-            info[task.name]["examples_by_split"][eval_split] = len(rows)
-            info[task.name]["dropped_prompts"] = dropped
-            template_counts[task.name] = len({row["template"] for row in rows})
+        eval_tasks = [t for t in kept if levels[t.name] != "train"]
+        eval_texts = _eval_side(eval_tasks, levels, settings, split, directory, info, progress)
         index = EvalIndex.build(eval_texts)
-        eval_seconds, eval_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-        train_tasks = [
-            t for t in tasks if t.name not in removed and levels[t.name] in ("train", "fully_supervised")
-        ]
+        timings.update(eval=time.perf_counter() - started, eval_cpu=time.process_time() - cpu_started)
         _JOB.update(
             tasks=train_tasks, levels=levels, settings=settings, split=split, directory=directory, index=index
         )
-        workers = max(1, min(settings.workers or os.cpu_count() or 1, len(train_tasks) or 1))
-        overlap, overlap_seconds, overlap_cpu_seconds, train_cpu_seconds = [], 0.0, 0.0, 0.0
-        try:
-            if workers == 1:
-                results = map(_train_task, range(len(train_tasks)))
-                pool = None
-            else:
-                pool = multiprocessing.get_context("fork").Pool(workers)
-                results = pool.imap(_train_task, range(len(train_tasks)))
-            bar = tqdm(
-                total=len(train_tasks), desc="train tasks (write + 13-gram overlap)", disable=not progress
-            )
-            for task, result in zip(train_tasks, results):
-                entry = info[task.name]
-                entry["examples_by_split"]["train"] = result["examples"]
-                entry["dropped_prompts"] += result["dropped_prompts"]
-                template_counts[task.name] = max(template_counts.get(task.name, 0), result["templates"])
-                overlap_seconds += result["overlap_seconds"]
-                overlap_cpu_seconds += result["overlap_cpu_seconds"]
-                train_cpu_seconds += result["cpu_seconds"]
-                overlap += [
-                    {"train_task": task.name, "eval_task": e, "fraction": round(f, 6)}
-                    for e, f in result["pairs"]
-                ]
-                bar.update()
-            bar.close()
-            train_seconds = time.perf_counter() - started - eval_seconds
-        finally:
-            _JOB.clear()
-            if pool is not None:
-                pool.close()
-                pool.join()
+        overlap = _train_pass(train_tasks, workers, info, timings, progress)
+        timings["train"] = time.perf_counter() - started - timings["eval"]
+        timings["overlap"] /= workers
         if settings.drop_overlapping == "train":
-            for pair in overlap:
-                entry = info[pair["train_task"]]
-                if entry["split"] == "removed":
-                    continue
-                entry.update(
-                    split="removed",
-                    removed_reason=(
-                        f"{pair['fraction']:.1%} of {pair['eval_task']!r}'s examples share a "
-                        f"{NGRAM}-gram with it (spec §4)"
-                    ),
-                )
-                entry["examples_by_split"] = {"train": 0, "dev": 0, "test": 0}
-                output.shard_path(directory, "train", pair["train_task"]).unlink(missing_ok=True)
-                for eval_split in ("dev", "test"):  # a fully supervised task goes whole
-                    output.shard_path(directory, eval_split, pair["train_task"]).unlink(missing_ok=True)
+            _drop_overlapping(overlap, info, directory)
         for entry in info.values():
             entry["examples"] = sum(entry["examples_by_split"].values())
         for name in output.SPLITS:
@@ -303,20 +305,14 @@ def build_bench(
         }
         output.write_json(directory / "manifest.json", manifest)
         output.write_json(directory / "overlap.json", overlap)
-        report.write_report(directory / "report.md", manifest, overlap, template_counts)
-    train_examples = sum(e["examples_by_split"]["train"] for e in info.values())
+        report.write_report(directory / "report.md", manifest, overlap)
+    timings["build"] = time.perf_counter() - started
     return BuildResult(
         manifest=manifest,
         overlap=overlap,
-        seconds=time.perf_counter() - started,
-        eval_seconds=eval_seconds,
-        train_seconds=train_seconds,
-        overlap_seconds=overlap_seconds / workers,
+        train_examples=sum(e["examples_by_split"]["train"] for e in info.values()),
+        eval_examples=sum(map(len, eval_texts.values())),
         workers=workers,
-        eval_cpu_seconds=eval_cpu_seconds,
-        train_cpu_seconds=train_cpu_seconds,
-        overlap_cpu_seconds=overlap_cpu_seconds,
         index_bytes=index.nbytes,
-        train_examples=train_examples,
-        eval_examples=sum(len(v) for v in eval_texts.values()),
+        timings=timings,
     )

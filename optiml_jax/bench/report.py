@@ -31,7 +31,7 @@ def _row(name, clusters, tasks, examples, templates, paper) -> str:
     )
 
 
-def write_report(path: Path, manifest: dict, overlap: list, template_counts: dict) -> None:
+def write_report(path: Path, manifest: dict, overlap: list) -> None:
     tasks = manifest["tasks"]
     lines = [
         "# OPT-IML Bench build",
@@ -53,7 +53,7 @@ def write_report(path: Path, manifest: dict, overlap: list, template_counts: dic
         names = groups.get(key, [])
         split = key if key in ("train", "dev", "test") else None
         examples = sum(tasks[n]["examples_by_split"][split] if split else tasks[n]["examples"] for n in names)
-        templates = sum(max(template_counts.get(n, 1), 1) for n in names)
+        templates = sum(max(tasks[n].get("templates", 1), 1) for n in names)
         clusters = len({tasks[n]["category"] for n in names})
         lines.append(_row(PAPER_TABLE1[key][0], clusters, len(names), examples, templates, PAPER_TABLE1[key]))
     removed = {n: i["removed_reason"] for n, i in tasks.items() if i["split"] == "removed"}
