@@ -173,3 +173,12 @@ def test_python_dash_m_is_the_command(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"error: --collection sni={tmp_path / 'no'}: no such file or directory"
     ]
+
+
+def test_the_shipped_registry_and_split_build_the_sni_sample(inputs):
+    root, collections = inputs[0], inputs[1]
+    argv = ["build", "--quiet", "--workers", "1", "--collection", f"sni={collections['sni']}"]
+    assert main([*argv, "--output", str(root / "shipped")]) == 0  # --registry, --split: the shipped files
+    manifest = json.loads((root / "shipped" / "manifest.json").read_text())
+    assert manifest["settings"]["split"].endswith("configs/bench/optiml.yaml")
+    assert {e["split"] for e in manifest["tasks"].values()} == {"train"}  # no sample task is held out

@@ -1,6 +1,7 @@
 """The task registry (`--registry FILE.yaml`): for every task the collections do not describe themselves,
 its category, data sources, instruction (keyword-only collections) and templates to drop (spec §3):
 
+    categories: [...]       # optional: the category names (taxonomy) beyond those of the tasks here
     collections:            # optional: the column mapping of a Parquet/JSONL collection
       exmix: {columns: {task: task, input: inputs, output: targets}}
     tasks:
@@ -36,9 +37,11 @@ class Registry:
     tasks: dict
     columns: dict  # benchmark -> {our key: column}
     path: str = ""
+    taxonomy: tuple[str, ...] = ()
 
     def categories(self) -> set[str]:
-        return {entry.category for entry in self.tasks.values() if entry.category}
+        """Every category the registry knows: its `categories` list and its tasks'."""
+        return set(self.taxonomy) | {entry.category for entry in self.tasks.values() if entry.category}
 
 
 def read_yaml_mapping(path, what: str) -> dict:
@@ -86,9 +89,9 @@ def _entry(name: str, value, where: str) -> TaskEntry:
 
 def load_registry(path) -> Registry:
     data = read_yaml_mapping(path, "registry")
-    unknown = sorted(map(str, set(data) - {"tasks", "collections"}))
+    unknown = sorted(map(str, set(data) - {"tasks", "collections", "categories"}))
     if unknown:
-        raise BenchError(f"{path}: unknown key {unknown[0]!r} (known: tasks, collections)")
+        raise BenchError(f"{path}: unknown key {unknown[0]!r} (known: tasks, collections, categories)")
     tasks = data.get("tasks") or {}
     if not isinstance(tasks, dict):
         raise BenchError(f"{path}: tasks must map task names to entries")
@@ -105,4 +108,5 @@ def load_registry(path) -> Registry:
         if bad:
             raise BenchError(f"{where}.columns: unknown key {bad[0]!r} (known: {', '.join(COLUMN_KEYS)})")
         columns[benchmark] = {str(k): str(v) for k, v in mapping.items()}
-    return Registry(tasks=entries, columns=columns, path=str(path))
+    taxonomy = _strings(data.get("categories"), f"{path}: categories")
+    return Registry(tasks=entries, columns=columns, path=str(path), taxonomy=taxonomy)
