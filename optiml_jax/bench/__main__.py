@@ -12,16 +12,16 @@ import argparse
 import dataclasses
 import logging
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 from optiml_jax.bench.build import DROP_CHOICES, BenchSettings, build_bench
 from optiml_jax.bench.tasks import BENCHMARKS, BenchError
+from optiml_jax.config import ASSETS_DIR
 from optiml_jax.fileio import OutputDirError
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
-# The shipped registry and split file, found beside the package in a checkout.
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "bench"
+# The shipped registry and split file (configs/bench/, shipped in the wheel as assets/configs/bench/).
+CONFIGS = ASSETS_DIR / "configs" / "bench"
 
 
 class _Parser(argparse.ArgumentParser):
