@@ -1,0 +1,46 @@
+"""The FLAN collection's dumps (Parquet/JSONL): `inputs`, `targets`, the task in `task` or
+`_task_name`, `_template_type` (zs_opt, zs_noopt, fs_opt, fs_noopt) and `_template_idx`. Every row is one
+instance already prompted with one of its task's templates, so the templates are kept as they are
+(`template` = `zs_opt:3`); only the zero-shot rows are read (the paper trains without demonstrations,
+spec §5: few-shot prompts are built at evaluation)."""
+
+from __future__ import annotations
+
+from optiml_jax.bench.collections import generic
+from optiml_jax.bench.tasks import Example, Task, qualified_name
+from optiml_jax.data import sources
+from optiml_jax.eval.tasks import jsonl_objects
+
+DEFAULT_COLUMNS = {"input": "inputs", "output": "targets", "type": "_template_type", "idx": "_template_idx"}
+ZERO_SHOT = ("zs_opt", "zs_noopt")
+
+
+def _task_column(files) -> str:
+    """FLAN dumps name the task `task` (the hub's flan collections) or `_task_name` (the generation code)."""
+    first = files[0]
+    if first.suffix == ".parquet":
+        names = sources.open_parquet(first).schema_arrow.names
+    else:
+        names = list(next(iter(jsonl_objects(first)), (0, "", {}))[2])
+    return "_task_name" if "_task_name" in names and "task" not in names else "task"
+
+
+def read(path, columns: dict, known=frozenset()) -> list[Task]:
+    files = generic.list_files(path)
+    columns = {**DEFAULT_COLUMNS, "task": _task_column(files), **columns}
+    where = "collections.flan.columns"
+    tasks = []
+    for local, task_files in generic.group_by_task(files, columns, where).items():
+
+        def load(task_files=task_files, local=local):
+            instances = []
+            for i, row in enumerate(generic.load_rows(task_files, columns, where, local)):
+                if row["type"] not in ZERO_SHOT:
+                    continue
+                refs = generic.references(row["output"], f"{task_files[0]} ({local} row {i})")
+                template = f"{row['type']}:{row['idx']}"
+                instances.append((Example(input=row["input"], references=refs, template=template),))
+            return instances
+
+        tasks.append(Task(name=qualified_name("flan", local.split(":")[0]), benchmark="flan", load=load))
+    return tasks

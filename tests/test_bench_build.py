@@ -1,0 +1,203 @@
+"""OPT-IML Bench builds (optiml_jax/bench) on small generated collections in every layout plus the SNI
+sample (bench_fixtures.py): each rule of the spec acts on what was planted for it, and the same seed
+gives the same bench."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from bench_fixtures import REGISTRY, SNI_SAMPLE, SPLIT, make_collections, rte_inputs, write_yaml
+
+from optiml_jax.bench import BenchSettings, build_bench
+from optiml_jax.bench.output import SCHEMA
+from optiml_jax.data.templates import ANSWER_DELIMITERS
+
+
+def build(tmp, name, registry=REGISTRY, split=SPLIT, **settings):
+    collections = make_collections(tmp / f"{name}-collections")
+    result = build_bench(
+        collections,
+        write_yaml(tmp / f"{name}-registry.yaml", registry),
+        write_yaml(tmp / f"{name}-split.yaml", split),
+        tmp / name,
+        BenchSettings(**{"workers": 2, **settings}),
+        progress=False,
+    )
+    return tmp / name, result
+
+
+def rows(directory, split, task=None):
+    table = (
+        pq.read_table(directory / split, schema=SCHEMA).to_pylist() if (directory / split).exists() else []
+    )
+    return [r for r in table if task is None or r["task"] == task]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("bench"), "out")
+
+
+def test_output_files_and_columns(bench):
+    directory, result = bench
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "dev",
+        "manifest.json",
+        "overlap.json",
+        "report.md",
+        "test",
+        "train",
+    ]
+    assert pq.read_schema(next((directory / "train").glob("*.parquet"))).names == SCHEMA.names
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest == result.manifest
+    assert set(manifest["tasks"]["flan_rte"]) >= {
+        "benchmark",
+        "category",
+        "sources",
+        "split",
+        "level",
+        "examples",
+        "removed_reason",
+    }
+    assert not list(directory.parent.glob(".out.tmp-*"))  # written atomically
+
+
+def test_shared_sources_remove_tasks_with_their_reason(bench):
+    directory, result = bench
+    tasks = result.manifest["tasks"]
+    # consolidation: a CrossFit task whose source another collection has ("COPA" ~ "copa")
+    assert tasks["crossfit_copa"]["split"] == "removed"
+    assert "'COPA' is also in promptsource" in tasks["crossfit_copa"]["removed_reason"]
+    assert tasks["crossfit_ethos"]["split"] == "train"  # its source is its own
+    # de-duplication (a): a train task sharing a source with a held-out evaluation task
+    assert tasks["unifiedskg_dart"]["split"] == "removed"
+    assert "evaluation task 'flan_rte'" in tasks["unifiedskg_dart"]["removed_reason"]
+    assert not rows(directory, "train", "unifiedskg_dart") and not rows(directory, "train", "crossfit_copa")
+
+
+def test_planted_13gram_overlap_is_found_at_its_fraction_and_an_unrelated_pair_is_not(bench):
+    directory, result = bench
+    overlap = json.loads((directory / "overlap.json").read_text())
+    assert overlap == [{"train_task": "exmix_rte_copy", "eval_task": "flan_rte", "fraction": 0.3}]
+    assert "| exmix_rte_copy | flan_rte | 0.300 |" in (directory / "report.md").read_text()
+    # default --drop-overlapping none: reported, kept
+    assert result.manifest["tasks"]["exmix_rte_copy"]["split"] == "train"
+
+
+def test_drop_overlapping_train_removes_the_train_task_of_each_pair(tmp_path):
+    directory, result = build(tmp_path, "dropped", drop_overlapping="train")
+    entry = result.manifest["tasks"]["exmix_rte_copy"]
+    assert entry["split"] == "removed" and "30.0% of 'flan_rte'" in entry["removed_reason"]
+    assert not rows(directory, "train", "exmix_rte_copy")
+    assert result.manifest["tasks"]["exmix_unrelated"]["split"] == "train"
+
+
+def test_levels_and_splits(bench):
+    directory, result = bench
+    tasks = result.manifest["tasks"]
+    expect = [  # (task, split, level)
+        ("task833_poem_sentiment_classification", "test", "fully_held_out"),  # its category is held out
+        ("flan_rte", "test", "fully_held_out"),
+        ("task1564_triviaqa_answer_generation", "test", "partially_supervised"),
+        ("promptsource_jigsaw_toxic", "dev", "partially_supervised"),
+        ("flan_squad_v1", "train", "fully_supervised"),
+        ("task1146_country_capital", "train", "fully_supervised"),
+        ("task751_svamp_subtraction_question_answering", "train", "train"),
+    ]
+    assert [(name, tasks[name]["split"], tasks[name]["level"]) for name, _, _ in expect] == expect
+    assert {r["level"] for r in rows(directory, "test", "flan_rte")} == {"fully_held_out"}
+    # fully supervised: the last 20 instances evaluated (dev or test as dev_tasks says), never trained on
+    capital = json.loads((SNI_SAMPLE / "task1146_country_capital.json").read_text())["Instances"]
+    held = rows(directory, "test", "task1146_country_capital")
+    assert [r["references"] for r in held] == [i["output"] for i in capital[-20:]]
+    assert {r["level"] for r in held} == {"fully_supervised"}
+    trained = rows(directory, "train", "task1146_country_capital")
+    assert len(trained) == 180 and not {r["src"] for r in trained} & {r["src"] for r in held}
+    assert (
+        len(rows(directory, "dev", "flan_squad_v1")) == 20
+        and len(rows(directory, "train", "flan_squad_v1")) == 40
+    )
+
+
+def test_dropped_templates_and_one_template_per_instance(bench):
+    directory, result = bench
+    copa = rows(directory, "train", "promptsource_super_glue_copa")
+    assert len(copa) == 40  # N instances -> N prompts, whatever the number of templates
+    assert {r["template"] for r in copa} == {"best_option", "cause_effect"}  # generate_question dropped
+    assert result.manifest["tasks"]["promptsource_super_glue_copa"]["dropped_prompts"] == 40
+    # FLAN's rows keep their own template; the few-shot rows are not read
+    assert {r["template"] for r in rows(directory, "test", "flan_rte")} == {
+        "zs_opt:0",
+        "zs_opt:1",
+        "zs_opt:2",
+    }
+
+
+def test_prompts_delimiters_references_and_options(bench):
+    directory, _ = bench
+    train = rows(directory, "train")
+    used = {d for r in train for d in ANSWER_DELIMITERS if r["src"].endswith(d)}
+    assert len(used) >= 6  # drawn per example from the paper's eight
+    assert all(r["src"].endswith(":") for r in train)
+    ethos = rows(directory, "train", "crossfit_ethos")
+    assert ethos[0]["src"].startswith("Hate?\n\n") and ethos[0]["references"] == ["ans0", "alt0"]
+    assert ethos[0]["tgt"] == "ans0"
+    gsm = rows(directory, "train", "reasoning_gsm8k")[0]
+    assert gsm["src"].startswith("Instructions: Solve:\n\nInput: 0 + 1 = ?")
+    jigsaw = rows(directory, "dev", "promptsource_jigsaw_toxic")
+    assert len(jigsaw) == 40 and all(r["options"] == ["yes", "no"] for r in jigsaw)
+    assert [r["tgt"] for r in jigsaw[:2]] == ["no", "yes"]  # the correct choice of each instance
+    trivia = rows(directory, "test", "task1564_triviaqa_answer_generation")
+    assert max(len(r["references"]) for r in trivia) > 1  # every reference of an SNI instance
+
+
+def test_caps_draw_at_random_per_seed_and_flan_has_its_own(tmp_path):
+    first, result = build(tmp_path, "a", max_per_task=15, max_per_task_flan=5, max_dev_per_task=7)
+    counts = {n: e["examples_by_split"] for n, e in result.manifest["tasks"].items()}
+    assert counts["task751_svamp_subtraction_question_answering"]["train"] == 15
+    assert counts["flan_squad_v1"] == {"train": 5, "dev": 5, "test": 0}  # FLAN cap, then the dev cap
+    assert counts["promptsource_jigsaw_toxic"]["dev"] == 7
+    svamp = [r["src"] for r in rows(first, "train", "task751_svamp_subtraction_question_answering")]
+    again, _ = build(tmp_path, "b", max_per_task=15, max_per_task_flan=5, max_dev_per_task=7)
+    other, _ = build(tmp_path, "c", max_per_task=15, max_per_task_flan=5, max_dev_per_task=7, seed=1)
+    assert [r["src"] for r in rows(again, "train", "task751_svamp_subtraction_question_answering")] == svamp
+    assert [r["src"] for r in rows(other, "train", "task751_svamp_subtraction_question_answering")] != svamp
+
+
+def test_the_same_seed_gives_the_same_bench(bench, tmp_path):
+    directory, result = bench
+    again, second = build(tmp_path, "again", workers=1)  # and the worker count does not matter
+    for split in ("train", "dev", "test"):
+        for shard in sorted((directory / split).glob("*.parquet")):
+            assert pq.read_table(shard).equals(pq.read_table(again / split / shard.name)), shard
+    assert second.overlap == result.overlap
+    assert {n: e["examples"] for n, e in second.manifest["tasks"].items()} == {
+        n: e["examples"] for n, e in result.manifest["tasks"].items()
+    }
+    assert rte_inputs()[0] in rows(again, "test", "flan_rte")[0]["src"]
+
+
+def test_a_parquet_collection_read_through_the_registry_column_mapping(tmp_path):
+    rows = [{"name": f"t{i % 2}", "q": f"question {i}", "a": [f"a{i}", f"b{i}"]} for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "exmix.parquet", row_group_size=2)
+    registry = {
+        "collections": {"exmix": {"columns": {"task": "name", "input": "q", "output": "a"}}},
+        "tasks": {
+            f"exmix_t{i}": {"category": "Misc.", "sources": [f"s{i}"], "instruction": "Go."} for i in (0, 1)
+        },
+    }
+    split = {"partially_supervised_tasks": ["exmix_t1"]}
+    result = build_bench(
+        {"exmix": str(tmp_path / "exmix.parquet")},
+        write_yaml(tmp_path / "r.yaml", registry),
+        write_yaml(tmp_path / "s.yaml", split),
+        tmp_path / "out",
+        BenchSettings(workers=1),
+        progress=False,
+    )
+    assert result.manifest["tasks"]["exmix_t0"]["examples"] == 3
+    test = pq.read_table(tmp_path / "out" / "test").to_pylist()
+    assert [r["references"] for r in test] == [["a1", "b1"], ["a3", "b3"], ["a5", "b5"]]
+    assert test[0]["src"].startswith("Go.\n\nquestion 1")
