@@ -134,27 +134,16 @@ def test_finetuning_reads_dir_train_with_the_default_fields(built):
     assert first_batch(train=str(built / "train"), fields=fields)["input_ids"].shape == (4, 128)
 
 
-def test_evaluation_reads_dir_test(built, tmp_path):
-    # the test rows as evaluation's JSONL records (src, references, options, task, category) ...
+def test_evaluation_reads_dir_test(built):
+    """optiml-evaluate --data DIR/test: the Parquet shards through the format registry, every reference
+    and the options of each row kept."""
     records = pq.read_table(built / "test").to_pylist()
-    jsonl = tmp_path / "test.jsonl"
-    keys = ("src", "references", "task", "category")
-    jsonl.write_text(
-        "".join(
-            json.dumps({**{k: r[k] for k in keys}, **({"options": r["options"]} if r["options"] else {})})
-            + "\n"
-            for r in records
-        )
-    )
-    tasks = {t.name: t for t in load_eval_tasks(jsonl, max_instances=0)}
-    assert {t for t in tasks} == {r["task"] for r in records}
+    tasks = {t.name: t for t in load_eval_tasks(built / "test", max_instances=0)}
+    assert set(tasks) == {r["task"] for r in records}
     assert len(tasks["flan_rte"].instances) == 10
-    # ... and the Parquet directory itself, once evaluation reads Parquet (the data package's work)
-    try:
-        direct = load_eval_tasks(built / "test", max_instances=0)
-    except ValueError as e:
-        pytest.skip(f"optiml-evaluate --data DIR/test: evaluation does not read Parquet yet ({e})")
-    assert {t.name for t in direct} == set(tasks)
+    got = sorted((t.name, i.input, i.references, i.options) for t in tasks.values() for i in t.instances)
+    want = sorted((r["task"], r["src"], tuple(r["references"]), tuple(r["options"])) for r in records)
+    assert got == want
 
 
 def test_a_keyword_task_without_its_instruction_is_one_line(inputs, capsys, tmp_path):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from optiml_jax.bench.collections import generic
 from optiml_jax.bench.tasks import Example, Task, qualified_name
-from optiml_jax.data import sources
-from optiml_jax.eval.tasks import jsonl_objects
+from optiml_jax.data.formats.jsonl import jsonl_objects
+from optiml_jax.data.formats.parquet import open_parquet
 
 DEFAULT_COLUMNS = {"input": "inputs", "output": "targets", "type": "_template_type", "idx": "_template_idx"}
 ZERO_SHOT = ("zs_opt", "zs_noopt")
@@ -19,7 +19,7 @@ def _task_column(files) -> str:
     """FLAN dumps name the task `task` (the hub's flan collections) or `_task_name` (the generation code)."""
     first = files[0]
     if first.suffix == ".parquet":
-        names = sources.open_parquet(first).schema_arrow.names
+        names = open_parquet(first).schema_arrow.names
     else:
         names = list(next(iter(jsonl_objects(first)), (0, "", {}))[2])
     return "_task_name" if "_task_name" in names and "task" not in names else "task"

@@ -1,7 +1,7 @@
 """Parquet / JSONL files read through a column mapping (our keys: task, input, output, options, template
 -> the files' columns), the layout of every collection without one of its own (ExMix, T5, reasoning) and
 the row reader of the Parquet/JSONL-based ones (FLAN, P3). Files are listed and opened by the data
-package's readers (optiml_jax/data/sources.py); a row's output may be a string or a list of references."""
+package's readers (optiml_jax/data/formats/); a row's output may be a string or a list of references."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from optiml_jax.bench.tasks import BenchError, Example, Task, qualified_name
-from optiml_jax.data import sources
-from optiml_jax.eval.tasks import jsonl_objects
+from optiml_jax.data.formats.jsonl import jsonl_objects
+from optiml_jax.data.formats.parquet import open_parquet
 
 ROW_SUFFIXES = (".parquet", ".jsonl", ".json")
 SPLIT_SUFFIXES = ("_train", "_dev", "_validation", "_test")
@@ -49,7 +49,7 @@ def read_rows(file: Path, columns: dict, where: str, task: Optional[str] = None)
     error naming the file, the column and `where` it was mapped."""
     wanted = {key: column for key, column in columns.items() if column}
     if file.suffix == ".parquet":
-        names = sources.open_parquet(file).schema_arrow.names
+        names = open_parquet(file).schema_arrow.names
         for key, column in wanted.items():
             if column not in names:
                 raise BenchError(

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from optiml_jax.bench.collections import generic
 from optiml_jax.bench.tasks import BenchError, Example, Task, qualified_name
-from optiml_jax.data import sources
-from optiml_jax.eval.tasks import jsonl_objects
+from optiml_jax.data.formats.jsonl import jsonl_objects
+from optiml_jax.data.formats.parquet import open_parquet
 
 DEFAULT_COLUMNS = {"input": "inputs_pretokenized", "output": "targets_pretokenized"}
 PREFIX = "promptsource_"
@@ -63,7 +63,7 @@ def _subset_examples(files: list[Path], columns: dict, template: str) -> list[Ex
 
 def _has_column(file: Path, column: str) -> bool:
     if file.suffix == ".parquet":
-        return column in sources.open_parquet(file).schema_arrow.names
+        return column in open_parquet(file).schema_arrow.names
     first = next(iter(jsonl_objects(file)), None) if file.suffix == ".jsonl" else None
     return first is not None and column in first[2]
 

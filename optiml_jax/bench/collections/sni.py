@@ -1,7 +1,6 @@
-"""Super-NaturalInstructions task files (`tasks/taskNNN_*.json`). Definitions and instances are read by
-the data package's SNI reader (sources.read_sni_task: validated, bad instances skipped); what the bench
-needs beyond it is read here: the task's `Categories` and `Source` fields and every reference output of
-an instance (the reader keeps one)."""
+"""Super-NaturalInstructions task files (`tasks/taskNNN_*.json`). Instances, with every reference output,
+are read by the data package's one SNI parser (data/formats/sni.py, as evaluation reads them); what the
+bench needs beyond it is read here: the task's `Categories` and `Source` fields."""
 
 from __future__ import annotations
 
@@ -9,7 +8,9 @@ import json
 from pathlib import Path
 
 from optiml_jax.bench.tasks import BenchError, Example, Task
-from optiml_jax.data import sources
+from optiml_jax.data.formats import get_format
+from optiml_jax.data.formats.sni import read_sni_eval_task
+from optiml_jax.data.sources import EvalDataError
 
 
 def _task_file(path: Path) -> dict:
@@ -32,25 +33,16 @@ def _field_list(data: dict, key: str, path: Path) -> tuple[str, ...]:
 
 
 def _load(path: Path):
-    task = sources.read_sni_task(path, sources.SkipStats(log=False))
-    if task is None:
-        return []
-    outputs = {
-        inst.get("id"): inst.get("output")
-        for inst in _task_file(path).get("Instances", [])
-        if isinstance(inst, dict)
-    }
-    instances = []
-    for ident, text, output in task.instances:
-        every = outputs.get(ident)
-        refs = tuple(o for o in every if isinstance(o, str)) if isinstance(every, list) else ()
-        instances.append((Example(input=text, references=refs or (output,)),))
-    return instances
+    try:
+        task = read_sni_eval_task(path, 0)
+    except EvalDataError as e:
+        raise BenchError(str(e)) from None
+    return [(Example(input=inst.input, references=inst.references),) for inst in task.instances]
 
 
 def read(path, columns: dict, known=frozenset()) -> list[Task]:
     tasks = []
-    for file in sources.sni_files(path):
+    for file in get_format("sni").files(path):
         data = _task_file(file)
         categories = _field_list(data, "Categories", file)
         definition = data.get("Definition")
