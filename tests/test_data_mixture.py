@@ -1,6 +1,7 @@
 """data.mixture (issue #22): benchmark shares over EPS, extra slices with their own loss, MetaICL
 demonstrations, the mixture report; on a small built-bench-like Parquet set generated here."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ from fake_tokenizer import ByteTokenizer
 from simulated_processes import as_processes
 
 from optiml_jax.config import ConfigError
-from optiml_jax.data import DataConfig, Example, build_train_loader
+from optiml_jax.data import DataConfig, Example, build_loaders, build_train_loader
 from optiml_jax.data.demonstrations import (
     DemonstrationsConfig,
     Demonstrator,
@@ -268,9 +269,13 @@ def test_jsonl_benchmark_mapped_through_fields(tmp_path):
         fields={"src": "q", "tgt": "a", "task": "name", "benchmark": "coll"},
         mixture={"benchmarks": {"sni": 1, "flan": 3}},
     )
-    loader = build_train_loader(
+    with open(tmp_path / "eval.jsonl", "w") as f:  # evaluation data needs no benchmark
+        f.write(json.dumps({"q": "q", "a": "a", "name": "t0"}) + "\n")
+    cfg = dataclasses.replace(cfg, eval=str(tmp_path / "eval.jsonl"))
+    loader, evaluation = build_loaders(
         cfg, ByteTokenizer(), seed=0, batch_size=2, seq_len=32, process_index=0, process_count=1
     )
+    assert evaluation.num_examples == 1
     assert loader.plan.groups["sni"].tasks == ["t0"] and loader.plan.groups["flan"].tasks == ["t1", "t2"]
     assert loader.plan.groups["flan"].share == pytest.approx(0.75)
 

@@ -111,8 +111,14 @@ class DataConfig:
 
     @property
     def field_map(self) -> Fields:
-        """data.fields; with data.mixture's benchmark weights (or a slice taking a benchmark) the benchmark
-        is read from a built bench's `benchmark` column unless data.fields maps it."""
+        """data.fields as data.eval is read: a benchmark column is only data.train's concern."""
+        return dataclasses.replace(Fields.from_mapping(_as_mapping(self.fields)), benchmark=None)
+
+    @property
+    def train_fields(self) -> Fields:
+        """data.fields for data.train: with data.mixture's benchmark weights (or a slice taking a
+        benchmark) the benchmark is read from a built bench's `benchmark` column unless data.fields maps
+        it (eval files need no such column)."""
         fields = Fields.from_mapping(_as_mapping(self.fields))
         if fields.benchmark is None and self.mixture is not None and self.mixture.reads_benchmarks:
             fields = dataclasses.replace(fields, benchmark=BENCHMARK_COLUMN)
@@ -327,14 +333,16 @@ def build_loaders(
     shard = Shard(process_index, process_count, allgather)
     train_tasks = train_stats = eval_tasks = eval_stats = None
     if data.eval_holdout is not None:  # one read of the training files gives both
-        train_tasks, train_stats = _read(data, data.train, data.train_tasks, seed, shard)
+        train_tasks, train_stats = _read(data, data.train, data.train_tasks, seed, shard, data.train_fields)
         train_tasks, eval_tasks = split_holdout(train_tasks, data.eval_holdout)
         eval_stats = train_stats  # the skips of the files it came from
         if want_eval:
             _log_holdout(data, eval_tasks)
     else:
         if train:
-            train_tasks, train_stats = _read(data, data.train, data.train_tasks, seed, shard)
+            train_tasks, train_stats = _read(
+                data, data.train, data.train_tasks, seed, shard, data.train_fields
+            )
         if want_eval:
             eval_tasks, eval_stats = _read(data, data.eval, data.eval_tasks, seed, shard)
     train_loader = eval_loader = None
