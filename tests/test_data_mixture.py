@@ -302,3 +302,24 @@ def test_mixture_report_shape_and_cli(data, tmp_path, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"data:\n  train: {data / 'train'}\n  mixture:\n    benchmarks: {{sni: -2}}\n")
     assert report_main(["--config", str(bad), "--examples", "10", "--json", str(tmp_path / "r.json")]) == 2
+
+
+def test_mix_report_cli_writes_the_report(data, tmp_path, capsys):
+    out = tmp_path / "mix.json"
+    slices = json.dumps([{**SLICES[1], "path": str(data / SLICES[1]["path"])}])
+    argv = [
+        "--config",
+        "demo",
+        f"data.train={data / 'train'}",
+        "data.eval_holdout=null",
+        "eval.tasks=null",
+        f"data.mixture={json.dumps({'benchmarks': WEIGHTS, 'slices': json.loads(slices)})}",
+        "--examples",
+        "500",
+        "--json",
+        str(out),
+    ]
+    assert report_main(argv) == 0
+    report = json.loads(out.read_text())
+    assert set(report["slices"]) == {"pretraining"} and report["demonstrations_per_example"] == 0
+    assert "pretraining" in capsys.readouterr().out

@@ -29,7 +29,7 @@ import numpy as np
 from optiml_jax.config import ConfigError
 from optiml_jax.data import templates
 from optiml_jax.data.demonstrations import DemonstrationsConfig
-from optiml_jax.data.formats import format_choices
+from optiml_jax.data.formats import AUTO, format_choices
 from optiml_jax.data.formats.sni import read_sni_task
 from optiml_jax.data.holdout import holdout_problem, split_holdout
 from optiml_jax.data.loader import AllGather, EvalLoader, TrainLoader
@@ -386,9 +386,11 @@ def _mixture_plan(data: DataConfig, tasks: dict, stats: SkipStats, seed: int, sh
     if data.mixture is None:
         return None
     slice_tasks = {}
+    # A slice's files are detected by their own suffix (data.format and the SNI templates are data.train's)
+    as_detected = dataclasses.replace(data, format=AUTO, template="zero_shot", num_shots=0)
     for piece in data.mixture.slices:
         if piece.path is not None:
-            found, their_stats = _read(data, piece.path, None, seed, shard, piece.field_map)
+            found, their_stats = _read(as_detected, piece.path, None, seed, shard, piece.field_map)
             stats.counts.update(their_stats.counts)
             slice_tasks[piece.name] = found
     return plan_mixture(data.mixture, tasks, slice_tasks, data.eps)

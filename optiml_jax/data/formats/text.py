@@ -12,7 +12,7 @@ from typing import Optional
 
 from optiml_jax.data.formats.base import Format, register
 from optiml_jax.data.formats.jsonl import JsonlSource, scan_jsonl
-from optiml_jax.data.sources import Fields, bad_unicode
+from optiml_jax.data.sources import EvalDataError, Fields, bad_unicode
 
 
 def check_text_line(raw: bytes, fields: Fields) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
@@ -38,8 +38,14 @@ class TextFormat(Format):
         path = Path(path)
         if path.is_file():
             return path.suffix == ".txt"
-        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
-        return bool(files) and all(p.suffix == ".txt" for p in files)
+        if not path.is_dir():
+            return False
+        found = False
+        for file in (p for p in path.rglob("*") if p.is_file()):  # stops at the first other file
+            if file.suffix != ".txt":
+                return False
+            found = True
+        return found
 
     def scan(self, path: Path, fields: Fields, me: int, count: int):
         size = path.stat().st_size
@@ -48,3 +54,8 @@ class TextFormat(Format):
 
     def sources(self, path: str, fields: Fields, seed: int):
         return lambda task: JsonlSource(path, task, fields, seed, check_text_line)
+
+    def eval_records(self, file: Path, fields: Fields):
+        raise EvalDataError(
+            f"{file}: plain text has no prompts and targets to evaluate; use JSONL or Parquet"
+        )
