@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fake_tokenizer import ByteTokenizer
+from finetune_helpers import run_config
 from simulated_processes import as_processes
 
 from optiml_jax.config import ConfigError
@@ -24,6 +25,8 @@ from optiml_jax.data.mixture import WholeSequence, share_scalars
 from optiml_jax.data.mixture_report import main as report_main
 from optiml_jax.data.mixture_report import mixture_report
 from optiml_jax.data.packing import row_arrays, tokenize_examples
+from optiml_jax.train import train_and_evaluate
+from optiml_jax.train.metrics_log import read_jsonl
 
 # benchmark -> task sizes: EPS (eps=100) inside each, so "big" tasks are capped
 BENCH = {"sni": [10, 300, 60], "promptsource": [500, 40], "flan": [80], "crossfit": [30, 30]}
@@ -323,3 +326,18 @@ def test_mix_report_cli_writes_the_report(data, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert set(report["slices"]) == {"pretraining"} and report["demonstrations_per_example"] == 0
     assert "pretraining" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # a 4-step fine-tune of a tiny model: about a minute on 2 CPU cores, compiles included
+def test_fine_tuning_logs_the_realised_shares(data, tiny_preset, tmp_path):
+    mixture = {"benchmarks": WEIGHTS, "slices": [{**SLICES[1], "path": str(data / SLICES[1]["path"])}]}
+    cfg = run_config(
+        tiny_preset, tmp_path, data={"train": str(data / "train"), "eps": 100, "mixture": mixture}
+    )
+    train_and_evaluate(cfg, progress=False)
+    logged = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/step_loss" in r]
+    assert len(logged) == 4
+    for record in logged:
+        shares = {k: v for k, v in record.items() if k.startswith("mixture/")}
+        assert set(shares) == {f"mixture/{b}" for b in WEIGHTS} | {"mixture/pretraining"}
+        assert sum(shares.values()) == pytest.approx(1)
