@@ -19,7 +19,9 @@ Each packed row (numpy, length seq_len):
 
     input_ids   int32  token ids, pad_id (1) after the last example
     targets     int32  next-token ids, pad_id on padding
-    loss_mask   float32 1.0 on target tokens (tgt + </s>), 0.0 on source tokens and padding
+    loss_mask   float32 1.0 on target tokens (tgt + </s>), 0.0 on source tokens and padding; 1.0 on
+                every predicted token of a whole-sequence example (num_source 0: data.mixture's
+                `loss: all` text) and on a source's `loss_spans` (demonstrations' outputs, loss: suffix)
     segment_ids int32  1, 2, 3, ... per example in the row; 0 = padding
     positions   int32  0, 1, 2, ... restarting for each example (the model adds OPT's offset 2); 0 on pads
 
