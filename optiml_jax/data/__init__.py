@@ -73,7 +73,11 @@ class DataConfig:
     `eval_holdout`: instead of a separate `eval` set, withhold the last N examples (an int) or the last
     fraction (a float in (0, 1)) of every training task from training and evaluate on them: OPT-IML's
     "fully supervised" setting, held-out instances of seen tasks (see holdout.py). Exclusive with `eval`
-    and `eval_tasks`."""
+    and `eval_tasks`.
+
+    `mixture`: OPT-IML's two-level mixture over data.train (benchmark weights over EPS, extra slices;
+    mixture.py); `demonstrations`: MetaICL demonstrations in training prompts (demonstrations.py). Both
+    off (None) by default."""
 
     train: Paths = None
     eval: Paths = None
