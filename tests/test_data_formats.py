@@ -118,7 +118,7 @@ def test_jsonl_with_other_key_names_gets_a_data_fields_hint(tmp_path):
     section = EvalTasksSection(data=str(path), fields="src=source, tgt=target")
     assert tasks_from_config(section) == [task]
     with pytest.raises(
-        ConfigError, match=r"^fields: unknown key 'prompt' \(known: src, tgt, task, definition\)$"
+        ConfigError, match=r"^fields: unknown key 'prompt' \(known: src, tgt, task, definition, benchmark\)$"
     ):
         EvalTasksSection(data=str(path), fields="prompt=source")
     with pytest.raises(

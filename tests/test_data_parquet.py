@@ -268,7 +268,8 @@ def test_column_and_field_errors_are_one_line_naming_file_and_column(tmp_path):
     ):
         read_tasks(path, SkipStats("raise"), fields=Fields(**FLAN_FIELDS))
     with pytest.raises(
-        ConfigError, match=r"^data.fields: unknown key 'prompt' \(known: src, tgt, task, definition\)$"
+        ConfigError,
+        match=r"^data.fields: unknown key 'prompt' \(known: src, tgt, task, definition, benchmark\)$",
     ):
         DataConfig(train=str(path), fields={"prompt": "inputs"})
     with pytest.raises(ConfigError, match=r"data.fields: tgt must name a column"):

@@ -6,6 +6,7 @@
     python tools/benchmark.py evaluate [options]   evaluation instances/s, 125m shape, 64 SNI prompts
     python tools/benchmark.py score    [options]   rank-classification requests/s vs lm_eval's hf
     python tools/benchmark.py bench    [options]   OPT-IML Bench build examples/s, overlap pass, peak RSS
+    python tools/benchmark.py loader   [options]   training loader tokens/s: EPS vs data.mixture + demos
     python tools/benchmark.py device   [--dry-run] on a GPU/TPU: matmul and copy ceilings, 1.3B training MFU,
                                                    decode bandwidth, load time (tools/bench_device.py)
 
@@ -16,7 +17,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("generate", "convert", "train", "evaluate", "score", "bench", "device")
+COMMANDS = ("generate", "convert", "train", "evaluate", "score", "bench", "loader", "device")
 
 
 def main(argv=None) -> int:

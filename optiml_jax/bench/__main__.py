@@ -1,4 +1,5 @@
-"""`python -m optiml_jax.bench build` / `optiml-bench build`: OPT-IML Bench from the collections.
+"""`python -m optiml_jax.bench build` / `optiml-bench build`: OPT-IML Bench from the collections;
+`optiml-bench mix-report`: what a training config's mixture draws (data/mixture_report.py).
 
     optiml-bench build --collection sni=natural-instructions/tasks --collection flan=flan/ \\
         [--registry configs/bench/registry.yaml] [--split configs/bench/optiml.yaml] --output data/optiml
@@ -17,6 +18,7 @@ from typing import Optional, Sequence
 from optiml_jax.bench.build import DROP_CHOICES, BenchSettings, build_bench
 from optiml_jax.bench.tasks import BENCHMARKS, BenchError
 from optiml_jax.config import ASSETS_DIR
+from optiml_jax.data import mixture_report
 from optiml_jax.fileio import OutputDirError
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
@@ -42,6 +44,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = _Parser(prog="optiml-bench", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build train/dev/test from the collections")
+    # parsed by data/mixture_report.py itself (main dispatches to it first); listed here for --help
+    commands.add_parser(
+        "mix-report", help="the realised shares of a training config's mixture", add_help=False
+    )
     build.error = parser.error
     add = build.add_argument
     add("--collection", action="append", required=True, metavar="NAME=PATH", help="once per collection")
@@ -66,6 +72,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mix-report"]:
+        return mixture_report.main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args = parse_args(argv)

@@ -10,6 +10,8 @@ Public API:
     read_tasks, SkipStats, DataError, Example
     TaskRecords, Shard                a task's examples, read from disk on demand; a process's reading share
     split_holdout                    data.eval_holdout: held-out instances of the training tasks
+    MixtureConfig                    data.mixture: benchmark weights over EPS, extra slices (mixture.py)
+    DemonstrationsConfig             data.demonstrations: MetaICL demonstrations (demonstrations.py)
 
 Each batch is a dict of numpy arrays of this process's rows, [local_batch, seq_len]:
 input_ids, targets, segment_ids, positions (int32) and loss_mask (float32); see packing.py.
@@ -26,11 +28,13 @@ import numpy as np
 
 from optiml_jax.config import ConfigError
 from optiml_jax.data import templates
-from optiml_jax.data.formats import format_choices
+from optiml_jax.data.demonstrations import DemonstrationsConfig
+from optiml_jax.data.formats import AUTO, format_choices
 from optiml_jax.data.formats.sni import read_sni_task
 from optiml_jax.data.holdout import holdout_problem, split_holdout
 from optiml_jax.data.loader import AllGather, EvalLoader, TrainLoader
 from optiml_jax.data.mixing import MixtureStream, mixing_weights
+from optiml_jax.data.mixture import BENCHMARK_COLUMN, MixtureConfig, plan_mixture
 from optiml_jax.data.packing import (
     BATCH_KEYS,
     OVERLONG_CHOICES,
@@ -69,7 +73,11 @@ class DataConfig:
     `eval_holdout`: instead of a separate `eval` set, withhold the last N examples (an int) or the last
     fraction (a float in (0, 1)) of every training task from training and evaluate on them: OPT-IML's
     "fully supervised" setting, held-out instances of seen tasks (see holdout.py). Exclusive with `eval`
-    and `eval_tasks`."""
+    and `eval_tasks`.
+
+    `mixture`: OPT-IML's two-level mixture over data.train (benchmark weights over EPS, extra slices;
+    mixture.py); `demonstrations`: MetaICL demonstrations in training prompts (demonstrations.py). Both
+    off (None) by default."""
 
     train: Paths = None
     eval: Paths = None
@@ -84,6 +92,9 @@ class DataConfig:
     eval_holdout: Union[int, float, None] = None
     # our name -> column; stored as (name, column) pairs in FIELD_NAMES order, so the config stays hashable
     fields: Union[tuple[tuple[str, str], ...], dict, None] = None
+    # OPT-IML's two-level mixture and MetaICL demonstrations (mixture.py, demonstrations.py); None: off
+    mixture: Union[MixtureConfig, dict, None] = None
+    demonstrations: Union[DemonstrationsConfig, dict, None] = None
 
     def __post_init__(self):
         for name in ("train", "eval"):
@@ -93,6 +104,10 @@ class DataConfig:
             if isinstance(value, list):
                 value = tuple(os.fspath(v) if isinstance(v, os.PathLike) else v for v in value)
             object.__setattr__(self, name, value)
+        if self.mixture is not None:
+            object.__setattr__(self, "mixture", MixtureConfig.from_value(self.mixture))
+        if self.demonstrations is not None:
+            object.__setattr__(self, "demonstrations", DemonstrationsConfig.from_value(self.demonstrations))
         self.validate()
         if self.fields is not None:
             given = _as_mapping(self.fields)
@@ -100,7 +115,18 @@ class DataConfig:
 
     @property
     def field_map(self) -> Fields:
-        return Fields.from_mapping(_as_mapping(self.fields))
+        """data.fields as data.eval is read: a benchmark column is only data.train's concern."""
+        return dataclasses.replace(Fields.from_mapping(_as_mapping(self.fields)), benchmark=None)
+
+    @property
+    def train_fields(self) -> Fields:
+        """data.fields for data.train: with data.mixture's benchmark weights (or a slice taking a
+        benchmark) the benchmark is read from a built bench's `benchmark` column unless data.fields maps
+        it (eval files need no such column)."""
+        fields = Fields.from_mapping(_as_mapping(self.fields))
+        if fields.benchmark is None and self.mixture is not None and self.mixture.reads_benchmarks:
+            fields = dataclasses.replace(fields, benchmark=BENCHMARK_COLUMN)
+        return fields
 
     def validate(self) -> None:
         for name in ("train", "eval"):
@@ -176,6 +202,9 @@ class DataConfig:
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
         out["fields"] = _as_mapping(self.fields)
+        for name in ("mixture", "demonstrations"):
+            value = getattr(self, name)
+            out[name] = None if value is None else value.to_dict()
         return out
 
 
@@ -239,7 +268,9 @@ def _default_allgather(process_count: int) -> Optional[AllGather]:
     return _jax_allgather if jax.process_count() == process_count else None
 
 
-def _read(data: DataConfig, paths, split_file, seed: int, shard: Shard) -> tuple[dict, SkipStats]:
+def _read(
+    data: DataConfig, paths, split_file, seed: int, shard: Shard, fields: Optional[Fields] = None
+) -> tuple[dict, SkipStats]:
     # Every process ends up with the same tasks and skip counts; only the first logs the skips.
     stats = SkipStats(data.on_error, log=shard.index == 0)
     tasks = read_tasks(
@@ -251,7 +282,7 @@ def _read(data: DataConfig, paths, split_file, seed: int, shard: Shard) -> tuple
         num_shots=data.num_shots,
         seed=seed,
         shard=shard,
-        fields=data.field_map,
+        fields=fields or data.field_map,
     )
     if not tasks:
         first = f"; first: {stats.first_message}" if stats.first_message else ""
@@ -306,18 +337,21 @@ def build_loaders(
     shard = Shard(process_index, process_count, allgather)
     train_tasks = train_stats = eval_tasks = eval_stats = None
     if data.eval_holdout is not None:  # one read of the training files gives both
-        train_tasks, train_stats = _read(data, data.train, data.train_tasks, seed, shard)
+        train_tasks, train_stats = _read(data, data.train, data.train_tasks, seed, shard, data.train_fields)
         train_tasks, eval_tasks = split_holdout(train_tasks, data.eval_holdout)
         eval_stats = train_stats  # the skips of the files it came from
         if want_eval:
             _log_holdout(data, eval_tasks)
     else:
         if train:
-            train_tasks, train_stats = _read(data, data.train, data.train_tasks, seed, shard)
+            train_tasks, train_stats = _read(
+                data, data.train, data.train_tasks, seed, shard, data.train_fields
+            )
         if want_eval:
             eval_tasks, eval_stats = _read(data, data.eval, data.eval_tasks, seed, shard)
     train_loader = eval_loader = None
     if train:
+        plan = _mixture_plan(data, train_tasks, train_stats, seed, shard)
         train_loader = TrainLoader(
             train_tasks,
             tokenizer,
@@ -332,6 +366,8 @@ def build_loaders(
             skip_stats=train_stats,
             holdout=data.eval_holdout,
             allgather=allgather,
+            plan=plan,
+            demonstrations=data.demonstrations,
         )
     if want_eval:
         eval_loader = EvalLoader(
@@ -346,6 +382,22 @@ def build_loaders(
             allgather=allgather,
         )
     return train_loader, eval_loader
+
+
+def _mixture_plan(data: DataConfig, tasks: dict, stats: SkipStats, seed: int, shard: Shard):
+    """data.mixture's plan over the training tasks and its slices (each slice path read once, its skips
+    counted with the training files'); None without data.mixture."""
+    if data.mixture is None:
+        return None
+    slice_tasks = {}
+    # A slice's files are detected by their own suffix (data.format and the SNI templates are data.train's)
+    as_detected = dataclasses.replace(data, format=AUTO, template="zero_shot", num_shots=0)
+    for piece in data.mixture.slices:
+        if piece.path is not None:
+            found, their_stats = _read(as_detected, piece.path, None, seed, shard, piece.field_map)
+            stats.counts.update(their_stats.counts)
+            slice_tasks[piece.name] = found
+    return plan_mixture(data.mixture, tasks, slice_tasks, data.eps)
 
 
 def build_train_loader(cfg: Any, tokenizer, **kwargs) -> TrainLoader:
@@ -364,9 +416,11 @@ __all__ = [
     "BATCH_KEYS",
     "DataConfig",
     "DataError",
+    "DemonstrationsConfig",
     "EvalLoader",
     "Example",
     "Fields",
+    "MixtureConfig",
     "MixtureStream",
     "PackStats",
     "Packer",

@@ -29,8 +29,10 @@ from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from optiml_jax.data.demonstrations import DemonstrationsConfig, Demonstrator
 from optiml_jax.data.holdout import Holdout, holdout_problem, holdout_tag
 from optiml_jax.data.mixing import MixtureStream
+from optiml_jax.data.mixture import MixturePlan, group_counts
 from optiml_jax.data.packing import (
     PACK_COUNTERS,
     Packer,
@@ -148,10 +150,13 @@ class TrainLoader:
         skip_stats: Optional[SkipStats] = None,
         holdout: Holdout = None,
         allgather: Optional[AllGather] = None,
+        plan: Optional[MixturePlan] = None,
+        demonstrations: Optional[DemonstrationsConfig] = None,
     ):
         """`holdout`: the data.eval_holdout that `tasks` were split with (see holdout.py); it does not change
         the stream, but it is part of the state fingerprint, so a state saved under one split is refused
-        under another. `allgather`: needed when process_count > 1 (see the module doc)."""
+        under another. `allgather`: needed when process_count > 1 (see the module doc). `plan`: data.mixture's
+        two levels (mixture.py; its tasks replace `tasks`); `demonstrations`: data.demonstrations."""
         _check_seq_len(seq_len)
         problem = holdout_problem(holdout)
         if problem:
@@ -165,7 +170,16 @@ class TrainLoader:
         self._lo, self._hi = _local_rows(global_batch_size, process_index, process_count)
         self._allgather = allgather
         self.tokenizer = tokenizer
-        self.mixture = MixtureStream(tasks, eps=eps, seed=seed)
+        self.plan = plan
+        if plan is not None:
+            self.mixture = MixtureStream(plan.tasks, eps=eps, seed=seed, probs=plan.probs)
+        else:
+            self.mixture = MixtureStream(tasks, eps=eps, seed=seed)
+        self.demonstrator = None
+        if demonstrations is not None:
+            whole = plan.whole_sequence if plan is not None else set()
+            skip = frozenset(k for k, name in enumerate(self.mixture.names) if name in whole)
+            self.demonstrator = Demonstrator(demonstrations, seed, skip)
         # Counters of this process's rows since this loader was built (a resumed run starts them at 0).
         self.pack_stats = PackStats()
         Packer(seq_len, overlong)  # validates `overlong`
@@ -177,9 +191,12 @@ class TrainLoader:
     def fingerprint(self) -> str:
         """The mixture's fingerprint (task names and sizes, eps, seed), plus the hold-out when there is one
         (without one it is the mixture's own, so states saved before hold-outs existed stay valid)."""
-        if self.holdout is None:
+        tags = [holdout_tag(self.holdout)] if self.holdout is not None else []
+        if self.demonstrator is not None:
+            tags.append(self.demonstrator.tag)
+        if not tags:
             return self.mixture.fingerprint
-        text = f"{self.mixture.fingerprint}|{holdout_tag(self.holdout)}"
+        text = "|".join([self.mixture.fingerprint, *tags])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
@@ -249,9 +266,23 @@ class TrainLoader:
                 row = i % batch
                 if self._lo <= row < self._hi and i >= self._slots[row - self._lo].next_index:
                     wanted.append(i)
-                    examples.append(self.mixture.example(task, j))
+                    examples.append(self.stream_example(i, task, j))
             self._buffer.update(zip(wanted, tokenize_examples(examples, self.tokenizer)))
         return self._buffer.pop(index)
+
+    def stream_example(self, index: int, task: int, j: int):
+        """Example j of stream task `task`, drawn at stream `index` (with its demonstrations, if any)."""
+        if self.demonstrator is None:
+            return self.mixture.example(task, j)
+        return self.demonstrator(index, task, j, self.mixture.task_examples(task))
+
+    def mixture_counts(self) -> dict[str, int]:
+        """Examples the stream has drawn so far per benchmark and slice of data.mixture ({} without one):
+        from the stream's running task counts, the same on every process, so not collective. The stream
+        runs a little ahead of the batches handed out (it tokenises in chunks)."""
+        if self.plan is None:
+            return {}
+        return group_counts(self.plan, self.mixture.task_counts())
 
     def _next_row(self, slot: _RowSlot) -> tuple[list[TokenizedExample], int]:
         """The slot's next closed row and the sub-stream index a fresh packer would continue from after it."""

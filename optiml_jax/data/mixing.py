@@ -5,7 +5,10 @@ uses eps = 4096, opt_formats.md §5.1). Every draw first picks a task with these
 takes that task's next example in a per-task order that is reshuffled every time the task's examples
 are used up (each task cycles through its own epochs independently).
 
-Everything is a pure function of (seed, task names and sizes, eps, stream index):
+The probabilities can also be given per task (data.mixture: fixed shares per benchmark and slice, EPS
+inside each, see mixture.py); the stream works the same way with them.
+
+Everything is a pure function of (seed, task names and sizes, eps or probabilities, stream index):
   * task draws come in chunks of CHUNK uniforms from a generator seeded with (seed, chunk number);
   * task t's order in its epoch e is a permutation seeded with (seed, crc32(name), e).
 So the stream position is one integer: `seek(i)` replays only the cheap task draws (a bincount per
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from typing import Generic, Mapping, Sequence, TypeVar
+from typing import Generic, Mapping, Optional, Sequence, TypeVar
 
 import numpy as np
 
@@ -38,7 +41,16 @@ def mixing_weights(sizes: Sequence[int], eps: int) -> np.ndarray:
 class MixtureStream(Generic[T]):
     """Infinite deterministic stream over `tasks` (name -> examples). Yields (index, example)."""
 
-    def __init__(self, tasks: Mapping[str, Sequence[T]], eps: int, seed: int, start: int = 0):
+    def __init__(
+        self,
+        tasks: Mapping[str, Sequence[T]],
+        eps: int,
+        seed: int,
+        start: int = 0,
+        probs: Optional[Mapping[str, float]] = None,
+    ):
+        """`probs`: task name -> probability, instead of EPS over all tasks (data.mixture's two levels,
+        mixture.py, computes them); part of the fingerprint."""
         self.names = sorted(name for name, examples in tasks.items() if len(examples))
         if not self.names:
             raise ValueError("no task has any examples")
@@ -46,7 +58,14 @@ class MixtureStream(Generic[T]):
         self.sizes = np.array([len(t) for t in self._tasks], dtype=np.int64)
         self.eps = int(eps)
         self.seed = int(seed)
-        self.probs = mixing_weights(self.sizes, self.eps)
+        if probs is None:
+            self.probs = mixing_weights(self.sizes, self.eps)
+        else:
+            given = np.array([probs.get(name, 0.0) for name in self.names], np.float64)
+            if not given.sum() > 0 or (given < 0).any():
+                raise ValueError(f"task probabilities must be >= 0 and not all 0, got {dict(probs)!r:.200}")
+            self.probs = given / given.sum()
+        self._given_probs = probs is not None
         self._cdf = np.cumsum(self.probs)
         self._name_keys = [zlib.crc32(name.encode("utf-8")) for name in self.names]
         self._perms: dict[int, tuple[int, np.ndarray]] = {}
@@ -60,6 +79,8 @@ class MixtureStream(Generic[T]):
         h = hashlib.sha256(f"{self.seed}|{self.eps}".encode())
         for name, size in zip(self.names, self.sizes):
             h.update(f"|{name}:{int(size)}".encode("utf-8"))
+        if self._given_probs:  # only then, so that EPS-only states saved before stay valid
+            h.update(np.round(self.probs, 12).tobytes())
         return h.hexdigest()[:16]
 
     @property
@@ -112,6 +133,10 @@ class MixtureStream(Generic[T]):
 
     def example(self, task: int, j: int) -> T:
         return self._tasks[task][j]
+
+    def task_examples(self, task: int) -> Sequence[T]:
+        """All examples of task number `task` (demonstrations are drawn from them)."""
+        return self._tasks[task]
 
     def __next__(self) -> tuple[int, T]:
         index, task, j = self.advance()

@@ -19,7 +19,9 @@ Each packed row (numpy, length seq_len):
 
     input_ids   int32  token ids, pad_id (1) after the last example
     targets     int32  next-token ids, pad_id on padding
-    loss_mask   float32 1.0 on target tokens (tgt + </s>), 0.0 on source tokens and padding
+    loss_mask   float32 1.0 on target tokens (tgt + </s>), 0.0 on source tokens and padding; 1.0 on
+                every predicted token of a whole-sequence example (num_source 0: data.mixture's
+                `loss: all` text) and on a source's `loss_spans` (demonstrations' outputs, loss: suffix)
     segment_ids int32  1, 2, 3, ... per example in the row; 0 = padding
     positions   int32  0, 1, 2, ... restarting for each example (the model adds OPT's offset 2); 0 on pads
 
@@ -61,6 +63,8 @@ class TokenizedExample:
     tokens: tuple[int, ...]  # source ids + target ids + eos
     num_source: int  # how many leading tokens are source (no loss when predicted)
     source: str = ""  # where the example came from, for messages
+    # [start, end) token ranges of the source trained on all the same (demonstrations' outputs, loss: suffix)
+    loss_spans: tuple[tuple[int, int], ...] = ()
 
 
 # What PackStats counts (tokens = row slots holding an example).
@@ -85,16 +89,31 @@ class PackStats(Counter):
 
 
 def tokenize_examples(examples: Sequence, tokenizer: Tokenizer) -> list[TokenizedExample]:
-    """`examples` have `.src`, `.tgt` and `.source` (sources.Example). See the module doc for the layout."""
-    srcs = [e.src.rstrip(" ") for e in examples]
+    """`examples` have `.src`, `.tgt` and `.source` (sources.Example). See the module doc for the layout.
+
+    Two optional attributes change the loss: `whole_sequence` (True: every token is trained on, as the
+    pre-training text of data.mixture's `loss: all` slices) and `src_pieces` ((text, trained) pairs
+    making up `src`, each encoded on its own like src and tgt: demonstrations whose outputs are trained
+    on, see demonstrations.py)."""
+    pieces = [getattr(e, "src_pieces", None) or ((e.src, False),) for e in examples]
+    srcs = []
+    for p in pieces:
+        srcs.extend(text for text, _ in p[:-1])
+        srcs.append(p[-1][0].rstrip(" "))
     tgts = [" " + e.tgt.rstrip() for e in examples]
     src_ids = tokenizer.encode_batch(srcs, add_bos=False) if srcs else []
     tgt_ids = tokenizer.encode_batch(tgts, add_bos=False) if tgts else []
-    eos = tokenizer.eos_id
-    return [
-        TokenizedExample(tokens=(*s, *t, eos), num_source=len(s), source=e.source)
-        for e, s, t in zip(examples, src_ids, tgt_ids)
-    ]
+    eos, out, k = tokenizer.eos_id, [], 0
+    for e, p, t in zip(examples, pieces, tgt_ids):
+        source, spans = [], []
+        for (_, trained), ids in zip(p, src_ids[k : k + len(p)]):
+            if trained and ids:
+                spans.append((len(source), len(source) + len(ids)))
+            source.extend(ids)
+        k += len(p)
+        num_source = 0 if getattr(e, "whole_sequence", False) else len(source)
+        out.append(TokenizedExample((*source, *t, eos), num_source, e.source, tuple(spans)))
+    return out
 
 
 def fit_to_length(
@@ -113,14 +132,25 @@ def fit_to_length(
     keep_source = limit - num_target
     if num_source >= 1 and keep_source >= 1:
         _count(stats, "source_truncated")
-        return dataclasses.replace(example, tokens=tokens[num_source - keep_source :], num_source=keep_source)
+        cut = num_source - keep_source
+        return dataclasses.replace(
+            example, tokens=tokens[cut:], num_source=keep_source, loss_spans=_shift(example.loss_spans, cut)
+        )
     if overlong == "drop":
         _count(stats, "overlong_dropped")
         return None
     _count(stats, "target_truncated")
     keep_source = min(1, num_source)
     start = num_source - keep_source
-    return dataclasses.replace(example, tokens=tokens[start : start + limit], num_source=keep_source)
+    return dataclasses.replace(
+        example, tokens=tokens[start : start + limit], num_source=keep_source, loss_spans=()
+    )
+
+
+def _shift(spans: tuple[tuple[int, int], ...], cut: int) -> tuple[tuple[int, int], ...]:
+    """Loss spans after cutting `cut` tokens from the left (the first token left is never predicted)."""
+    shifted = ((max(a - cut, 1), b - cut) for a, b in spans)
+    return tuple((a, b) for a, b in shifted if a < b)
 
 
 def _count(stats: Optional[PackStats], key: str) -> None:
@@ -175,9 +205,15 @@ class Packer:
         self.stats["rows"] += 1
         self.stats["pad_tokens"] += self.seq_len - self._used
         self.stats["tokens"] += self._used
-        self.stats["loss_tokens"] += sum(len(e.tokens) - max(e.num_source, 1) for e in row)
+        self.stats["loss_tokens"] += sum(loss_tokens(e) for e in row)
         self.reset()
         return row
+
+
+def loss_tokens(example: TokenizedExample) -> int:
+    """How many of the example's row slots are trained on."""
+    spans = sum(b - a for a, b in example.loss_spans)
+    return len(example.tokens) - max(example.num_source, 1) + spans
 
 
 def row_arrays(row: Sequence[TokenizedExample], seq_len: int, pad_id: int = 1) -> dict[str, np.ndarray]:
@@ -194,6 +230,8 @@ def row_arrays(row: Sequence[TokenizedExample], seq_len: int, pad_id: int = 1) -
         out["targets"][offset:end] = tokens[1:]
         # Slot i predicts token i + 1, a target token iff i + 1 >= num_source.
         out["loss_mask"][offset + max(example.num_source - 1, 0) : end] = 1.0
+        for a, b in example.loss_spans:
+            out["loss_mask"][offset + a - 1 : offset + b - 1] = 1.0
         out["segment_ids"][offset:end] = segment
         out["positions"][offset:end] = np.arange(n, dtype=np.int32)
         offset = end

@@ -77,9 +77,10 @@ class TaskRecords(SequenceABC):
     """A task's usable examples, in file order, each read from its file when indexed. Slicing (step 1)
     gives another TaskRecords without reading anything."""
 
-    def __init__(self, parts: Sequence[tuple[Source, np.ndarray]]):
+    def __init__(self, parts: Sequence[tuple[Source, np.ndarray]], benchmark: Optional[str] = None):
         self._parts = [(source, records) for source, records in parts if len(records)]
         self._ends = np.cumsum([len(records) for _, records in self._parts], dtype=np.int64)
+        self.benchmark = benchmark  # the collection its rows name (data.fields.benchmark), if they do
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
@@ -96,7 +97,7 @@ class TaskRecords(SequenceABC):
                 if lo < hi:
                     parts.append((source, records[lo:hi]))
                 offset += len(records)
-            return TaskRecords(parts)
+            return TaskRecords(parts, self.benchmark)
         j = int(i) + n if int(i) < 0 else int(i)
         if not 0 <= j < n:
             raise IndexError(f"record {i} of a task of {n}")
@@ -317,15 +318,19 @@ def _read_other_headers(files, owners, gathered, headers: dict, shard: Shard, me
         raise DataError(header_error)
 
 
-def _gather_rows(file: _DataFile, i: int, gathered, stats: SkipStats) -> tuple[np.ndarray, list[str]]:
+def _gather_rows(
+    file: _DataFile, i: int, gathered, stats: SkipStats, benchmarks: dict
+) -> tuple[np.ndarray, list[str]]:
     """A shared (not whole) file's records from every process's share (task codes made global, into the
-    returned task names), its skips counted in file order."""
+    returned task names), its skips counted in file order; each task's benchmark noted in `benchmarks`."""
     name, chunks, tasks, codes, first_line = str(file.path), [], [], {}, 0
     for meta, arrays in gathered:  # process order is file order
         entry = meta["files"][str(i)]
         records = arrays[entry["array"]].copy()
         if len(records):
             their = entry["tasks"] or [file.task]  # without a task field every code is 0: the file's stem
+            for task, benchmark in zip(their, entry.get("benchmarks", [])):
+                _note_benchmark(benchmarks, task, benchmark, name)
             for task in their:
                 if task not in codes:
                     codes[task] = len(tasks)
@@ -339,6 +344,17 @@ def _gather_rows(file: _DataFile, i: int, gathered, stats: SkipStats) -> tuple[n
         chunks.append(records)
     stats.end_file(name)
     return np.concatenate(chunks), tasks
+
+
+def _note_benchmark(benchmarks: dict, task: str, benchmark: Optional[str], file: str) -> None:
+    if benchmark is None:
+        return
+    first = benchmarks.setdefault(task, benchmark)
+    if first != benchmark:
+        raise DataError(
+            f"{file}: task {task!r} is in benchmark {benchmark!r} here and {first!r} elsewhere; a task "
+            f"belongs to one benchmark (data.fields.benchmark)"
+        )
 
 
 def _by_task(records: np.ndarray, tasks: list[str]) -> list[tuple[str, np.ndarray]]:
@@ -367,10 +383,11 @@ def _assemble_tasks(
 ) -> dict[str, TaskRecords]:
     """The tasks from every process's share of the index, with skips counted in file order."""
     parts: dict[str, list] = {}
+    benchmarks: dict[str, str] = {}
     for i, file in enumerate(files):
         name = str(file.path)
         if not file.format.whole_files:
-            records, tasks = _gather_rows(file, i, gathered, stats)
+            records, tasks = _gather_rows(file, i, gathered, stats, benchmarks)
             source_of = file.format.sources(name, fields, seed)
             for task, task_records in _by_task(records, tasks or [file.task]):
                 parts.setdefault(task, []).append((source_of(task), task_records))
@@ -395,7 +412,7 @@ def _assemble_tasks(
             records[:, 3] = np.arange(index, index + len(records))
             index += len(records)
             numbered.append((source, records))
-        records = TaskRecords(numbered)
+        records = TaskRecords(numbered, benchmarks.get(task))
         if len(records):
             tasks[task] = records
         else:

@@ -174,7 +174,7 @@ def definition_text(value) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------- fields
-FIELD_NAMES = ("src", "tgt", "task", "definition")
+FIELD_NAMES = ("src", "tgt", "task", "definition", "benchmark")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,12 +182,16 @@ class Fields:
     """The key (JSONL) or column (Parquet) holding each of our fields (data.fields). `src`, `tgt`: the
     prompt and the target; `task`: the name of the row's task (None: the file's stem names the task of
     all its rows); `definition`: an SNI-style instruction (None: `src` is the whole prompt; else `src`
-    is the instance's input and the prompt is SNI's zero-shot template, templates.format_sni)."""
+    is the instance's input and the prompt is SNI's zero-shot template, templates.format_sni);
+    `benchmark`: the collection the row's task belongs to (data.mixture weighs collections; None: not
+    read). A `src` of None reads plain text: an empty prompt and `tgt` the whole text (data.mixture's
+    `loss: all` slices)."""
 
-    src: str = "src"
+    src: Optional[str] = "src"
     tgt: str = "tgt"
     task: Optional[str] = None
     definition: Optional[str] = None
+    benchmark: Optional[str] = None
 
     @classmethod
     def from_mapping(cls, mapping) -> "Fields":
@@ -203,7 +207,7 @@ class Fields:
         if unknown:
             raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(FIELD_NAMES)})")
         for key, column in mapping.items():
-            optional = key in ("task", "definition")  # null: not read (as when left out)
+            optional = key in ("task", "definition", "benchmark")  # null: not read (as when left out)
             if not (isinstance(column, str) and column or optional and column is None):
                 raise ValueError(f"{key} must name a column (a non-empty string), got {column!r}")
         return cls(**mapping)
@@ -261,21 +265,25 @@ def check_record(record: dict, fields: Fields) -> tuple[Optional[dict], Optional
 
     Empty `src` is allowed (plain language-model text has only a target); an empty or all-whitespace
     `tgt` is skipped because the example would train only on `</s>`."""
-    problem = check_string_field(record, fields.src) or check_string_field(record, fields.tgt)
+    problem = (fields.src is not None and check_string_field(record, fields.src)) or check_string_field(
+        record, fields.tgt
+    )
     if problem:
         if problem[0] == "missing_field":
             problem = (problem[0], problem[1] + fields_hint(record, fields))
         return None, problem
-    values = {"src": record[fields.src], "tgt": record[fields.tgt]}
+    values = {"src": "" if fields.src is None else record[fields.src], "tgt": record[fields.tgt]}
     if not values["tgt"].strip():
         return None, ("empty_target", "")
-    if fields.task is not None:
-        problem = check_string_field(record, fields.task)
-        if problem:
-            return None, problem
-        if not record[fields.task].strip():
-            return None, ("empty_task", f"{fields.task!r} is empty")
-        values["task"] = record[fields.task]
+    for name in ("task", "benchmark"):
+        column = getattr(fields, name)
+        if column is not None:
+            problem = check_string_field(record, column)
+            if problem:
+                return None, problem
+            if not record[column].strip():
+                return None, (f"empty_{name}", f"{column!r} is empty")
+            values[name] = record[column]
     if fields.definition is not None:
         if fields.definition not in record:
             return None, ("missing_field", f"no {fields.definition!r} field")
@@ -309,17 +317,34 @@ def record_example(
 
 
 class TaskCodes:
-    """Task names a scan met, numbered in order of appearance (an int64 index carries the numbers)."""
+    """Task names a scan met, numbered in order of appearance (an int64 index carries the numbers), and
+    the benchmark each one's rows name (data.fields.benchmark)."""
 
     def __init__(self):
         self.names: list[str] = []
         self._codes: dict[str, int] = {}
+        self.benchmarks: dict[int, str] = {}  # task code -> benchmark (code 0: a file without a task field)
 
     def code(self, name: str) -> int:
         if name not in self._codes:
             self._codes[name] = len(self.names)
             self.names.append(name)
         return self._codes[name]
+
+    def record(self, values: dict) -> tuple[Optional[int], Optional[tuple[str, str]]]:
+        """(task code, None) of a usable record's values, or (None, (reason, detail)) when its benchmark
+        differs from the one earlier rows of its task named (a task belongs to one benchmark)."""
+        code = self.code(values["task"]) if "task" in values else 0
+        benchmark = values.get("benchmark")
+        if benchmark is not None:
+            first = self.benchmarks.setdefault(code, benchmark)
+            if first != benchmark:
+                return None, ("benchmark_conflict", f"benchmark {benchmark!r}; its task's rows say {first!r}")
+        return code, None
+
+    def benchmark_list(self) -> list:
+        """Benchmark per task code (None where no row named one), as JSON carries it."""
+        return [self.benchmarks.get(code) for code in range(max(len(self.names), 1))]
 
 
 def open_data_file(path: str | os.PathLike):

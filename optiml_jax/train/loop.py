@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from optiml_jax.config import ConfigError, OPTConfig, as_dtype
+from optiml_jax.data.mixture import share_scalars
 from optiml_jax.eval.metrics import ALL_METRICS
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.run_config import RunConfig, resolve_path
@@ -394,6 +395,8 @@ def _record(run: _Run, window: _Window, step: int, metrics, throughput: dict) ->
             "train/nonfinite_total": int(m["nonfinite_total"]),
         }
         scalars.update({f"data/{k}": v for k, v in run.loader.stats().items()})
+        # --- data.mixture's realised shares (issue #22); a logging hook's job once the loop has hooks
+        scalars.update(share_scalars(run.loader.mixture_counts()))
         run.writer.write(step, scalars)
         window.restart()
     if run.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 from optiml_jax.data.formats.base import (
     Format,
@@ -75,14 +75,20 @@ def check_jsonl_line(
     return (None, problem) if record is None else check_record(record, fields)
 
 
+# (raw line, fields) -> (values, None) | (None, (reason, detail)) | (None, None) for a line that is no record
+LineCheck = Callable[[bytes, Fields], tuple[Optional[dict], Optional[tuple[str, str]]]]
+
+
 def scan_jsonl(
     path: str | os.PathLike,
     lo: int = 0,
     hi: Optional[int] = None,
     fields: Fields = Fields(),  # noqa: B008 (frozen, never mutated)
+    check: LineCheck = check_jsonl_line,
 ) -> JsonlScan:
     """Checks the lines of a JSONL file that START in bytes [lo, hi) (all of it by default), reading only
-    those lines: ranges that tile a file give every line to exactly one scan."""
+    those lines: ranges that tile a file give every line to exactly one scan. `check` reads one line (a
+    format of one record a line, e.g. plain text, passes its own)."""
     scan = JsonlScan()
     with open_data_file(path) as handle:
         if lo > 0:  # the first line starting at or after lo: lo itself if the byte before it ends a line
@@ -98,10 +104,11 @@ def scan_jsonl(
             scan.lines += 1
             if start == 0 and raw.startswith(b"\xef\xbb\xbf"):
                 raw, start = raw[3:], 3  # UTF-8 byte-order mark written by some editors
-            values, problem = check_jsonl_line(raw, fields)
+            values, problem = check(raw, fields)
             if values is not None:
+                code, problem = scan.tasks.record(values)
+            if values is not None and problem is None:
                 end = offset - (1 if raw.endswith(b"\n") else 0)
-                code = scan.tasks.code(values["task"]) if "task" in values else 0
                 scan.records.extend((start, end, scan.lines, code))
             elif problem is not None:
                 scan.skips.append((scan.lines, *problem))
@@ -114,9 +121,10 @@ class JsonlSource:
     task: str
     fields: Fields = Fields()
     seed: int = 0
+    check: LineCheck = check_jsonl_line
 
     def example(self, start: int, end: int, line: int, index: int) -> Union[Example, SNIExample]:
-        values, _ = check_jsonl_line(read_span(self.path, start, end), self.fields)
+        values, _ = self.check(read_span(self.path, start, end), self.fields)
         if values is None or values.get("task", self.task) != self.task:
             raise changed(f"{self.path}:{line}")
         return record_example(values, self.task, f"{self.path}:{line}", self.seed, index)
@@ -151,7 +159,8 @@ class JsonlFormat(Format):
     def scan(self, path: Path, fields: Fields, me: int, count: int) -> tuple[dict, array.array]:
         size = path.stat().st_size
         scan = scan_jsonl(path, size * me // count, size * (me + 1) // count, fields)
-        return {"lines": scan.lines, "skips": scan.skips, "tasks": scan.tasks.names}, scan.records
+        entry = {"lines": scan.lines, "skips": scan.skips, "tasks": scan.tasks.names}
+        return {**entry, "benchmarks": scan.tasks.benchmark_list()}, scan.records
 
     def sources(self, path: str, fields: Fields, seed: int):
         return lambda task: JsonlSource(path, task, fields, seed)

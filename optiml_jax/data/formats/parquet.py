@@ -138,10 +138,11 @@ def scan_parquet(
         cells = {column: table.column(column).to_pylist() for column in columns}
         for k in range(table.num_rows):
             values, problem = check_record({c: cells[c][k] for c in columns}, fields)
-            if values is None:
+            if values is not None:
+                code, problem = scan.tasks.record(values)
+            if problem is not None:
                 scan.skips.append((firsts[group] + k, *problem))
             else:
-                code = scan.tasks.code(values["task"]) if "task" in values else 0
                 scan.records.extend((group, k, firsts[group] + k, code))
     return scan
 
@@ -232,7 +233,11 @@ class ParquetFormat(Format):
 
     def scan(self, path: Path, fields: Fields, me: int, count: int) -> tuple[dict, array.array]:
         scan = scan_parquet(path, fields, me, count)
-        return {"skips": scan.skips, "tasks": scan.tasks.names}, scan.records
+        return {
+            "skips": scan.skips,
+            "tasks": scan.tasks.names,
+            "benchmarks": scan.tasks.benchmark_list(),
+        }, scan.records
 
     def sources(self, path: str, fields: Fields, seed: int):
         groups = RowGroups(path, fields)  # one per file: its cached row groups serve all its tasks
