@@ -51,8 +51,9 @@ DEMO_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "demo_tokenize
 
 # The project's one prompt convention: no `</s>` before a prompt, as metaseq's OPT-IML fine-tuning data
 # (`streaming_finetune_language_modeling._tokenize_src_tgt_json`: encode(src + " " + tgt) + [eod]) and so
-# our packing have none. Training, evaluation, scoring, the pipeline and optiml-generate all default to
-# it; each takes `add_bos=True` to prepend `</s>` as Hugging Face's tokenizer and metaseq's generator do.
+# our packing have none. Training, evaluation (generation and rank scoring), the pipeline and
+# optiml-generate all follow it; evaluation, the pipeline and optiml-generate take `add_bos=True` to
+# prepend `</s>` as Hugging Face's tokenizer and metaseq's generator do.
 PROMPT_ADD_BOS = False
 
 # "owner/name" as the hub spells repo ids; anything else that does not exist is a missing directory.
