@@ -325,6 +325,17 @@ class OPTConfig:
 # Files that ship inside the package (setup.cfg's package_data), so an installed wheel has them too:
 # the run configs (configs/), the model presets (configs/models/), the demo tokenizer and the SNI sample.
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+# The shipped SNI sample: 8 tasks of SNI's train split, a few of its test split (its README.md lists them).
+SNI_SAMPLE_DIR = ASSETS_DIR / "data" / "sni"
+# Names that stand for a shipped data set wherever a data path is asked for, from any directory.
+DATA_ALIASES = {"sni-sample": SNI_SAMPLE_DIR}
+
+
+def expand_data_alias(value: str) -> str:
+    """The shipped data set `value` names (DATA_ALIASES) unless a path of that name exists here, else
+    `value` unchanged. `data/sni`, the path under optiml_jax/assets/, is found by
+    run_config.resolve_path as every other shipped file is."""
+    return str(DATA_ALIASES[value]) if value in DATA_ALIASES and not os.path.exists(value) else value
 
 
 def presets_dir() -> Path:

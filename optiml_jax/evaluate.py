@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
+
+from optiml_jax.config import expand_data_alias
+from optiml_jax.tokenizer import PROMPT_ADD_BOS
 
 EXIT_BAD_INPUT = 2
 
@@ -139,7 +143,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--mesh", default="data=-1", help="mesh axis sizes, as in fine-tuning (default data=-1)"
     )
     parser.add_argument(
-        "--add-bos", action="store_true", help="start prompts with </s> (fine-tuning data does not)"
+        "--add-bos",
+        action=argparse.BooleanOptionalAction,
+        default=PROMPT_ADD_BOS,
+        help="start prompts with </s> as transformers' OPT tokenizer does (default: no, as fine-tuning "
+        "data and optiml-generate)",
     )
     parser.add_argument("--predictions", help="re-score this predictions.jsonl instead of running a model")
     parser.add_argument("--output", required=True, help="output directory")
@@ -183,6 +191,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def shipped_data(data: str, split: Optional[str]) -> tuple[str, Optional[str]]:
+    """--data and --split, or the shipped SNI sample they name from any directory: `sni-sample`
+    (config.DATA_ALIASES) or `data/sni` (its path under optiml_jax/assets/). A relative --split that
+    does not exist from here is looked for inside the data directory, where the sample keeps its
+    `splits/default/test_tasks.txt`."""
+    # imported here: run_config pulls in the data and eval code, seconds that --help need not wait for
+    from optiml_jax.run_config import resolve_path
+
+    data = resolve_path(expand_data_alias(data))
+    if split and not os.path.isabs(split) and not os.path.exists(split):
+        inside = os.path.join(data, split)
+        split = inside if os.path.exists(inside) else split
+    return data, split
+
+
 def _evaluate_model(args):
     import jax
 
@@ -202,6 +225,7 @@ def _evaluate_model(args):
             f"--batch-size {args.batch_size} is not divisible by the mesh's data-parallel devices "
             f"(data x fsdp = {data_parallel_size(mesh)})"
         )
+    args.data, args.split = shipped_data(args.data, args.split)
     tasks = load_eval_tasks(args.data, args.split, args.max_instances, args.format, args.fields)
     batch_size = args.batch_size or 8 * data_parallel_size(mesh)
     settings = EvalSettings(

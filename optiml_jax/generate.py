@@ -30,6 +30,9 @@ logits), before any of that.
 Command line (greedy unless --temperature > 0):
 
     python -m optiml_jax.generate --model DIR --prompt "What is the capital of USA?" --max-new-tokens 20
+
+Prompts are encoded without a leading `</s>`, as fine-tuning and evaluation encode them; `--add-bos`
+prepends it as transformers' OPT tokenizer does (docs/evaluation.md, "Prompt convention").
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from optiml_jax.checkpoints import mapping as weights
 from optiml_jax.config import DTYPES, ConfigError
 from optiml_jax.model import OPTForCausalLM, lm_head_logits, positions_from_mask
 from optiml_jax.model.opt import CACHE_LAYOUTS
+from optiml_jax.tokenizer import PROMPT_ADD_BOS
 
 # Prompts are left-padded to a multiple of this, and the new-token budget is rounded up to a multiple
 # of NEW_TOKENS_BUCKET: the compiled program depends on these rounded shapes only.
@@ -552,6 +556,13 @@ def _parse_args(argv):
     )
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    parser.add_argument(
+        "--add-bos",
+        action=argparse.BooleanOptionalAction,
+        default=PROMPT_ADD_BOS,
+        help="start prompts with </s> as transformers' OPT tokenizer does (default: no, as fine-tuning "
+        "and optiml-evaluate encode them)",
+    )
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -615,7 +626,7 @@ def main(argv=None) -> int:
         config = dataclasses.replace(
             config, eos_token_id=loaded.config.eos_token_id, pad_token_id=loaded.config.pad_token_id
         )
-        prompt_ids = [tokenizer.encode(p) for p in prompts]
+        prompt_ids = tokenizer.encode_batch(prompts, add_bos=args.add_bos)
         out = generate(loaded.model, loaded.params, prompt_ids, config)
         completions = complete_texts(tokenizer, prompt_ids, out.token_ids())
     except (CLIError, ConfigError) as e:  # bad flags, or a configuration (config.json, dtype) we cannot run

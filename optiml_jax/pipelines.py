@@ -9,10 +9,13 @@ prompts gives a list of such lists; `do_sample=False` (the default) is greedy an
 settings; sampling defaults to temperature 1.0, top_k 50 and top_p 1.0 (transformers' GenerationConfig
 defaults). `num_return_sequences` (sampling only, as in transformers), `repetition_penalty`,
 `stop_sequence` (generation ends at the token that completes the string, which stays in the text; it
-may begin in the prompt), `max_length` (prompt tokens, BOS included, plus new ones; the prompt is first
-cut to it, as transformers' tokenizer does) and `batch_size` mean what they mean there; batching never
+may begin in the prompt), `max_length` (prompt tokens, any BOS included, plus new ones; the prompt is
+first cut to it, as transformers' tokenizer does) and `batch_size` mean what they mean there; batching never
 changes a greedy result. One difference: transformers stops at 20 tokens *in total* unless told
 otherwise; here the default is `max_new_tokens=20`, since an instruction prompt alone is often longer.
+Another: prompts are encoded without a leading `</s>`, as fine-tuning and evaluation see them (the
+project's prompt convention, tokenizer.PROMPT_ADD_BOS); `add_bos=True` prepends it as transformers'
+OPT tokenizer does, and then the ids and the answers are transformers' own.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from optiml_jax.generate import (
     round_up,
     stop_token_mask,
 )
+from optiml_jax.tokenizer import PROMPT_ADD_BOS, OPTTokenizer
 
 TASKS = ("text-generation",)
 HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -53,6 +57,7 @@ class TextGenerationPipeline:
     seed: int = 0  # seeds the per-call sampling seeds: repeated calls differ, a rerun repeats them
     mesh: Any = None  # a jax Mesh: batches run on it, rows split over its data-parallel axes
     rules: Any = None  # the logical axis rules the params were placed by (sharding.DEFAULT_RULES)
+    add_bos: bool = PROMPT_ADD_BOS  # start prompts with </s> (transformers' OPT tokenizer does)
 
     def __post_init__(self):
         self._seeds = np.random.default_rng(self.seed)
@@ -109,7 +114,7 @@ class TextGenerationPipeline:
             1.0 if repetition_penalty is None else repetition_penalty,
         )
 
-        prompt_ids = [self.tokenizer.encode(p) for p in prompts]
+        prompt_ids = self.tokenizer.encode_batch(prompts, add_bos=self.add_bos)
         if max_length is not None:
             prompt_ids = [ids[: _positive_int("max_length", max_length)] for ids in prompt_ids]
         budgets = [_budget(ids, max_new_tokens, max_length) for ids in prompt_ids]
@@ -269,6 +274,7 @@ def pipeline(
     mesh=None,
     rules=None,
     attention: Optional[str] = None,
+    add_bos: bool = PROMPT_ADD_BOS,
 ) -> TextGenerationPipeline:
     """A text-generation pipeline for an OPT model: a local directory, a hub id, or a `Pretrained`.
 
@@ -278,6 +284,8 @@ def pipeline(
     `mesh` (a jax Mesh, see sharding.make_mesh) places the params in their shards by `rules` and runs
     every batch on it. `attention` goes to load_pretrained (the kernel of whole-sequence passes of the
     loaded model); generation itself, prompt pass included, attends over its KV cache either way.
+    `add_bos=True` starts every prompt with `</s>`, as transformers' OPT tokenizer does (the default
+    encodes prompts as fine-tuning and evaluation do; see docs/evaluation.md, "Prompt convention").
     """
     if task not in TASKS:
         raise ValueError(f"unsupported task {task!r}; optiml_jax supports {', '.join(TASKS)}")
@@ -286,7 +294,6 @@ def pipeline(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     from optiml_jax.checkpoints.pretrained import Pretrained, load_pretrained
-    from optiml_jax.tokenizer import OPTTokenizer
 
     if isinstance(model, Pretrained):
         given = [name for name, value in (("dtype", dtype), ("attention", attention)) if value is not None]
@@ -317,7 +324,15 @@ def pipeline(
             f"pass tokenizer="
         )
     return TextGenerationPipeline(
-        loaded.model, loaded.params, tokenizer, loaded.config, batch_size, seed, mesh=mesh, rules=rules
+        loaded.model,
+        loaded.params,
+        tokenizer,
+        loaded.config,
+        batch_size,
+        seed,
+        mesh=mesh,
+        rules=rules,
+        add_bos=bool(add_bos),
     )
 
 

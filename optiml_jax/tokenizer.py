@@ -2,7 +2,10 @@
 
 OPT (and OPT-IML) use GPT-2's byte-level BPE with metaseq's re-indexed vocabulary: ids 0..3 are
 `<s>`, `<pad>`, `</s>`, `<unk>`; BOS and EOS are both `</s>` (id 2), padding is id 1. Hugging Face
-prepends `</s>` to every text; metaseq's training data has no leading BOS, so `encode` takes `add_bos`.
+prepends `</s>` to every text; metaseq's training data has no leading BOS, so `encode` takes `add_bos`
+(default True: `encode` is id-for-id Hugging Face's tokenizer call). What a model is *given* -- training
+examples, evaluation prompts, scored contexts, pipeline and CLI prompts -- follows PROMPT_ADD_BOS
+instead (docs/evaluation.md, "Prompt convention").
 
 What a directory holds (either is enough; both as the hub ships them):
   * `vocab.json` + `merges.txt` (what facebook/opt-* ship), or
@@ -45,6 +48,13 @@ TOKENIZER_FILES = (VOCAB_FILE, MERGES_FILE, TOKENIZER_FILE, CONFIG_FILE, SPECIAL
 # Small BPE trained on the repo's SNI sample by tools/build_demo_tokenizer.py: a stand-in for the real
 # 50k vocabulary in tests and demos (same special ids, same file layout).
 DEMO_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "demo_tokenizer"
+
+# The project's one prompt convention: no `</s>` before a prompt, as metaseq's OPT-IML fine-tuning data
+# (`streaming_finetune_language_modeling._tokenize_src_tgt_json`: encode(src + " " + tgt) + [eod]) and so
+# our packing have none. Training, evaluation (generation and rank scoring), the pipeline and
+# optiml-generate all follow it; evaluation, the pipeline and optiml-generate take `add_bos=True` to
+# prepend `</s>` as Hugging Face's tokenizer and metaseq's generator do.
+PROMPT_ADD_BOS = False
 
 # "owner/name" as the hub spells repo ids; anything else that does not exist is a missing directory.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -14,6 +14,9 @@ from optiml_jax.train.metrics_log import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SNI = REPO / "optiml_jax" / "assets" / "data" / "sni"
+# The sample's eight training tasks are its SNI train-split tasks; it also ships a few test-split ones.
+SNI_TRAIN_SPLIT = SNI / "splits" / "default" / "train_tasks.txt"
+SNI_TEST_TASKS = ("task1154_bard_analogical_reasoning_travel", "task1664_winobias_text_generation")
 TOKENIZER = REPO / "optiml_jax/assets/demo_tokenizer"
 TINY_MODEL = dict(
     vocab_size=2048,

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from fake_tokenizer import ByteTokenizer
+from finetune_helpers import SNI_TRAIN_SPLIT
 
 from optiml_jax.config import ConfigError
 from optiml_jax.data import (
@@ -58,9 +59,9 @@ def test_split_takes_the_last_examples_of_every_task_in_order():
 
 
 def test_sni_holdout_is_disjoint_and_the_train_loader_excludes_exactly_it():
-    cfg = run_cfg(train=str(SNI), eval_holdout=20)
+    cfg = run_cfg(train=str(SNI), train_tasks=str(SNI_TRAIN_SPLIT), eval_holdout=20)
     ev = build_eval_loader(cfg, ByteTokenizer(), **EXPLICIT)
-    everything = read_tasks(SNI, SkipStats(), seed=1234)
+    everything = read_tasks(SNI, SkipStats(), seed=1234, split_file=SNI_TRAIN_SPLIT)
     assert list(ev.tasks) == sorted(everything) and ev.num_examples == 8 * 20
     for name, examples in ev.tasks.items():
         assert examples == everything[name][-20:]  # the last 20 usable instances, in file order
@@ -76,16 +77,26 @@ def test_sni_holdout_is_disjoint_and_the_train_loader_excludes_exactly_it():
     train_prompts = {e.src for name, v in everything.items() for e in v[:-20]}
     assert not train_prompts & {e.src for v in ev.tasks.values() for e in v}
     # Deterministic, and the seed does not choose the instances (only their prompt delimiters).
-    again = build_eval_loader(run_cfg(seed=7, train=str(SNI), eval_holdout=20), ByteTokenizer(), **EXPLICIT)
+    again = build_eval_loader(
+        run_cfg(seed=7, train=str(SNI), train_tasks=str(SNI_TRAIN_SPLIT), eval_holdout=20),
+        ByteTokenizer(),
+        **EXPLICIT,
+    )
     assert {e.source for v in again.tasks.values() for e in v} == held
     assert sum(1 for _ in ev) >= 1
 
 
 def test_fraction_holdout_and_explicit_eval_still_work():
-    ev = build_eval_loader(run_cfg(train=str(SNI), eval_holdout=0.05), ByteTokenizer(), **EXPLICIT)
+    ev = build_eval_loader(
+        run_cfg(train=str(SNI), train_tasks=str(SNI_TRAIN_SPLIT), eval_holdout=0.05),
+        ByteTokenizer(),
+        **EXPLICIT,
+    )
     sizes = {name: len(v) for name, v in ev.tasks.items()}
     assert sizes.pop("task1564_triviaqa_answer_generation") == 5 and set(sizes.values()) == {10}  # 108, 200
-    explicit = run_cfg(train=str(SNI), eval=str(SNI / "task1508_wordnet_antonyms.json"))
+    explicit = run_cfg(
+        train=str(SNI), train_tasks=str(SNI_TRAIN_SPLIT), eval=str(SNI / "task1508_wordnet_antonyms.json")
+    )
     ev = build_eval_loader(explicit, ByteTokenizer(), **EXPLICIT)
     assert list(ev.tasks) == ["task1508_wordnet_antonyms"] and ev.num_examples == 200
     assert build_train_loader(explicit, ByteTokenizer(), **EXPLICIT).mixture.sizes.sum() == 7 * 200 + 108
@@ -93,15 +104,23 @@ def test_fraction_holdout_and_explicit_eval_still_work():
 
 def test_resume_refuses_another_holdout():
     state = build_train_loader(
-        run_cfg(train=str(SNI), eval_holdout=20), ByteTokenizer(), **EXPLICIT
+        run_cfg(train=str(SNI), train_tasks=str(SNI_TRAIN_SPLIT), eval_holdout=20),
+        ByteTokenizer(),
+        **EXPLICIT,
     ).get_state()
     for other in (10, 0.1, None):
         with pytest.raises(DataError, match="data.eval_holdout"):
             build_train_loader(
-                run_cfg(train=str(SNI), eval_holdout=other), ByteTokenizer(), state=state, **EXPLICIT
+                run_cfg(train=str(SNI), train_tasks=str(SNI_TRAIN_SPLIT), eval_holdout=other),
+                ByteTokenizer(),
+                state=state,
+                **EXPLICIT,
             )
     resumed = build_train_loader(
-        run_cfg(train=str(SNI), eval_holdout=20), ByteTokenizer(), state=state, **EXPLICIT
+        run_cfg(train=str(SNI), train_tasks=str(SNI_TRAIN_SPLIT), eval_holdout=20),
+        ByteTokenizer(),
+        state=state,
+        **EXPLICIT,
     )
     assert resumed.get_state() == state
     # The hold-out is in the fingerprint itself, not only through the task sizes it changes ...
@@ -159,9 +178,13 @@ def test_build_loaders_reads_the_training_files_once_for_both_loaders(monkeypatc
     monkeypatch.setattr(
         data, "read_tasks", lambda paths, *a, **kw: calls.append(paths) or real(paths, *a, **kw)
     )
-    train, ev = data.build_loaders(run_cfg(train=str(SNI), eval_holdout=20), ByteTokenizer(), **EXPLICIT)
+    train, ev = data.build_loaders(
+        run_cfg(train=str(SNI), train_tasks=str(SNI_TRAIN_SPLIT), eval_holdout=20),
+        ByteTokenizer(),
+        **EXPLICIT,
+    )
     assert calls == [str(SNI)]
     assert ev.num_examples == 8 * 20 and train.mixture.sizes.sum() + ev.num_examples == sum(
-        len(v) for v in read_tasks(SNI, SkipStats(), seed=1234).values()
+        len(v) for v in read_tasks(SNI, SkipStats(), seed=1234, split_file=SNI_TRAIN_SPLIT).values()
     )
     assert ev.skip_stats is train.skip_stats  # one read: one account of what it skipped

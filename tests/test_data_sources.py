@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from finetune_helpers import SNI_TEST_TASKS, SNI_TRAIN_SPLIT
 
 from optiml_jax.data.formats import detect_format
 from optiml_jax.data.formats.sni import read_sni_task
@@ -19,7 +20,7 @@ EMPTY_ID = "task1564-1ba86d73c8224fad9b4d88f37a37a316"
 def test_sni_sample_counts_and_empty_output(caplog):
     stats = SkipStats()
     with caplog.at_level(logging.WARNING):
-        tasks = read_tasks(SNI, stats)
+        tasks = read_tasks(SNI, stats, split_file=SNI_TRAIN_SPLIT)
     assert len(tasks) == 8
     sizes = {name: len(examples) for name, examples in tasks.items()}
     assert sizes.pop("task1564_triviaqa_answer_generation") == 108  # 109 instances, one output is ""
@@ -55,8 +56,13 @@ def test_sni_input_ending_with_colon_gets_no_delimiter():
 def test_sni_split_file(tmp_path):
     stats = SkipStats()
     assert len(read_tasks(SNI, stats, split_file=SNI / "splits/default/train_tasks.txt")) == 8
-    with pytest.raises(DataError, match="none of the 8 task files"):
-        read_tasks(SNI, stats, split_file=SNI / "splits/default/test_tasks.txt")
+    assert sorted(read_tasks(SNI, stats, split_file=SNI / "splits/default/test_tasks.txt")) == list(
+        SNI_TEST_TASKS
+    )
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text("task0_not_in_the_sample\n")
+    with pytest.raises(DataError, match="none of the 10 task files"):
+        read_tasks(SNI, stats, split_file=unknown)
     split = tmp_path / "mine.txt"
     split.write_text("# two tasks\ntask1146_country_capital\n\ntask1508_wordnet_antonyms.json\n")
     assert sorted(read_tasks(SNI, stats, split_file=split)) == [

@@ -4,7 +4,7 @@ formats written out by hand, and bad input refused with the file and key named."
 import json
 
 import pytest
-from finetune_helpers import SNI
+from finetune_helpers import SNI, SNI_TRAIN_SPLIT
 
 from optiml_jax.data import DataError
 from optiml_jax.eval.prompts import build_prompt, tk_instruct_prompt
@@ -127,7 +127,7 @@ def test_tk_instruct_prompt_as_its_collator_writes_it(tmp_path):
 
 
 def test_shipped_sample_reads_with_its_empty_reference():
-    tasks = {t.name: t for t in load_eval_tasks(SNI, max_instances=100)}
+    tasks = {t.name: t for t in load_eval_tasks(SNI, SNI_TRAIN_SPLIT, max_instances=100)}
     assert len(tasks) == 8 and all(len(t.instances) == 100 for t in tasks.values())
     trivia = tasks["task1564_triviaqa_answer_generation"]
     assert trivia.instances[86].references == ("",)  # kept: the official scorer scores against it

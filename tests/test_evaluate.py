@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from finetune_helpers import SNI, TOKENIZER
+from finetune_helpers import SNI, SNI_TRAIN_SPLIT, TOKENIZER
 from hf_reference import make_hf_model
 
 from optiml_jax.config import OPTConfig
@@ -202,7 +202,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(hf_model_dir, tmp_path, ca
     args = ["--model", directory, "--data", SNI, "--max-instances", 1, "--max-new-tokens", 2, "--output", out]
     expected = {
         "existing_output": "exists and is not empty",
-        "no_task_in_split": "none of the 8 task files",
+        "no_task_in_split": "none of the 10 task files",
         "no_model": "no such model directory",
         "no_references": "#t-1: 'output' must be a non-empty list",
         "bad_mesh": "--mesh",
@@ -293,6 +293,8 @@ def test_rank_classification_of_jsonl_options_and_sni_label_sets(hf_model_dir, t
         directory,
         "--data",
         SNI,
+        "--split",
+        SNI_TRAIN_SPLIT,
         "--mode",
         "rank",
         "--max-options",

@@ -47,7 +47,9 @@ def test_prompt_file_is_one_left_padded_batch_with_json_output(model_dir, tmp_pa
     prompts = ["What is the capital of France?", "Translate: café", "Item 7: 37 apples"]
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n\n", encoding="utf-8")
-    done = _cli("--model", model_dir, "--prompt-file", prompt_file, "--max-new-tokens", 6, "--json")
+    done = _cli(
+        "--model", model_dir, "--prompt-file", prompt_file, "--max-new-tokens", 6, "--json", "--add-bos"
+    )
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == prompts

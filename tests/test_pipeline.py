@@ -18,7 +18,8 @@ def model_dir(tokenizer_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def generator(model_dir):
-    return pipeline("text-generation", model=str(model_dir))
+    """Prompts start with </s> as transformers' OPT tokenizer starts them: the HF-parity switch."""
+    return pipeline("text-generation", model=str(model_dir), add_bos=True)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def test_num_return_sequences(generator, reference):
 
 def test_mesh_and_attention_pass_through(model_dir, generator):
     mesh = make_mesh(MeshConfig(data=2, tensor=2), devices=jax.devices()[:4])
-    sharded = pipeline("text-generation", model=str(model_dir), mesh=mesh, attention="xla")
+    sharded = pipeline("text-generation", model=str(model_dir), mesh=mesh, attention="xla", add_bos=True)
     assert sharded.model.attention == "xla"
     kernel = sharded.params["decoder"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert kernel.sharding.mesh.shape == mesh.shape and not kernel.sharding.is_fully_replicated
@@ -141,7 +142,7 @@ def test_mesh_and_attention_pass_through(model_dir, generator):
 
 
 def test_cli_repetition_penalty_equals_transformers(model_dir, reference, capsys):
-    args = ["--model", str(model_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "10"]
+    args = ["--model", str(model_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "10", "--add-bos"]
     assert gen.main(args + ["--repetition-penalty", "1.5"]) == 0
     theirs = reference(PROMPTS[0], max_new_tokens=10, do_sample=False, repetition_penalty=1.5)
     assert capsys.readouterr().out == theirs[0]["generated_text"] + "\n"

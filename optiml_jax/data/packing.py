@@ -4,7 +4,8 @@ Token layout of one example (OPT-IML, opt_formats.md §5.1):
 
     tokens = encode(src.rstrip(" "), add_bos=False) + encode(" " + tgt.rstrip(), add_bos=False) + [eos]
 
-No BOS (metaseq fine-tuning data has none). metaseq encodes the joined string and finds the boundary as
+No BOS (metaseq fine-tuning data has none; tokenizer.PROMPT_ADD_BOS, the prompt convention evaluation
+and generation share). metaseq encodes the joined string and finds the boundary as
 `len(encode(src))`; we encode the two halves separately and concatenate, so the boundary is exact by
 construction: a BPE merge across the joining space can never move target text into the "source" part.
 With GPT-2's pre-tokenizer the space attaches to the first target word either way, so the ids are the
@@ -43,6 +44,8 @@ from collections import Counter
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
+
+from optiml_jax.tokenizer import PROMPT_ADD_BOS
 
 OVERLONG_CHOICES = ("truncate", "drop")
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -101,7 +104,7 @@ def tokenize_examples(examples: Sequence, tokenizer: Tokenizer) -> list[Tokenize
         srcs.extend(text for text, _ in p[:-1])
         srcs.append(p[-1][0].rstrip(" "))
     tgts = [" " + e.tgt.rstrip() for e in examples]
-    src_ids = tokenizer.encode_batch(srcs, add_bos=False) if srcs else []
+    src_ids = tokenizer.encode_batch(srcs, add_bos=PROMPT_ADD_BOS) if srcs else []
     tgt_ids = tokenizer.encode_batch(tgts, add_bos=False) if tgts else []
     eos, out, k = tokenizer.eos_id, [], 0
     for e, p, t in zip(examples, pieces, tgt_ids):

@@ -27,6 +27,7 @@ from optiml_jax.data.sources import Fields
 from optiml_jax.eval.metrics import ALL_METRICS, UNCATEGORIZED, InstanceScorer, aggregate
 from optiml_jax.eval.prompts import DEFAULT_DELIMITER, PROMPT_TEMPLATES, build_prompt
 from optiml_jax.eval.tasks import EvalDataError, EvalTask, jsonl_objects
+from optiml_jax.tokenizer import PROMPT_ADD_BOS
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class EvalSettings:
     max_new_tokens: int = 256
     batch_size: int = 8  # global: rows of one generation batch, split over the data-parallel devices
     stop: tuple[str, ...] = ()  # a completion is cut before the first of these
-    add_bos: bool = False  # prompts start without </s>, as the fine-tuning data does (data/packing.py)
+    add_bos: bool = PROMPT_ADD_BOS  # the project's prompt convention (tokenizer.PROMPT_ADD_BOS)
     # MODES: "auto" ranks the tasks whose every instance lists options (JSONL) and generates the rest;
     # "rank" also ranks SNI tasks over their label set (when it has at most max_options labels)
     mode: str = "auto"

@@ -27,6 +27,7 @@ from optiml_jax.eval.metrics import ALL_METRICS
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.run_config import RunConfig, resolve_path
 from optiml_jax.sharding import DEFAULT_RULES, make_mesh
+from optiml_jax.tokenizer import PROMPT_ADD_BOS
 from optiml_jax.train.checkpointing import (
     checkpoint_manager,
     prepare_workdir,
@@ -594,7 +595,7 @@ def sample_heldout(model, params, tokenizer, eval_loader, eval_cfg) -> list[tupl
     examples = [
         examples[0] for examples in list(eval_loader.tasks.values())[: eval_cfg.num_samples] if examples
     ]
-    prompts = [(e, tokenizer.encode(e.src.rstrip(" "), add_bos=False)[-room:]) for e in examples]
+    prompts = [(e, tokenizer.encode(e.src.rstrip(" "), add_bos=PROMPT_ADD_BOS)[-room:]) for e in examples]
     prompts = [(e, ids) for e, ids in prompts if ids]
     if not prompts or room < 1:
         return []
