@@ -21,6 +21,7 @@ import yaml
 from optiml_jax.config import ASSETS_DIR, DTYPES, ConfigError
 from optiml_jax.data import DataConfig
 from optiml_jax.eval.prompts import PROMPT_TEMPLATES
+from optiml_jax.paths import resolve_path
 from optiml_jax.sharding import MeshConfig
 
 # The shipped run configs: `--config NAME` is CONFIGS_DIR/NAME.yaml; `python -m optiml_jax.finetune`
@@ -458,16 +459,6 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
         if old.get(key, "<unset>") != new.get(key, "<unset>"):
             conflicts.append(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")
     return conflicts
-
-
-def resolve_path(value: str) -> str:
-    """A relative path that exists from the working directory as is, else the shipped file of that
-    name under optiml_jax/assets/ (`configs/demo.yaml`, `data/sni`, `demo_tokenizer`), so the
-    shipped configs run from any directory, from a checkout or an installed wheel alike."""
-    if os.path.isabs(value) or os.path.exists(value):
-        return value
-    candidate = ASSETS_DIR / value
-    return str(candidate) if candidate.exists() else value
 
 
 def config_path(value: str | os.PathLike) -> Path:

@@ -1,8 +1,8 @@
 """Configuration problems in every CLI (finetune, evaluate, generate, convert, lm_eval): a mesh that does not
 fit the devices, a device count that does not divide the batch, a dtype outside our table. Each is one
-`error: ...` line naming the setting, with the exit status that CLI gives configuration errors (2; convert:
-1, as all its errors), no traceback and nothing written, and it fails before any model is loaded or
-compiled. One subprocess per CLI (with N host devices: what a user sees), the other problems in-process."""
+`error: ...` line naming the setting, with exit status 2 (bad input or configuration, in every CLI), no
+traceback and nothing written, and it fails before any model is loaded or compiled. One subprocess per
+CLI (with N host devices: what a user sees), the other problems in-process."""
 
 import json
 import os
@@ -66,7 +66,7 @@ def test_finetune_mesh_larger_than_the_machine(tmp_path):
     ],
 )
 def test_finetune_configuration_problems(override, patterns, tmp_path, capsys):
-    from optiml_jax.finetune import main
+    from optiml_jax.cli.finetune import main
 
     assert main(["--config", "demo", override, f"workdir={tmp_path / 'run'}", "--no-progress"]) == 2
     _error_line(capsys.readouterr().err, *patterns, only_line=False)
@@ -106,7 +106,7 @@ def test_evaluate_mesh_larger_than_the_machine(tmp_path):
     ],
 )
 def test_evaluate_configuration_problems(args, patterns, tmp_path, capsys):
-    from optiml_jax.evaluate import main
+    from optiml_jax.cli.evaluate import main
 
     assert (
         main(
@@ -139,8 +139,8 @@ def test_generate_dtype_outside_the_table(tmp_path):
 
 
 def test_generate_model_config_that_cannot_run(tmp_path, capsys):
+    from optiml_jax.cli.generate import main
     from optiml_jax.config import OPTConfig
-    from optiml_jax.generate import main
 
     config = dict(
         OPTConfig(hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=1).to_dict(),
@@ -151,7 +151,7 @@ def test_generate_model_config_that_cannot_run(tmp_path, capsys):
     _error_line(capsys.readouterr().err, "config.json", "hidden_size=32", "num_attention_heads=5")
 
 
-# ---------------------------------------------------------------------- convert: exit 1 (all its errors)
+# ---------------------------------------------------------------------- convert: exit 2
 def test_convert_dtype_outside_the_table(tmp_path):
     done = _cli(
         [
@@ -167,7 +167,7 @@ def test_convert_dtype_outside_the_table(tmp_path):
         devices=1,
         cwd=tmp_path,
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     _error_line(done.stderr, "--dtype", "'float64'")
     assert not (tmp_path / "out").exists()
 
@@ -182,7 +182,7 @@ def test_convert_dtype_outside_the_table(tmp_path):
     ],
 )
 def test_convert_configuration_problems(args, patterns, tmp_path, capsys):
-    from optiml_jax.convert_weights import main
+    from optiml_jax.cli.convert import main
 
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "src" / "pytorch_model.bin").parent.mkdir()
@@ -190,7 +190,7 @@ def test_convert_configuration_problems(args, patterns, tmp_path, capsys):
     args = [a.format(run=tmp_path / "run") for a in args]
     if "--input" not in args:
         args += ["--input", str(tmp_path / "src")]
-    assert main([*args, "--output", str(tmp_path / "out")]) == 1
+    assert main([*args, "--output", str(tmp_path / "out")]) == 2
     _error_line(capsys.readouterr().err, *patterns)
     assert not (tmp_path / "out").exists()
 
@@ -226,12 +226,12 @@ def test_lm_eval_mesh_larger_than_the_machine(tmp_path):
         (dict(dtype="float64"), ("model_args", "float64", "float32, bfloat16, float16")),
         (dict(mesh="data=3"), ("model_args", "mesh.data=3", "8 are available")),
         (dict(mesh="pipeline=2"), ("model_args", "--mesh 'pipeline=2'")),
-        (dict(), ("model_args", "nope", "no such model directory")),
+        (dict(), ("model_args", "nope", "no such file or directory")),
     ],
 )
 def test_lm_eval_model_args_problems(model_args, patterns, tmp_path):
     from optiml_jax.config import ConfigError
-    from optiml_jax.lm_eval import OptimlJaxLM
+    from optiml_jax.eval.harness import OptimlJaxLM
 
     with pytest.raises(ConfigError) as error:
         OptimlJaxLM(pretrained=str(tmp_path / "nope"), **model_args)

@@ -11,9 +11,9 @@ import torch
 from finetune_helpers import SNI, TOKENIZER
 from hf_reference import make_hf_model
 
+from optiml_jax.cli.evaluate import main
 from optiml_jax.config import OPTConfig
 from optiml_jax.eval.generation import generate_completions, prompt_buckets
-from optiml_jax.evaluate import main
 from optiml_jax.sharding import MeshConfig, make_mesh
 from optiml_jax.tokenizer import OPTTokenizer
 

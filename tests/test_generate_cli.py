@@ -11,6 +11,7 @@ import pytest
 from hf_reference import make_config, make_hf_model
 
 from optiml_jax import generate as gen
+from optiml_jax.cli import generate as generate_cli
 from optiml_jax.tokenizer import OPTTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_sampling_flags_and_plain_text_output(model_dir):
     "args,message",
     [
         (["--prompt", "hi"], "--model"),
-        (["--model", "{missing}", "--prompt", "hi"], "no such model directory"),
+        (["--model", "{missing}", "--prompt", "hi"], "no such file or directory"),
         (["--model", "{model}", "--prompt-file", "{empty}"], "has no prompts"),
         (["--model", "{model}", "--prompt-file", "{missing}/p.txt"], "cannot read --prompt-file"),
         (["--model", "{model}", "--prompt", "hi", "--prompt-file", "{empty}"], "not both"),
@@ -119,7 +120,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(args, message, model_dir, tmp_
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")
     args = [a.format(model=model_dir, missing=tmp_path / "nope", empty=empty) for a in args]
-    status = gen.main(args)
+    status = generate_cli.main(args)
     err = capsys.readouterr().err
     assert status != 0
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err

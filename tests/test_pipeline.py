@@ -6,8 +6,8 @@ import pytest
 import transformers
 from test_generate_cli import make_tiny_model_dir
 
-from optiml_jax import generate as gen
 from optiml_jax import pipeline
+from optiml_jax.cli import generate as generate_cli
 from optiml_jax.sharding import MeshConfig, make_mesh
 
 
@@ -142,8 +142,8 @@ def test_mesh_and_attention_pass_through(model_dir, generator):
 
 def test_cli_repetition_penalty_equals_transformers(model_dir, reference, capsys):
     args = ["--model", str(model_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "10"]
-    assert gen.main(args + ["--repetition-penalty", "1.5"]) == 0
+    assert generate_cli.main(args + ["--repetition-penalty", "1.5"]) == 0
     theirs = reference(PROMPTS[0], max_new_tokens=10, do_sample=False, repetition_penalty=1.5)
     assert capsys.readouterr().out == theirs[0]["generated_text"] + "\n"
-    assert gen.main(args + ["--repetition-penalty", "0"]) == 2
+    assert generate_cli.main(args + ["--repetition-penalty", "0"]) == 2
     assert capsys.readouterr().err == "error: --repetition-penalty must be > 0, got 0.0\n"

@@ -20,19 +20,7 @@ from optiml_jax.checkpoints.hf import WEIGHT_FILES, find_weight_files, iter_dire
 from optiml_jax.checkpoints.mapping import hf_to_params
 from optiml_jax.config import OPTConfig, as_dtype
 from optiml_jax.model import OPTForCausalLM
-
-HUB_PATTERNS = [
-    "config.json",
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "pytorch_model*.bin",
-    "pytorch_model.bin.index.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-]
+from optiml_jax.paths import resolve_model_path
 
 
 @dataclasses.dataclass
@@ -44,31 +32,6 @@ class Pretrained:
     config: OPTConfig
     tokenizer: Any  # OPTTokenizer, or None when the directory has no tokenizer files
     path: Path
-
-
-def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a hub id fetched with huggingface_hub (config, weights,
-    tokenizer files only)."""
-    path = Path(path_or_hub_id)
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"{path} is a file; pass the model directory that holds config.json")
-        return path
-    name = str(path_or_hub_id)
-    if name.count("/") != 1 or name.startswith((".", "/")):
-        raise FileNotFoundError(
-            f"{name}: no such model directory (and not a hub id like 'facebook/opt-125m')"
-        )
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # offline, unknown repo, gated repo...
-        raise OSError(
-            f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            f"If you are offline, download the model elsewhere and pass its local directory "
-            f"(config.json + weights + tokenizer files) instead."
-        ) from None
 
 
 def load_pretrained(

@@ -24,7 +24,8 @@ import numpy as np
 from optiml_jax.config import ConfigError, OPTConfig, as_dtype
 from optiml_jax.eval.metrics import ALL_METRICS
 from optiml_jax.model import OPTForCausalLM
-from optiml_jax.run_config import RunConfig, resolve_path
+from optiml_jax.paths import preset_config, resolve_model_path, resolve_path
+from optiml_jax.run_config import RunConfig
 from optiml_jax.sharding import DEFAULT_RULES, make_mesh
 from optiml_jax.train.checkpointing import (
     checkpoint_manager,
@@ -108,10 +109,7 @@ def load_model_and_tokenizer(cfg: RunConfig, mesh, rules=DEFAULT_RULES, load_wei
 
     params, tokenizer = None, None
     if cfg.model.startswith("preset:"):
-        name = cfg.model[len("preset:") :]
-        opt_config = OPTConfig.from_preset(
-            resolve_path(name) if name.endswith((".yaml", ".yml", ".json")) else name
-        )
+        opt_config = preset_config(cfg.model)
     elif load_weights:
         from optiml_jax.checkpoints.pretrained import load_pretrained
 
@@ -125,9 +123,7 @@ def load_model_and_tokenizer(cfg: RunConfig, mesh, rules=DEFAULT_RULES, load_wei
         )
         opt_config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
     else:  # resuming: the architecture only; the weights come from the run's checkpoint
-        from optiml_jax.checkpoints.pretrained import resolve_model_path
-
-        path = resolve_model_path(resolve_path(cfg.model))
+        path = resolve_model_path(cfg.model)
         opt_config = OPTConfig.from_json_file(path / "config.json")
         if cfg.tokenizer is None:
             tokenizer = OPTTokenizer.from_pretrained(path)
