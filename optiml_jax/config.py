@@ -17,6 +17,9 @@ import yaml
 
 # The dtypes a model may compute in or be stored as, everywhere (CLIs, run configs, converter, loader).
 DTYPES = ("float32", "bfloat16", "float16")
+# Where the LM head and loss run (train.head_positions; train/loss.py): on the positions that carry
+# loss only, or on every position. Defined here, below run_config, which validates the name.
+HEAD_POSITIONS = ("weighted", "all")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from optiml_jax.checkpoints.pretrained import Pretrained, load_pretrained
 from optiml_jax.config import OPTConfig
 from optiml_jax.generate import (
     PROMPT_BUCKET,
@@ -35,6 +36,8 @@ from optiml_jax.generate import (
     round_up,
     stop_token_mask,
 )
+from optiml_jax.sharding import DEFAULT_RULES, on_mesh
+from optiml_jax.tokenizer import OPTTokenizer
 
 TASKS = ("text-generation",)
 HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -180,12 +183,10 @@ class TextGenerationPipeline:
 
     @property
     def _rules(self):
-        from optiml_jax.sharding import DEFAULT_RULES
 
         return self.rules or DEFAULT_RULES
 
     def _on_mesh(self):
-        from optiml_jax.sharding import on_mesh
 
         return on_mesh(self.mesh, self._rules)
 
@@ -285,8 +286,6 @@ def pipeline(
         raise ValueError("pipeline() needs model= (a model directory, a hub id, or a Pretrained)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    from optiml_jax.checkpoints.pretrained import Pretrained, load_pretrained
-    from optiml_jax.tokenizer import OPTTokenizer
 
     if isinstance(model, Pretrained):
         given = [name for name, value in (("dtype", dtype), ("attention", attention)) if value is not None]

@@ -18,9 +18,11 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from optiml_jax.config import ASSETS_DIR, DTYPES, ConfigError
+from optiml_jax.config import ASSETS_DIR, DTYPES, HEAD_POSITIONS, ConfigError
 from optiml_jax.data import DataConfig
 from optiml_jax.eval.prompts import PROMPT_TEMPLATES
+from optiml_jax.model import REMAT_POLICIES
+from optiml_jax.model.attention import IMPLEMENTATIONS
 from optiml_jax.paths import resolve_path
 from optiml_jax.sharding import MeshConfig
 
@@ -253,17 +255,11 @@ def validate(cfg: RunConfig) -> None:
     _require(
         t.param_dtype in DTYPES, f"train.param_dtype={t.param_dtype!r} is not one of {', '.join(DTYPES)}"
     )
-    # the tables that use these names own them (imported here, not at the top: the train package
-    # imports this module)
-    from optiml_jax.model import REMAT_POLICIES
-    from optiml_jax.train.loss import HEAD_POSITIONS
-
+    # the tables that own these names all sit below this module
     _require(
         t.remat_policy in REMAT_POLICIES,
         f"train.remat_policy={t.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}",
     )
-    from optiml_jax.model.attention import IMPLEMENTATIONS
-
     _require(
         t.attention in IMPLEMENTATIONS,
         f"train.attention={t.attention!r} is not one of {', '.join(IMPLEMENTATIONS)}",

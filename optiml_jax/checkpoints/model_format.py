@@ -30,6 +30,9 @@ from optiml_jax.checkpoints.orbax_streaming import checkpoint_handler, read_laye
 from optiml_jax.checkpoints.streamed import StreamedArray
 from optiml_jax.config import OPTConfig
 from optiml_jax.fileio import atomic_output_dir, process_info
+from optiml_jax.model import OPTForCausalLM
+from optiml_jax.sharding import DEFAULT_RULES, abstract_params, logical_shardings
+from optiml_jax.tokenizer import OPTTokenizer
 
 MARKER = "optiml_jax.json"
 FORMAT_NAME = "optiml_jax"
@@ -127,7 +130,6 @@ def finish_model_dir(
 
 
 def save_tokenizer(tokenizer, directory: Path) -> None:
-    from optiml_jax.tokenizer import OPTTokenizer
 
     if not isinstance(tokenizer, OPTTokenizer):
         tokenizer = OPTTokenizer.from_pretrained(tokenizer)
@@ -154,9 +156,6 @@ def check_params_shapes(params: dict, config: OPTConfig) -> None:
     """The stacked tree has exactly the model's arrays with the model's shapes."""
     import flax.linen as nn
     import jax
-
-    from optiml_jax.model import OPTForCausalLM
-    from optiml_jax.sharding import abstract_params
 
     expected = nn.meta.unbox(abstract_params(OPTForCausalLM(config, scan_layers=True)))
     flat_expected = {
@@ -215,8 +214,6 @@ def restore_params(path, model, mesh=None, rules=None) -> dict:
     import flax.linen as nn
     import jax
     import orbax.checkpoint as ocp
-
-    from optiml_jax.sharding import DEFAULT_RULES, abstract_params, logical_shardings
 
     path = Path(path)
     marker = read_marker(path)

@@ -16,11 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optiml_jax.checkpoints import model_format as checkpoint
 from optiml_jax.checkpoints.hf import WEIGHT_FILES, find_weight_files, iter_directory_tensors
 from optiml_jax.checkpoints.mapping import hf_to_params
 from optiml_jax.config import OPTConfig, as_dtype
 from optiml_jax.model import OPTForCausalLM
+from optiml_jax.model.attention import KERNEL_BLOCK, choose_implementation
 from optiml_jax.paths import resolve_model_path
+from optiml_jax.sharding import DEFAULT_RULES, param_shardings
+from optiml_jax.tokenizer import OPTTokenizer
 
 
 @dataclasses.dataclass
@@ -59,7 +63,6 @@ def load_pretrained(
     storage_dtype = as_dtype(param_dtype) or compute_dtype
     path = resolve_model_path(path_or_hub_id)
     config = OPTConfig.from_json_file(path / "config.json")
-    from optiml_jax.model.attention import KERNEL_BLOCK, choose_implementation
 
     # an AttentionError (a ValueError) now, not while tracing the first call: cuDNN on a CPU, float32 cuDNN
     choose_implementation(
@@ -73,8 +76,6 @@ def load_pretrained(
     model = OPTForCausalLM(
         config, dtype=compute_dtype, param_dtype=storage_dtype, scan_layers=scan_layers, attention=attention
     )
-
-    from optiml_jax.checkpoints import model_format as checkpoint  # our converted format
 
     if checkpoint.is_converted_checkpoint(path):
         params = checkpoint.restore_params(path, model, mesh=mesh, rules=rules)
@@ -94,13 +95,11 @@ def load_pretrained(
 def _place(params, model, mesh, rules):
     if mesh is None:
         return jax.tree_util.tree_map(jnp.asarray, params)
-    from optiml_jax.sharding import DEFAULT_RULES, param_shardings
 
     return jax.device_put(params, param_shardings(model, mesh, rules or DEFAULT_RULES))
 
 
 def _maybe_tokenizer(path: Path):
-    from optiml_jax.tokenizer import OPTTokenizer
 
     if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
         return None
