@@ -94,7 +94,8 @@ def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:
     except Exception as e:  # offline, gated repo, a network error
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise ModelNotFoundError(
-            f"{name}: no such file or directory, and the hub could not be reached for the id {name!r} "
+            f"{name}: no such file or directory, and the hub could not be reached for the id {name!r}; "
+            f"if you are offline, download the model elsewhere and pass its local directory "
             f"({type(e).__name__}: {reason})"
         ) from None
 

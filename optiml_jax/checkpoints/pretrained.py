@@ -79,6 +79,12 @@ def load_pretrained(
 
     if checkpoint.is_converted_checkpoint(path):
         params = checkpoint.restore_params(path, model, mesh=mesh, rules=rules)
+    elif (path / checkpoint.PARAMS_DIR).is_dir():
+        raise checkpoint.CheckpointError(
+            f"{path / checkpoint.MARKER}: missing; {path} holds params/ (an optiml_jax model directory) "
+            f"but not the file that says how to read them: the directory is incomplete, save or convert "
+            f"it again"
+        )
     else:
         find_weight_files(path)  # a clear error before anything else when there are no weights
         tensors = ((key, array) for key, array, _ in iter_directory_tensors(path))
