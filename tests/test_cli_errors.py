@@ -16,9 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 SNI = REPO / "optiml_jax" / "assets" / "data" / "sni"
 
 
-def _cli(args, devices: int, cwd: Path, timeout: int = 120):
+def _cli(args, devices: int, cwd: Path, timeout: int = 120, env=None):
     env = {
         **os.environ,
+        **(env or {}),
         "PYTHONPATH": str(REPO),
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
@@ -237,3 +238,109 @@ def test_lm_eval_model_args_problems(model_args, patterns, tmp_path):
         OptimlJaxLM(pretrained=str(tmp_path / "nope"), **model_args)
     for pattern in patterns:
         assert pattern in str(error.value), (pattern, str(error.value))
+
+
+# ------------------------------------------------------------- model paths and damaged models: exit 2
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny optiml_jax model directory (final/ as fine-tuning writes it), with the demo tokenizer."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from optiml_jax.checkpoints.model_format import save_model
+    from optiml_jax.config import OPTConfig
+    from optiml_jax.model import OPTForCausalLM
+
+    config = OPTConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        vocab_size=512,
+        max_position_embeddings=64,
+    )
+    params = OPTForCausalLM(config).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
+    tokenizer = REPO / "optiml_jax" / "assets" / "demo_tokenizer"
+    return save_model(tmp_path_factory.mktemp("run") / "final", config, nn.meta.unbox(params), tokenizer)
+
+
+def _damaged(model_dir: Path, tmp_path: Path, damage: str) -> tuple[Path, str]:
+    """A copy of `model_dir` with `damage` done; the words its error must hold."""
+    import shutil
+
+    copy = tmp_path / "final"
+    shutil.copytree(model_dir, copy)
+    if damage == "params file removed":
+        data_files = sorted(
+            (copy / "params" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size
+        )
+        data_files[-1].unlink()
+        return copy, f"{copy / 'params'}: a params file is missing or damaged"
+    if damage == "metadata removed":
+        (copy / "params" / "_METADATA").unlink()
+        return copy, "_METADATA missing"
+    (copy / "optiml_jax.json").unlink()
+    return copy, f"{copy / 'optiml_jax.json'}: missing"
+
+
+def _model_commands(model, tmp_path: Path):
+    """Each command that reads a model, loading `model` (generate, evaluate, finetune)."""
+    return {
+        "generate": ["-m", "optiml_jax.generate", "--model", model, "--prompt", "hi"],
+        "evaluate": [
+            "-m",
+            "optiml_jax.evaluate",
+            "--model",
+            model,
+            "--data",
+            SNI,
+            "--max-instances",
+            1,
+            "--output",
+            tmp_path / "eval",
+        ],
+        "finetune": [
+            "-m",
+            "optiml_jax.finetune",
+            "--config",
+            "demo",
+            f"model={model}",
+            "train.max_steps=1",
+            f"workdir={tmp_path / 'run'}",
+        ],
+    }
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "finetune"])
+def test_a_missing_local_path_is_no_such_file_and_a_hub_like_one_says_both(command, tmp_path):
+    for model, patterns in (
+        ("./models/x", ("./models/x: no such file or directory",)),
+        (
+            "models/x",
+            ("models/x: no such file or directory, and the hub could not be reached for the id 'models/x'",),
+        ),
+    ):
+        env_args = _model_commands(model, tmp_path)[command]
+        done = _cli(env_args, devices=1, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 2, done.stderr[-2000:]
+        line = _error_line(done.stderr, *patterns, only_line=False)
+        if model.startswith("./"):
+            assert "hub" not in line
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize("damage", ["params file removed", "metadata removed", "marker removed"])
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_a_damaged_model_directory_names_what_is_missing(command, damage, tiny_model_dir, tmp_path):
+    model, pattern = _damaged(tiny_model_dir, tmp_path, damage)
+    done = _cli(_model_commands(model, tmp_path)[command], devices=1, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    _error_line(done.stderr, pattern, only_line=False)
+    assert len(done.stderr.strip().splitlines()) <= 3, done.stderr  # no traceback, no spec dump
+    assert not (tmp_path / "eval").exists()
+
+
+def test_the_intact_model_directory_generates(tiny_model_dir, tmp_path):
+    done = _cli(_model_commands(tiny_model_dir, tmp_path)["generate"], devices=1, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 import jax
 
+from optiml_jax.checkpoints.model_format import CheckpointError
 from optiml_jax.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -86,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         result = train_and_evaluate(cfg, progress=not args.no_progress, overwrite=args.overwrite)
-    except (ConfigError, DataError, FileNotFoundError, NotADirectoryError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
         return report(e, EXIT_BAD_INPUT)
     except (TrainingError, InsufficientMemoryError) as e:
         return report(e, EXIT_FAILURE)

@@ -91,13 +91,16 @@ class OptimlJaxLM(TemplateLM):
             8 * devices if batch_size in (None, "") or str(batch_size).startswith("auto") else int(batch_size)
         )
         self._batch_size = max(1, wanted // devices) * devices  # a multiple of the data-parallel devices
-        loaded = load_pretrained(
-            pretrained,
-            dtype=dtype,
-            scan_layers=jax.default_backend() != "cpu",
-            mesh=self._mesh,
-            load_tokenizer=tokenizer is None,
-        )
+        try:
+            loaded = load_pretrained(
+                pretrained,
+                dtype=dtype,
+                scan_layers=jax.default_backend() != "cpu",
+                mesh=self._mesh,
+                load_tokenizer=tokenizer is None,
+            )
+        except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # missing or damaged model files
+            raise ConfigError(f"model_args: {e}") from None
         self._model, self._params = loaded.model, loaded.params
         self.tokenizer = OPTTokenizer.from_pretrained(tokenizer) if tokenizer else loaded.tokenizer
         if self.tokenizer is None:
