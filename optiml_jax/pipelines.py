@@ -78,11 +78,14 @@ class TextGenerationPipeline:
         batch_size: Optional[int] = None,
         seed: Optional[int] = None,
         return_full_text: bool = True,
+        return_tensors: bool = False,
     ) -> list:
         """[{"generated_text": ...}] (num_return_sequences of them) for one prompt; a list of those for a
         list of prompts.
 
         `seed` fixes this call's sampling; without it each call draws the next seed of the pipeline.
+        `return_tensors=True` gives token ids instead of text, as transformers does:
+        [{"generated_token_ids": prompt ids + new ids}].
         With both `max_new_tokens` and `max_length`, the first sets the budget and the second still
         cuts the prompt (transformers does the same).
         """
@@ -137,6 +140,9 @@ class TextGenerationPipeline:
                     new = new[:budget]  # the batch ran to its longest budget; a greedy row is the same alone
                     if stops:
                         new = new[: self._stop_point(ids, new, stops)]
+                    if return_tensors:
+                        results[i].append({"generated_token_ids": list(ids) + list(new)})
+                        continue
                     completion = complete_texts(self.tokenizer, [ids], [new])[0]
                     results[i].append(
                         {"generated_text": prompts[i] + completion if return_full_text else completion}
@@ -270,6 +276,8 @@ def pipeline(
     mesh=None,
     rules=None,
     attention: Optional[str] = None,
+    torch_dtype=None,
+    device=None,
 ) -> TextGenerationPipeline:
     """A text-generation pipeline for an OPT model: a local directory, a hub id, or a `Pretrained`.
 
@@ -279,7 +287,17 @@ def pipeline(
     `mesh` (a jax Mesh, see sharding.make_mesh) places the params in their shards by `rules` and runs
     every batch on it. `attention` goes to load_pretrained (the kernel of whole-sequence passes of the
     loaded model); generation itself, prompt pass included, attends over its KV cache either way.
+
+    Hugging Face's `torch_dtype` is `dtype` (a torch dtype or its name; "auto" is the default,
+    float32). `device` is accepted so transformers code runs unchanged, and ignored: JAX runs on its
+    default backend (JAX_PLATFORMS chooses it); `mesh=` spreads the model over several devices.
     """
+    del device  # see the docstring: placement is JAX's default device, or the mesh
+    if torch_dtype is not None:
+        name = str(torch_dtype).removeprefix("torch.")
+        if dtype is not None and name != "auto" and name != str(dtype):
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} differ; give one")
+        dtype = dtype if name == "auto" else name
     if task not in TASKS:
         raise ValueError(f"unsupported task {task!r}; optiml_jax supports {', '.join(TASKS)}")
     if model is None:
