@@ -222,10 +222,13 @@ class _Run:
         return self.cfg.eval.batch_size or self.cfg.train.batch_size
 
     def report(self, line: str) -> None:
+        """One console line: above the progress bar when one is drawn (tqdm.write), else the log. Both
+        at once printed every evaluation line twice."""
         if self.is_main:
-            log.info("%s", line)
             if self.bar is not None:
                 self.bar.write(line)
+            else:
+                log.info("%s", line)
 
 
 def _set_up(cfg: RunConfig, workdir: Path, mesh, manager, rules) -> _Run:
