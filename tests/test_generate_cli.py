@@ -130,3 +130,29 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     done = _cli("--model", tmp_path / "nope", "--prompt", "hi")
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        ("p.txt", "first\n\nsecond\n", ["first", "second"]),
+        ("p.txt", "Translate:\ncafé\n---\nSum:\n1 + 2\n---\n", ["Translate:\ncafé", "Sum:\n1 + 2"]),
+        ("p.jsonl", '{"prompt": "a\\nb"}\n\n{"prompt": "c"}\n', ["a\nb", "c"]),
+    ],
+)
+def test_prompt_file_forms(name, text, expected):
+    from optiml_jax.cli.generate import parse_prompt_file
+
+    assert parse_prompt_file(text, name) == expected
+
+
+def test_multi_line_prompts_and_separated_text_output(model_dir, tmp_path):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("Instructions: add.\nInput: 1 + 2\n---\nHello\n", encoding="utf-8")
+    done = _cli("--model", model_dir, "--prompt-file", prompt_file, "--max-new-tokens", 3)
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.split("\n---\n")
+    assert first.startswith("Instructions: add.\nInput: 1 + 2") and second.startswith("Hello")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n', encoding="utf-8")
+    assert generate_cli.main(["--model", str(model_dir), "--prompt-file", str(bad)]) == 2
