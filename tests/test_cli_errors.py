@@ -6,11 +6,13 @@ CLI (with N host devices: what a user sees), the other problems in-process."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from finetune_helpers import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 SNI = REPO / "optiml_jax" / "assets" / "data" / "sni"
@@ -252,14 +254,7 @@ def tiny_model_dir(tmp_path_factory):
     from optiml_jax.config import OPTConfig
     from optiml_jax.model import OPTForCausalLM
 
-    config = OPTConfig(
-        hidden_size=32,
-        num_attention_heads=4,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        vocab_size=512,
-        max_position_embeddings=64,
-    )
+    config = OPTConfig(**TINY_MODEL)
     params = OPTForCausalLM(config).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
     tokenizer = REPO / "optiml_jax" / "assets" / "demo_tokenizer"
     return save_model(tmp_path_factory.mktemp("run") / "final", config, nn.meta.unbox(params), tokenizer)
@@ -282,6 +277,20 @@ def _damaged(model_dir: Path, tmp_path: Path, damage: str) -> tuple[Path, str]:
         return copy, "_METADATA missing"
     (copy / "optiml_jax.json").unlink()
     return copy, f"{copy / 'optiml_jax.json'}: missing"
+
+
+def _without_tensorstore_thread_noise(stderr: str) -> str:
+    """`stderr` without the "Event loop is closed" tracebacks that TensorStore's reader threads print
+    (not raise) on a loaded machine when reads still in flight finish after Orbax's restore has failed and
+    closed its event loop: printed from C++, they cannot be caught, and they come after our error line.
+    Any other traceback is kept, so the one-line check still holds for ours."""
+    noise = "RuntimeError: Event loop is closed"
+    lines = stderr.splitlines()
+    # the threads' tracebacks may interleave line by line; any other exception keeps everything
+    if any(re.match(r"\w+(Error|Exception)\b", line) and line != noise for line in lines):
+        return stderr
+    kept = [line for line in lines if not (line.startswith(("Traceback", " ")) or line == noise)]
+    return "\n".join(kept) + "\n"
 
 
 def _model_commands(model, tmp_path: Path):
@@ -336,8 +345,9 @@ def test_a_damaged_model_directory_names_what_is_missing(command, damage, tiny_m
     model, pattern = _damaged(tiny_model_dir, tmp_path, damage)
     done = _cli(_model_commands(model, tmp_path)[command], devices=1, cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
-    _error_line(done.stderr, pattern, only_line=False)
-    assert len(done.stderr.strip().splitlines()) <= 3, done.stderr  # no traceback, no spec dump
+    stderr = _without_tensorstore_thread_noise(done.stderr)
+    _error_line(stderr, pattern, only_line=False)
+    assert len(stderr.strip().splitlines()) <= 3, stderr  # no traceback, no spec dump
     assert not (tmp_path / "eval").exists()
 
 
