@@ -203,7 +203,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(hf_model_dir, tmp_path, ca
     expected = {
         "existing_output": "exists and is not empty",
         "no_task_in_split": "none of the 8 task files",
-        "no_model": "no such model directory",
+        "no_model": "no such file or directory",
         "no_references": "#t-1: 'output' must be a non-empty list",
         "bad_mesh": "--mesh",
     }[problem]
