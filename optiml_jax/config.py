@@ -17,6 +17,9 @@ import yaml
 
 # The dtypes a model may compute in or be stored as, everywhere (CLIs, run configs, converter, loader).
 DTYPES = ("float32", "bfloat16", "float16")
+# Where the LM head and loss run (train.head_positions; train/loss.py): on the positions that carry
+# loss only, or on every position. Defined here, below run_config, which validates the name.
+HEAD_POSITIONS = ("weighted", "all")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -327,17 +330,9 @@ class OPTConfig:
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 # The shipped SNI sample: 8 tasks of SNI's train split, a few of its test split (its README.md lists them).
 SNI_SAMPLE_DIR = ASSETS_DIR / "data" / "sni"
+
+
 # Names that stand for a shipped data set wherever a data path is asked for, from any directory.
-DATA_ALIASES = {"sni-sample": SNI_SAMPLE_DIR}
-
-
-def expand_data_alias(value: str) -> str:
-    """The shipped data set `value` names (DATA_ALIASES) unless a path of that name exists here, else
-    `value` unchanged. `data/sni`, the path under optiml_jax/assets/, is found by
-    run_config.resolve_path as every other shipped file is."""
-    return str(DATA_ALIASES[value]) if value in DATA_ALIASES and not os.path.exists(value) else value
-
-
 def presets_dir() -> Path:
     """The model presets: configs/models/ (optiml_jax/assets/configs links to the repository's configs/)."""
     return ASSETS_DIR / "configs" / "models"

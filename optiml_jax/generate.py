@@ -27,20 +27,15 @@ Sampling then applies temperature, top-k, then top-p, as HF's logits warpers do.
 returned for each generated token is under the model's own distribution (log-softmax of the raw
 logits), before any of that.
 
-Command line (greedy unless --temperature > 0):
-
-    python -m optiml_jax.generate --model DIR --prompt "What is the capital of USA?" --max-new-tokens 20
-
-Prompts are encoded without a leading `</s>`, as fine-tuning and evaluation encode them; `--add-bos`
-prepends it as transformers' OPT tokenizer does (docs/evaluation.md, "Prompt convention").
+The command line (`optiml-generate`, `python -m optiml_jax.generate`) is optiml_jax/cli/generate.py.
+Prompts are encoded without a leading `</s>`, as fine-tuning and evaluation encode them; `add_bos`
+(`--add-bos`) prepends it as transformers' OPT tokenizer does (docs/evaluation.md, "Prompt convention").
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import math
 import sys
 from typing import Any, NamedTuple, Optional, Sequence
@@ -51,10 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from optiml_jax.checkpoints import mapping as weights
-from optiml_jax.config import DTYPES, ConfigError
 from optiml_jax.model import OPTForCausalLM, lm_head_logits, positions_from_mask
 from optiml_jax.model.opt import CACHE_LAYOUTS
-from optiml_jax.tokenizer import PROMPT_ADD_BOS
 
 # Prompts are left-padded to a multiple of this, and the new-token budget is rounded up to a multiple
 # of NEW_TOKENS_BUCKET: the compiled program depends on these rounded shapes only.
@@ -529,133 +522,8 @@ def complete_texts(
     return out
 
 
-class CLIError(Exception):
-    """Bad command-line input: printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message; we promise one line
-        raise CLIError(message)
-
-
-def _parse_args(argv):
-    parser = _Parser(prog="python -m optiml_jax.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="model directory (HF layout or converted) or hub id")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    parser.add_argument("--prompt-file", help="a file with one prompt per line (blank lines skipped)")
-    parser.add_argument("--max-new-tokens", type=int, default=20)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="HF's repetition penalty on tokens already in the prompt or output (1.0 = off)",
-    )
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
-    parser.add_argument(
-        "--add-bos",
-        action=argparse.BooleanOptionalAction,
-        default=PROMPT_ADD_BOS,
-        help="start prompts with </s> as transformers' OPT tokenizer does (default: no, as fine-tuning "
-        "and optiml-evaluate encode them)",
-    )
-    args = parser.parse_args(argv)
-    if args.max_new_tokens < 1:
-        raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0 or not math.isfinite(args.temperature):
-        raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 0:
-        raise CLIError(f"--top-k must be >= 0, got {args.top_k}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.seed is not None and args.seed < 0:
-        raise CLIError(f"--seed must be >= 0, got {args.seed}")
-    if not args.repetition_penalty > 0 or not math.isfinite(args.repetition_penalty):
-        raise CLIError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
-    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None or args.seed is not None):
-        raise CLIError("--top-k, --top-p and --seed apply to sampling only; add --temperature > 0")
-    if args.prompt and args.prompt_file:
-        raise CLIError("give --prompt or --prompt-file, not both")
-    if not args.prompt and not args.prompt_file:
-        raise CLIError("give a --prompt or a --prompt-file")
-    return args
-
-
-def _read_prompts(args) -> list[str]:
-    if not args.prompt_file:
-        prompts = args.prompt
-    else:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompts = [line.rstrip("\r\n") for line in f]
-        except OSError as e:
-            raise CLIError(f"cannot read --prompt-file: {e.strerror}: {args.prompt_file}") from None
-        except UnicodeDecodeError:
-            raise CLIError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
-        prompts = [p for p in prompts if p.strip()]
-        if not prompts:
-            raise CLIError(f"--prompt-file {args.prompt_file} has no prompts (one per line)")
-    if any(not p for p in prompts):
-        raise CLIError("a prompt is empty")
-    return prompts
-
-
-def main(argv=None) -> int:
-    try:
-        args = _parse_args(argv)
-        prompts = _read_prompts(args)
-        config = GenerationConfig(
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k or 0,
-            top_p=1.0 if args.top_p is None else args.top_p,
-            seed=args.seed or 0,
-            repetition_penalty=args.repetition_penalty,
-        )
-        from optiml_jax.checkpoints.pretrained import load_pretrained
-
-        # unscanned: decoding runs the layers separately anyway (see decode_with_separate_layers)
-        loaded = load_pretrained(args.model, dtype=args.dtype, scan_layers=False)
-        if loaded.tokenizer is None:
-            raise CLIError(f"{args.model} has no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
-        tokenizer = loaded.tokenizer
-        config = dataclasses.replace(
-            config, eos_token_id=loaded.config.eos_token_id, pad_token_id=loaded.config.pad_token_id
-        )
-        prompt_ids = tokenizer.encode_batch(prompts, add_bos=args.add_bos)
-        out = generate(loaded.model, loaded.params, prompt_ids, config)
-        completions = complete_texts(tokenizer, prompt_ids, out.token_ids())
-    except (CLIError, ConfigError) as e:  # bad flags, or a configuration (config.json, dtype) we cannot run
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError, TypeError, KeyError) as e:  # missing files, bad weights...
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 1
-    for prompt, ids, new_ids, logprobs, completion in zip(
-        prompts, prompt_ids, out.token_ids(), out.token_logprobs(), completions
-    ):
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "prompt": prompt,
-                        "completion": completion,
-                        "prompt_ids": ids,
-                        "token_ids": new_ids,
-                        "logprobs": logprobs,
-                    },
-                    ensure_ascii=False,
-                )
-            )
-        else:
-            print(prompt + completion)
-    return 0
-
-
 if __name__ == "__main__":
+    # the command's entry point only, never a library import: `python -m optiml_jax.generate` keeps working
+    from optiml_jax.cli.generate import main
+
     sys.exit(main())

@@ -13,6 +13,12 @@ import os
 import sys
 from pathlib import Path
 
+from optiml_jax.checkpoints.model_format import save_model
+from optiml_jax.config import ASSETS_DIR, OPTConfig
+from optiml_jax.model import OPTForCausalLM
+from optiml_jax.sharding import MeshConfig, make_mesh
+from optiml_jax.tokenizer import OPTTokenizer
+
 # Global fine-tuning batch per device (packed sequences): fits a 125M model at 512 tokens on any
 # Colab accelerator (T4 16 GB, one TPU v2/v5e core) with float32 Adam state.
 BATCH_PER_DEVICE = 8
@@ -37,7 +43,6 @@ class Runtime:
         ]
 
     def make_mesh(self):
-        from optiml_jax.sharding import MeshConfig, make_mesh
 
         return make_mesh(MeshConfig(**self.mesh))
 
@@ -94,11 +99,6 @@ def tiny_model(directory, preset: str = "opt-tiny", seed: int = 0) -> Path:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-
-    from optiml_jax.checkpoints.model_format import save_model
-    from optiml_jax.config import ASSETS_DIR, OPTConfig
-    from optiml_jax.model import OPTForCausalLM
-    from optiml_jax.tokenizer import OPTTokenizer
 
     config = OPTConfig.from_preset(preset)
     model = OPTForCausalLM(config, scan_layers=True)  # one layer to compile, stored stacked anyway

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from optiml_jax.checkpoints.pretrained import Pretrained, load_pretrained
 from optiml_jax.config import OPTConfig
 from optiml_jax.generate import (
     PROMPT_BUCKET,
@@ -38,6 +39,7 @@ from optiml_jax.generate import (
     round_up,
     stop_token_mask,
 )
+from optiml_jax.sharding import DEFAULT_RULES, on_mesh
 from optiml_jax.tokenizer import PROMPT_ADD_BOS, OPTTokenizer
 
 TASKS = ("text-generation",)
@@ -80,11 +82,14 @@ class TextGenerationPipeline:
         batch_size: Optional[int] = None,
         seed: Optional[int] = None,
         return_full_text: bool = True,
+        return_tensors: bool = False,
     ) -> list:
         """[{"generated_text": ...}] (num_return_sequences of them) for one prompt; a list of those for a
         list of prompts.
 
         `seed` fixes this call's sampling; without it each call draws the next seed of the pipeline.
+        `return_tensors=True` gives token ids instead of text, as transformers does:
+        [{"generated_token_ids": prompt ids + new ids}].
         With both `max_new_tokens` and `max_length`, the first sets the budget and the second still
         cuts the prompt (transformers does the same).
         """
@@ -139,6 +144,9 @@ class TextGenerationPipeline:
                     new = new[:budget]  # the batch ran to its longest budget; a greedy row is the same alone
                     if stops:
                         new = new[: self._stop_point(ids, new, stops)]
+                    if return_tensors:
+                        results[i].append({"generated_token_ids": list(ids) + list(new)})
+                        continue
                     completion = complete_texts(self.tokenizer, [ids], [new])[0]
                     results[i].append(
                         {"generated_text": prompts[i] + completion if return_full_text else completion}
@@ -185,12 +193,10 @@ class TextGenerationPipeline:
 
     @property
     def _rules(self):
-        from optiml_jax.sharding import DEFAULT_RULES
 
         return self.rules or DEFAULT_RULES
 
     def _on_mesh(self):
-        from optiml_jax.sharding import on_mesh
 
         return on_mesh(self.mesh, self._rules)
 
@@ -275,6 +281,8 @@ def pipeline(
     rules=None,
     attention: Optional[str] = None,
     add_bos: bool = PROMPT_ADD_BOS,
+    torch_dtype=None,
+    device=None,
 ) -> TextGenerationPipeline:
     """A text-generation pipeline for an OPT model: a local directory, a hub id, or a `Pretrained`.
 
@@ -286,14 +294,23 @@ def pipeline(
     loaded model); generation itself, prompt pass included, attends over its KV cache either way.
     `add_bos=True` starts every prompt with `</s>`, as transformers' OPT tokenizer does (the default
     encodes prompts as fine-tuning and evaluation do; see docs/evaluation.md, "Prompt convention").
+
+    Hugging Face's `torch_dtype` is `dtype` (a torch dtype or its name; "auto" is the default,
+    float32). `device` is accepted so transformers code runs unchanged, and ignored: JAX runs on its
+    default backend (JAX_PLATFORMS chooses it); `mesh=` spreads the model over several devices.
     """
+    del device  # see the docstring: placement is JAX's default device, or the mesh
+    if torch_dtype is not None:
+        name = str(torch_dtype).removeprefix("torch.")
+        if dtype is not None and name != "auto" and name != str(dtype):
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} differ; give one")
+        dtype = dtype if name == "auto" else name
     if task not in TASKS:
         raise ValueError(f"unsupported task {task!r}; optiml_jax supports {', '.join(TASKS)}")
     if model is None:
         raise ValueError("pipeline() needs model= (a model directory, a hub id, or a Pretrained)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    from optiml_jax.checkpoints.pretrained import Pretrained, load_pretrained
 
     if isinstance(model, Pretrained):
         given = [name for name, value in (("dtype", dtype), ("attention", attention)) if value is not None]

@@ -18,12 +18,13 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from optiml_jax.config import ASSETS_DIR, DTYPES, ConfigError
+from optiml_jax.config import ASSETS_DIR, DTYPES, HEAD_POSITIONS, ConfigError
 from optiml_jax.data import DataConfig, Fields
 from optiml_jax.data.formats import format_choices
 from optiml_jax.eval.prompts import PROMPT_TEMPLATES
 from optiml_jax.model.kernels import IMPLEMENTATIONS
 from optiml_jax.model.remat import REMAT_POLICIES
+from optiml_jax.paths import resolve_path
 from optiml_jax.sharding import MeshConfig
 
 # The shipped run configs: `--config NAME` is CONFIGS_DIR/NAME.yaml; `python -m optiml_jax.finetune`
@@ -262,10 +263,7 @@ def validate(cfg: RunConfig) -> None:
     _require(
         t.param_dtype in DTYPES, f"train.param_dtype={t.param_dtype!r} is not one of {', '.join(DTYPES)}"
     )
-    # the table that uses these names owns them (imported here, not at the top: the train package
-    # imports this module)
-    from optiml_jax.train.loss import HEAD_POSITIONS
-
+    # the tables that own these names all sit below this module
     _require(
         t.remat_policy in REMAT_POLICIES,
         f"train.remat_policy={t.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}",
@@ -465,16 +463,6 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
         if old.get(key, "<unset>") != new.get(key, "<unset>"):
             conflicts.append(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")
     return conflicts
-
-
-def resolve_path(value: str) -> str:
-    """A relative path that exists from the working directory as is, else the shipped file of that
-    name under optiml_jax/assets/ (`configs/demo.yaml`, `data/sni`, `demo_tokenizer`), so the
-    shipped configs run from any directory, from a checkout or an installed wheel alike."""
-    if os.path.isabs(value) or os.path.exists(value):
-        return value
-    candidate = ASSETS_DIR / value
-    return str(candidate) if candidate.exists() else value
 
 
 def config_path(value: str | os.PathLike) -> Path:

@@ -56,6 +56,23 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
 
+    @classmethod
+    def parse(cls, text: str) -> "MeshConfig":
+        """From the command-line form "data=-1,tensor=2" (evaluate's --mesh, lm_eval's model_args);
+        ConfigError naming the text when it is not axis=size pairs of our axes."""
+        sizes = {}
+        for part in filter(None, text.split(",")):
+            name, sep, value = part.partition("=")
+            if not sep or name.strip() not in MESH_AXES:
+                raise ConfigError(
+                    f"--mesh {text!r}: expected axis=size pairs of data, fsdp, tensor (e.g. data=-1,tensor=2)"
+                )
+            try:
+                sizes[name.strip()] = int(value)
+            except ValueError:
+                raise ConfigError(f"--mesh {text!r}: {value!r} is not an integer") from None
+        return cls(**sizes)
+
     def resolve(self, num_devices: int) -> tuple[int, int, int]:
         """The axis sizes on `num_devices` devices; ConfigError (a ValueError) naming the axes when
         they do not multiply to the device count."""

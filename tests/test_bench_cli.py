@@ -11,9 +11,9 @@ import yaml
 from bench_fixtures import REGISTRY, SPLIT, make_collections, write_yaml
 from fake_tokenizer import ByteTokenizer
 
-from optiml_jax.bench.__main__ import CONFIGS, main
 from optiml_jax.bench.registry import load_registry
 from optiml_jax.bench.splits import load_split
+from optiml_jax.cli.bench import CONFIGS, main
 from optiml_jax.data import DataConfig, build_loaders
 from optiml_jax.eval.tasks import load_eval_tasks
 
@@ -170,4 +170,12 @@ def test_the_shipped_registry_and_split_build_the_sni_sample(inputs):
     assert main([*argv, "--output", str(root / "shipped")]) == 0  # --registry, --split: the shipped files
     manifest = json.loads((root / "shipped" / "manifest.json").read_text())
     assert manifest["settings"]["split"].endswith("configs/bench/optiml.yaml")
-    assert {e["split"] for e in manifest["tasks"].values()} == {"train"}  # no sample task is held out
+    held_out = {
+        name: (e["split"], e["level"]) for name, e in manifest["tasks"].items() if e["split"] != "train"
+    }
+    # the sample's two SNI test-split tasks are of categories the paper holds out whole
+    assert held_out == {
+        "task1154_bard_analogical_reasoning_travel": ("test", "fully_held_out"),  # Word Analogy
+        "task1664_winobias_text_generation": ("test", "fully_held_out"),  # Coreference Resolution
+    }
+    assert sum(e["split"] == "train" for e in manifest["tasks"].values()) == 8

@@ -1,24 +1,27 @@
 """Configuration problems in every CLI (finetune, evaluate, generate, convert, lm_eval): a mesh that does not
 fit the devices, a device count that does not divide the batch, a dtype outside our table. Each is one
-`error: ...` line naming the setting, with the exit status that CLI gives configuration errors (2; convert:
-1, as all its errors), no traceback and nothing written, and it fails before any model is loaded or
-compiled. One subprocess per CLI (with N host devices: what a user sees), the other problems in-process."""
+`error: ...` line naming the setting, with exit status 2 (bad input or configuration, in every CLI), no
+traceback and nothing written, and it fails before any model is loaded or compiled. One subprocess per
+CLI (with N host devices: what a user sees), the other problems in-process."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from finetune_helpers import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 SNI = REPO / "optiml_jax" / "assets" / "data" / "sni"
 
 
-def _cli(args, devices: int, cwd: Path, timeout: int = 120):
+def _cli(args, devices: int, cwd: Path, timeout: int = 120, env=None):
     env = {
         **os.environ,
+        **(env or {}),
         "PYTHONPATH": str(REPO),
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
@@ -66,7 +69,7 @@ def test_finetune_mesh_larger_than_the_machine(tmp_path):
     ],
 )
 def test_finetune_configuration_problems(override, patterns, tmp_path, capsys):
-    from optiml_jax.finetune import main
+    from optiml_jax.cli.finetune import main
 
     assert main(["--config", "demo", override, f"workdir={tmp_path / 'run'}", "--no-progress"]) == 2
     _error_line(capsys.readouterr().err, *patterns, only_line=False)
@@ -106,7 +109,7 @@ def test_evaluate_mesh_larger_than_the_machine(tmp_path):
     ],
 )
 def test_evaluate_configuration_problems(args, patterns, tmp_path, capsys):
-    from optiml_jax.evaluate import main
+    from optiml_jax.cli.evaluate import main
 
     assert (
         main(
@@ -139,8 +142,8 @@ def test_generate_dtype_outside_the_table(tmp_path):
 
 
 def test_generate_model_config_that_cannot_run(tmp_path, capsys):
+    from optiml_jax.cli.generate import main
     from optiml_jax.config import OPTConfig
-    from optiml_jax.generate import main
 
     config = dict(
         OPTConfig(hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=1).to_dict(),
@@ -151,7 +154,7 @@ def test_generate_model_config_that_cannot_run(tmp_path, capsys):
     _error_line(capsys.readouterr().err, "config.json", "hidden_size=32", "num_attention_heads=5")
 
 
-# ---------------------------------------------------------------------- convert: exit 1 (all its errors)
+# ---------------------------------------------------------------------- convert: exit 2
 def test_convert_dtype_outside_the_table(tmp_path):
     done = _cli(
         [
@@ -167,7 +170,7 @@ def test_convert_dtype_outside_the_table(tmp_path):
         devices=1,
         cwd=tmp_path,
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     _error_line(done.stderr, "--dtype", "'float64'")
     assert not (tmp_path / "out").exists()
 
@@ -182,7 +185,7 @@ def test_convert_dtype_outside_the_table(tmp_path):
     ],
 )
 def test_convert_configuration_problems(args, patterns, tmp_path, capsys):
-    from optiml_jax.convert_weights import main
+    from optiml_jax.cli.convert import main
 
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "src" / "pytorch_model.bin").parent.mkdir()
@@ -190,7 +193,7 @@ def test_convert_configuration_problems(args, patterns, tmp_path, capsys):
     args = [a.format(run=tmp_path / "run") for a in args]
     if "--input" not in args:
         args += ["--input", str(tmp_path / "src")]
-    assert main([*args, "--output", str(tmp_path / "out")]) == 1
+    assert main([*args, "--output", str(tmp_path / "out")]) == 2
     _error_line(capsys.readouterr().err, *patterns)
     assert not (tmp_path / "out").exists()
 
@@ -226,14 +229,128 @@ def test_lm_eval_mesh_larger_than_the_machine(tmp_path):
         (dict(dtype="float64"), ("model_args", "float64", "float32, bfloat16, float16")),
         (dict(mesh="data=3"), ("model_args", "mesh.data=3", "8 are available")),
         (dict(mesh="pipeline=2"), ("model_args", "--mesh 'pipeline=2'")),
-        (dict(), ("model_args", "nope", "no such model directory")),
+        (dict(), ("model_args", "nope", "no such file or directory")),
     ],
 )
 def test_lm_eval_model_args_problems(model_args, patterns, tmp_path):
     from optiml_jax.config import ConfigError
-    from optiml_jax.lm_eval import OptimlJaxLM
+    from optiml_jax.eval.harness import OptimlJaxLM
 
     with pytest.raises(ConfigError) as error:
         OptimlJaxLM(pretrained=str(tmp_path / "nope"), **model_args)
     for pattern in patterns:
         assert pattern in str(error.value), (pattern, str(error.value))
+
+
+# ------------------------------------------------------------- model paths and damaged models: exit 2
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny optiml_jax model directory (final/ as fine-tuning writes it), with the demo tokenizer."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from optiml_jax.checkpoints.model_format import save_model
+    from optiml_jax.config import OPTConfig
+    from optiml_jax.model import OPTForCausalLM
+
+    config = OPTConfig(**TINY_MODEL)
+    params = OPTForCausalLM(config).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
+    tokenizer = REPO / "optiml_jax" / "assets" / "demo_tokenizer"
+    return save_model(tmp_path_factory.mktemp("run") / "final", config, nn.meta.unbox(params), tokenizer)
+
+
+def _damaged(model_dir: Path, tmp_path: Path, damage: str) -> tuple[Path, str]:
+    """A copy of `model_dir` with `damage` done; the words its error must hold."""
+    import shutil
+
+    copy = tmp_path / "final"
+    shutil.copytree(model_dir, copy)
+    if damage == "params file removed":
+        data_files = sorted(
+            (copy / "params" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size
+        )
+        data_files[-1].unlink()
+        return copy, f"{copy / 'params'}: a params file is missing or damaged"
+    if damage == "metadata removed":
+        (copy / "params" / "_METADATA").unlink()
+        return copy, "_METADATA missing"
+    (copy / "optiml_jax.json").unlink()
+    return copy, f"{copy / 'optiml_jax.json'}: missing"
+
+
+def _without_tensorstore_thread_noise(stderr: str) -> str:
+    """`stderr` without the "Event loop is closed" tracebacks that TensorStore's reader threads print
+    (not raise) on a loaded machine when reads still in flight finish after Orbax's restore has failed and
+    closed its event loop: printed from C++, they cannot be caught, and they come after our error line.
+    Any other traceback is kept, so the one-line check still holds for ours."""
+    noise = "RuntimeError: Event loop is closed"
+    lines = stderr.splitlines()
+    # the threads' tracebacks may interleave line by line; any other exception keeps everything
+    if any(re.match(r"\w+(Error|Exception)\b", line) and line != noise for line in lines):
+        return stderr
+    kept = [line for line in lines if not (line.startswith(("Traceback", " ")) or line == noise)]
+    return "\n".join(kept) + "\n"
+
+
+def _model_commands(model, tmp_path: Path):
+    """Each command that reads a model, loading `model` (generate, evaluate, finetune)."""
+    return {
+        "generate": ["-m", "optiml_jax.generate", "--model", model, "--prompt", "hi"],
+        "evaluate": [
+            "-m",
+            "optiml_jax.evaluate",
+            "--model",
+            model,
+            "--data",
+            SNI,
+            "--max-instances",
+            1,
+            "--output",
+            tmp_path / "eval",
+        ],
+        "finetune": [
+            "-m",
+            "optiml_jax.finetune",
+            "--config",
+            "demo",
+            f"model={model}",
+            "train.max_steps=1",
+            f"workdir={tmp_path / 'run'}",
+        ],
+    }
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "finetune"])
+def test_a_missing_local_path_is_no_such_file_and_a_hub_like_one_says_both(command, tmp_path):
+    for model, patterns in (
+        ("./models/x", ("./models/x: no such file or directory",)),
+        (
+            "models/x",
+            ("models/x: no such file or directory, and the hub could not be reached for the id 'models/x'",),
+        ),
+    ):
+        env_args = _model_commands(model, tmp_path)[command]
+        done = _cli(env_args, devices=1, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 2, done.stderr[-2000:]
+        line = _error_line(done.stderr, *patterns, only_line=False)
+        if model.startswith("./"):
+            assert "hub" not in line
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize("damage", ["params file removed", "metadata removed", "marker removed"])
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_a_damaged_model_directory_names_what_is_missing(command, damage, tiny_model_dir, tmp_path):
+    model, pattern = _damaged(tiny_model_dir, tmp_path, damage)
+    done = _cli(_model_commands(model, tmp_path)[command], devices=1, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    stderr = _without_tensorstore_thread_noise(done.stderr)
+    _error_line(stderr, pattern, only_line=False)
+    assert len(stderr.strip().splitlines()) <= 3, stderr  # no traceback, no spec dump
+    assert not (tmp_path / "eval").exists()
+
+
+def test_the_intact_model_directory_generates(tiny_model_dir, tmp_path):
+    done = _cli(_model_commands(tiny_model_dir, tmp_path)["generate"], devices=1, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]

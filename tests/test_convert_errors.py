@@ -23,12 +23,12 @@ def tiny():
 
 
 def _fails(capsys, workdir: Path, argv, *patterns):
-    """Runs the CLI, expects exit 1 with one stderr line matching all `patterns`, and nothing left
+    """Runs the CLI, expects exit 2 (bad input) with one stderr line matching all `patterns`, and nothing left
     in the output's parent but what was there before."""
     output = Path(argv[argv.index("--output") + 1])
     before = set(output.parent.iterdir()) if output.parent.exists() else set()
     capsys.readouterr()
-    assert convert_weights.main(argv + ["--no-progress"]) == 1
+    assert convert_weights.main(argv + ["--no-progress"]) == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -201,7 +201,7 @@ def test_cli_process_prints_one_line_and_exits_nonzero(tmp_path):
         text=True,
         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'missing.pt'}: no such file or directory"
     ]

@@ -51,7 +51,7 @@ def test_malicious_reduce_is_refused_and_never_runs(tmp_path, payload):
         convert_weights.main(
             ["--input", str(path), "--output", str(tmp_path / "out"), "--config", "125m", "--no-progress"]
         )
-        == 1
+        == 2
     )
     assert not marker.exists() and not (tmp_path / "out").exists()
 

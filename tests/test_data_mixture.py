@@ -13,7 +13,7 @@ from fake_tokenizer import ByteTokenizer
 from finetune_helpers import run_config
 from simulated_processes import as_processes
 
-from optiml_jax.bench.__main__ import main as bench_main
+from optiml_jax.cli.bench import main as bench_main
 from optiml_jax.config import ConfigError
 from optiml_jax.data import DataConfig, Example, build_loaders, build_train_loader
 from optiml_jax.data.demonstrations import (
@@ -23,7 +23,6 @@ from optiml_jax.data.demonstrations import (
     with_demonstrations,
 )
 from optiml_jax.data.mixture import WholeSequence, share_scalars
-from optiml_jax.data.mixture_report import main as report_main
 from optiml_jax.data.mixture_report import mixture_report
 from optiml_jax.data.packing import row_arrays, tokenize_examples
 from optiml_jax.train import train_and_evaluate
@@ -305,7 +304,12 @@ def test_mixture_report_shape_and_cli(data, tmp_path, monkeypatch):
     # Bad input from the CLI: one line, exit 2
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"data:\n  train: {data / 'train'}\n  mixture:\n    benchmarks: {{sni: -2}}\n")
-    assert report_main(["--config", str(bad), "--examples", "10", "--json", str(tmp_path / "r.json")]) == 2
+    assert (
+        bench_main(
+            ["mix-report", "--config", str(bad), "--examples", "10", "--json", str(tmp_path / "r.json")]
+        )
+        == 2
+    )
 
 
 def test_mix_report_cli_writes_the_report(data, tmp_path, capsys):

@@ -392,7 +392,7 @@ def test_hub_dataset_is_materialised_once_as_parquet_and_read_like_a_local_file(
 # ---------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_finetune_cli_trains_on_a_parquet_file_with_a_column_mapping(tmp_path, capsys, tiny_preset):
-    from optiml_jax.finetune import main
+    from optiml_jax.cli.finetune import main
 
     path = write_parquet(tmp_path / "sni.parquet", sni_rows(60))
     workdir = tmp_path / "run"

@@ -11,9 +11,9 @@ import torch
 from finetune_helpers import SNI, SNI_TRAIN_SPLIT, TOKENIZER
 from hf_reference import make_hf_model
 
+from optiml_jax.cli.evaluate import main
 from optiml_jax.config import OPTConfig
 from optiml_jax.eval.generation import generate_completions, prompt_buckets
-from optiml_jax.evaluate import main
 from optiml_jax.sharding import MeshConfig, make_mesh
 from optiml_jax.tokenizer import OPTTokenizer
 
@@ -203,7 +203,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(hf_model_dir, tmp_path, ca
     expected = {
         "existing_output": "exists and is not empty",
         "no_task_in_split": "none of the 10 task files",
-        "no_model": "no such model directory",
+        "no_model": "no such file or directory",
         "no_references": "#t-1: 'output' must be a non-empty list",
         "bad_mesh": "--mesh",
     }[problem]

@@ -11,6 +11,7 @@ import pytest
 from hf_reference import make_config, make_hf_model
 
 from optiml_jax import generate as gen
+from optiml_jax.cli import generate as generate_cli
 from optiml_jax.tokenizer import OPTTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def test_sampling_flags_and_plain_text_output(model_dir):
     "args,message",
     [
         (["--prompt", "hi"], "--model"),
-        (["--model", "{missing}", "--prompt", "hi"], "no such model directory"),
+        (["--model", "{missing}", "--prompt", "hi"], "no such file or directory"),
         (["--model", "{model}", "--prompt-file", "{empty}"], "has no prompts"),
         (["--model", "{model}", "--prompt-file", "{missing}/p.txt"], "cannot read --prompt-file"),
         (["--model", "{model}", "--prompt", "hi", "--prompt-file", "{empty}"], "not both"),
@@ -121,7 +122,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(args, message, model_dir, tmp_
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")
     args = [a.format(model=model_dir, missing=tmp_path / "nope", empty=empty) for a in args]
-    status = gen.main(args)
+    status = generate_cli.main(args)
     err = capsys.readouterr().err
     assert status != 0
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
@@ -131,3 +132,29 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     done = _cli("--model", tmp_path / "nope", "--prompt", "hi")
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        ("p.txt", "first\n\nsecond\n", ["first", "second"]),
+        ("p.txt", "Translate:\ncafé\n---\nSum:\n1 + 2\n---\n", ["Translate:\ncafé", "Sum:\n1 + 2"]),
+        ("p.jsonl", '{"prompt": "a\\nb"}\n\n{"prompt": "c"}\n', ["a\nb", "c"]),
+    ],
+)
+def test_prompt_file_forms(name, text, expected):
+    from optiml_jax.cli.generate import parse_prompt_file
+
+    assert parse_prompt_file(text, name) == expected
+
+
+def test_multi_line_prompts_and_separated_text_output(model_dir, tmp_path):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("Instructions: add.\nInput: 1 + 2\n---\nHello\n", encoding="utf-8")
+    done = _cli("--model", model_dir, "--prompt-file", prompt_file, "--max-new-tokens", 3)
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.split("\n---\n")
+    assert first.startswith("Instructions: add.\nInput: 1 + 2") and second.startswith("Hello")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n', encoding="utf-8")
+    assert generate_cli.main(["--model", str(model_dir), "--prompt-file", str(bad)]) == 2

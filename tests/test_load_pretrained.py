@@ -63,5 +63,5 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="facebook/opt-125m.*offline.*local directory"):
         load_pretrained("facebook/opt-125m")
-    with pytest.raises(FileNotFoundError, match="no such model directory"):
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
         load_pretrained("./does/not/exist")

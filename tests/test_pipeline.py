@@ -6,8 +6,8 @@ import pytest
 import transformers
 from test_generate_cli import make_tiny_model_dir
 
-from optiml_jax import generate as gen
 from optiml_jax import pipeline
+from optiml_jax.cli import generate as generate_cli
 from optiml_jax.sharding import MeshConfig, make_mesh
 
 
@@ -143,8 +143,30 @@ def test_mesh_and_attention_pass_through(model_dir, generator):
 
 def test_cli_repetition_penalty_equals_transformers(model_dir, reference, capsys):
     args = ["--model", str(model_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "10", "--add-bos"]
-    assert gen.main(args + ["--repetition-penalty", "1.5"]) == 0
+    assert generate_cli.main(args + ["--repetition-penalty", "1.5"]) == 0
     theirs = reference(PROMPTS[0], max_new_tokens=10, do_sample=False, repetition_penalty=1.5)
     assert capsys.readouterr().out == theirs[0]["generated_text"] + "\n"
-    assert gen.main(args + ["--repetition-penalty", "0"]) == 2
+    assert generate_cli.main(args + ["--repetition-penalty", "0"]) == 2
     assert capsys.readouterr().err == "error: --repetition-penalty must be > 0, got 0.0\n"
+
+
+def test_hf_loading_arguments_and_return_tensors(model_dir, generator, reference):
+    """transformers code that passes torch_dtype, device and return_tensors runs unchanged."""
+    import torch
+
+    prompt = "What is the capital of France?"
+    halves = pipeline("text-generation", model=str(model_dir), torch_dtype=torch.bfloat16, device=0)
+    assert halves.model.dtype == jax.numpy.bfloat16
+    assert (
+        pipeline("text-generation", model=str(model_dir), torch_dtype="auto").model.dtype == jax.numpy.float32
+    )
+    with pytest.raises(ValueError, match="differ"):
+        pipeline("text-generation", model=str(model_dir), dtype="float32", torch_dtype="bfloat16")
+    ours = generator(prompt, max_new_tokens=5, return_tensors=True)
+    theirs = reference(prompt, max_new_tokens=5, do_sample=False, return_tensors=True)
+    assert list(ours[0]) == ["generated_token_ids"]
+    ids = ours[0]["generated_token_ids"]
+    text = generator(prompt, max_new_tokens=5)[0]["generated_text"]
+    assert generator.tokenizer.decode(ids, skip_special_tokens=True) == text
+    # the same continuation as transformers' ids (its prompt ids may differ by the leading </s>)
+    assert ids[-5:] == [int(t) for t in theirs[0]["generated_token_ids"]][-5:]

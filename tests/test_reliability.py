@@ -174,7 +174,7 @@ def test_resume_on_a_different_device_count_and_mesh(tiny_preset, tmp_path, refe
 def test_resume_refuses_result_changing_config_unless_overwrite(tiny_preset, tmp_path, capsys):
     import yaml
 
-    from optiml_jax.finetune import main
+    from optiml_jax.cli.finetune import main
 
     workdir = tmp_path / "w"
     config = config_dict(tiny_preset, workdir)
@@ -226,7 +226,7 @@ def test_nonfinite_run_stops_with_a_clear_cli_message_and_keeps_the_last_good_ch
     counted; after 3 in a row the CLI stops (status 1) naming the last good checkpoint, step 1."""
     import orbax.checkpoint as ocp
 
-    from optiml_jax.finetune import main
+    from optiml_jax.cli.finetune import main
 
     workdir = tmp_path / "w"
     config = config_dict(
@@ -254,7 +254,7 @@ def test_nonfinite_run_stops_with_a_clear_cli_message_and_keeps_the_last_good_ch
 
 # ---------------------------------------------------------------------- bad data
 def test_hostile_jsonl_is_skipped_and_counted_or_one_line_error(tiny_preset, tmp_path, capsys):
-    from optiml_jax.finetune import main
+    from optiml_jax.cli.finetune import main
 
     good = [json.dumps({"src": f"Question {i}: what is {i} plus {i}?", "tgt": f"{2 * i}"}) for i in range(40)]
     hostile = tmp_path / "hostile.jsonl"
@@ -293,7 +293,7 @@ def test_memory_estimate_is_printed_and_a_run_that_cannot_fit_stops_before_compi
     tiny_preset, tmp_path, capsys, caplog, monkeypatch
 ):
     import optiml_jax.train.loop as train_module
-    from optiml_jax.finetune import main
+    from optiml_jax.cli.finetune import main
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("allocated or compiled although the run cannot fit")

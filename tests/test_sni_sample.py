@@ -7,7 +7,7 @@ from finetune_helpers import SNI, SNI_TEST_TASKS, SNI_TRAIN_SPLIT
 
 from optiml_jax.data.formats.sni import read_split_file
 from optiml_jax.eval.tasks import load_eval_tasks
-from optiml_jax.evaluate import shipped_data
+from optiml_jax.paths import shipped_data
 from optiml_jax.run_config import load_run_config
 
 

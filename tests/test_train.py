@@ -253,7 +253,7 @@ def test_skipped_update_leaves_params_untouched(tiny_preset, tmp_path):
 # ---------------------------------------------------------------------- CLI smoke test
 @pytest.mark.slow
 def test_finetune_cli_smoke(tmp_path, capsys, tiny_preset):
-    from optiml_jax.finetune import main
+    from optiml_jax.cli.finetune import main
 
     workdir = tmp_path / "cli"
     code = main(

@@ -26,6 +26,7 @@ from optiml_jax.checkpoints.mapping import TensorChecker, stacked_location
 from optiml_jax.checkpoints.streamed import StreamedArray
 from optiml_jax.config import DTYPES, OPTConfig, as_dtype
 from optiml_jax.fileio import atomic_output_dir, check_output_dir
+from optiml_jax.tokenizer import OPTTokenizer
 
 FORMATS = ("hf", "metaseq")
 STAGE_BLOCK_BYTES = 8 << 20
@@ -287,7 +288,6 @@ def _report_reads(params: dict, bar) -> dict:
 
 
 def _load_tokenizer(directory):
-    from optiml_jax.tokenizer import OPTTokenizer
 
     return OPTTokenizer.from_pretrained(directory)
 

@@ -25,11 +25,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import orbax.checkpoint as ocp
+import yaml
 
 from optiml_jax.checkpoints import model_format as checkpoint
 from optiml_jax.checkpoints.mapping import stacked_location, tensor_specs
 from optiml_jax.config import OPTConfig, as_dtype
 from optiml_jax.fileio import atomic_output_dir, check_output_dir
+from optiml_jax.paths import is_preset, preset_config, resolve_model_path, resolve_path
+from optiml_jax.tokenizer import TOKENIZER_FILES, OPTTokenizer
 
 _SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -125,8 +129,6 @@ def _model_dir_source(path: Path) -> ExportSource:
         raise checkpoint.CheckpointError(
             f"{path / checkpoint.MARKER}: unknown params layout {marker.get('layout')!r}"
         )
-    from optiml_jax.tokenizer import TOKENIZER_FILES
-
     has_tokenizer = any((path / file).is_file() for file in TOKENIZER_FILES)
     return ExportSource(
         config=OPTConfig.from_json_file(path / "config.json"),
@@ -140,8 +142,6 @@ def _model_dir_source(path: Path) -> ExportSource:
 
 
 def _train_checkpoint_source(step_dir: Path, workdir: Path) -> ExportSource:
-    import orbax.checkpoint as ocp
-
     config, tokenizer = _run_model(workdir)
     state_dir = (step_dir / "state").absolute()
     handler = ocp.PyTreeCheckpointHandler()  # not a Checkpointer: state/ has no step metadata of its own
@@ -168,12 +168,6 @@ def _train_checkpoint_source(step_dir: Path, workdir: Path) -> ExportSource:
 def _run_model(workdir: Path):
     """(OPTConfig, OPTTokenizer) of the run in `workdir`, from its config.yaml's `model` and `tokenizer`
     (preset:NAME, or a model directory or hub id and its tokenizer), as the training loop reads them."""
-    import yaml
-
-    from optiml_jax.checkpoints.pretrained import resolve_model_path
-    from optiml_jax.run_config import resolve_path
-    from optiml_jax.tokenizer import OPTTokenizer
-
     run_file = workdir / "config.yaml"
     try:
         run = yaml.safe_load(run_file.read_text(encoding="utf-8"))
@@ -187,13 +181,10 @@ def _run_model(workdir: Path):
             f"{run_file}: not a run config with a model ({type(e).__name__})"
         ) from None
     model_dir = None
-    if model.startswith("preset:"):
-        name = model[len("preset:") :]
-        config = OPTConfig.from_preset(
-            resolve_path(name) if name.endswith((".yaml", ".yml", ".json")) else name
-        )
+    if is_preset(model):
+        config = preset_config(model)
     else:
-        model_dir = resolve_model_path(resolve_path(model))
+        model_dir = resolve_model_path(model)
         config = OPTConfig.from_json_file(model_dir / "config.json")
     source = resolve_path(tokenizer) if tokenizer else model_dir
     return config, OPTTokenizer.from_pretrained(source) if source is not None else None
@@ -285,8 +276,6 @@ def export_hf(
 
 
 def _write_tokenizer(tokenizer, directory: Path) -> None:
-    from optiml_jax.tokenizer import TOKENIZER_FILES
-
     if isinstance(tokenizer, Path):
         for file in TOKENIZER_FILES:
             if (tokenizer / file).is_file():

@@ -18,6 +18,8 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from optiml_jax.checkpoints import torch_pickle
+
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -129,7 +131,6 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def _iter_torch_file(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    from optiml_jax.checkpoints import torch_pickle
 
     try:
         state = torch_pickle.load(path)

@@ -30,6 +30,9 @@ from optiml_jax.checkpoints.orbax_streaming import checkpoint_handler, read_laye
 from optiml_jax.checkpoints.streamed import StreamedArray
 from optiml_jax.config import OPTConfig
 from optiml_jax.fileio import atomic_output_dir, process_info
+from optiml_jax.model import OPTForCausalLM
+from optiml_jax.sharding import DEFAULT_RULES, abstract_params, logical_shardings
+from optiml_jax.tokenizer import OPTTokenizer
 
 MARKER = "optiml_jax.json"
 FORMAT_NAME = "optiml_jax"
@@ -127,7 +130,6 @@ def finish_model_dir(
 
 
 def save_tokenizer(tokenizer, directory: Path) -> None:
-    from optiml_jax.tokenizer import OPTTokenizer
 
     if not isinstance(tokenizer, OPTTokenizer):
         tokenizer = OPTTokenizer.from_pretrained(tokenizer)
@@ -154,9 +156,6 @@ def check_params_shapes(params: dict, config: OPTConfig) -> None:
     """The stacked tree has exactly the model's arrays with the model's shapes."""
     import flax.linen as nn
     import jax
-
-    from optiml_jax.model import OPTForCausalLM
-    from optiml_jax.sharding import abstract_params
 
     expected = nn.meta.unbox(abstract_params(OPTForCausalLM(config, scan_layers=True)))
     flat_expected = {
@@ -216,8 +215,6 @@ def restore_params(path, model, mesh=None, rules=None) -> dict:
     import jax
     import orbax.checkpoint as ocp
 
-    from optiml_jax.sharding import DEFAULT_RULES, abstract_params, logical_shardings
-
     path = Path(path)
     marker = read_marker(path)
     if marker.get("layout") != LAYOUT:
@@ -242,21 +239,40 @@ def restore_params(path, model, mesh=None, rules=None) -> dict:
     params_path = (path / marker.get("params_dir", PARAMS_DIR)).absolute()
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         try:
-            stored = checkpointer.metadata(params_path).item_metadata.tree
+            metadata = checkpointer.metadata(params_path).item_metadata
         except (ValueError, KeyError, FileNotFoundError, OSError) as e:
             raise CheckpointError(
                 f"{params_path}: cannot read the params checkpoint ({type(e).__name__}: {str(e)[:300]})"
             ) from None
-        _check_stored_shapes(stored, shapes, path)
-        params = checkpointer.restore(
-            params_path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
-        )
+        if metadata is None:  # Orbax answers None when _METADATA or the OCDBT manifest is gone
+            missing = [name for name in ("_METADATA", "manifest.ocdbt") if not (params_path / name).is_file()]
+            raise CheckpointError(
+                f"{params_path}: cannot read the params checkpoint: "
+                + (f"{', '.join(missing)} missing" if missing else "its metadata is unreadable")
+                + " (the directory is incomplete: convert or save the model again)"
+            )
+        _check_stored_shapes(metadata.tree, shapes, path)
+        try:
+            params = checkpointer.restore(
+                params_path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+            )
+        except Exception as e:  # TensorStore raises bare Exceptions; its cause names the array
+            raise CheckpointError(f"{params_path}: {_unreadable_array(e)}") from None
     if model.scan_layers:
         return params
     unstacked_shardings = None
     if mesh is not None:
         unstacked_shardings = logical_shardings(abstract_params(model), mesh, rules)
     return unstack_layers(params, model.config.num_hidden_layers, unstacked_shardings)
+
+
+def _unreadable_array(error: BaseException) -> str:
+    """One line for a failed Orbax / TensorStore read: the innermost cause names the array and says
+    what went wrong (a data file under params/ deleted or cut short), the outer one only dumps a spec."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    message = " ".join(str(error).split())[:300]
+    return f"a params file is missing or damaged, cannot read the arrays ({message})"
 
 
 def _check_stored_shapes(stored, expected, path: Path) -> None:

@@ -16,23 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optiml_jax.checkpoints import model_format as checkpoint
 from optiml_jax.checkpoints.hf import WEIGHT_FILES, find_weight_files, iter_directory_tensors
 from optiml_jax.checkpoints.mapping import hf_to_params
 from optiml_jax.config import OPTConfig, as_dtype
 from optiml_jax.model import OPTForCausalLM
-
-HUB_PATTERNS = [
-    "config.json",
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "pytorch_model*.bin",
-    "pytorch_model.bin.index.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-]
+from optiml_jax.model.attention import choose_implementation
+from optiml_jax.model.kernels import KERNEL_BLOCK
+from optiml_jax.paths import resolve_model_path
+from optiml_jax.sharding import DEFAULT_RULES, param_shardings
+from optiml_jax.tokenizer import OPTTokenizer
 
 
 @dataclasses.dataclass
@@ -44,31 +37,6 @@ class Pretrained:
     config: OPTConfig
     tokenizer: Any  # OPTTokenizer, or None when the directory has no tokenizer files
     path: Path
-
-
-def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a hub id fetched with huggingface_hub (config, weights,
-    tokenizer files only)."""
-    path = Path(path_or_hub_id)
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"{path} is a file; pass the model directory that holds config.json")
-        return path
-    name = str(path_or_hub_id)
-    if name.count("/") != 1 or name.startswith((".", "/")):
-        raise FileNotFoundError(
-            f"{name}: no such model directory (and not a hub id like 'facebook/opt-125m')"
-        )
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # offline, unknown repo, gated repo...
-        raise OSError(
-            f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            f"If you are offline, download the model elsewhere and pass its local directory "
-            f"(config.json + weights + tokenizer files) instead."
-        ) from None
 
 
 def load_pretrained(
@@ -96,8 +64,6 @@ def load_pretrained(
     storage_dtype = as_dtype(param_dtype) or compute_dtype
     path = resolve_model_path(path_or_hub_id)
     config = OPTConfig.from_json_file(path / "config.json")
-    from optiml_jax.model.attention import choose_implementation
-    from optiml_jax.model.kernels import KERNEL_BLOCK
 
     # an AttentionError (a ValueError) now, not while tracing the first call: cuDNN on a CPU, float32 cuDNN
     choose_implementation(
@@ -112,10 +78,14 @@ def load_pretrained(
         config, dtype=compute_dtype, param_dtype=storage_dtype, scan_layers=scan_layers, attention=attention
     )
 
-    from optiml_jax.checkpoints import model_format as checkpoint  # our converted format
-
     if checkpoint.is_converted_checkpoint(path):
         params = checkpoint.restore_params(path, model, mesh=mesh, rules=rules)
+    elif (path / checkpoint.PARAMS_DIR).is_dir():
+        raise checkpoint.CheckpointError(
+            f"{path / checkpoint.MARKER}: missing; {path} holds params/ (an optiml_jax model directory) "
+            f"but not the file that says how to read them: the directory is incomplete, save or convert "
+            f"it again"
+        )
     else:
         find_weight_files(path)  # a clear error before anything else when there are no weights
         tensors = ((key, array) for key, array, _ in iter_directory_tensors(path))
@@ -132,13 +102,11 @@ def load_pretrained(
 def _place(params, model, mesh, rules):
     if mesh is None:
         return jax.tree_util.tree_map(jnp.asarray, params)
-    from optiml_jax.sharding import DEFAULT_RULES, param_shardings
 
     return jax.device_put(params, param_shardings(model, mesh, rules or DEFAULT_RULES))
 
 
 def _maybe_tokenizer(path: Path):
-    from optiml_jax.tokenizer import OPTTokenizer
 
     if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
         return None

@@ -1,7 +1,7 @@
 """Evaluation as OPT-IML reports it: SNI metrics (metrics.py), evaluation data with every reference
 (tasks.py), prompt formats (prompts.py), bucketed data-parallel greedy generation (generation.py),
 log-likelihood scoring and rank classification (scoring.py), the end-to-end run with its output files
-(runner.py) and the lm-evaluation-harness model (optiml_jax/lm_eval.py). `python -m optiml_jax.evaluate`
+(runner.py) and the lm-evaluation-harness model (harness.py). `python -m optiml_jax.evaluate`
 is the CLI."""
 
 from optiml_jax.eval.metrics import METRICS, InstanceScorer, aggregate, normalize_answer

@@ -24,9 +24,13 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from optiml_jax.data.sources import Fields
+from optiml_jax.eval.generation import generate_completions
 from optiml_jax.eval.metrics import ALL_METRICS, UNCATEGORIZED, InstanceScorer, aggregate
 from optiml_jax.eval.prompts import DEFAULT_DELIMITER, PROMPT_TEMPLATES, build_prompt
-from optiml_jax.eval.tasks import EvalDataError, EvalTask, jsonl_objects
+from optiml_jax.eval.scoring import Scorer, encode_pair
+from optiml_jax.eval.tasks import EvalDataError, EvalTask, holdout_eval_tasks, jsonl_objects, load_eval_tasks
+from optiml_jax.fileio import atomic_output_dir
+from optiml_jax.sharding import DEFAULT_RULES
 from optiml_jax.tokenizer import PROMPT_ADD_BOS
 
 log = logging.getLogger(__name__)
@@ -119,7 +123,6 @@ def evaluate(
 ) -> EvalResult:
     """Every instance of `tasks`, generated and scored as the official SNI scorer does, or ranked by
     likelihood over its options (settings.mode); records in task order."""
-    from optiml_jax.sharding import DEFAULT_RULES
 
     rules = rules or DEFAULT_RULES
     ranked, generated, skipped = _split_by_mode(tasks, settings)
@@ -190,7 +193,6 @@ def _record(task, index, instance, prompt) -> dict:
 
 
 def _generate_records(model, params, tokenizer, tasks, settings, mesh, rules, progress):
-    from optiml_jax.eval.generation import generate_completions
 
     items = [(task, i, instance, prompt) for task, i, instance, prompt in _prompts(tasks, settings)]
     prompt_ids = tokenizer.encode_batch([item[3] for item in items], add_bos=settings.add_bos)
@@ -217,8 +219,6 @@ def _generate_records(model, params, tokenizer, tasks, settings, mesh, rules, pr
 def _rank_records(model, params, tokenizer, ranked, settings, mesh, rules):
     """Rank classification: every option's summed log-probability as the continuation " " + option."""
     import time
-
-    from optiml_jax.eval.scoring import Scorer, encode_pair
 
     tasks = [task for task, _ in ranked]
     options_of = {task.name: options for task, options in ranked}
@@ -354,7 +354,6 @@ def write_results(
 ) -> Path:
     """predictions.jsonl, metrics.json and report.md, written into a temporary directory and renamed
     into place (from one process: other processes must not call this)."""
-    from optiml_jax.fileio import atomic_output_dir
 
     with atomic_output_dir(directory, overwrite=overwrite, collective=False) as tmp:
         with open(tmp / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
@@ -385,7 +384,6 @@ def settings_from_config(tasks_cfg, batch_size: int) -> EvalSettings:
 def tasks_from_config(tasks_cfg, held_out=None, resolve=lambda path: path) -> list[EvalTask]:
     """The tasks of `eval.tasks`: its data path, or with data "holdout" the eval loader's held-out
     instances `held_out` (task name -> examples)."""
-    from optiml_jax.eval.tasks import holdout_eval_tasks, load_eval_tasks
 
     if tasks_cfg.data == "holdout":
         if held_out is None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from optiml_jax.eval.generation import data_parallel_size, device_rows, prompt_buckets, to_host
 from optiml_jax.model import branch_segment_ids, lm_head_logits
-from optiml_jax.sharding import DEFAULT_RULES
+from optiml_jax.sharding import DEFAULT_RULES, on_mesh
 
 DEFAULT_ROW_LENGTH = 512  # longer rows pack more units but attend across all of them (masked, still computed)
 TokenIds = Sequence[int]
@@ -214,7 +214,6 @@ class Scorer:
                     k += n
 
     def _mesh_context(self):
-        from optiml_jax.sharding import on_mesh
 
         return on_mesh(self.mesh, self.rules)
 

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from optiml_jax.config import ConfigError
+
 Dtype = Any
 
 
@@ -45,8 +47,6 @@ ACTIVATIONS = {
 def activation(name: str):
     """The activation function of a config's `activation_function`; ConfigError naming it otherwise."""
     if name not in ACTIVATIONS:
-        from optiml_jax.config import ConfigError
-
         raise ConfigError(f"OPTConfig.activation_function={name!r} is not one of {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from optiml_jax.checkpoints.model_format import save_model
 from optiml_jax.config import ConfigError, OPTConfig
 from optiml_jax.fileio import barrier
-from optiml_jax.run_config import RunConfig
+from optiml_jax.run_config import RunConfig, resume_conflicts
 from optiml_jax.train.state import TrainingError, TrainState
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,6 @@ def prepare_workdir(cfg: RunConfig, workdir: Path, overwrite: bool) -> None:
 
     import yaml
 
-    from optiml_jax.run_config import resume_conflicts
-
     is_main = jax.process_index() == 0
     saved_path = workdir / "config.yaml"
     if overwrite:
@@ -167,7 +166,6 @@ def prepare_workdir(cfg: RunConfig, workdir: Path, overwrite: bool) -> None:
 
 def save_final_model(directory: Path, opt_config: OPTConfig, params, tokenizer) -> str:
     """The trained model in our converted format (config.json + tokenizer + Orbax params)."""
-    from optiml_jax.checkpoints.model_format import save_model
 
     save_model(directory, opt_config, params, tokenizer, overwrite=True)
     return str(directory)

@@ -21,13 +21,25 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from optiml_jax.checkpoints.pretrained import load_pretrained
 from optiml_jax.config import ConfigError, OPTConfig, as_dtype
+from optiml_jax.data import build_loaders
 from optiml_jax.data.mixture import share_scalars
 from optiml_jax.eval.metrics import ALL_METRICS
+from optiml_jax.eval.runner import (
+    METRICS_FILE,
+    evaluate,
+    metric_scalars,
+    settings_from_config,
+    tasks_from_config,
+    write_results,
+)
+from optiml_jax.generate import complete_texts, generate
 from optiml_jax.model import OPTForCausalLM
-from optiml_jax.run_config import RunConfig, resolve_path
+from optiml_jax.paths import preset_config, resolve_model_path, resolve_path
+from optiml_jax.run_config import RunConfig
 from optiml_jax.sharding import DEFAULT_RULES, make_mesh
-from optiml_jax.tokenizer import PROMPT_ADD_BOS
+from optiml_jax.tokenizer import PROMPT_ADD_BOS, OPTTokenizer
 from optiml_jax.train.checkpointing import (
     checkpoint_manager,
     prepare_workdir,
@@ -106,17 +118,11 @@ class _Interrupt:
 def load_model_and_tokenizer(cfg: RunConfig, mesh, rules=DEFAULT_RULES, load_weights: bool = True):
     """(OPTConfig, params or None, tokenizer) for cfg.model: `preset:NAME` (random init later) or a
     checkpoint directory / hub id (params loaded into their shards unless load_weights is False)."""
-    from optiml_jax.tokenizer import OPTTokenizer
 
     params, tokenizer = None, None
     if cfg.model.startswith("preset:"):
-        name = cfg.model[len("preset:") :]
-        opt_config = OPTConfig.from_preset(
-            resolve_path(name) if name.endswith((".yaml", ".yml", ".json")) else name
-        )
+        opt_config = preset_config(cfg.model)
     elif load_weights:
-        from optiml_jax.checkpoints.pretrained import load_pretrained
-
         loaded = load_pretrained(
             resolve_path(cfg.model),
             dtype=cfg.train.param_dtype,
@@ -127,9 +133,7 @@ def load_model_and_tokenizer(cfg: RunConfig, mesh, rules=DEFAULT_RULES, load_wei
         )
         opt_config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
     else:  # resuming: the architecture only; the weights come from the run's checkpoint
-        from optiml_jax.checkpoints.pretrained import resolve_model_path
-
-        path = resolve_model_path(resolve_path(cfg.model))
+        path = resolve_model_path(cfg.model)
         opt_config = OPTConfig.from_json_file(path / "config.json")
         if cfg.tokenizer is None:
             tokenizer = OPTTokenizer.from_pretrained(path)
@@ -219,15 +223,17 @@ class _Run:
         return self.cfg.eval.batch_size or self.cfg.train.batch_size
 
     def report(self, line: str) -> None:
+        """One console line: above the progress bar when one is drawn (tqdm.write), else the log. Both
+        at once printed every evaluation line twice."""
         if self.is_main:
-            log.info("%s", line)
             if self.bar is not None:
                 self.bar.write(line)
+            else:
+                log.info("%s", line)
 
 
 def _set_up(cfg: RunConfig, workdir: Path, mesh, manager, rules) -> _Run:
     """Model, data, state (restored or created in its shards), jitted steps and the metrics writer."""
-    from optiml_jax.data import build_loaders
 
     resuming = manager.latest_step() is not None
     # The architecture and tokenizer first (no weights): the memory check comes before any allocation.
@@ -254,8 +260,6 @@ def _set_up(cfg: RunConfig, workdir: Path, mesh, manager, rules) -> _Run:
     )
     task_eval = None
     if cfg.eval.tasks is not None:
-        from optiml_jax.eval.runner import settings_from_config, tasks_from_config
-
         task_eval = (
             tasks_from_config(cfg.eval.tasks, eval_loader.tasks if eval_loader else None, resolve_path),
             settings_from_config(cfg.eval.tasks, eval_batch_size),
@@ -311,7 +315,6 @@ def evaluate_tasks(
 ) -> dict:
     """eval.tasks at `step`: answers generated or ranked and scored by optiml_jax.eval, logged as scalars
     and written to workdir/eval/<step>/ (predictions.jsonl, metrics.json, report.md) by process 0."""
-    from optiml_jax.eval.runner import evaluate, metric_scalars, write_results
 
     tasks, settings = task_eval
     outcome = evaluate(model, params, tokenizer, tasks, settings, mesh=mesh, rules=rules)
@@ -494,8 +497,6 @@ def _finish(run: _Run) -> None:
             workdir / "final", run.opt_config, run.state.params, run.tokenizer
         )
         if done in result.task_metrics and run.is_main:  # the model's scores travel with it
-            from optiml_jax.eval.runner import METRICS_FILE
-
             tmp = workdir / "final" / f".{METRICS_FILE}.tmp"
             shutil.copyfile(workdir / "eval" / str(done) / METRICS_FILE, tmp)
             os.replace(tmp, workdir / "final" / METRICS_FILE)
@@ -588,7 +589,6 @@ def train_and_evaluate(
 def sample_heldout(model, params, tokenizer, eval_loader, eval_cfg) -> list[tuple[str, str, str]]:
     """(prompt, reference, greedy generation) for the first example of the first few eval tasks, by the
     KV-cache decoder of optiml_jax.generate (one batch; prompts cut from the left to fit the positions)."""
-    from optiml_jax.generate import complete_texts, generate
 
     max_new = eval_cfg.sample_max_new_tokens
     room = model.config.max_position_embeddings - max_new

@@ -31,12 +31,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from optiml_jax.config import HEAD_POSITIONS
+
 # Positions per chunk: 4 x 128 tokens of 125m-shaped logits are ~100 MB, about a third of the cost of
 # the whole-array version's memory traffic; smaller chunks starve the matmuls on CPU.
 DEFAULT_CHUNK = 128
 # Capacities (fractions of the row length) into which rows' weighted positions are gathered.
 CAPACITY_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
-HEAD_POSITIONS = ("weighted", "all")
 
 
 def _chunk_size(length: int, chunk: int) -> int:

@@ -19,10 +19,12 @@ import jax
 import numpy as np
 
 from optiml_jax.config import ConfigError, OPTConfig
+from optiml_jax.model import OPTForCausalLM
 from optiml_jax.model.attention import resolve_attention
 from optiml_jax.model.kernels import AttentionShapes, KernelSpec
 from optiml_jax.run_config import RunConfig
-from optiml_jax.sharding import DEFAULT_RULES
+from optiml_jax.sharding import DEFAULT_RULES, abstract_params
+from optiml_jax.train.loss import DEFAULT_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +78,6 @@ def sharded_param_bytes(
 ) -> int:
     """Bytes of one device's shard of every parameter, under `rules` on a mesh of `mesh_shape`."""
     import flax.linen as nn
-
-    from optiml_jax.model import OPTForCausalLM
-    from optiml_jax.sharding import abstract_params
 
     model = OPTForCausalLM(config, param_dtype=param_dtype, scan_layers=scan_layers)
     boxed = abstract_params(model)
@@ -201,8 +200,6 @@ def estimate_training_memory(
     # positions over the (tensor-split) vocabulary, this batch shard's float32 partial sum of the head's
     # gradient (vocab x d, not split over fsdp), and the gradient wrt the final hidden states, kept from
     # the forward pass.
-    from optiml_jax.train.loss import DEFAULT_CHUNK
-
     local_vocab = config.vocab_size // tensor if config.vocab_size % tensor == 0 else config.vocab_size
     head_dim = config.word_embed_proj_dim if config.has_projections else config.hidden_size
     logits = (
