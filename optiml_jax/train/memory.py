@@ -19,8 +19,9 @@ import jax
 import numpy as np
 
 from optiml_jax.config import ConfigError, OPTConfig
-from optiml_jax.run_config import RunConfig
+from optiml_jax.run_config import TrainSection
 from optiml_jax.sharding import DEFAULT_RULES
+from optiml_jax.train.trainable import Trainable, trainable_mask
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,16 @@ def _dtype_bytes(dtype) -> int:
 
 
 def sharded_param_bytes(
-    config: OPTConfig, mesh_shape: dict, rules, *, scan_layers: bool = True, param_dtype="float32"
+    config: OPTConfig,
+    mesh_shape: dict,
+    rules,
+    *,
+    scan_layers: bool = True,
+    param_dtype="float32",
+    trainable: Trainable = None,
 ) -> int:
-    """Bytes of one device's shard of every parameter, under `rules` on a mesh of `mesh_shape`."""
+    """Bytes of one device's shard of every parameter (or of the `trainable` ones: train/trainable.py),
+    under `rules` on a mesh of `mesh_shape`."""
     import flax.linen as nn
 
     from optiml_jax.model import OPTForCausalLM
@@ -84,7 +92,9 @@ def sharded_param_bytes(
     shapes = nn.meta.unbox(boxed)
     rule_map = dict(rules)
     total = 0
-    leaves_specs = _leaves_with_specs(specs, shapes)
+    mask = trainable_mask(shapes, trainable)
+    keep = jax.tree.leaves(mask) if mask is not None else [True] * len(jax.tree.leaves(shapes))
+    leaves_specs = [pair for pair, kept in zip(_leaves_with_specs(specs, shapes), keep) if kept]
     for spec, shape in leaves_specs:
         shard = list(shape.shape)
         for dim, logical in enumerate(tuple(spec) + (None,) * (len(shard) - len(spec))):
@@ -150,8 +160,10 @@ def estimate_training_memory(
     param_dtype="float32",
     rules=None,
     scan_layers: bool = True,
+    trainable: Trainable = None,
 ) -> MemoryEstimate:
-    """Per-device bytes of one training step with AdamW (float32 moments)."""
+    """Per-device bytes of one training step with AdamW (float32 moments); gradients and moments are
+    counted for the `trainable` parameters only (train/trainable.py; None: all)."""
 
     rules = rules or DEFAULT_RULES
     devices = math.prod(mesh_shape.values())
@@ -159,8 +171,13 @@ def estimate_training_memory(
     tensor = mesh_shape.get("tensor", 1)
     params = sharded_param_bytes(config, mesh_shape, rules, scan_layers=scan_layers, param_dtype=param_dtype)
     per_param = _dtype_bytes(param_dtype)
-    moments = 2 * params // per_param * 4  # Adam mu and nu in float32
-    grads = params // per_param * 4
+    trained = params
+    if trainable is not None:
+        trained = sharded_param_bytes(
+            config, mesh_shape, rules, scan_layers=scan_layers, param_dtype=param_dtype, trainable=trainable
+        )
+    moments = 2 * trained // per_param * 4  # Adam mu and nu in float32
+    grads = trained // per_param * 4
     accumulator = grads if grad_accum_steps > 1 else 0
     micro_rows = max(global_batch // grad_accum_steps // data_parallel, 1)
     tokens = micro_rows * seq_len
@@ -240,7 +257,7 @@ def check_fits(estimate: MemoryEstimate, available: Optional[int], *, headroom: 
 
 
 # ---------------------------------------------------------------------- the start-up check of a run
-def memory_limit_bytes(cfg: RunConfig, mesh) -> Optional[int]:
+def memory_limit_bytes(train: TrainSection, mesh) -> Optional[int]:
     """OPTIML_JAX_MEMORY_LIMIT_GIB, else train.memory_limit_gib, else what one local device of the mesh
     has."""
     env = os.environ.get("OPTIML_JAX_MEMORY_LIMIT_GIB")
@@ -249,16 +266,17 @@ def memory_limit_bytes(cfg: RunConfig, mesh) -> Optional[int]:
             return int(float(env) * GiB)
         except ValueError:
             raise ConfigError(f"OPTIML_JAX_MEMORY_LIMIT_GIB={env!r} is not a number") from None
-    if cfg.train.memory_limit_gib > 0:
-        return int(cfg.train.memory_limit_gib * GiB)
+    if train.memory_limit_gib > 0:
+        return int(train.memory_limit_gib * GiB)
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     return device_memory_bytes(local[0] if local else None)
 
 
-def check_memory(cfg: RunConfig, opt_config: OPTConfig, mesh, rules=DEFAULT_RULES):
+def check_memory(
+    t: TrainSection, opt_config: OPTConfig, mesh, rules=DEFAULT_RULES, trainable: Trainable = None
+):
     """Prints the per-device estimate (process 0) and raises InsufficientMemoryError when it cannot fit;
-    called before anything is allocated or compiled."""
-    t = cfg.train
+    called before anything is allocated or compiled. trainable: train/trainable.py (None: all train)."""
     estimate = estimate_training_memory(
         opt_config,
         mesh_shape=dict(mesh.shape),
@@ -270,8 +288,9 @@ def check_memory(cfg: RunConfig, opt_config: OPTConfig, mesh, rules=DEFAULT_RULE
         param_dtype=t.param_dtype,
         rules=rules,
         scan_layers=t.scan_layers,
+        trainable=trainable,
     )
-    available = memory_limit_bytes(cfg, mesh)
+    available = memory_limit_bytes(t, mesh)
     if jax.process_index() == 0:
         limit = f"{available / GiB:.3f} GiB per device available" if available else "device memory unknown"
         log.info("%s\n  (%s)", estimate.table(), limit)
