@@ -120,9 +120,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (TrainingError, InsufficientMemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the steps began (during them it stops the run cleanly)
+        print("interrupted before training began; nothing was saved", file=sys.stderr)
+        return 130
 
     if jax.process_index() == 0:
-        if result.interrupted:
+        if result.already_finished:
+            print(f"nothing to do: {cfg.workdir} holds a run that finished at step {result.step}")
+        elif result.interrupted:
             print(f"stopped at step {result.step}; run the same command again to resume from {cfg.workdir}")
         else:
             evals = ", ".join(f"{step}: {loss:.3f}" for step, loss in sorted(result.eval_losses.items()))

@@ -336,3 +336,104 @@ def test_finetune_cli_smoke(tmp_path, capsys, tiny_preset):
         )
         == 0
     )
+
+
+# ---------------------------------------------------------------------- which parameters train
+def test_frozen_embeddings_stay_put_hold_no_moments_and_resume(tiny_preset, tmp_path):
+    """train.trainable leaves the embeddings (and so the tied LM head) out: they end where they began
+    while every other parameter moves, the optimizer state holds no moments for them, and a stopped run
+    resumes from its checkpoint into the same structure."""
+    from optiml_jax.config import OPTConfig
+    from optiml_jax.sharding import make_mesh
+    from optiml_jax.train import build_model, create_train_state, make_optimizer
+
+    cfg = run_config(tiny_preset, tmp_path / "frozen", train={"trainable": "^(?!.*embed_)"})
+    first = train_and_evaluate(cfg, progress=False, stop_after_steps=2)
+    assert first.interrupted and first.step == 2
+    second = train_and_evaluate(cfg, progress=False)
+    assert second.step == 4 and sorted(second.losses) == [3, 4]
+
+    model = build_model(OPTConfig.from_preset(tiny_preset), cfg.train)
+    initial, _ = create_train_state(
+        model, make_optimizer(cfg.optim, 4, cfg.train.trainable), make_mesh(cfg.mesh), cfg.seed
+    )
+    before, after = flat_params(initial), flat_params(second.state)
+    frozen = [key for key in before if "embed_" in key]
+    assert len(frozen) == 2  # token and position embeddings
+    for key in before:
+        if key in frozen:
+            np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+        else:
+            assert not np.array_equal(after[key], before[key]), key
+    moments = [
+        jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(second.state.opt_state)
+    ]
+    assert any("fc1" in path for path in moments)
+    assert not any("embed_" in path for path in moments), moments
+
+
+def test_trainable_that_is_not_a_regex_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.trainable='\(embed' is not a regular expression"):
+        load_run_config("demo", [f"workdir={tmp_path}", "train.trainable=(embed"])
+
+
+# ---------------------------------------------------------------------- a workdir that is not a run's
+def test_workdir_with_files_a_run_did_not_write_is_refused_and_left_alone(tiny_preset, tmp_path):
+    workdir = tmp_path / "exported"
+    (workdir / "final").mkdir(parents=True)
+    (workdir / "final" / "README.md").write_text("my notes")
+    (workdir / "metrics.jsonl").write_text('{"step": 1, "mine": 1}\n')
+    cfg = run_config(tiny_preset, workdir)
+    for overwrite in (False, True):  # --overwrite never replaces what a run did not write
+        with pytest.raises(ConfigError, match="holds files a fine-tuning run did not write") as error:
+            train_and_evaluate(cfg, progress=False, overwrite=overwrite)
+        assert "final" in str(error.value) and "metrics.jsonl" in str(error.value)
+    assert (workdir / "final" / "README.md").read_text() == "my notes"
+    assert (workdir / "metrics.jsonl").read_text() == '{"step": 1, "mine": 1}\n'
+    assert sorted(p.name for p in workdir.iterdir()) == ["final", "metrics.jsonl"]
+
+    # Beside files with other names, --overwrite lets a run go ahead and leaves them as they were.
+    beside = tmp_path / "notes"
+    beside.mkdir()
+    (beside / "notes.txt").write_text("keep me")
+    cfg = run_config(tiny_preset, beside, train={"max_steps": 1})
+    with pytest.raises(ConfigError, match=r"notes\.txt.*--overwrite"):
+        train_and_evaluate(cfg, progress=False)
+    assert train_and_evaluate(cfg, progress=False, overwrite=True).step == 1
+    assert (beside / "notes.txt").read_text() == "keep me"
+    # A run's own workdir, overwritten, loses only what the run wrote.
+    assert train_and_evaluate(cfg, progress=False, overwrite=True).step == 1
+    assert (beside / "notes.txt").read_text() == "keep me"
+
+
+def test_console_loss_lines_without_a_bar_and_a_finished_run_left_as_it_is(tiny_preset, tmp_path):
+    """--no-progress: a loss line every train.log_every_steps on the console (step, loss, lr, tokens/s,
+    MFU, ETA). Running the finished run again changes no file and says so."""
+    from finetune_helpers import cli, cli_env, config_dict
+
+    config = config_dict(
+        tiny_preset, tmp_path / "run", train={"log_every_steps": 2}, checkpoint={"save_final": True}
+    )
+    done = subprocess.run(
+        cli(config), cwd=tmp_path, env=cli_env(2), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if ": loss " in line]
+    assert [line.split("step ")[1].split(":")[0] for line in lines] == ["2/4", "4/4"], done.stderr[-3000:]
+    for part in (", lr ", " tokens/s, MFU ", "%, ETA "):
+        assert part in lines[0], lines[0]
+
+    def snapshot():
+        return {
+            str(p.relative_to(tmp_path / "run")): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted((tmp_path / "run").rglob("*"))
+            if p.is_file()
+        }
+
+    before = snapshot()
+    again = subprocess.run(
+        cli(config), cwd=tmp_path, env=cli_env(2), capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to do" in again.stdout and "finished at step 4" in again.stdout
+    assert snapshot() == before

@@ -24,6 +24,7 @@ class StopRequest:
     def __init__(self):
         self.requested = False
         self.signal_name = None
+        self.stopped = False  # should_stop said so
         self._previous = {}
 
     def __enter__(self):
@@ -47,11 +48,19 @@ class StopRequest:
     def should_stop(self, step: int) -> bool:
         if jax.process_count() > 1:
             try:
-                return multihost_utils.reached_preemption_sync_point(step)
+                self.stopped = multihost_utils.reached_preemption_sync_point(step)
             except RuntimeError:  # the preemption service is disabled
-                return False
-        return self.requested
+                self.stopped = False
+        else:
+            self.stopped = self.requested
+        return self.stopped
+
+    @property
+    def reason(self) -> str:
+        return "Ctrl-C" if self.signal_name == "SIGINT" else (self.signal_name or "preemption")
 
     def __exit__(self, *exc):
         for signum, previous in self._previous.items():
+            if signum == signal.SIGINT and self.signal_name == "SIGINT":
+                continue  # after one Ctrl-C the next still quits at once, however far the shutdown got
             signal.signal(signum, previous)

@@ -227,32 +227,30 @@ def _record(run: Run, hooks: Hooks, step: int, metrics) -> None:
         )
 
 
-def _steps(run: Run, hooks: Hooks, start_step: int, end_step: int) -> Optional[str]:
-    """Steps start_step..end_step with the hooks due after each; the signal's name when one stopped it."""
+def _steps(run: Run, hooks: Hooks, stop: StopRequest, start_step: int, end_step: int) -> None:
+    """Steps start_step..end_step with the hooks due after each, until `stop` says otherwise."""
     cfg, max_steps = run.cfg, run.cfg.train.max_steps
     run.window.restart()
     pending = None  # (step, metrics on device): read one step late so the host never stalls the device
-    with StopRequest() as stop:
-        for step in range(start_step, end_step):
-            batch = global_batch(next(run.loader), run.mesh, cfg.train.batch_size)
-            run.state, metrics = run.train_step(run.state, batch)
-            if pending is not None:
-                _record(run, hooks, *pending)
-            else:  # the first step's time is mostly compilation: do not count it in tokens/s
-                jax.block_until_ready(metrics)
-                run.window.restart(steps=-1)
-            pending, done = (step + 1, metrics), step + 1
-            due = hooks.every(done, reads_state=True) if done < max_steps else []
-            if due:
-                _record(run, hooks, *pending)  # a step's metrics line comes before its checkpoint
-                pending, started = None, time.perf_counter()
-                Hooks.run(due, run, done)
-                run.window.exclude(time.perf_counter() - started)
-            if stop.should_stop(done):
-                break
+    for step in range(start_step, end_step):
+        batch = global_batch(next(run.loader), run.mesh, cfg.train.batch_size)
+        run.state, metrics = run.train_step(run.state, batch)
         if pending is not None:
             _record(run, hooks, *pending)
-    return (stop.signal_name or "preemption") if stop.requested or (done < end_step) else None
+        else:  # the first step's time is mostly compilation: do not count it in tokens/s
+            jax.block_until_ready(metrics)
+            run.window.restart(steps=-1)
+        pending, done = (step + 1, metrics), step + 1
+        due = hooks.every(done, reads_state=True) if done < max_steps else []
+        if due:
+            _record(run, hooks, *pending)  # a step's metrics line comes before its checkpoint
+            pending, started = None, time.perf_counter()
+            Hooks.run(due, run, done)
+            run.window.exclude(time.perf_counter() - started)
+        if stop.should_stop(done):
+            break
+    if pending is not None:
+        _record(run, hooks, *pending)
 
 
 def _train(run: Run, hooks: Hooks, progress: bool, stop_after_steps: Optional[int]) -> RunResult:
@@ -262,9 +260,10 @@ def _train(run: Run, hooks: Hooks, progress: bool, stop_after_steps: Optional[in
     if progress and run.is_main:
         run.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
     try:
-        if start_step < max_steps:
+        with StopRequest() as stop:
             Hooks.run(hooks.at_start(start_step), run, start_step)
-        stopped_by = _steps(run, hooks, start_step, end_step) if start_step < end_step else None
+            _steps(run, hooks, stop, start_step, end_step)
+            _end(run, hooks, stop)
     except TrainingError as e:
         run.manager.wait_until_finished()
         run.writer.close()
@@ -279,16 +278,21 @@ def _train(run: Run, hooks: Hooks, progress: bool, stop_after_steps: Optional[in
         if run.bar is not None:
             run.bar.close()
             run.bar = None
-    result.step, result.state = int(jax.device_get(run.state.step)), run.state
-    if result.step < max_steps:  # stopped early: keep the position for the next invocation
-        result.interrupted = True
-        Hooks.run(hooks.on_preemption(), run, result.step)
-        if stopped_by and run.is_main:
-            log.warning("stopped at step %d (%s); checkpoint saved", result.step, stopped_by)
-    else:
-        Hooks.run(hooks.at_end(), run, result.step)
-    run.writer.close()
+        run.writer.close()
     return result
+
+
+def _end(run: Run, hooks: Hooks, stop: StopRequest) -> None:
+    """The end hooks at train.max_steps; the preemption hooks when the run stopped before it."""
+    result = run.result
+    result.step, result.state = int(jax.device_get(run.state.step)), run.state
+    if result.step >= run.cfg.train.max_steps:
+        Hooks.run(hooks.at_end(), run, result.step)
+        return
+    result.interrupted = True  # keep the position for the next invocation
+    Hooks.run(hooks.on_preemption(), run, result.step)
+    if stop.stopped and run.is_main:
+        log.warning("stopped at step %d (%s); checkpoint saved", result.step, stop.reason)
 
 
 def train_and_evaluate(
