@@ -2,6 +2,7 @@
 CLI."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -406,20 +407,22 @@ def test_workdir_with_files_a_run_did_not_write_is_refused_and_left_alone(tiny_p
     assert (beside / "notes.txt").read_text() == "keep me"
 
 
-def test_console_loss_lines_without_a_bar_and_a_finished_run_left_as_it_is(tiny_preset, tmp_path):
+def test_console_loss_lines_without_a_bar_and_a_finished_run_left_as_it_is(
+    tiny_preset, tmp_path, capsys, caplog
+):
     """--no-progress: a loss line every train.log_every_steps on the console (step, loss, lr, tokens/s,
     MFU, ETA). Running the finished run again changes no file and says so."""
-    from finetune_helpers import cli, cli_env, config_dict
+    from finetune_helpers import cli_overrides, config_dict
+
+    from optiml_jax.finetune import main
 
     config = config_dict(
         tiny_preset, tmp_path / "run", train={"log_every_steps": 2}, checkpoint={"save_final": True}
     )
-    done = subprocess.run(
-        cli(config), cwd=tmp_path, env=cli_env(2), capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [line for line in done.stderr.splitlines() if ": loss " in line]
-    assert [line.split("step ")[1].split(":")[0] for line in lines] == ["2/4", "4/4"], done.stderr[-3000:]
+    with caplog.at_level(logging.INFO, logger="optiml_jax.train"):
+        assert main(["--config", "demo", *cli_overrides(config), "--no-progress"]) == 0
+    lines = [r.getMessage() for r in caplog.records if ": loss " in r.getMessage()]
+    assert [line.split("step ")[1].split(":")[0] for line in lines] == ["2/4", "4/4"], lines
     for part in (", lr ", " tokens/s, MFU ", "%, ETA "):
         assert part in lines[0], lines[0]
 
@@ -431,9 +434,7 @@ def test_console_loss_lines_without_a_bar_and_a_finished_run_left_as_it_is(tiny_
         }
 
     before = snapshot()
-    again = subprocess.run(
-        cli(config), cwd=tmp_path, env=cli_env(2), capture_output=True, text=True, timeout=600
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "nothing to do" in again.stdout and "finished at step 4" in again.stdout
+    capsys.readouterr()
+    assert main(["--config", "demo", *cli_overrides(config), "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
     assert snapshot() == before
