@@ -8,7 +8,6 @@ import datetime
 import logging
 import os
 import shutil
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -90,34 +89,20 @@ def eval_loss(run: Run, step: int) -> None:
     run.report(f"step {step}: eval loss {scalars['eval/loss']:.4f}")
 
 
-def evaluate_tasks(
-    model, params, tokenizer, task_eval, mesh, rules, workdir: Path, step: int, writer
-) -> dict:
+def eval_tasks(run: Run, step: int) -> None:
     """eval.tasks at `step`: answers generated or ranked and scored by optiml_jax.eval, logged as scalars
     and written to workdir/eval/<step>/ (predictions.jsonl, metrics.json, report.md) by process 0."""
-    tasks, settings = task_eval
-    outcome = evaluate(model, params, tokenizer, tasks, settings, mesh=mesh, rules=rules)
-    outcome.metrics["settings"]["step"] = step
-    writer.write(step, metric_scalars(outcome.metrics))
-    if jax.process_index() == 0:
-        write_results(
-            workdir / "eval" / str(step), outcome, overwrite=True, title=f"Held-out tasks at step {step}"
-        )
-    return outcome.metrics
-
-
-def eval_tasks(run: Run, step: int) -> None:
-    metrics = evaluate_tasks(
-        run.model,
-        run.state.params,
-        run.tokenizer,
-        run.task_eval,
-        run.mesh,
-        run.rules,
-        run.workdir,
-        step,
-        run.writer,
+    tasks, settings = run.task_eval
+    outcome = evaluate(
+        run.model, run.state.params, run.tokenizer, tasks, settings, mesh=run.mesh, rules=run.rules
     )
+    metrics = outcome.metrics
+    metrics["settings"]["step"] = step
+    run.writer.write(step, metric_scalars(metrics))
+    if run.is_main:
+        write_results(
+            run.workdir / "eval" / str(step), outcome, overwrite=True, title=f"Held-out tasks at step {step}"
+        )
     run.result.task_metrics[step] = metrics
     overall = metrics["overall"]
     figures = ", ".join(f"{name} {overall[name]:.2f}" for name in ALL_METRICS if name in overall)

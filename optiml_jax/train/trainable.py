@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional, Union
 
 import jax
 
+from optiml_jax.config import ConfigError
+
 Trainable = Union[None, str, Callable[[str], bool]]
 
 
@@ -39,7 +41,7 @@ def trainable_mask(params, trainable: Trainable) -> Any:
         return None
     mask = jax.tree_util.tree_map_with_path(lambda path, _: bool(predicate(param_path(path))), params)
     if not any(jax.tree.leaves(mask)):
-        raise ValueError(f"trainable={trainable!r} matches no parameter")
+        raise ConfigError(f"train.trainable={trainable!r} matches no parameter")
     return mask
 
 
