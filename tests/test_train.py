@@ -15,6 +15,7 @@ from finetune_helpers import REPO, TINY_MODEL, run_config
 from optiml_jax.config import ConfigError
 from optiml_jax.run_config import OptimSection, load_run_config
 from optiml_jax.train import (
+    Hooks,
     TrainingError,
     flops_per_token,
     learning_rate_schedule,
@@ -349,10 +350,23 @@ def test_frozen_embeddings_stay_put_hold_no_moments_and_resume(tiny_preset, tmp_
     from optiml_jax.train import build_model, create_train_state, make_optimizer
 
     cfg = run_config(tiny_preset, tmp_path / "frozen", train={"trainable": "^(?!.*embed_)"})
-    first = train_and_evaluate(cfg, progress=False, stop_after_steps=2)
+    seen = []
+
+    def hooks():  # a user's hooks run at their cadences, after the run's own
+        return (
+            Hooks()
+            .add(lambda run, step: seen.append(("every", step, int(run.state.step))), every=1)
+            .add(lambda run, step: seen.append(("stopped", step)), on_preemption=True)
+            .add(lambda run, step: seen.append(("end", step)), at_end=True)
+        )
+
+    first = train_and_evaluate(cfg, progress=False, stop_after_steps=2, hooks=hooks())
     assert first.interrupted and first.step == 2
-    second = train_and_evaluate(cfg, progress=False)
+    assert seen == [("every", 1, 1), ("every", 2, 2), ("stopped", 2)]
+    seen.clear()
+    second = train_and_evaluate(cfg, progress=False, hooks=hooks())
     assert second.step == 4 and sorted(second.losses) == [3, 4]
+    assert seen == [("every", 3, 3), ("end", 4)]
 
     model = build_model(OPTConfig.from_preset(tiny_preset), cfg.train)
     initial, _ = create_train_state(
