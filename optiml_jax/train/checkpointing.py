@@ -136,14 +136,12 @@ def latest_checkpoint_step(workdir: Path) -> Optional[int]:
 
 
 def _foreign_entries(workdir: Path) -> list[str]:
-    """Names in `workdir` a run did not write: all of them when there is no run config.yaml (a run
-    writes it before anything else)."""
-    if not workdir.is_dir():
+    """What `workdir` holds when it is not a run's (a run writes config.yaml before anything else, then
+    checkpoints); none when it is: a run only ever touches RUN_ENTRIES there, so what a user adds beside
+    them stays."""
+    if not workdir.is_dir() or _is_run_config(workdir / CONFIG_NAME) or has_checkpoints(workdir):
         return []
-    names = sorted(p.name for p in workdir.iterdir() if not p.name.endswith(".tmp"))
-    if names and not _is_run_config(workdir / CONFIG_NAME):
-        return names
-    return [name for name in names if name not in RUN_ENTRIES]
+    return sorted(p.name for p in workdir.iterdir() if not p.name.endswith(".tmp"))
 
 
 def _is_run_config(path: Path) -> bool:
@@ -200,7 +198,7 @@ def prepare_workdir(workdir: Path, config: dict, overwrite: bool) -> Optional[in
             )
         )
     if overwrite:
-        if is_main and not foreign:  # the workdir is a run's: what it wrote goes, nothing else
+        if is_main and not foreign:  # a run's workdir: what the run wrote goes, nothing else
             for name in RUN_ENTRIES:
                 target = workdir / name
                 if target.is_dir():
