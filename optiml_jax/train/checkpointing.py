@@ -17,7 +17,9 @@ from typing import Optional
 import jax
 import numpy as np
 import yaml
+from jax.experimental import multihost_utils
 
+from optiml_jax.checkpoints.model_format import save_model
 from optiml_jax.config import ConfigError, OPTConfig
 from optiml_jax.fileio import barrier
 from optiml_jax.run_config import resume_conflicts
@@ -51,8 +53,6 @@ def save_checkpoint(manager, state: TrainState, data_state: dict, force: bool = 
 def _all_processes_agree(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils
-
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
@@ -227,7 +227,5 @@ def has_checkpoints(workdir: Path) -> bool:
 
 def save_final_model(directory: Path, opt_config: OPTConfig, params, tokenizer) -> str:
     """The trained model in our converted format (config.json + tokenizer + Orbax params)."""
-    from optiml_jax.checkpoints.model_format import save_model
-
     save_model(directory, opt_config, params, tokenizer, overwrite=True)
     return str(directory)
