@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -60,6 +61,9 @@ class TrainSection:
     # Device memory the start-up check (memory.check_fits) compares the estimate with; 0 = the device's own
     # limit (host RAM / local devices on CPU). The OPTIML_JAX_MEMORY_LIMIT_GIB environment variable overrides.
     memory_limit_gib: float = 0.0
+    # Which parameters train: a regular expression searched in each "/"-joined parameter path
+    # ("decoder/embed_tokens/embedding"); null = all (train/trainable.py).
+    trainable: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +152,11 @@ class RunConfig:
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointSection = CheckpointSection()
     eval: EvalSection = EvalSection()
+
+    @property
+    def eval_batch_size(self) -> int:
+        """eval.batch_size, or train.batch_size when it is null."""
+        return self.eval.batch_size or self.train.batch_size
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -263,7 +272,11 @@ def validate(cfg: RunConfig) -> None:
     _require(
         t.param_dtype in DTYPES, f"train.param_dtype={t.param_dtype!r} is not one of {', '.join(DTYPES)}"
     )
-    # the tables that own these names all sit below this module
+    if t.trainable is not None:
+        try:
+            re.compile(t.trainable)
+        except re.error as e:
+            raise ConfigError(f"train.trainable={t.trainable!r} is not a regular expression ({e})") from None
     _require(
         t.remat_policy in REMAT_POLICIES,
         f"train.remat_policy={t.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}",

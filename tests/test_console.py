@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from tqdm import tqdm
 
-from optiml_jax.train.loop import _Run
+from optiml_jax.train.context import Run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_an_evaluation_line_prints_once(with_bar, capsys, caplog):
     caplog.set_level(logging.INFO, logger="optiml_jax")
     bar = tqdm(total=3, disable=not with_bar) if with_bar else None
-    _Run.report(SimpleNamespace(is_main=True, bar=bar), "step 2: eval loss 1.234")
+    Run.report(SimpleNamespace(is_main=True, bar=bar), "step 2: eval loss 1.234")
     if bar is not None:
         bar.close()
     printed = capsys.readouterr()
@@ -35,6 +35,7 @@ def test_an_evaluation_line_prints_once(with_bar, capsys, caplog):
         ("optiml_jax.evaluate", "optiml-evaluate"),
         ("optiml_jax.generate", "optiml-generate"),
         ("optiml_jax.convert_weights", "optiml-convert"),
+        ("optiml_jax.bench", "optiml-bench"),
     ],
 )
 def test_help_names_the_command_and_ends_its_sentences(module, program):

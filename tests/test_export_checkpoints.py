@@ -43,7 +43,7 @@ def runs(tiny_preset, tmp_path_factory):
         progress=False,
     )
     cfg = run_config(tiny_preset, root / "unscanned", train={"scan_layers": False})
-    prepare_workdir(cfg, root / "unscanned", overwrite=False)
+    prepare_workdir(root / "unscanned", cfg.to_dict(), overwrite=False)
     tx = make_optimizer(cfg.optim, cfg.train.max_steps)
     state, _ = create_train_state(
         build_model(OPTConfig(**TINY_MODEL), cfg.train), tx, make_mesh(cfg.mesh), seed=3

@@ -62,3 +62,23 @@ def test_remat_policies_order_activation_memory():
         for p in ("none", "dots", "dots_no_batch", "full")
     }
     assert sizes["full"] < sizes["dots_no_batch"] < sizes["dots"] < sizes["none"]
+
+
+def test_frozen_parameters_have_no_gradient_or_optimizer_bytes():
+    config = OPTConfig.from_preset("1.3b")
+    common = dict(mesh_shape={"data": 1}, global_batch=8, seq_len=2048)
+    everything = estimate_training_memory(config, **common)
+    frozen_embeddings = estimate_training_memory(config, trainable=r"^(?!.*embed_)", **common)
+    embedding_bytes = 4 * (config.vocab_size + config.max_position_embeddings + 2) * config.hidden_size
+    # Parameters and activations are the same; gradients and both Adam moments leave the embeddings out.
+    assert frozen_embeddings.params == everything.params
+    assert frozen_embeddings.activations == everything.activations
+    assert everything.grads - frozen_embeddings.grads == embedding_bytes
+    assert everything.optimizer - frozen_embeddings.optimizer == 2 * embedding_bytes
+    only_fc = estimate_training_memory(config, trainable=lambda path: "/fc" in path, **common)
+    fc_bytes = (
+        4
+        * config.num_hidden_layers
+        * (2 * config.hidden_size * config.ffn_dim + config.ffn_dim + config.hidden_size)
+    )
+    assert only_fc.grads == fc_bytes and only_fc.optimizer == 2 * fc_bytes

@@ -98,6 +98,51 @@ def test_cli_killed_or_terminated_resumes_to_the_uninterrupted_result(tiny_prese
             np.testing.assert_allclose(got[key], want[key], atol=1e-6, err_msg=f"{sig} {key}")
 
 
+def _wait_for_step(workdir, step: int, proc, seconds: float = 300) -> int:
+    deadline = time.time() + seconds
+    while last_logged_step(workdir) < step and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    return last_logged_step(workdir)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_a_second_one_quits_at_once(tiny_preset, tmp_path):
+    """The first SIGINT stops the CLI like SIGTERM: a checkpoint, one line, exit 0, no traceback; run
+    again, it resumes, and two SIGINTs in a row end it at once (killed by the signal)."""
+    config = config_dict(
+        tiny_preset, tmp_path / "run", train={"max_steps": 100000}, checkpoint={"every_steps": 0}
+    )
+
+    def start():
+        return subprocess.Popen(
+            cli(config),
+            cwd=tmp_path,
+            env=cli_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    proc = start()
+    assert _wait_for_step(tmp_path / "run", 3, proc) >= 3, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "Ctrl-C: saving a checkpoint" in err
+    stopped = int(out.split("stopped at step ")[1].split(";")[0])
+    assert (tmp_path / "run" / "checkpoints" / str(stopped)).is_dir()
+
+    proc = start()
+    assert _wait_for_step(tmp_path / "run", stopped + 3, proc) >= stopped + 3, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT, (proc.returncode, err[-3000:])
+    assert "resumed from" in err and "Traceback" not in err
+
+
 # ---------------------------------------------------------------------- checkpoints on disk
 @pytest.fixture(scope="module")
 def reference_run(tiny_preset, tmp_path_factory):

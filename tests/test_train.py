@@ -2,6 +2,7 @@
 CLI."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from finetune_helpers import REPO, TINY_MODEL, run_config
 from optiml_jax.config import ConfigError
 from optiml_jax.run_config import OptimSection, load_run_config
 from optiml_jax.train import (
+    Hooks,
     TrainingError,
     flops_per_token,
     learning_rate_schedule,
@@ -336,3 +338,117 @@ def test_finetune_cli_smoke(tmp_path, capsys, tiny_preset):
         )
         == 0
     )
+
+
+# ---------------------------------------------------------------------- which parameters train
+def test_frozen_embeddings_stay_put_hold_no_moments_and_resume(tiny_preset, tmp_path):
+    """train.trainable leaves the embeddings (and so the tied LM head) out: they end where they began
+    while every other parameter moves, the optimizer state holds no moments for them, and a stopped run
+    resumes from its checkpoint into the same structure."""
+    from optiml_jax.config import OPTConfig
+    from optiml_jax.sharding import make_mesh
+    from optiml_jax.train import build_model, create_train_state, make_optimizer
+
+    cfg = run_config(tiny_preset, tmp_path / "frozen", train={"trainable": "^(?!.*embed_)"})
+    seen = []
+
+    def hooks():  # a user's hooks run at their cadences, after the run's own
+        return (
+            Hooks()
+            .add(lambda run, step: seen.append(("every", step, int(run.state.step))), every=1)
+            .add(lambda run, step: seen.append(("stopped", step)), on_preemption=True)
+            .add(lambda run, step: seen.append(("end", step)), at_end=True)
+        )
+
+    first = train_and_evaluate(cfg, progress=False, stop_after_steps=2, hooks=hooks())
+    assert first.interrupted and first.step == 2
+    assert seen == [("every", 1, 1), ("every", 2, 2), ("stopped", 2)]
+    seen.clear()
+    second = train_and_evaluate(cfg, progress=False, hooks=hooks())
+    assert second.step == 4 and sorted(second.losses) == [3, 4]
+    assert seen == [("every", 3, 3), ("end", 4)]
+
+    model = build_model(OPTConfig.from_preset(tiny_preset), cfg.train)
+    initial, _ = create_train_state(
+        model, make_optimizer(cfg.optim, 4, cfg.train.trainable), make_mesh(cfg.mesh), cfg.seed
+    )
+    before, after = flat_params(initial), flat_params(second.state)
+    frozen = [key for key in before if "embed_" in key]
+    assert len(frozen) == 2  # token and position embeddings
+    for key in before:
+        if key in frozen:
+            np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+        else:
+            assert not np.array_equal(after[key], before[key]), key
+    moments = [
+        jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(second.state.opt_state)
+    ]
+    assert any("fc1" in path for path in moments)
+    assert not any("embed_" in path for path in moments), moments
+
+
+def test_trainable_that_is_not_a_regex_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.trainable='\(embed' is not a regular expression"):
+        load_run_config("demo", [f"workdir={tmp_path}", "train.trainable=(embed"])
+
+
+# ---------------------------------------------------------------------- a workdir that is not a run's
+def test_workdir_with_files_a_run_did_not_write_is_refused_and_left_alone(tiny_preset, tmp_path):
+    workdir = tmp_path / "exported"
+    (workdir / "final").mkdir(parents=True)
+    (workdir / "final" / "README.md").write_text("my notes")
+    (workdir / "metrics.jsonl").write_text('{"step": 1, "mine": 1}\n')
+    cfg = run_config(tiny_preset, workdir)
+    for overwrite in (False, True):  # --overwrite never replaces what a run did not write
+        with pytest.raises(ConfigError, match="holds files a fine-tuning run did not write") as error:
+            train_and_evaluate(cfg, progress=False, overwrite=overwrite)
+        assert "final" in str(error.value) and "metrics.jsonl" in str(error.value)
+    assert (workdir / "final" / "README.md").read_text() == "my notes"
+    assert (workdir / "metrics.jsonl").read_text() == '{"step": 1, "mine": 1}\n'
+    assert sorted(p.name for p in workdir.iterdir()) == ["final", "metrics.jsonl"]
+
+    # Beside files with other names, --overwrite lets a run go ahead and leaves them as they were.
+    beside = tmp_path / "notes"
+    beside.mkdir()
+    (beside / "notes.txt").write_text("keep me")
+    cfg = run_config(tiny_preset, beside, train={"max_steps": 1})
+    with pytest.raises(ConfigError, match=r"notes\.txt.*--overwrite"):
+        train_and_evaluate(cfg, progress=False)
+    assert train_and_evaluate(cfg, progress=False, overwrite=True).step == 1
+    assert (beside / "notes.txt").read_text() == "keep me"
+    # A run's own workdir, overwritten, loses only what the run wrote.
+    assert train_and_evaluate(cfg, progress=False, overwrite=True).step == 1
+    assert (beside / "notes.txt").read_text() == "keep me"
+
+
+def test_console_loss_lines_without_a_bar_and_a_finished_run_left_as_it_is(
+    tiny_preset, tmp_path, capsys, caplog
+):
+    """--no-progress: a loss line every train.log_every_steps on the console (step, loss, lr, tokens/s,
+    MFU, ETA). Running the finished run again changes no file and says so."""
+    from finetune_helpers import cli_overrides, config_dict
+
+    from optiml_jax.finetune import main
+
+    config = config_dict(
+        tiny_preset, tmp_path / "run", train={"log_every_steps": 2}, checkpoint={"save_final": True}
+    )
+    with caplog.at_level(logging.INFO, logger="optiml_jax.train"):
+        assert main(["--config", "demo", *cli_overrides(config), "--no-progress"]) == 0
+    lines = [r.getMessage() for r in caplog.records if ": loss " in r.getMessage()]
+    assert [line.split("step ")[1].split(":")[0] for line in lines] == ["2/4", "4/4"], lines
+    for part in (", lr ", " tokens/s, MFU ", "%, ETA "):
+        assert part in lines[0], lines[0]
+
+    def snapshot():
+        return {
+            str(p.relative_to(tmp_path / "run")): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted((tmp_path / "run").rglob("*"))
+            if p.is_file()
+        }
+
+    before = snapshot()
+    capsys.readouterr()
+    assert main(["--config", "demo", *cli_overrides(config), "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert snapshot() == before

@@ -43,7 +43,7 @@ def _collection(text: str) -> tuple[str, str]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = Parser(prog="optiml-bench", description=__doc__.split("\n")[0])
+    parser = Parser(prog="optiml-bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build train/dev/test from the collections")
     # parsed by mix_report (main dispatches to it first); listed here for --help

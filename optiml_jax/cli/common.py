@@ -17,6 +17,7 @@ import sys
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # the shell's 128 + SIGINT: Ctrl-C before there was anything to save
 
 
 class CLIError(Exception):

@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 
-from optiml_jax.cli.common import EXIT_BAD_INPUT, EXIT_FAILURE, CLIError, Parser, report
+from optiml_jax.cli.common import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, CLIError, Parser, report
 from optiml_jax.config import DTYPES  # jax-free: --help stays fast
 
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             print(summary)
     except KeyboardInterrupt:
         print("error: interrupted (no output written)", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except (CLIError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         if os.environ.get("OPTIML_DEBUG"):
             raise

@@ -7,7 +7,9 @@ relative path that does not exist from the working directory is looked up there 
 (optiml_jax/assets/), so the shipped configs run from any directory.
 Running again with the same workdir resumes from its latest checkpoint (exactly: same data order,
 dropout and optimizer state); a config that would change the result is refused, naming the keys,
-unless --overwrite starts afresh. SIGTERM saves a checkpoint and exits. On several hosts run the same
+unless --overwrite starts afresh; a run that already finished there is left as it is. SIGTERM and the
+first Ctrl-C save a checkpoint and exit (a second Ctrl-C exits at once). A workdir holding files a run
+did not write is refused unless --overwrite, and a run never deletes them. On several hosts run the same
 command on every host: --distributed (jax.distributed.initialize() detects TPU pods, SLURM and Open
 MPI), or --coordinator/--num-processes/--process-id explicitly elsewhere. Only process 0 logs.
 
@@ -30,6 +32,7 @@ from optiml_jax.checkpoints.model_format import CheckpointError
 from optiml_jax.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
+    EXIT_INTERRUPTED,
     add_distributed_flags,
     init_distributed,
     report,
@@ -66,8 +69,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="start afresh in a workdir holding another run (its checkpoints, metrics and final "
-        "model are deleted)",
+        help="start afresh in a workdir holding another run (what that run wrote is deleted), or beside "
+        "files a run did not write (they are kept)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     # intermixed: overrides may come before or after the flags (`--overwrite train.max_steps=10`)
@@ -91,9 +94,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return report(e, EXIT_BAD_INPUT)
     except (TrainingError, InsufficientMemoryError) as e:
         return report(e, EXIT_FAILURE)
+    except KeyboardInterrupt:  # Ctrl-C before the steps began (during them it stops the run cleanly)
+        print("interrupted before training began; nothing was saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
     if jax.process_index() == 0:
-        if result.interrupted:
+        if result.already_finished:
+            print(f"nothing to do: {cfg.workdir} holds a run that finished at step {result.step}")
+        elif result.interrupted:
             print(f"stopped at step {result.step}; run the same command again to resume from {cfg.workdir}")
         else:
             evals = ", ".join(f"{step}: {loss:.3f}" for step, loss in sorted(result.eval_losses.items()))

@@ -1,9 +1,12 @@
-"""Fine-tuning: the train state and its shardings (state.py), the jitted steps (steps.py) and the fused
-LM-head loss (loss.py), training-state checkpoints and the workdir (checkpointing.py), the memory
-estimate (memory.py), FLOPs and MFU (throughput.py), metrics.jsonl / TensorBoard (metrics_log.py) and
-the loop (loop.py). `python -m optiml_jax.finetune` is the CLI."""
+"""Fine-tuning: the train state and its shardings (state.py), which parameters train (trainable.py), the
+jitted steps (steps.py) and the fused LM-head loss (loss.py), training-state checkpoints and the workdir
+(checkpointing.py), the memory estimate (memory.py), FLOPs and MFU (throughput.py), metrics.jsonl /
+TensorBoard (metrics_log.py), and the loop (loop.py) with its hooks (hooks.py: the registry;
+run_hooks.py: the run's own), the job they share (context.py) and clean stops (interrupt.py).
+`python -m optiml_jax.finetune` is the CLI."""
 
 from optiml_jax.train.checkpointing import checkpoint_manager, restore_checkpoint, save_checkpoint
+from optiml_jax.train.hooks import Hooks
 from optiml_jax.train.loop import RunResult, load_model_and_tokenizer, train_and_evaluate
 from optiml_jax.train.state import (
     TrainingError,
@@ -19,6 +22,7 @@ from optiml_jax.train.steps import evaluate_loss, global_batch, lm_loss, make_ev
 from optiml_jax.train.throughput import flops_per_token, measure_matmul_peak
 
 __all__ = [
+    "Hooks",
     "RunResult",
     "TrainState",
     "TrainingError",

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import jax
 import numpy as np
+import yaml
+from jax.experimental import multihost_utils
 
 from optiml_jax.checkpoints.model_format import save_model
 from optiml_jax.config import ConfigError, OPTConfig
 from optiml_jax.fileio import barrier
-from optiml_jax.run_config import RunConfig, resume_conflicts
+from optiml_jax.run_config import resume_conflicts
 from optiml_jax.train.state import TrainingError, TrainState
 
 log = logging.getLogger(__name__)
@@ -49,8 +53,6 @@ def save_checkpoint(manager, state: TrainState, data_state: dict, force: bool = 
 def _all_processes_agree(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils
-
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
@@ -103,8 +105,6 @@ def restore_checkpoint(manager, abstract: TrainState, shardings: TrainState) -> 
 
 def _quarantine(directory: Path, steps) -> None:
     if jax.process_index() == 0:
-        import shutil
-
         target_root = directory.parent / "checkpoints_corrupt"
         target_root.mkdir(parents=True, exist_ok=True)
         for step in steps:
@@ -114,58 +114,118 @@ def _quarantine(directory: Path, steps) -> None:
     barrier("optiml_jax:quarantine")
 
 
-def has_checkpoints(workdir: Path) -> bool:
+# What a run writes in its workdir: everything else there belongs to someone else and is never touched.
+RUN_ENTRIES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "checkpoints",
+    "checkpoints_corrupt",
+    "tensorboard",
+    "final",
+    "eval",
+)
+CONFIG_NAME = "config.yaml"
+
+
+def latest_checkpoint_step(workdir: Path) -> Optional[int]:
+    """The largest complete checkpoint step under workdir/checkpoints (Orbax's unfinished writes are
+    `<step>.orbax-checkpoint-tmp-*`, not a number), or None."""
     directory = workdir / "checkpoints"
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+    return max(steps, default=None)
 
 
-def prepare_workdir(cfg: RunConfig, workdir: Path, overwrite: bool) -> None:
-    """Refuses to resume under a config that changes the result (ConfigError listing the keys) unless
-    `overwrite`, which clears the old run (checkpoints, metrics, TensorBoard, final model); then saves
-    the resolved config as workdir/config.yaml. Every process checks; process 0 writes."""
-    import shutil
+def _foreign_entries(workdir: Path) -> list[str]:
+    """What `workdir` holds when it is not a run's (a run writes config.yaml before anything else, then
+    checkpoints); none when it is: a run only ever touches RUN_ENTRIES there, so what a user adds beside
+    them stays."""
+    if not workdir.is_dir() or _is_run_config(workdir / CONFIG_NAME) or has_checkpoints(workdir):
+        return []
+    return sorted(p.name for p in workdir.iterdir() if not p.name.endswith(".tmp"))
 
-    import yaml
 
+def _is_run_config(path: Path) -> bool:
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and {"model", "train", "workdir"} <= set(saved)
+
+
+def _check_resumable(workdir: Path, config: dict) -> None:
+    """ConfigError when the checkpoints in `workdir` were written under a config that changes the result."""
+    saved_path = workdir / CONFIG_NAME
+    if not saved_path.is_file():
+        log.warning(
+            "%s has checkpoints but no config.yaml: cannot check that they match this config", workdir
+        )
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"{saved_path}: not valid YAML ({str(e).splitlines()[0]}); pass --overwrite to start afresh"
+        ) from None
+    conflicts = resume_conflicts(saved, config)
+    if conflicts:
+        raise ConfigError(
+            f"{workdir} holds checkpoints of a run with a different config ({'; '.join(conflicts)}): "
+            f"resuming would not give the same result; restore those settings, use another workdir, or "
+            f"pass --overwrite to start afresh"
+        )
+
+
+def prepare_workdir(workdir: Path, config: dict, overwrite: bool) -> Optional[int]:
+    """Makes `workdir` ready for the run `config` (RunConfig.to_dict()) and saves config.yaml there;
+    returns the step of a run that already finished there (train.max_steps reached), writing nothing.
+
+    A workdir holding files a run did not write is refused (ConfigError naming them); with `overwrite`
+    the run goes ahead beside them unless they have the names a run writes. Checkpoints written under a
+    config that changes the result are refused (ConfigError listing the keys) unless `overwrite`, which
+    deletes what the old run wrote (checkpoints, metrics, TensorBoard, evaluations, final model). Every
+    process checks; process 0 writes."""
     is_main = jax.process_index() == 0
-    saved_path = workdir / "config.yaml"
+    foreign = _foreign_entries(workdir)
+    clashing = [name for name in foreign if name in RUN_ENTRIES]
+    if foreign and (not overwrite or clashing):
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(
+            f"workdir {workdir} holds files a fine-tuning run did not write ({listed}); use an empty or new "
+            + (
+                "workdir (a run would replace " + ", ".join(clashing) + ")"
+                if clashing
+                else "workdir, or pass --overwrite to write the run beside them"
+            )
+        )
     if overwrite:
-        if is_main:
-            for name in ("checkpoints", "checkpoints_corrupt", "tensorboard", "final"):
-                shutil.rmtree(workdir / name, ignore_errors=True)
-            for name in ("metrics.jsonl", "config.yaml"):
-                (workdir / name).unlink(missing_ok=True)
+        if is_main and not foreign:  # a run's workdir: what the run wrote goes, nothing else
+            for name in RUN_ENTRIES:
+                target = workdir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
         barrier("optiml_jax:overwrite")
     elif has_checkpoints(workdir):
-        if saved_path.is_file():
-            try:
-                saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(
-                    f"{saved_path}: not valid YAML ({str(e).splitlines()[0]}); pass --overwrite to "
-                    f"start afresh"
-                ) from None
-            conflicts = resume_conflicts(saved, cfg.to_dict())
-            if conflicts:
-                raise ConfigError(
-                    f"{workdir} holds checkpoints of a run with a different config ("
-                    f"{'; '.join(conflicts)}): resuming would not give the same result; restore those "
-                    f"settings, use another workdir, or pass --overwrite to start afresh"
-                )
-        else:
-            log.warning(
-                "%s has checkpoints but no config.yaml: cannot check that they match this config", workdir
-            )
+        _check_resumable(workdir, config)
+        latest = latest_checkpoint_step(workdir)
+        if latest >= config["train"]["max_steps"]:
+            return latest
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp = saved_path.with_name("config.yaml.tmp")
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        saved_path = workdir / CONFIG_NAME
+        tmp = saved_path.with_name(CONFIG_NAME + ".tmp")
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         os.replace(tmp, saved_path)
     barrier("optiml_jax:prepare_workdir")
+    return None
+
+
+def has_checkpoints(workdir: Path) -> bool:
+    return latest_checkpoint_step(workdir) is not None
 
 
 def save_final_model(directory: Path, opt_config: OPTConfig, params, tokenizer) -> str:
     """The trained model in our converted format (config.json + tokenizer + Orbax params)."""
-
     save_model(directory, opt_config, params, tokenizer, overwrite=True)
     return str(directory)

@@ -1,126 +1,59 @@
 """The fine-tuning loop: `train_and_evaluate(cfg)` runs (or resumes) the job a RunConfig describes.
 
-Shaped like flax's lm1b example: set up (model, data, sharded state, jitted steps), then steps with
-evaluation, checkpoints and metrics at their cadences, then the final evaluation, checkpoint and model.
-Metrics are read one step late, so the host never stalls the device; SIGTERM (a preemption) saves a
-checkpoint and stops at the next step.
+Shaped like flax's lm1b example: set up (model, data, sharded state, jitted steps), then the steps, with
+the hooks (train/hooks.py: metrics lines, checkpoints, evaluations, the final model, samples) at their
+cadences. Metrics are read one step late, so the host never stalls the device; SIGTERM or Ctrl-C saves a
+checkpoint and stops at the next step (train/interrupt.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import jax
-import numpy as np
+from tqdm.auto import tqdm
 
 from optiml_jax.checkpoints.pretrained import load_pretrained
-from optiml_jax.config import ConfigError, OPTConfig, as_dtype
+from optiml_jax.config import ConfigError, OPTConfig
 from optiml_jax.data import build_loaders
-from optiml_jax.data.mixture import share_scalars
-from optiml_jax.eval.metrics import ALL_METRICS
-from optiml_jax.eval.runner import (
-    METRICS_FILE,
-    evaluate,
-    metric_scalars,
-    settings_from_config,
-    tasks_from_config,
-    write_results,
-)
-from optiml_jax.generate import complete_texts, generate
-from optiml_jax.model import OPTForCausalLM
-from optiml_jax.paths import preset_config, resolve_model_path, resolve_path
+from optiml_jax.eval.runner import settings_from_config, tasks_from_config
+from optiml_jax.paths import is_preset, preset_config, resolve_model_path, resolve_path
 from optiml_jax.run_config import RunConfig
 from optiml_jax.sharding import DEFAULT_RULES, make_mesh
-from optiml_jax.tokenizer import PROMPT_ADD_BOS, OPTTokenizer
-from optiml_jax.train.checkpointing import (
-    checkpoint_manager,
-    prepare_workdir,
-    restore_checkpoint,
-    save_checkpoint,
-    save_final_model,
-)
+from optiml_jax.tokenizer import OPTTokenizer
+from optiml_jax.train.checkpointing import checkpoint_manager, prepare_workdir, restore_checkpoint
+from optiml_jax.train.context import Run, RunResult
+from optiml_jax.train.hooks import Hooks
+from optiml_jax.train.interrupt import StopRequest
 from optiml_jax.train.memory import check_memory
 from optiml_jax.train.metrics_log import MetricsWriter
+from optiml_jax.train.run_hooks import default_hooks, sample_heldout
 from optiml_jax.train.state import (
     TrainingError,
-    TrainState,
     build_model,
     create_train_state,
     make_optimizer,
     state_shardings,
 )
-from optiml_jax.train.steps import evaluate_loss, global_batch, make_eval_step, make_train_step
-from optiml_jax.train.throughput import flops_per_token, measure_matmul_peak
+from optiml_jax.train.steps import global_batch, make_eval_step, make_train_step
+from optiml_jax.train.throughput import run_throughput
+from optiml_jax.train.trainable import Trainable
+
+__all__ = ["RunResult", "load_model_and_tokenizer", "sample_heldout", "train_and_evaluate"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class RunResult:
-    """What `train_and_evaluate` did: for the CLI's summary and for tests."""
-
-    step: int
-    state: TrainState
-    model: OPTForCausalLM
-    losses: dict  # step -> train loss (steps of this invocation)
-    eval_losses: dict  # step -> eval loss
-    task_metrics: dict = dataclasses.field(default_factory=dict)  # step -> metrics.json of eval.tasks
-    interrupted: bool = False
-    final_dir: Optional[str] = None
-    samples: list = dataclasses.field(default_factory=list)
-
-
-class _Interrupt:
-    """SIGTERM (a preemption, `kill`) sets a flag; the loop saves a checkpoint and stops at the next step.
-
-    With several processes the notice may reach one host only: JAX's preemption sync manager (started by
-    jax.distributed.initialize) catches SIGTERM on any host and `reached_preemption_sync_point(step)`
-    becomes true on every host at the same step, where all of them save and stop."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        # Several processes: JAX's preemption service owns SIGTERM (reached_preemption_sync_point).
-        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint and stopping after this step")
-        self.requested = True
-
-    def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            try:
-                return multihost_utils.reached_preemption_sync_point(step)
-            except RuntimeError:  # the preemption service is disabled
-                return False
-        return self.requested
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 # ---------------------------------------------------------------------- set-up
 def load_model_and_tokenizer(cfg: RunConfig, mesh, rules=DEFAULT_RULES, load_weights: bool = True):
     """(OPTConfig, params or None, tokenizer) for cfg.model: `preset:NAME` (random init later) or a
     checkpoint directory / hub id (params loaded into their shards unless load_weights is False)."""
-
     params, tokenizer = None, None
-    if cfg.model.startswith("preset:"):
+    if is_preset(cfg.model):
         opt_config = preset_config(cfg.model)
     elif load_weights:
         loaded = load_pretrained(
@@ -175,7 +108,7 @@ def _check_batch_layout(cfg: RunConfig, mesh) -> None:
             f"train.batch_size / train.grad_accum_steps = {micro} sequences per microbatch is not "
             f"divisible by the data-parallel devices (mesh.data x mesh.fsdp = {data_parallel})"
         )
-    eval_batch = cfg.eval.batch_size or cfg.train.batch_size
+    eval_batch = cfg.eval_batch_size
     if eval_batch % data_parallel:
         raise ConfigError(
             f"eval batch size {eval_batch} is not divisible by mesh.data x mesh.fsdp = {data_parallel}"
@@ -191,50 +124,8 @@ def _check_batch_layout(cfg: RunConfig, mesh) -> None:
         )
 
 
-@dataclasses.dataclass
-class _Run:
-    """What one invocation of train_and_evaluate works with; `state` advances with every step."""
-
-    cfg: RunConfig
-    workdir: Path
-    mesh: Any
-    rules: Any
-    manager: Any
-    opt_config: OPTConfig
-    tokenizer: Any
-    model: OPTForCausalLM
-    loader: Any
-    eval_loader: Any
-    task_eval: Any  # (tasks, EvalSettings) of eval.tasks, or None
-    state: TrainState
-    train_step: Any
-    eval_step: Any
-    writer: MetricsWriter
-    result: RunResult
-    bar: Any = None
-    nonfinite_in_a_row: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return jax.process_index() == 0
-
-    @property
-    def eval_batch_size(self) -> int:
-        return self.cfg.eval.batch_size or self.cfg.train.batch_size
-
-    def report(self, line: str) -> None:
-        """One console line: above the progress bar when one is drawn (tqdm.write), else the log. Both
-        at once printed every evaluation line twice."""
-        if self.is_main:
-            if self.bar is not None:
-                self.bar.write(line)
-            else:
-                log.info("%s", line)
-
-
-def _set_up(cfg: RunConfig, workdir: Path, mesh, manager, rules) -> _Run:
+def _set_up(cfg: RunConfig, workdir: Path, mesh, manager, rules, trainable: Trainable) -> Run:
     """Model, data, state (restored or created in its shards), jitted steps and the metrics writer."""
-
     resuming = manager.latest_step() is not None
     # The architecture and tokenizer first (no weights): the memory check comes before any allocation.
     opt_config, _, tokenizer = load_model_and_tokenizer(cfg, mesh, rules, load_weights=False)
@@ -243,26 +134,25 @@ def _set_up(cfg: RunConfig, workdir: Path, mesh, manager, rules) -> _Run:
             f"train.seq_len={cfg.train.seq_len} exceeds the model's max_position_embeddings="
             f"{opt_config.max_position_embeddings}"
         )
-    check_memory(cfg, opt_config, mesh, rules)
+    check_memory(cfg.train, opt_config, mesh, rules, trainable)
     params = None
-    if not resuming and not cfg.model.startswith("preset:"):
+    if not resuming and not is_preset(cfg.model):
         opt_config, params, tokenizer = load_model_and_tokenizer(cfg, mesh, rules, load_weights=True)
     model = build_model(opt_config, cfg.train)
-    tx = make_optimizer(cfg.optim, cfg.train.max_steps)
-    eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
+    tx = make_optimizer(cfg.optim, cfg.train.max_steps, trainable)
     loader, eval_loader = build_loaders(
         _data_config_resolved(cfg),
         tokenizer,
         seed=cfg.seed,
         batch_size=cfg.train.batch_size,
-        eval_batch_size=eval_batch_size,
+        eval_batch_size=cfg.eval_batch_size,
         seq_len=cfg.train.seq_len,
     )
     task_eval = None
     if cfg.eval.tasks is not None:
         task_eval = (
             tasks_from_config(cfg.eval.tasks, eval_loader.tasks if eval_loader else None, resolve_path),
-            settings_from_config(cfg.eval.tasks, eval_batch_size),
+            settings_from_config(cfg.eval.tasks, cfg.eval_batch_size),
         )
     skipped = {k: v for k, v in loader.skip_stats.as_dict().items() if v}
     if skipped and jax.process_index() == 0:
@@ -288,7 +178,7 @@ def _set_up(cfg: RunConfig, workdir: Path, mesh, manager, rules) -> _Run:
         resume_step=start_step,
         keep=lambda record: any(k.startswith("train/") for k in record),
     )
-    return _Run(
+    return Run(
         cfg=cfg,
         workdir=workdir,
         mesh=mesh,
@@ -301,232 +191,77 @@ def _set_up(cfg: RunConfig, workdir: Path, mesh, manager, rules) -> _Run:
         eval_loader=eval_loader,
         task_eval=task_eval,
         state=state,
-        train_step=make_train_step(model, tx, cfg.train, cfg.optim, mesh, shardings, rules),
+        train_step=make_train_step(model, tx, cfg.train, cfg.optim, mesh, shardings, rules, trainable),
         eval_step=make_eval_step(model, mesh, shardings.params, rules),
         writer=writer,
         result=RunResult(step=start_step, state=state, model=model, losses={}, eval_losses={}),
+        throughput=run_throughput(cfg.train, opt_config, mesh.size),
         nonfinite_in_a_row=int(jax.device_get(state.nonfinite_in_a_row)),
     )
 
 
-# ---------------------------------------------------------------------- evaluation, logging, checkpoints
-def evaluate_tasks(
-    model, params, tokenizer, task_eval, mesh, rules, workdir: Path, step: int, writer
-) -> dict:
-    """eval.tasks at `step`: answers generated or ranked and scored by optiml_jax.eval, logged as scalars
-    and written to workdir/eval/<step>/ (predictions.jsonl, metrics.json, report.md) by process 0."""
-
-    tasks, settings = task_eval
-    outcome = evaluate(model, params, tokenizer, tasks, settings, mesh=mesh, rules=rules)
-    outcome.metrics["settings"]["step"] = step
-    writer.write(step, metric_scalars(outcome.metrics))
-    if jax.process_index() == 0:
-        write_results(
-            workdir / "eval" / str(step), outcome, overwrite=True, title=f"Held-out tasks at step {step}"
-        )
-    return outcome.metrics
-
-
-def _evaluate(run: _Run, step: int) -> None:
-    """The eval loss and eval.tasks at `step`."""
-    if run.eval_loader is not None:
-        scalars = evaluate_loss(
-            run.eval_step,
-            run.state.params,
-            run.eval_loader,
-            run.mesh,
-            run.eval_batch_size,
-            run.cfg.eval.max_batches,
-        )
-        run.result.eval_losses[step] = scalars["eval/loss"]
-        run.writer.write(step, scalars)
-        run.report(f"step {step}: eval loss {scalars['eval/loss']:.4f}")
-    if run.task_eval is not None:
-        metrics = evaluate_tasks(
-            run.model,
-            run.state.params,
-            run.tokenizer,
-            run.task_eval,
-            run.mesh,
-            run.rules,
-            run.workdir,
-            step,
-            run.writer,
-        )
-        run.result.task_metrics[step] = metrics
-        overall = metrics["overall"]
-        figures = ", ".join(f"{name} {overall[name]:.2f}" for name in ALL_METRICS if name in overall)
-        run.report(f"step {step}: held-out tasks {figures} ({overall['instances']} instances)")
-
-
-@dataclasses.dataclass
-class _Window:
-    """Train metrics since the last logged line, for its mean loss and tokens/s."""
-
-    started: float
-    losses: list = dataclasses.field(default_factory=list)
-    steps: int = 0
-
-    def restart(self, steps: int = 0) -> None:
-        self.started, self.losses, self.steps = time.perf_counter(), [], steps
-
-
-def _record(run: _Run, window: _Window, step: int, metrics, throughput: dict) -> None:
-    """Reads one step's metrics (a step late), logs them at the log cadence, stops a non-finite run."""
-    cfg = run.cfg
-    m = jax.device_get(metrics)
+# ---------------------------------------------------------------------- the loop
+def _record(run: Run, hooks: Hooks, step: int, metrics) -> None:
+    """Reads one step's metrics (a step late), runs the hooks that read only them (a non-finite step's
+    at once, so it is on record), stops a run of non-finite steps."""
+    train = run.cfg.train
+    run.metrics = m = jax.device_get(metrics)
     loss = float(m["loss"])
     run.result.losses[step] = loss
     run.nonfinite_in_a_row = int(m["nonfinite_in_a_row"])
-    window.losses.append(loss)
-    window.steps += 1
+    run.window.losses.append(loss)
+    run.window.steps += 1
     if run.bar is not None:
         run.bar.update(1)
         run.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-    if step % cfg.train.log_every_steps == 0 or step == cfg.train.max_steps or int(m["nonfinite"]):
-        elapsed = time.perf_counter() - window.started
-        tokens_per_s = throughput["tokens_per_step"] * window.steps / elapsed if elapsed > 0 else 0.0
-        scalars = {
-            "train/loss": float(np.mean(window.losses)),
-            "train/step_loss": loss,
-            "train/lr": float(m["lr"]),
-            "train/grad_norm": float(m["grad_norm"]),
-            "train/tokens_per_s": tokens_per_s,
-            "train/mfu": tokens_per_s * throughput["flops_per_token"] / throughput["peak_flops"],
-            "train/target_tokens": float(m["target_tokens"]),
-            "train/nonfinite": int(m["nonfinite"]),
-            "train/nonfinite_in_a_row": int(m["nonfinite_in_a_row"]),
-            "train/nonfinite_total": int(m["nonfinite_total"]),
-        }
-        scalars.update({f"data/{k}": v for k, v in run.loader.stats().items()})
-        # --- data.mixture's realised shares (issue #22); a logging hook's job once the loop has hooks
-        scalars.update(share_scalars(run.loader.mixture_counts()))
-        run.writer.write(step, scalars)
-        window.restart()
-    if run.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
+    due = hooks.at_end(reads_state=False) if step == train.max_steps else hooks.every(step, reads_state=False)
+    if not due and int(m["nonfinite"]):
+        due = [h for h in hooks.hooks if not h.reads_state and (h.every or h.at_end)]
+    Hooks.run(due, run, step)
+    if run.nonfinite_in_a_row >= train.max_nonfinite_in_a_row:
         raise TrainingError(
             f"step {step}: {run.nonfinite_in_a_row} non-finite losses or gradients in a row "
-            f"(train.max_nonfinite_in_a_row={cfg.train.max_nonfinite_in_a_row}); stopping"
+            f"(train.max_nonfinite_in_a_row={train.max_nonfinite_in_a_row}); stopping"
         )
 
 
-def _checkpoint(run: _Run, force: bool = False) -> None:
-    """Saves unless the state is inside a run of non-finite steps (the last good checkpoint stays)."""
-    if run.nonfinite_in_a_row:
-        log.warning(
-            "step %d: not checkpointing during %d non-finite step(s) in a row",
-            int(run.state.step),
-            run.nonfinite_in_a_row,
-        )
-        return
-    save_checkpoint(run.manager, run.state, run.loader.get_state(), force=force)
-
-
-def _throughput(run: _Run) -> dict:
-    cfg, config = run.cfg, run.opt_config
-    flops = flops_per_token(config, cfg.train.seq_len)
-    peak = cfg.train.peak_flops_per_device or measure_matmul_peak(as_dtype(cfg.train.compute_dtype))
-    if run.is_main:
-        log.info(
-            "model: %s parameters (%s without embeddings); %.3g FLOPs/token (attention %.3g); peak %.3g "
-            "FLOP/s per device",
-            f"{config.num_params():,}",
-            f"{config.num_params(include_embeddings=False):,}",
-            flops["total"],
-            flops["attention"],
-            peak,
-        )
-    return {
-        "flops_per_token": flops["total"],
-        "peak_flops": peak * run.mesh.size,
-        "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
-    }
-
-
-# ---------------------------------------------------------------------- the loop
-def _steps(run: _Run, start_step: int, end_step: int, throughput: dict) -> bool:
-    """Steps start_step..end_step with their evaluations and checkpoints; True when SIGTERM stopped it."""
+def _steps(run: Run, hooks: Hooks, stop: StopRequest, start_step: int, end_step: int) -> None:
+    """Steps start_step..end_step with the hooks due after each, until `stop` says otherwise."""
     cfg, max_steps = run.cfg, run.cfg.train.max_steps
-    window = _Window(started=time.perf_counter())
+    run.window.restart()
     pending = None  # (step, metrics on device): read one step late so the host never stalls the device
-    with _Interrupt() as interrupt:
-        for step in range(start_step, end_step):
-            batch = global_batch(next(run.loader), run.mesh, cfg.train.batch_size)
-            run.state, metrics = run.train_step(run.state, batch)
-            if pending is not None:
-                _record(run, window, *pending, throughput)
-            else:  # the first step's time is mostly compilation: do not count it in tokens/s
-                jax.block_until_ready(metrics)
-                window.restart(steps=-1)
-            pending, done = (step + 1, metrics), step + 1
-            checkpoint_due = cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0
-            eval_due = cfg.eval.every_steps and done % cfg.eval.every_steps == 0
-            if (checkpoint_due or eval_due) and done < max_steps:
-                _record(
-                    run, window, *pending, throughput
-                )  # a step's metrics line comes before its checkpoint
-                pending = None
-                if checkpoint_due:
-                    _checkpoint(run)
-                if eval_due:
-                    _evaluate(run, done)
-                    window.started = time.perf_counter()
-            if interrupt.should_stop(done):
-                interrupted = True
-                break
-        else:
-            interrupted = False
+    for step in range(start_step, end_step):
+        batch = global_batch(next(run.loader), run.mesh, cfg.train.batch_size)
+        run.state, metrics = run.train_step(run.state, batch)
         if pending is not None:
-            _record(run, window, *pending, throughput)
-    return interrupted
+            _record(run, hooks, *pending)
+        else:  # the first step's time is mostly compilation: do not count it in tokens/s
+            jax.block_until_ready(metrics)
+            run.window.restart(steps=-1)
+        pending, done = (step + 1, metrics), step + 1
+        due = hooks.every(done, reads_state=True) if done < max_steps else []
+        if due:
+            _record(run, hooks, *pending)  # a step's metrics line comes before its checkpoint
+            pending, started = None, time.perf_counter()
+            Hooks.run(due, run, done)
+            run.window.exclude(time.perf_counter() - started)
+        if stop.should_stop(done):
+            break
+    if pending is not None:
+        _record(run, hooks, *pending)
 
 
-def _finish(run: _Run) -> None:
-    """After max_steps: the final evaluation, checkpoint, data counters, model and samples."""
-    cfg, workdir, done, result = run.cfg, run.workdir, run.result.step, run.result
-    _evaluate(run, done)
-    _checkpoint(run, force=True)
-    run.manager.wait_until_finished()
-    data_stats = run.loader.stats()  # collective with several processes: every process asks
-    if run.is_main:
-        log.info("data: %s", data_stats)
-    run.writer.write(done, {f"data/{k}": v for k, v in data_stats.items()})
-    run.writer.close()
-    if cfg.checkpoint.save_final:
-        result.final_dir = save_final_model(
-            workdir / "final", run.opt_config, run.state.params, run.tokenizer
-        )
-        if done in result.task_metrics and run.is_main:  # the model's scores travel with it
-            tmp = workdir / "final" / f".{METRICS_FILE}.tmp"
-            shutil.copyfile(workdir / "eval" / str(done) / METRICS_FILE, tmp)
-            os.replace(tmp, workdir / "final" / METRICS_FILE)
-    if cfg.eval.num_samples and run.eval_loader is not None:
-        if jax.process_count() > 1:
-            log.info("eval.num_samples: greedy samples are only generated on a single process")
-        else:
-            result.samples = sample_heldout(
-                run.model, run.state.params, run.tokenizer, run.eval_loader, cfg.eval
-            )
-
-
-def _train(run: _Run, progress: bool, stop_after_steps: Optional[int]) -> RunResult:
-    cfg, result, max_steps = run.cfg, run.result, run.cfg.train.max_steps
+def _train(run: Run, hooks: Hooks, progress: bool, stop_after_steps: Optional[int]) -> RunResult:
+    result, max_steps = run.result, run.cfg.train.max_steps
     start_step = result.step
-    throughput = _throughput(run)
     end_step = max_steps if stop_after_steps is None else min(max_steps, start_step + stop_after_steps)
     if progress and run.is_main:
-        from tqdm.auto import tqdm
-
         run.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    if (
-        (run.eval_loader is not None or run.task_eval is not None)
-        and cfg.eval.every_steps
-        and start_step < max_steps
-        and start_step % cfg.eval.every_steps == 0
-    ):
-        _evaluate(run, start_step)
     try:
-        interrupted = _steps(run, start_step, end_step, throughput)
+        with StopRequest() as stop:
+            Hooks.run(hooks.at_start(start_step), run, start_step)
+            _steps(run, hooks, stop, start_step, end_step)
+            _end(run, hooks, stop)
     except TrainingError as e:
         run.manager.wait_until_finished()
         run.writer.close()
@@ -540,17 +275,22 @@ def _train(run: _Run, progress: bool, stop_after_steps: Optional[int]) -> RunRes
     finally:
         if run.bar is not None:
             run.bar.close()
-    result.step, result.state = int(jax.device_get(run.state.step)), run.state
-    if result.step < max_steps:  # preempted or stopped early: keep the position for the next invocation
-        result.interrupted = interrupted or stop_after_steps is not None
-        _checkpoint(run, force=True)
-        run.manager.wait_until_finished()
+            run.bar = None
         run.writer.close()
-        if interrupted and run.is_main:
-            log.warning("stopped at step %d (preemption / SIGTERM); checkpoint saved", result.step)
-        return result
-    _finish(run)
     return result
+
+
+def _end(run: Run, hooks: Hooks, stop: StopRequest) -> None:
+    """The end hooks at train.max_steps; the preemption hooks when the run stopped before it."""
+    result = run.result
+    result.step, result.state = int(jax.device_get(run.state.step)), run.state
+    if result.step >= run.cfg.train.max_steps:
+        Hooks.run(hooks.at_end(), run, result.step)
+        return
+    result.interrupted = True  # keep the position for the next invocation
+    Hooks.run(hooks.on_preemption(), run, result.step)
+    if stop.stopped and run.is_main:
+        log.warning("stopped at step %d (%s); checkpoint saved", result.step, stop.reason)
 
 
 def train_and_evaluate(
@@ -561,54 +301,55 @@ def train_and_evaluate(
     progress: bool = True,
     stop_after_steps: Optional[int] = None,
     overwrite: bool = False,
+    hooks: Optional[Hooks] = None,
+    is_trainable: Trainable = None,
 ) -> RunResult:
     """Runs (or resumes, when cfg.workdir has a checkpoint) the fine-tuning job described by `cfg`.
 
-    Start-up, before anything is allocated or compiled: the workdir's saved config is compared with
-    `cfg` (ConfigError listing the keys that would change the result; `overwrite` clears the old run
-    instead), `cfg` is saved as workdir/config.yaml, and the per-device memory estimate is printed and
-    checked (InsufficientMemoryError when it cannot fit).
+    Start-up, before anything is allocated or compiled: the workdir is checked (train/checkpointing.py's
+    prepare_workdir: files a run did not write, a saved config that would change the result; `overwrite`
+    clears the old run instead), `cfg` is saved as workdir/config.yaml, and the per-device memory
+    estimate is printed and checked (InsufficientMemoryError when it cannot fit). A workdir whose run
+    already reached train.max_steps is left as it is (RunResult.already_finished).
 
+    hooks: more hooks (train/hooks.py), run after the run's own at each step. is_trainable: a predicate
+    on "/"-joined parameter paths, in place of train.trainable (train/trainable.py).
     stop_after_steps: return after that many steps of this invocation, as a preemption would (saving
     a checkpoint first); for tests of exact resume.
     """
     workdir = Path(cfg.workdir)
     mesh = make_mesh(cfg.mesh, devices=devices)
     _check_batch_layout(cfg, mesh)
-    prepare_workdir(cfg, workdir, overwrite)
+    finished_at = prepare_workdir(workdir, cfg.to_dict(), overwrite)
+    if finished_at is not None:
+        if jax.process_index() == 0:
+            log.warning(
+                "%s holds a run that finished at step %d (train.max_steps=%d): nothing to do; raise "
+                "train.max_steps to train on, or pass --overwrite to start afresh",
+                workdir,
+                finished_at,
+                cfg.train.max_steps,
+            )
+        final = workdir / "final"
+        return RunResult(
+            step=finished_at,
+            state=None,
+            model=None,
+            losses={},
+            eval_losses={},
+            final_dir=str(final) if final.is_dir() else None,
+            already_finished=True,
+        )
+    trainable = is_trainable if is_trainable is not None else cfg.train.trainable
     manager = checkpoint_manager(str(workdir), cfg.checkpoint.keep, cfg.checkpoint.async_save)
     try:
-        return _train(_set_up(cfg, workdir, mesh, manager, rules), progress, stop_after_steps)
+        run = _set_up(cfg, workdir, mesh, manager, rules, trainable)
+        all_hooks = default_hooks(
+            cfg, eval_loss_data=run.eval_loader is not None, task_eval=run.task_eval is not None
+        )
+        return _train(run, all_hooks.extend(hooks or Hooks()), progress, stop_after_steps)
     finally:
         try:
             manager.wait_until_finished()
         finally:
             manager.close()
-
-
-def sample_heldout(model, params, tokenizer, eval_loader, eval_cfg) -> list[tuple[str, str, str]]:
-    """(prompt, reference, greedy generation) for the first example of the first few eval tasks, by the
-    KV-cache decoder of optiml_jax.generate (one batch; prompts cut from the left to fit the positions)."""
-
-    max_new = eval_cfg.sample_max_new_tokens
-    room = model.config.max_position_embeddings - max_new
-    examples = [
-        examples[0] for examples in list(eval_loader.tasks.values())[: eval_cfg.num_samples] if examples
-    ]
-    prompts = [(e, tokenizer.encode(e.src.rstrip(" "), add_bos=PROMPT_ADD_BOS)[-room:]) for e in examples]
-    prompts = [(e, ids) for e, ids in prompts if ids]
-    if not prompts or room < 1:
-        return []
-    # Remat only matters for gradients; decoding runs the plain layers.
-    decoder = model.clone(remat_policy="none") if model.remat_policy != "none" else model
-    out = generate(
-        decoder,
-        params,
-        [ids for _, ids in prompts],
-        max_new_tokens=max_new,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
-    )
-    generated = [ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids for ids in out.token_ids()]
-    texts = complete_texts(tokenizer, [ids for _, ids in prompts], generated)
-    return [(e.src, e.tgt, text) for (e, _), text in zip(prompts, texts)]

@@ -15,16 +15,19 @@ import math
 import os
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from optiml_jax.config import ConfigError, OPTConfig
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.model.attention import resolve_attention
 from optiml_jax.model.kernels import AttentionShapes, KernelSpec
-from optiml_jax.run_config import RunConfig
+from optiml_jax.run_config import TrainSection
 from optiml_jax.sharding import DEFAULT_RULES, abstract_params
 from optiml_jax.train.loss import DEFAULT_CHUNK
+from optiml_jax.train.trainable import Trainable, trainable_mask
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +77,25 @@ def _dtype_bytes(dtype) -> int:
 
 
 def sharded_param_bytes(
-    config: OPTConfig, mesh_shape: dict, rules, *, scan_layers: bool = True, param_dtype="float32"
+    config: OPTConfig,
+    mesh_shape: dict,
+    rules,
+    *,
+    scan_layers: bool = True,
+    param_dtype="float32",
+    trainable: Trainable = None,
 ) -> int:
-    """Bytes of one device's shard of every parameter, under `rules` on a mesh of `mesh_shape`."""
-    import flax.linen as nn
-
+    """Bytes of one device's shard of every parameter (or of the `trainable` ones: train/trainable.py),
+    under `rules` on a mesh of `mesh_shape`."""
     model = OPTForCausalLM(config, param_dtype=param_dtype, scan_layers=scan_layers)
     boxed = abstract_params(model)
     specs = nn.get_partition_spec(boxed)
     shapes = nn.meta.unbox(boxed)
     rule_map = dict(rules)
     total = 0
-    leaves_specs = _leaves_with_specs(specs, shapes)
+    mask = trainable_mask(shapes, trainable)
+    keep = jax.tree.leaves(mask) if mask is not None else [True] * len(jax.tree.leaves(shapes))
+    leaves_specs = [pair for pair, kept in zip(_leaves_with_specs(specs, shapes), keep) if kept]
     for spec, shape in leaves_specs:
         shard = list(shape.shape)
         for dim, logical in enumerate(tuple(spec) + (None,) * (len(shard) - len(spec))):
@@ -101,9 +111,6 @@ def sharded_param_bytes(
 
 
 def _leaves_with_specs(specs, shapes):
-    import jax
-    from jax.sharding import PartitionSpec
-
     spec_leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     shape_leaves = jax.tree_util.tree_leaves(shapes)
     return list(zip(spec_leaves, shape_leaves))
@@ -165,9 +172,11 @@ def estimate_training_memory(
     scan_layers: bool = True,
     attention: str = "auto",
     platform: Optional[str] = None,
+    trainable: Trainable = None,
 ) -> MemoryEstimate:
     """Per-device bytes of one training step with AdamW (float32 moments), with the attention kernel
-    that `attention` runs on `platform` (None: the running backend)."""
+    that `attention` runs on `platform` (None: the running backend); gradients and moments are counted
+    for the `trainable` parameters only (train/trainable.py; None: all)."""
 
     rules = rules or DEFAULT_RULES
     devices = math.prod(mesh_shape.values())
@@ -175,8 +184,13 @@ def estimate_training_memory(
     tensor = mesh_shape.get("tensor", 1)
     params = sharded_param_bytes(config, mesh_shape, rules, scan_layers=scan_layers, param_dtype=param_dtype)
     per_param = _dtype_bytes(param_dtype)
-    moments = 2 * params // per_param * 4  # Adam mu and nu in float32
-    grads = params // per_param * 4
+    trained = params
+    if trainable is not None:
+        trained = sharded_param_bytes(
+            config, mesh_shape, rules, scan_layers=scan_layers, param_dtype=param_dtype, trainable=trainable
+        )
+    moments = 2 * trained // per_param * 4  # Adam mu and nu in float32
+    grads = trained // per_param * 4
     accumulator = grads if grad_accum_steps > 1 else 0
     micro_rows = max(global_batch // grad_accum_steps // data_parallel, 1)
     tokens = micro_rows * seq_len
@@ -226,8 +240,6 @@ def estimate_training_memory(
 
 def device_memory_bytes(device=None) -> Optional[int]:
     """Usable memory of one device: the accelerator's limit, or host RAM (shared by CPU devices)."""
-    import jax
-
     device = device or jax.devices()[0]
     try:
         stats = device.memory_stats()
@@ -257,7 +269,7 @@ def check_fits(estimate: MemoryEstimate, available: Optional[int], *, headroom: 
 
 
 # ---------------------------------------------------------------------- the start-up check of a run
-def memory_limit_bytes(cfg: RunConfig, mesh) -> Optional[int]:
+def memory_limit_bytes(train: TrainSection, mesh) -> Optional[int]:
     """OPTIML_JAX_MEMORY_LIMIT_GIB, else train.memory_limit_gib, else what one local device of the mesh
     has."""
     env = os.environ.get("OPTIML_JAX_MEMORY_LIMIT_GIB")
@@ -266,16 +278,17 @@ def memory_limit_bytes(cfg: RunConfig, mesh) -> Optional[int]:
             return int(float(env) * GiB)
         except ValueError:
             raise ConfigError(f"OPTIML_JAX_MEMORY_LIMIT_GIB={env!r} is not a number") from None
-    if cfg.train.memory_limit_gib > 0:
-        return int(cfg.train.memory_limit_gib * GiB)
+    if train.memory_limit_gib > 0:
+        return int(train.memory_limit_gib * GiB)
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     return device_memory_bytes(local[0] if local else None)
 
 
-def check_memory(cfg: RunConfig, opt_config: OPTConfig, mesh, rules=DEFAULT_RULES):
+def check_memory(
+    t: TrainSection, opt_config: OPTConfig, mesh, rules=DEFAULT_RULES, trainable: Trainable = None
+):
     """Prints the per-device estimate (process 0) and raises InsufficientMemoryError when it cannot fit;
-    called before anything is allocated or compiled."""
-    t = cfg.train
+    called before anything is allocated or compiled. trainable: train/trainable.py (None: all train)."""
     if t.attention_dropout is not None:  # the run's attention dropout decides which kernel can run
         opt_config = opt_config.replace(attention_dropout=t.attention_dropout)
     estimate = estimate_training_memory(
@@ -292,8 +305,9 @@ def check_memory(cfg: RunConfig, opt_config: OPTConfig, mesh, rules=DEFAULT_RULE
         attention=t.attention,
         # the mesh's devices are the target (they may be a topology's, compiled for from another host)
         platform=mesh.devices.flat[0].platform,
+        trainable=trainable,
     )
-    available = memory_limit_bytes(cfg, mesh)
+    available = memory_limit_bytes(t, mesh)
     if jax.process_index() == 0:
         limit = f"{available / GiB:.3f} GiB per device available" if available else "device memory unknown"
         log.info("%s\n  (%s)", estimate.table(), limit)

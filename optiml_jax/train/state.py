@@ -20,7 +20,8 @@ from optiml_jax.config import ConfigError, OPTConfig, as_dtype
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.model.attention import AttentionError, choose_implementation
 from optiml_jax.run_config import OptimSection, TrainSection
-from optiml_jax.sharding import DEFAULT_RULES, abstract_params, logical_shardings
+from optiml_jax.sharding import DEFAULT_RULES, abstract_params, logical_shardings, on_mesh
+from optiml_jax.train.trainable import Trainable, trainable_mask
 
 NO_DECAY_NAMES = ("bias", "scale")  # biases and LayerNorm scales (and LayerNorm biases)
 
@@ -105,8 +106,12 @@ def weight_decay_mask(params) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim: OptimSection, max_steps: int) -> optax.GradientTransformation:
-    """AdamW (decoupled weight decay, float32 moments) after global-norm clipping."""
+def make_optimizer(
+    optim: OptimSection, max_steps: int, trainable: Trainable = None
+) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay, float32 moments) after global-norm clipping. With `trainable`
+    (train/trainable.py) the frozen parameters are partitioned off: their updates are zero and the
+    optimizer state holds no moments for them (absent, not zeros)."""
     adamw = optax.adamw(
         learning_rate_schedule(optim, max_steps),
         b1=optim.b1,
@@ -116,9 +121,17 @@ def make_optimizer(optim: OptimSection, max_steps: int) -> optax.GradientTransfo
         mask=weight_decay_mask,
         mu_dtype=jnp.float32,
     )
-    if optim.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(optim.clip_norm), adamw)
-    return adamw
+    tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm), adamw) if optim.clip_norm > 0 else adamw
+    if trainable is None:
+        return tx
+
+    def labels(params):
+        # Labelled on the unboxed tree, so a frozen parameter's box goes whole (a box around nothing
+        # would still claim a sharding).
+        mask = trainable_mask(nn.meta.unbox(params), trainable)
+        return jax.tree.map(lambda keep: "trained" if keep else "frozen", mask)
+
+    return optax.partition({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def _state_from(params, tx, dropout_key) -> TrainState:
@@ -149,7 +162,7 @@ def create_train_state(
     created in its shards by one jitted init (a 30B model is never whole on one device)."""
     _, shardings = state_shardings(model, tx, mesh, rules)
     init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with on_mesh(mesh, rules):
         if params is None:
             sample = jnp.ones((1, 8), jnp.int32)
             init = jax.jit(

@@ -21,7 +21,6 @@ import functools
 import math
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -29,9 +28,10 @@ import optax
 from optiml_jax.data.packing import BATCH_KEYS
 from optiml_jax.model import OPTForCausalLM, lm_head_weights
 from optiml_jax.run_config import OptimSection, TrainSection
-from optiml_jax.sharding import DEFAULT_RULES, batch_sharding, replicated
+from optiml_jax.sharding import DEFAULT_RULES, batch_sharding, on_mesh, replicated
 from optiml_jax.train.loss import weighted_head_cross_entropy
 from optiml_jax.train.state import TrainState, learning_rate_schedule
+from optiml_jax.train.trainable import Trainable, merge_trainable, split_trainable, trainable_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,7 @@ class StepSettings:
     head_positions: str
     param_shardings: Any  # of the params (the gradient accumulator is kept in them)
     micro_sharding: Any  # of a [microbatch, batch, length] input
+    trainable: Any = None  # params-shaped tree of bools (train/trainable.py); None = every parameter trains
 
 
 def lm_loss(model, params, batch, weights, deterministic, dropout_key=None, head_positions="weighted"):
@@ -66,15 +67,22 @@ def lm_loss(model, params, batch, weights, deterministic, dropout_key=None, head
 
 
 def _gradients(settings: StepSettings, params, batch, step_key):
-    """(loss, grads) of the whole batch, accumulated over microbatches when grad_accum_steps > 1."""
-    accum = settings.grad_accum_steps
+    """(loss, grads) of the whole batch, accumulated over microbatches when grad_accum_steps > 1.
+    Only the trainable parameters are differentiated; the frozen ones' gradients are zeros."""
+    accum, mask = settings.grad_accum_steps, settings.trainable
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    trained, frozen = split_trainable(params, mask)
+    trained_shardings, _ = split_trainable(settings.param_shardings, mask)
 
-    def loss_fn(params, microbatch, index):
+    def with_frozen_zeros(loss_and_grads):
+        loss, grads = loss_and_grads
+        return loss, merge_trainable(mask, grads, jax.tree.map(jnp.zeros_like, frozen))
+
+    def loss_fn(trained, microbatch, index):
         # Weighted by the whole batch's count of target tokens: the microbatch losses add up.
         return lm_loss(
             settings.model,
-            params,
+            merge_trainable(mask, trained, frozen),
             microbatch,
             microbatch["loss_mask"] / total_tokens,
             False,
@@ -84,7 +92,7 @@ def _gradients(settings: StepSettings, params, batch, step_key):
 
     grad_fn = jax.value_and_grad(loss_fn)
     if accum == 1:
-        return grad_fn(params, batch, 0)
+        return with_frozen_zeros(grad_fn(trained, batch, 0))
 
     def split(x):  # microbatch a = rows a, a+A, a+2A...: each stays spread over every device
         b, s = x.shape
@@ -95,17 +103,15 @@ def _gradients(settings: StepSettings, params, batch, step_key):
     def body(carry, xs):
         loss_sum, grad_sum = carry
         index, microbatch = xs
-        loss, grads = grad_fn(params, microbatch, index)
-        grad_sum = jax.lax.with_sharding_constraint(
-            jax.tree.map(jnp.add, grad_sum, grads), settings.param_shardings
-        )
+        loss, grads = grad_fn(trained, microbatch, index)
+        grad_sum = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, grad_sum, grads), trained_shardings)
         return (loss_sum + loss, grad_sum), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
     (loss, grads), _ = jax.lax.scan(
         body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum), jax.tree.map(split, batch))
     )
-    return loss, grads
+    return with_frozen_zeros((loss, grads))
 
 
 def train_step(state: TrainState, batch: dict, settings: StepSettings) -> tuple[TrainState, dict]:
@@ -160,11 +166,11 @@ def _under_mesh(jitted, mesh, rules):
     """`jitted` called (and lowered: `.lower`, e.g. for memory_analysis()) under the mesh and rules."""
 
     def run(*args):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with on_mesh(mesh, rules):
             return jitted(*args)
 
     def lower(*args):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with on_mesh(mesh, rules):
             return jitted.lower(*args)
 
     run.lower = lower
@@ -172,9 +178,17 @@ def _under_mesh(jitted, mesh, rules):
 
 
 def make_train_step(
-    model, tx, train: TrainSection, optim: OptimSection, mesh, shardings: TrainState, rules=DEFAULT_RULES
+    model,
+    tx,
+    train: TrainSection,
+    optim: OptimSection,
+    mesh,
+    shardings: TrainState,
+    rules=DEFAULT_RULES,
+    trainable: Trainable = None,
 ):
-    """The jitted `train_step(state, batch) -> (state, metrics)`; the input state is donated."""
+    """The jitted `train_step(state, batch) -> (state, metrics)`; the input state is donated. `trainable`:
+    train/trainable.py (the optimizer `tx` must have been made with the same one)."""
     settings = StepSettings(
         model=model,
         tx=tx,
@@ -183,6 +197,7 @@ def make_train_step(
         head_positions=train.head_positions,
         param_shardings=shardings.params,
         micro_sharding=batch_sharding(mesh, rules, microbatched=True),
+        trainable=trainable_mask(shardings.params, trainable),
     )
     jitted = jax.jit(
         functools.partial(train_step, settings=settings),
