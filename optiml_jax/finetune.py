@@ -63,6 +63,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "model are deleted)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--aot",
+        metavar="TARGET",
+        default=None,
+        help="compile the train step for TARGET (tpu:v4-64, gpu:8xa100-80, ...) on this host and report "
+        "its memory per device; nothing is trained (needs the aot-tpu / aot-gpu extra)",
+    )
+    parser.add_argument("--aot-report", metavar="FILE", default=None, help="with --aot: the report as JSON")
     # intermixed: overrides may come before or after the flags (`--overwrite train.max_steps=10`)
     return parser.parse_intermixed_args(argv)
 
@@ -102,6 +110,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    if args.aot:
+        from optiml_jax.aot.train import finetune_aot  # imported with --aot only: start-up cost
+
+        return finetune_aot(cfg, args.aot, args.aot_report)
 
     init_distributed(args)
     import jax
