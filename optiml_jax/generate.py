@@ -228,12 +228,19 @@ def generate_padded(
     sharded over a mesh: call under `jax.set_mesh` and the logical axis rules then). Returns device
     arrays (tokens, logprobs [batch, capacity], lengths [batch]) without waiting for them; the capacity
     is max_new_tokens rounded up to NEW_TOKENS_BUCKET, every column past max_new_tokens padding."""
+    arguments, settings = decode_program(model, params, ids, mask, config, stop_mask=stop_mask)
+    return _generate_compiled(*arguments, **settings)
+
+
+def decode_program(model, params, ids, mask, config: GenerationConfig, *, stop_mask=None, platform=None):
+    """(arguments, static settings) of the decode program for `platform` (None: the running backend):
+    what `generate_padded` runs, and what `--aot` compiles for a target (aot/decode.py)."""
     vocab = model.config.vocab_size
     stop_mask = jnp.zeros((vocab,), bool) if stop_mask is None else jnp.asarray(stop_mask, bool)
     if stop_mask.shape != (vocab,):
         raise ValueError(f"stop_mask must be a bool [{vocab}] array, got shape {stop_mask.shape}")
-    loop, cache_layout = decode_plan(config)
-    return _generate_compiled(
+    loop, cache_layout = decode_plan(config, platform)
+    arguments = (
         model,
         nn.meta.unbox(params),
         ids,
@@ -246,6 +253,8 @@ def generate_padded(
         jnp.float32(config.top_p),
         jnp.float32(config.repetition_penalty),
         stop_mask,
+    )
+    settings = dict(
         new_tokens_capacity=round_up(config.max_new_tokens, NEW_TOKENS_BUCKET),
         do_sample=config.do_sample,
         unstack_layers=decode_with_separate_layers(model),
@@ -254,6 +263,7 @@ def generate_padded(
         loop=loop,
         cache_layout=cache_layout,
     )
+    return arguments, settings
 
 
 def decode_plan(config: GenerationConfig, platform: Optional[str] = None) -> tuple[str, str]:
@@ -552,7 +562,17 @@ def _parse_args(argv):
     )
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    parser.add_argument(
+        "--aot",
+        metavar="TARGET",
+        help="compile decoding for TARGET (tpu:v4-8, gpu:1xh200, ...) here and report its memory per device; "
+        "the model's architecture only is read (preset:NAME works); needs the aot-tpu / aot-gpu extra",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="with --aot: the batch to compile for")
+    parser.add_argument("--aot-report", metavar="FILE", help="with --aot: the report as JSON")
     args = parser.parse_args(argv)
+    if args.aot:
+        return args
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0 or not math.isfinite(args.temperature):
@@ -596,6 +616,12 @@ def _read_prompts(args) -> list[str]:
 def main(argv=None) -> int:
     try:
         args = _parse_args(argv)
+        if args.aot:
+            from optiml_jax.aot.decode import generate_aot  # imported with --aot only: start-up cost
+
+            return generate_aot(
+                args.model, args.aot, args.batch_size, args.dtype, args.max_new_tokens, args.aot_report
+            )
         prompts = _read_prompts(args)
         config = GenerationConfig(
             max_new_tokens=args.max_new_tokens,

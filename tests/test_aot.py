@@ -40,20 +40,23 @@ needs_cuda_plugin = pytest.mark.skipif(
 )
 
 
-def _finetune_aot(tmp_path, *args, timeout=300):
+def _aot_env() -> dict:
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
         "JAX_PLATFORMS": "cpu",
         "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # other test processes may hold libtpu too
         "TPU_ACCELERATOR_TYPE": "v4-8",
         "TPU_WORKER_HOSTNAMES": "localhost",
     }
     env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _finetune_aot(tmp_path, *args, timeout=300):
     return subprocess.run(
         [sys.executable, "-m", "optiml_jax.finetune", *args],
         cwd=tmp_path,
-        env=env,
+        env={**_aot_env(), "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -160,3 +163,47 @@ def test_tiny_model_compiled_for_8_h100(tmp_path):
     assert report["kernel"] == "cudnn"
     assert any(call.startswith("__cudnn$fmha") for call in report["custom_calls"]), report["custom_calls"]
     assert 0 < report["per_device"]["total"] < report["per_device"]["available"]
+
+
+def _generate_aot(tmp_path, *args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "optiml_jax.generate", *args],
+        cwd=tmp_path,
+        env={**_aot_env(), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@needs_libtpu
+def test_decoding_compiled_for_tpu_v4_8_and_a_batch_that_cannot_fit(tmp_path):
+    report_path = tmp_path / "decode.json"
+    result = _generate_aot(
+        tmp_path,
+        "--model",
+        "preset:tiny",
+        "--aot",
+        "tpu:v4-8",
+        "--batch-size",
+        "8",
+        "--aot-report",
+        report_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    config = OPTConfig.from_preset("tiny")
+    assert (report["devices"], report["batch_size"], report["fits"]) == (4, 8, True)
+    assert report["sequence"] == config.max_position_embeddings  # prompt + new tokens: every position
+    # float32 keys and values of every layer for 2 rows per device
+    assert (
+        report["kv_cache"] == 2 * config.num_hidden_layers * 2 * report["sequence"] * config.hidden_size * 4
+    )
+    assert report["weights"] == config.num_params() * 4
+    assert report["per_device"]["total"] >= report["kv_cache"]
+    assert "fits: yes" in result.stdout
+    refused = _generate_aot(tmp_path, "--model", "preset:30b", "--aot", "tpu:v4-8", "--batch-size", "4")
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "tpu:v4-8: does not fit" in errors[0] and "--batch-size" in errors[0]
