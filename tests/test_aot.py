@@ -88,14 +88,15 @@ def test_without_the_extra_aot_is_one_line_naming_it(monkeypatch, capsys):
     assert "pip install 'optiml-jax[aot-gpu]'" in capsys.readouterr().err
 
 
-# Every dimension a multiple of TPU's (8, 128) tiles (positions: 510 + OPT's offset of 2): the compiler's
-# argument bytes are then the arrays' own, with XLA's 512-byte minimum for the scalars.
+# Every minor dimension of every shard a multiple of TPU's 128-wide tiles (hidden 512 over fsdp 4, head
+# dim 128; positions 510 + OPT's offset of 2): the compiler's argument bytes are then the arrays' own,
+# with XLA's 512-byte minimum for the scalars.
 TILED_MODEL = dict(
     vocab_size=2048,
-    hidden_size=1024,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    ffn_dim=1024,
+    hidden_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    ffn_dim=512,
     max_position_embeddings=510,
 )
 
