@@ -52,9 +52,10 @@ def _aot_env() -> dict:
     return env
 
 
-def _finetune_aot(tmp_path, *args, timeout=300):
+def _aot_cli(tmp_path, cli: str, *args, timeout=300):
+    """`python -m optiml_jax.<cli> ...` as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "optiml_jax.finetune", *args],
+        [sys.executable, "-m", f"optiml_jax.{cli}", *args],
         cwd=tmp_path,
         env={**_aot_env(), "PYTHONPATH": str(REPO)},
         capture_output=True,
@@ -115,8 +116,9 @@ def test_model_compiled_for_tpu_v4_8(tmp_path):
     preset = tmp_path / "opt-tiled.yaml"
     preset.write_text(yaml.safe_dump(TILED_MODEL))
     report_path = tmp_path / "report.json"
-    result = _finetune_aot(
-        tmp_path, "--config", "demo", f"model=preset:{preset}", "train.batch_size=32", "mesh.data=1",
+    result = _aot_cli(
+        tmp_path,
+        "finetune", "--config", "demo", f"model=preset:{preset}", "train.batch_size=32", "mesh.data=1",
         "mesh.fsdp=4", "--aot", "tpu:v4-8", "--aot-report", report_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -143,7 +145,7 @@ def test_model_compiled_for_tpu_v4_8(tmp_path):
 
 @needs_libtpu
 def test_30b_on_a_slice_it_cannot_fit_is_refused_in_one_line(tmp_path):
-    result = _finetune_aot(tmp_path, "--config", "optiml-30b", "--aot", "tpu:v4-8")
+    result = _aot_cli(tmp_path, "finetune", "--config", "optiml-30b", "--aot", "tpu:v4-8")
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -154,8 +156,9 @@ def test_30b_on_a_slice_it_cannot_fit_is_refused_in_one_line(tmp_path):
 @needs_cuda_plugin
 def test_tiny_model_compiled_for_8_h100(tmp_path):
     report_path = tmp_path / "report.json"
-    result = _finetune_aot(
-        tmp_path, "--config", "demo", "train.compute_dtype=bfloat16", "--aot", "gpu:8xh100",
+    result = _aot_cli(
+        tmp_path,
+        "finetune", "--config", "demo", "train.compute_dtype=bfloat16", "--aot", "gpu:8xh100",
         "--aot-report", report_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -166,22 +169,12 @@ def test_tiny_model_compiled_for_8_h100(tmp_path):
     assert 0 < report["per_device"]["total"] < report["per_device"]["available"]
 
 
-def _generate_aot(tmp_path, *args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "optiml_jax.generate", *args],
-        cwd=tmp_path,
-        env={**_aot_env(), "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @needs_libtpu
 def test_decoding_compiled_for_tpu_v4_8_and_a_batch_that_cannot_fit(tmp_path):
     report_path = tmp_path / "decode.json"
-    result = _generate_aot(
+    result = _aot_cli(
         tmp_path,
+        "generate",
         "--model",
         "preset:tiny",
         "--aot",
@@ -203,7 +196,9 @@ def test_decoding_compiled_for_tpu_v4_8_and_a_batch_that_cannot_fit(tmp_path):
     assert report["weights"] == config.num_params() * 4
     assert report["per_device"]["total"] >= report["kv_cache"]
     assert "fits: yes" in result.stdout
-    refused = _generate_aot(tmp_path, "--model", "preset:30b", "--aot", "tpu:v4-8", "--batch-size", "4")
+    refused = _aot_cli(
+        tmp_path, "generate", "--model", "preset:30b", "--aot", "tpu:v4-8", "--batch-size", "4"
+    )
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]

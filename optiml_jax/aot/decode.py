@@ -4,7 +4,6 @@ runs them), for the longest sequence the model takes: which batch fits, before r
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Optional
 
@@ -14,15 +13,14 @@ import jax.numpy as jnp
 
 from optiml_jax.aot.report import (
     DoesNotFit,
-    check_fits,
     custom_calls,
     describe_target,
     gib,
     memory_lines,
     per_device_bytes,
-    write_json,
+    report_and_exit,
 )
-from optiml_jax.aot.targets import EXIT_CONFIG_ERROR, compile_only_devices, host_only, resolve_target
+from optiml_jax.aot.targets import compile_only_devices, resolve_target
 from optiml_jax.aot.train import architecture
 from optiml_jax.config import ConfigError, as_dtype
 from optiml_jax.generate import (
@@ -127,23 +125,16 @@ def generate_aot(
 ) -> int:
     """`optiml-generate --aot`: the exit status (0 fits; 2 a bad target or batch, a missing extra, or a
     batch that does not fit, each one line on stderr)."""
-    host_only()
-    try:
+
+    def compiled() -> tuple[dict, str]:
         report, target = compile_decode(model, target_name, batch_size, dtype, max_new_tokens)
-    except ConfigError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    print(
-        f"compiled decoding for {describe_target(target)} in {report['compile_s']:.1f} s: batch {batch_size} "
-        f"({batch_size // target.devices} per device) x {report['sequence']} tokens, {dtype}\n"
-        "per device (the compiler's figures):\n" + "\n".join(memory_lines(report["per_device"])) + "\n"
-        f"  of which weights {gib(report['weights'])}, KV cache {gib(report['kv_cache'])}\n"
-        f"  fits: {'yes' if report['fits'] else 'no'}, margin {gib(report['margin'])}"
-    )
-    write_json(report, report_path)
-    try:
-        check_fits(report, ADVICE)
-    except DoesNotFit as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    return 0
+        return report, (
+            f"compiled decoding for {describe_target(target)} in {report['compile_s']:.1f} s: batch "
+            f"{batch_size} ({batch_size // target.devices} per device) x {report['sequence']} tokens, "
+            f"{dtype}\n"
+            "per device (the compiler's figures):\n" + "\n".join(memory_lines(report["per_device"])) + "\n"
+            f"  of which weights {gib(report['weights'])}, KV cache {gib(report['kv_cache'])}\n"
+            f"  fits: {'yes' if report['fits'] else 'no'}, margin {gib(report['margin'])}"
+        )
+
+    return report_and_exit(compiled, report_path, ADVICE)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from optiml_jax.aot.targets import GiB, Target
+from optiml_jax.aot.targets import EXIT_CONFIG_ERROR, GiB, Target, host_only
 from optiml_jax.config import ConfigError
 
 
@@ -69,6 +70,22 @@ def check_fits(report: dict, advice: str) -> None:
 def write_json(report: dict, path: Optional[str]) -> None:
     if path:
         Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def report_and_exit(compiled: Callable[[], tuple[dict, str]], report_path: Optional[str], advice: str) -> int:
+    """Runs `compiled` (-> the report and its text) for a CLI's --aot: prints the text, writes the JSON,
+    and gives the exit status: 0 fits; 2, with one `error:` line on stderr, for a bad target, batch or
+    mesh, a missing extra, or a program that does not fit."""
+    host_only()
+    try:
+        report, text = compiled()
+        print(text)
+        write_json(report, report_path)
+        check_fits(report, advice)
+    except ConfigError as error:  # DoesNotFit and AotUnavailable included
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    return 0
 
 
 def describe_target(target: Target) -> str:

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,7 +22,6 @@ import jax
 from optiml_jax.aot import cudnn_stand_in
 from optiml_jax.aot.report import (
     DoesNotFit,
-    check_fits,
     custom_calls,
     describe_target,
     gib,
@@ -31,16 +29,16 @@ from optiml_jax.aot.report import (
     memory_lines,
     per_device_bytes,
     refusal_bytes,
-    write_json,
+    report_and_exit,
 )
-from optiml_jax.aot.targets import EXIT_CONFIG_ERROR, Target, compile_only_devices, host_only, resolve_target
+from optiml_jax.aot.targets import Target, compile_only_devices, resolve_target
 from optiml_jax.config import ConfigError, OPTConfig, as_dtype
 from optiml_jax.data.packing import empty_row
 from optiml_jax.model.attention import resolve_attention
 from optiml_jax.model.kernels import AttentionShapes
 from optiml_jax.run_config import RunConfig, resolve_path
 from optiml_jax.sharding import DEFAULT_RULES, batch_sharding, make_mesh
-from optiml_jax.train.memory import estimate_training_memory
+from optiml_jax.train.memory import estimate_run
 from optiml_jax.train.state import build_model, make_optimizer, state_shardings
 from optiml_jax.train.steps import make_train_step
 from optiml_jax.train.throughput import flops_per_token
@@ -170,7 +168,9 @@ def compile_train_step(cfg: RunConfig, target_name: str) -> dict:
     # at the published peak, one step cannot take less than this: MFU = seconds_at_peak / step time
     report["seconds_at_peak"] = flops["model"] / (target.devices * target.chip.peak_bf16_flops)
     report["peak_flops_per_device"] = target.chip.peak_bf16_flops
-    report["estimate_total"] = _estimate(cfg, config, mesh, target, kernel)
+    report["estimate_total"] = estimate_run(
+        cfg, config, dict(mesh.shape), target.platform, attention=kernel
+    ).total
     return report
 
 
@@ -216,23 +216,6 @@ def _compiled_step(cfg: RunConfig, config: OPTConfig, mesh, target: Target, mesh
         ) from None
 
 
-def _estimate(cfg: RunConfig, config: OPTConfig, mesh, target: Target, kernel: str) -> int:
-    t = cfg.train
-    return estimate_training_memory(
-        config,
-        mesh_shape=dict(mesh.shape),
-        global_batch=t.batch_size,
-        seq_len=t.seq_len,
-        grad_accum_steps=t.grad_accum_steps,
-        remat_policy=t.remat_policy,
-        compute_dtype=t.compute_dtype,
-        param_dtype=t.param_dtype,
-        scan_layers=t.scan_layers,
-        attention=kernel,
-        platform=target.platform,
-    ).total
-
-
 def format_train_report(report: dict, target: Target) -> str:
     lines = [
         f"compiled the train step for {describe_target(target)} in {report['compile_s']:.1f} s",
@@ -252,17 +235,9 @@ def format_train_report(report: dict, target: Target) -> str:
 def finetune_aot(cfg: RunConfig, target_name: str, report_path: Optional[str]) -> int:
     """`optiml-finetune --aot`: the exit status (0 fits; 2 a bad target, missing extra or a step that
     does not fit, each one line on stderr)."""
-    host_only()
-    try:
+
+    def compiled() -> tuple[dict, str]:
         report = compile_train_step(cfg, target_name)
-    except ConfigError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    print(format_train_report(report, resolve_target(target_name)))
-    write_json(report, report_path)
-    try:
-        check_fits(report, ADVICE)
-    except DoesNotFit as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    return 0
+        return report, format_train_report(report, resolve_target(target_name))
+
+    return report_and_exit(compiled, report_path, ADVICE)

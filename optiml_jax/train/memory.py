@@ -282,15 +282,22 @@ def memory_limit_bytes(cfg: RunConfig, mesh) -> Optional[int]:
     return device_memory_bytes(local[0] if local else None)
 
 
-def check_memory(cfg: RunConfig, opt_config: OPTConfig, mesh, rules=DEFAULT_RULES):
-    """Prints the per-device estimate (process 0) and raises InsufficientMemoryError when it cannot fit;
-    called before anything is allocated or compiled."""
+def estimate_run(
+    cfg: RunConfig,
+    opt_config: OPTConfig,
+    mesh_shape: dict,
+    platform: str,
+    rules=DEFAULT_RULES,
+    attention=None,
+) -> MemoryEstimate:
+    """`estimate_training_memory` for a run's config on a mesh of `mesh_shape` devices of `platform`
+    (`attention`: the kernel's name where it is known, else the config's request)."""
     t = cfg.train
     if t.attention_dropout is not None:  # the run's attention dropout decides which kernel can run
         opt_config = opt_config.replace(attention_dropout=t.attention_dropout)
-    estimate = estimate_training_memory(
+    return estimate_training_memory(
         opt_config,
-        mesh_shape=dict(mesh.shape),
+        mesh_shape=mesh_shape,
         global_batch=t.batch_size,
         seq_len=t.seq_len,
         grad_accum_steps=t.grad_accum_steps,
@@ -299,10 +306,16 @@ def check_memory(cfg: RunConfig, opt_config: OPTConfig, mesh, rules=DEFAULT_RULE
         param_dtype=t.param_dtype,
         rules=rules,
         scan_layers=t.scan_layers,
-        attention=t.attention,
-        # the mesh's devices are the target (they may be a topology's, compiled for from another host)
-        platform=mesh.devices.flat[0].platform,
+        attention=attention or t.attention,
+        platform=platform,
     )
+
+
+def check_memory(cfg: RunConfig, opt_config: OPTConfig, mesh, rules=DEFAULT_RULES):
+    """Prints the per-device estimate (process 0) and raises InsufficientMemoryError when it cannot fit;
+    called before anything is allocated or compiled."""
+    # the mesh's devices are the target (they may be a topology's, compiled for from another host)
+    estimate = estimate_run(cfg, opt_config, dict(mesh.shape), mesh.devices.flat[0].platform, rules)
     available = memory_limit_bytes(cfg, mesh)
     if jax.process_index() == 0:
         limit = f"{available / GiB:.3f} GiB per device available" if available else "device memory unknown"
