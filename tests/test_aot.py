@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from finetune_helpers import TINY_MODEL
 from jax.sharding import Mesh
 
 from optiml_jax import finetune
@@ -96,12 +97,7 @@ def test_without_the_extra_aot_is_one_line_naming_it(monkeypatch, capsys):
 # dim 128; positions 510 + OPT's offset of 2): the compiler's argument bytes are then the arrays' own,
 # with XLA's 512-byte minimum for the scalars.
 TILED_MODEL = dict(
-    vocab_size=2048,
-    hidden_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    ffn_dim=512,
-    max_position_embeddings=510,
+    TINY_MODEL, hidden_size=512, num_attention_heads=4, ffn_dim=512, max_position_embeddings=510
 )
 
 
