@@ -225,12 +225,19 @@ def generate_padded(
     sharded over a mesh: call under `jax.set_mesh` and the logical axis rules then). Returns device
     arrays (tokens, logprobs [batch, capacity], lengths [batch]) without waiting for them; the capacity
     is max_new_tokens rounded up to NEW_TOKENS_BUCKET, every column past max_new_tokens padding."""
+    arguments, settings = decode_program(model, params, ids, mask, config, stop_mask=stop_mask)
+    return _generate_compiled(*arguments, **settings)
+
+
+def decode_program(model, params, ids, mask, config: GenerationConfig, *, stop_mask=None, platform=None):
+    """(arguments, static settings) of the decode program for `platform` (None: the running backend):
+    what `generate_padded` runs, and what `--aot` compiles for a target (aot/decode.py)."""
     vocab = model.config.vocab_size
     stop_mask = jnp.zeros((vocab,), bool) if stop_mask is None else jnp.asarray(stop_mask, bool)
     if stop_mask.shape != (vocab,):
         raise ValueError(f"stop_mask must be a bool [{vocab}] array, got shape {stop_mask.shape}")
-    loop, cache_layout = decode_plan(config)
-    return _generate_compiled(
+    loop, cache_layout = decode_plan(config, platform)
+    arguments = (
         model,
         nn.meta.unbox(params),
         ids,
@@ -243,6 +250,8 @@ def generate_padded(
         jnp.float32(config.top_p),
         jnp.float32(config.repetition_penalty),
         stop_mask,
+    )
+    settings = dict(
         new_tokens_capacity=round_up(config.max_new_tokens, NEW_TOKENS_BUCKET),
         do_sample=config.do_sample,
         unstack_layers=decode_with_separate_layers(model),
@@ -251,6 +260,7 @@ def generate_padded(
         loop=loop,
         cache_layout=cache_layout,
     )
+    return arguments, settings
 
 
 def decode_plan(config: GenerationConfig, platform: Optional[str] = None) -> tuple[str, str]:

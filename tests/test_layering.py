@@ -18,6 +18,8 @@ LAYERS = (
     ("eval", "pipelines", "notebook", "bench"),
     ("run_config",),
     ("train",),
+    # compiling the train step and the decode loop for a TPU / GPU target ahead of time
+    ("aot",),
     # the command-line front ends, and the old module names that forward to them
     ("cli", "finetune", "evaluate", "convert_weights", "lm_eval"),
 )

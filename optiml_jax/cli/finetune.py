@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import jax
 
+from optiml_jax.aot.train import finetune_aot
 from optiml_jax.checkpoints.model_format import CheckpointError
 from optiml_jax.cli.common import (
     EXIT_BAD_INPUT,
@@ -73,6 +74,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "files a run did not write (they are kept)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--aot",
+        metavar="TARGET",
+        default=None,
+        help="compile the train step for TARGET (tpu:v4-64, gpu:8xa100-80, ...) on this host and report "
+        "its memory per device; nothing is trained (needs the aot-tpu / aot-gpu extra)",
+    )
+    parser.add_argument("--aot-report", metavar="FILE", default=None, help="with --aot: the report as JSON")
     # intermixed: overrides may come before or after the flags (`--overwrite train.max_steps=10`)
     return parser.parse_intermixed_args(argv)
 
@@ -84,6 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
         return report(e, EXIT_BAD_INPUT)
+    if args.aot:
+        return finetune_aot(cfg, args.aot, args.aot_report)
 
     init_distributed(args)
     if jax.process_index() != 0:  # logs come from process 0; the others report only problems

@@ -19,6 +19,7 @@ import json
 import math
 import sys
 
+from optiml_jax.aot.decode import generate_aot
 from optiml_jax.checkpoints.pretrained import load_pretrained
 from optiml_jax.cli.common import EXIT_BAD_INPUT, EXIT_FAILURE, CLIError, Parser, report
 from optiml_jax.config import DTYPES
@@ -63,7 +64,17 @@ def _parse_args(argv):
         help="start prompts with </s> as transformers' OPT tokenizer does (default: no, as fine-tuning "
         "and optiml-evaluate encode them)",
     )
+    parser.add_argument(
+        "--aot",
+        metavar="TARGET",
+        help="compile decoding for TARGET (tpu:v4-8, gpu:1xh200, ...) here and report its memory per device; "
+        "the model's architecture only is read (preset:NAME works); needs the aot-tpu / aot-gpu extra",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="with --aot: the batch to compile for")
+    parser.add_argument("--aot-report", metavar="FILE", help="with --aot: the report as JSON")
     args = parser.parse_args(argv)
+    if args.aot:
+        return args
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0 or not math.isfinite(args.temperature):
@@ -135,6 +146,10 @@ def _read_prompts(args) -> list[str]:
 def main(argv=None) -> int:
     try:
         args = _parse_args(argv)
+        if args.aot:
+            return generate_aot(
+                args.model, args.aot, args.batch_size, args.dtype, args.max_new_tokens, args.aot_report
+            )
         prompts = _read_prompts(args)
         config = GenerationConfig(
             max_new_tokens=args.max_new_tokens,

@@ -48,12 +48,15 @@ class MemoryEstimate:
     logits: int
     devices: int
     notes: tuple = ()
+    # AdamW's working set while it updates: the float32 updates and new moments before the old ones are
+    # freed (XLA: twice the float32 gradient). The activations are gone by then, so the peak is the
+    # larger of the two (calibrated on compiled steps of the 1.3B and 30B recipes, docs/finetuning.md).
+    optimizer_update: int = 0
 
     @property
     def total(self) -> int:
-        return (
-            self.params + self.grads + self.optimizer + self.grad_accumulator + self.activations + self.logits
-        )
+        resident = self.params + self.grads + self.optimizer + self.grad_accumulator
+        return resident + max(self.activations + self.logits, self.optimizer_update)
 
     def table(self) -> str:
         rows = [
@@ -63,12 +66,14 @@ class MemoryEstimate:
             ("grad accumulator", self.grad_accumulator),
             ("activations (saved)", self.activations),
             ("logits + loss", self.logits),
+            ("optimizer update", self.optimizer_update),
             ("total", self.total),
         ]
         width = max(len(name) for name, _ in rows)
         lines = [f"memory per device (estimate, {self.devices} devices):"]
         lines += [f"  {name:<{width}}  {value / GiB:9.3f} GiB" for name, value in rows]
         lines += [f"  note: {note}" for note in self.notes]
+        lines.append("  note: the total counts the larger of activations + logits and the optimizer update")
         return "\n".join(lines)
 
 
@@ -224,7 +229,8 @@ def estimate_training_memory(
     notes = [
         f"micro-batch of {micro_rows} sequence(s) x {seq_len} tokens per device, remat={remat_policy}, "
         f"attention={kernel.name}",
-        "XLA temporaries and fragmentation come on top; keep ~10-20% headroom",
+        "XLA temporaries and fragmentation come on top; keep ~10-20% headroom (the compiler's own figure "
+        "for a TPU or GPU target: optiml-finetune --aot TARGET)",
     ]
     return MemoryEstimate(
         params=params,
@@ -235,6 +241,7 @@ def estimate_training_memory(
         logits=logits,
         devices=devices,
         notes=tuple(notes),
+        optimizer_update=2 * grads,
     )
 
 
@@ -284,16 +291,23 @@ def memory_limit_bytes(train: TrainSection, mesh) -> Optional[int]:
     return device_memory_bytes(local[0] if local else None)
 
 
-def check_memory(
-    t: TrainSection, opt_config: OPTConfig, mesh, rules=DEFAULT_RULES, trainable: Trainable = None
-):
-    """Prints the per-device estimate (process 0) and raises InsufficientMemoryError when it cannot fit;
-    called before anything is allocated or compiled. trainable: train/trainable.py (None: all train)."""
+def estimate_run(
+    t: TrainSection,
+    opt_config: OPTConfig,
+    mesh_shape: dict,
+    platform: str,
+    rules=DEFAULT_RULES,
+    attention=None,
+    trainable: Trainable = None,
+) -> MemoryEstimate:
+    """`estimate_training_memory` for a run's train section on a mesh of `mesh_shape` devices of
+    `platform` (`attention`: the kernel's name where it is known, else the config's request; trainable:
+    train/trainable.py, None: all train)."""
     if t.attention_dropout is not None:  # the run's attention dropout decides which kernel can run
         opt_config = opt_config.replace(attention_dropout=t.attention_dropout)
-    estimate = estimate_training_memory(
+    return estimate_training_memory(
         opt_config,
-        mesh_shape=dict(mesh.shape),
+        mesh_shape=mesh_shape,
         global_batch=t.batch_size,
         seq_len=t.seq_len,
         grad_accum_steps=t.grad_accum_steps,
@@ -302,11 +316,20 @@ def check_memory(
         param_dtype=t.param_dtype,
         rules=rules,
         scan_layers=t.scan_layers,
-        attention=t.attention,
-        # the mesh's devices are the target (they may be a topology's, compiled for from another host)
-        platform=mesh.devices.flat[0].platform,
+        attention=attention or t.attention,
+        platform=platform,
         trainable=trainable,
     )
+
+
+def check_memory(
+    t: TrainSection, opt_config: OPTConfig, mesh, rules=DEFAULT_RULES, trainable: Trainable = None
+):
+    """Prints the per-device estimate (process 0) and raises InsufficientMemoryError when it cannot fit;
+    called before anything is allocated or compiled. trainable: train/trainable.py (None: all train)."""
+    # the mesh's devices are the target (they may be a topology's, compiled for from another host)
+    platform = mesh.devices.flat[0].platform
+    estimate = estimate_run(t, opt_config, dict(mesh.shape), platform, rules, trainable=trainable)
     available = memory_limit_bytes(t, mesh)
     if jax.process_index() == 0:
         limit = f"{available / GiB:.3f} GiB per device available" if available else "device memory unknown"

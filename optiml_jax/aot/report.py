@@ -1,0 +1,99 @@
+"""What a compile for a target reports, shared by the train step and the decode loop: per-device bytes
+from the compiler, whether they fit, and the report's text and JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from optiml_jax.aot.targets import EXIT_CONFIG_ERROR, GiB, Target, host_only
+from optiml_jax.config import ConfigError
+
+
+class DoesNotFit(ConfigError):
+    """The compiled program needs more memory per device than the target has; one line, with advice."""
+
+
+def per_device_bytes(compiled, available: int) -> dict:
+    """The compiler's figures for one device. Donated inputs alias outputs (the train state), so they
+    count once."""
+    stats = compiled.memory_analysis()
+    argument, output = stats.argument_size_in_bytes, stats.output_size_in_bytes
+    temp, alias = stats.temp_size_in_bytes, stats.alias_size_in_bytes
+    return {
+        "argument": argument,
+        "output": output,
+        "temp": temp,
+        "alias": alias,
+        "total": argument + output + temp - alias,
+        "available": available,
+    }
+
+
+def custom_calls(lowered) -> list[str]:
+    """The custom calls of a lowered program (the fused kernels: tpu_custom_call for Pallas on TPU,
+    __cudnn$fmha... for cuDNN attention), so a report shows the kernel is really in it."""
+    return sorted(set(re.findall(r"custom_call @([\w$.]+)", lowered.as_text())))
+
+
+def refusal_bytes(message: str) -> Optional[int]:
+    """The bytes a compiler's out-of-memory refusal says the program needs, where it says so."""
+    sizes = re.findall(r"([\d.]+)([KMG])\b", message)
+    units = {"K": 2**10, "M": 2**20, "G": GiB}
+    found = [float(value) * units[unit] for value, unit in sizes]
+    return int(max(found)) if found else None
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
+
+
+def gib(value: int) -> str:
+    return f"{value / GiB:.2f} GiB"
+
+
+def check_fits(report: dict, advice: str) -> None:
+    """DoesNotFit naming the bytes needed and available, and `advice`, when the report does not fit."""
+    memory = report["per_device"]
+    if report["fits"]:
+        return
+    raise DoesNotFit(
+        f"{report['target']}: does not fit: {gib(memory['total'])} per device needed, "
+        f"{gib(memory['available'])} available ({report['mesh']}); {advice}"
+    )
+
+
+def write_json(report: dict, path: Optional[str]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def report_and_exit(compiled: Callable[[], tuple[dict, str]], report_path: Optional[str], advice: str) -> int:
+    """Runs `compiled` (-> the report and its text) for a CLI's --aot: prints the text, writes the JSON,
+    and gives the exit status: 0 fits; 2, with one `error:` line on stderr, for a bad target, batch or
+    mesh, a missing extra, or a program that does not fit."""
+    host_only()
+    try:
+        report, text = compiled()
+        print(text)
+        write_json(report, report_path)
+        check_fits(report, advice)
+    except ConfigError as error:  # DoesNotFit and AotUnavailable included
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    return 0
+
+
+def describe_target(target: Target) -> str:
+    return f"{target.name} ({target.devices} x {target.chip_name}, {gib(target.chip.hbm_bytes)} each)"
+
+
+def memory_lines(memory: dict) -> list[str]:
+    return [
+        f"  {name:<10} {gib(memory[name]):>12}"
+        for name in ("argument", "output", "temp", "total", "available")
+    ]

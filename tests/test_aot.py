@@ -1,0 +1,204 @@
+"""`optiml-finetune --aot TARGET`: the real train step compiled for TPU and GPU machines this host does not
+have (compile-only devices of libtpu and of the CUDA plugin: the aot-tpu / aot-gpu extras, which the test
+extra installs). The full-size compiles take minutes; their figures are in docs/finetuning.md."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import yaml
+from finetune_helpers import TINY_MODEL
+from jax.sharding import Mesh
+
+from optiml_jax import finetune
+from optiml_jax.aot import targets
+from optiml_jax.aot.targets import gpu_target_config, resolve_target
+from optiml_jax.config import ConfigError, OPTConfig
+from optiml_jax.model import OPTForCausalLM
+from optiml_jax.sharding import MESH_AXES, abstract_params, logical_shardings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+needs_libtpu = pytest.mark.skipif(not _installed("libtpu"), reason="the aot-tpu extra (libtpu)")
+needs_cuda_plugin = pytest.mark.skipif(
+    not _installed("jax_plugins.xla_cuda12"), reason="the aot-gpu extra (jax-cuda12-plugin)"
+)
+
+
+def _aot_env() -> dict:
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # other test processes may hold libtpu too
+        "TPU_ACCELERATOR_TYPE": "v4-8",
+        "TPU_WORKER_HOSTNAMES": "localhost",
+    }
+    # the program a user's run compiles: no host device count, jax's default matmul precision (the suite's
+    # "highest" makes TPU float32 matmuls six bfloat16 passes: a bigger program, slower to compile)
+    for name in ("XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION"):
+        env.pop(name, None)
+    return env
+
+
+def _aot_cli(tmp_path, cli: str, *args, timeout=300):
+    """`python -m optiml_jax.<cli> ...` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", f"optiml_jax.{cli}", *args],
+        cwd=tmp_path,
+        env={**_aot_env(), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_target_names_map_to_slices_and_gpu_counts():
+    assert resolve_target("tpu:v4-8").topology == "v4:2x2x1"  # 8 TensorCores = 4 chips
+    assert resolve_target("tpu:v4-64").topology == "v4:2x4x4"
+    assert resolve_target("tpu:v5p-128").topology == "v5p:4x4x4"
+    assert resolve_target("tpu:v5e-256").topology == "v5e:16x16"
+    assert resolve_target("tpu:v6e-8").topology == "v6e:2x4"
+    h200 = resolve_target("gpu:1xh200")
+    assert (h200.devices, h200.topology, h200.platform) == (1, "1x1x1", "gpu")
+    text = gpu_target_config(resolve_target("gpu:8xa100-80").chip)
+    assert "core_count: 108" in text and "cuda_compute_capability { major: 8 }" in text
+    for bad in ("tpu:v4-12", "gpu:8xv100", "v4-8"):
+        with pytest.raises(ConfigError, match="accepted: tpu:v4-N"):
+            resolve_target(bad)
+
+
+def test_without_the_extra_aot_is_one_line_naming_it(monkeypatch, capsys):
+    monkeypatch.setattr(targets, "_installed", lambda module: False)
+    assert finetune.main(["--config", "demo", "--aot", "tpu:v4-8"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --aot tpu:v4-8 needs the TPU compiler: pip install 'optiml-jax[aot-tpu]'"
+    )
+    assert finetune.main(["--config", "demo", "--aot", "gpu:8xh100"]) == 2
+    assert "pip install 'optiml-jax[aot-gpu]'" in capsys.readouterr().err
+
+
+# Every minor dimension of every shard a multiple of TPU's 128-wide tiles (hidden 512 over fsdp 4, head
+# dim 128; positions 510 + OPT's offset of 2): the compiler's argument bytes are then the arrays' own,
+# with XLA's 512-byte minimum for the scalars.
+TILED_MODEL = dict(
+    TINY_MODEL, hidden_size=512, num_attention_heads=4, ffn_dim=512, max_position_embeddings=510
+)
+
+
+def _shard_bytes(tree, mesh_shape: dict) -> list[int]:
+    """Bytes of one device's shard of every leaf, from shapes and the rules on a host mesh of that shape."""
+    devices = np.asarray(jax.devices()[: math.prod(mesh_shape.values())])
+    mesh = Mesh(devices.reshape(tuple(mesh_shape[a] for a in MESH_AXES)), MESH_AXES)
+    shardings = jax.tree.leaves(logical_shardings(tree, mesh))
+    leaves = jax.tree.leaves(nn.meta.unbox(tree))
+    return [math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for s, x in zip(shardings, leaves)]
+
+
+@needs_libtpu
+def test_model_compiled_for_tpu_v4_8(tmp_path):
+    preset = tmp_path / "opt-tiled.yaml"
+    preset.write_text(yaml.safe_dump(TILED_MODEL))
+    report_path = tmp_path / "report.json"
+    result = _aot_cli(
+        tmp_path,
+        "finetune", "--config", "demo", f"model=preset:{preset}", "train.batch_size=16", "train.seq_len=256",
+        "mesh.data=1", "mesh.fsdp=4", "--aot", "tpu:v4-8", "--aot-report", report_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    keys = {"target", "devices", "mesh", "per_device", "fits", "compile_s", "flops_per_step", "kernel"}
+    assert keys <= set(report)
+    assert (report["target"], report["devices"], report["fits"]) == ("tpu:v4-8", 4, True)
+    assert report["mesh"] == "data=1 x fsdp=4 x tensor=1"
+    # the splash kernel (a Pallas TPU custom call) is in the program, not our XLA attention
+    assert report["kernel"] == "splash" and "tpu_custom_call" in report["custom_calls"]
+    # arguments: one device's shard of the float32 params and of Adam's two float32 moments, the batch
+    # and the scalars (step, two non-finite counters, two optimizer counts, the uint32[2] key)
+    params = sum(
+        _shard_bytes(
+            abstract_params(OPTForCausalLM(OPTConfig.from_dict(TILED_MODEL))),
+            {"data": 1, "fsdp": 4, "tensor": 1},
+        )
+    )
+    batch = 5 * (16 // 4) * 256 * 4  # 5 int32/float32 [16, 256] inputs, rows split over 4 devices
+    assert report["per_device"]["argument"] == 3 * params + batch + 6 * 512
+    assert report["per_device"]["total"] <= report["per_device"]["available"] == int(30.75 * 2**30)
+    assert "fits: yes" in result.stdout and "MFU = " in result.stdout
+
+
+@needs_libtpu
+def test_30b_on_a_slice_it_cannot_fit_is_refused_in_one_line(tmp_path):
+    result = _aot_cli(tmp_path, "finetune", "--config", "optiml-30b", "--aot", "tpu:v4-8")
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "tpu:v4-8: does not fit" in errors[0] and "30.75 GiB available" in errors[0]
+    assert "mesh.fsdp" in errors[0] and "grad_accum_steps" in errors[0] and "remat" in errors[0]
+
+
+@needs_cuda_plugin
+def test_tiny_model_compiled_for_8_h100(tmp_path):
+    report_path = tmp_path / "report.json"
+    result = _aot_cli(
+        tmp_path,
+        "finetune", "--config", "demo", "train.compute_dtype=bfloat16", "--aot", "gpu:8xh100",
+        "--aot-report", report_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert (report["devices"], report["mesh"], report["fits"]) == (8, "data=8 x fsdp=1 x tensor=1", True)
+    assert report["kernel"] == "cudnn"
+    assert any(call.startswith("__cudnn$fmha") for call in report["custom_calls"]), report["custom_calls"]
+    assert 0 < report["per_device"]["total"] < report["per_device"]["available"]
+
+
+@needs_libtpu
+def test_decoding_compiled_for_tpu_v4_8_and_a_batch_that_cannot_fit(tmp_path):
+    report_path = tmp_path / "decode.json"
+    result = _aot_cli(
+        tmp_path,
+        "generate",
+        "--model",
+        "preset:tiny",
+        "--aot",
+        "tpu:v4-8",
+        "--batch-size",
+        "8",
+        "--aot-report",
+        report_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    config = OPTConfig.from_preset("tiny")
+    assert (report["devices"], report["batch_size"], report["fits"]) == (4, 8, True)
+    assert report["sequence"] == config.max_position_embeddings  # prompt + new tokens: every position
+    # float32 keys and values of every layer for 2 rows per device
+    assert (
+        report["kv_cache"] == 2 * config.num_hidden_layers * 2 * report["sequence"] * config.hidden_size * 4
+    )
+    assert report["weights"] == config.num_params() * 4
+    assert report["per_device"]["total"] >= report["kv_cache"]
+    assert "fits: yes" in result.stdout
+    refused = _aot_cli(
+        tmp_path, "generate", "--model", "preset:30b", "--aot", "tpu:v4-8", "--batch-size", "4"
+    )
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "tpu:v4-8: does not fit" in errors[0] and "--batch-size" in errors[0]
