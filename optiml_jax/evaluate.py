@@ -141,6 +141,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--add-bos", action="store_true", help="start prompts with </s> (fine-tuning data does not)"
     )
+    parser.add_argument(
+        "--suite",
+        help="a suite file (configs/eval/*.yaml): every entry at each of its shot settings and templates, "
+        "aggregated as the paper does (optiml_jax/eval/suite.py)",
+    )
     parser.add_argument("--predictions", help="re-score this predictions.jsonl instead of running a model")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -155,13 +160,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.predictions:
         extra = [
             flag
-            for flag, value in (("--model", args.model), ("--data", args.data), ("--split", args.split))
+            for flag, value in (
+                ("--model", args.model),
+                ("--data", args.data),
+                ("--split", args.split),
+                ("--suite", args.suite),
+            )
             if value
         ]
         if extra:
             raise CLIError(f"--predictions re-scores a file; {', '.join(extra)} would be unused")
-    elif not args.model or not args.data:
-        raise CLIError("give --model and --data (or --predictions FILE to re-score)")
+    elif args.suite and (args.data or args.split):
+        raise CLIError("--suite names each entry's data; --data and --split would be unused")
+    elif not args.model or not (args.data or args.suite):
+        raise CLIError("give --model and --data or --suite (or --predictions FILE to re-score)")
     for flag, value, low in (
         ("--max-instances", args.max_instances, 0),
         ("--shots", args.shots, 0),
@@ -183,15 +195,58 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _evaluate_model(args):
+def _load_model(args, mesh):
+    """(the loaded model, its tokenizer) of --model / --tokenizer."""
     import jax
 
     from optiml_jax.checkpoints.pretrained import load_pretrained
+    from optiml_jax.tokenizer import OPTTokenizer
+
+    # Decoding on CPU runs unscanned layers anyway (generate.decode_with_separate_layers).
+    loaded = load_pretrained(
+        args.model,
+        dtype=args.dtype,
+        scan_layers=jax.default_backend() != "cpu",
+        mesh=mesh,
+        attention=args.attention,
+        load_tokenizer=args.tokenizer is None,
+    )
+    tokenizer = OPTTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else loaded.tokenizer
+    if tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer files; pass --tokenizer DIR")
+    return loaded, tokenizer
+
+
+def _evaluate_suite(args, write_to):
+    """--suite: the suite file checked first (every bad entry, before any model is read), then run."""
+    from optiml_jax.eval.generation import data_parallel_size
+    from optiml_jax.eval.suite import load_suite
+    from optiml_jax.eval.suite_run import SuiteSettings, run_suite
+    from optiml_jax.sharding import make_mesh
+
+    suite = load_suite(args.suite)
+    try:
+        mesh = make_mesh(args.mesh)
+    except ValueError as e:
+        raise CLIError(f"--mesh: {e}") from None
+    settings = SuiteSettings(
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size or 8 * data_parallel_size(mesh),
+        delimiter=args.delimiter,
+        add_bos=args.add_bos,
+        stop=args.stop,
+    )
+    loaded, tokenizer = _load_model(args, mesh)
+    return run_suite(
+        loaded.model, loaded.params, tokenizer, suite, write_to, settings, mesh=mesh, overwrite=args.overwrite
+    )
+
+
+def _evaluate_model(args):
     from optiml_jax.eval.generation import data_parallel_size
     from optiml_jax.eval.runner import EvalSettings, evaluate
     from optiml_jax.eval.tasks import load_eval_tasks
     from optiml_jax.sharding import make_mesh
-    from optiml_jax.tokenizer import OPTTokenizer
 
     try:  # the configuration first: it fails in a second, before any data or model is read
         mesh = make_mesh(args.mesh)
@@ -215,18 +270,7 @@ def _evaluate_model(args):
         mode=args.mode,
         max_options=args.max_options,
     )
-    # Decoding on CPU runs unscanned layers anyway (generate.decode_with_separate_layers).
-    loaded = load_pretrained(
-        args.model,
-        dtype=args.dtype,
-        scan_layers=jax.default_backend() != "cpu",
-        mesh=mesh,
-        attention=args.attention,
-        load_tokenizer=args.tokenizer is None,
-    )
-    tokenizer = OPTTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else loaded.tokenizer
-    if tokenizer is None:
-        raise CLIError(f"{args.model} has no tokenizer files; pass --tokenizer DIR")
+    loaded, tokenizer = _load_model(args, mesh)
     log = logging.getLogger("optiml_jax.evaluate")
     log.info("%d tasks, %d instances; %s", len(tasks), sum(len(t.instances) for t in tasks), settings)
     result = evaluate(
@@ -243,6 +287,8 @@ def _evaluate_model(args):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from optiml_jax.eval.suite import SuiteError  # light: yaml and the suite schema
+
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -264,19 +310,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import jax
 
             is_main = jax.process_index() == 0
-            result = _evaluate_model(args)
-        if is_main:
+            if args.suite:  # run_suite writes its own report
+                result = _evaluate_suite(args, args.output if is_main else None)
+            else:
+                result = _evaluate_model(args)
+        if is_main and not args.suite:
             from optiml_jax.eval.runner import write_results
 
             write_results(args.output, result, overwrite=args.overwrite)
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except SuiteError as e:  # one line per bad entry
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (OSError, ValueError, KeyError) as e:  # bad data, model files, config...
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if is_main:
+    if is_main and args.suite:
+        from optiml_jax.eval.suite_report import suite_summary
+
+        print(suite_summary(result.metrics))
+    elif is_main:
         from optiml_jax.eval.runner import summary_table
 
         print(summary_table(result.metrics))

@@ -13,10 +13,12 @@ import pytest
 import yaml
 from finetune_helpers import SNI, TOKENIZER
 
+from optiml_jax.checkpoints.model_format import save_model
 from optiml_jax.config import OPTConfig
 from optiml_jax.eval.shots import INSTANCE_SEPARATOR
 from optiml_jax.eval.suite import SuiteError, load_suite
 from optiml_jax.eval.suite_run import SuiteSettings, run_suite
+from optiml_jax.evaluate import main
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.sharding import MeshConfig, init_params_sharded, make_mesh
 from optiml_jax.tokenizer import OPTTokenizer
@@ -109,14 +111,16 @@ def small_suite(tmp_path_factory, tiny):
     ]
     path = suite_file(tmp, entries, max_instances=4, seed=3)
     model, params, tokenizer = tiny
-    result = run_suite(model, params, tokenizer, load_suite(path), tmp / "out", SETTINGS)
+    save_model(tmp / "model", model.config, params, tokenizer)
+    argv = ["--model", str(tmp / "model"), "--suite", str(path), "--output", str(tmp / "out")]
+    assert main([*argv, "--max-new-tokens", "4", "--no-progress"]) == 0
     records = [json.loads(line) for line in (tmp / "out" / "predictions.jsonl").read_text().splitlines()]
     metrics = json.loads((tmp / "out" / "metrics.json").read_text())
-    return result, records, metrics, tmp / "out"
+    return records, metrics, tmp / "out"
 
 
 def test_figures_recomputed_from_predictions(small_suite):
-    _, records, metrics, _ = small_suite
+    records, metrics, _ = small_suite
     for record in records:
         for key in ("task", "template", "shots", "level", "category", "benchmark"):
             assert key in record
@@ -170,7 +174,7 @@ def test_figures_recomputed_from_predictions(small_suite):
 
 
 def test_report_is_table_16_shaped(small_suite):
-    report = (small_suite[3] / "report.md").read_text()
+    report = (small_suite[2] / "report.md").read_text()
     assert "| **fully held-out** |" in report and "| | textual_entailment |" in report
     assert "0-shot / 2-shot / 5-shot" in report
     assert "Selection score:" in report
@@ -178,7 +182,7 @@ def test_report_is_table_16_shaped(small_suite):
 
 
 def test_k_shot_placement_task_and_instance_level(small_suite):
-    _, records, _, _ = small_suite
+    records, _, _ = small_suite
     task = json.loads((SNI / "task1146_country_capital.json").read_text())
     definition = task["Definition"][0].strip()
     capital = [r for r in records if r["task"] == "capital" and r["shots"] == 5]
@@ -264,3 +268,21 @@ def test_bad_entries_are_one_line_each(tmp_path):
     assert f"{path}: entry 3 (c): missing key 'data'" in lines
     assert any(line.startswith(f"{path}: entry 4 (ok): 'shots' must be") for line in lines)
     assert all(line.startswith(f"{path}: entry ") for line in lines)
+
+
+def test_cli_prints_every_bad_entry_and_exits_2(tmp_path, capsys):
+    path = suite_file(
+        tmp_path,
+        [
+            entry("a", SNI / "task1146_country_capital.json", "sni", "qa", "fully_supervised", mode="guess"),
+            entry(
+                "b", SNI / "task1146_country_capital.json", "sni", "qa", "fully_supervised", templates="some"
+            ),
+        ],
+    )
+    code = main(["--model", str(tmp_path / "none"), "--suite", str(path), "--output", str(tmp_path / "out")])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"error: {path}: entry ") for line in lines)
+    assert "'mode' must be one of generate, rank, got 'guess'" in lines[0] and "(b): 'templates'" in lines[1]
+    assert not (tmp_path / "out").exists()

@@ -77,3 +77,15 @@ def suite_report(metrics: dict, config=None, title: str = "Suite") -> str:
                 )
     lines += ["", "## Run", "", "```json", json.dumps(metrics.get("run", {}), indent=2), "```"]
     return "\n".join(lines) + "\n"
+
+
+def suite_summary(metrics: dict) -> str:
+    """The selection score and the per-level figures, for the terminal."""
+    shots = sorted(metrics["per_shot"], key=int)
+    selection = metrics.get("selection_score")
+    lines = [f"{'level':<24} " + " / ".join(f"{k}-shot" for k in shots)]
+    lines += [f"{level:<24} {_cell(by_shot, shots)}" for level, by_shot in metrics["per_level"].items()]
+    lines.append(f"{'all categories':<24} {_cell(metrics['per_shot'], shots)}")
+    lines.append(f"selection score: {'-' if selection is None else f'{selection:.2f}'}")
+    lines.append(f"compilations: {metrics['run']['compilations']}")
+    return "\n".join(lines)
