@@ -15,13 +15,17 @@ all) and `lm_eval_include` (a directory of lm-evaluation-harness task YAMLs, for
       templates: all                  # or a list: record `template` values; optiml, tk_instruct for SNI
       demonstrations: bench/train     # optional: where k-shot demonstrations come from (default: data)
 
-Relative paths are relative to the suite file. Every bad entry is one line of the SuiteError,
+Relative paths are relative to the suite file; `$VAR` / `${VAR}` in a path is the environment
+variable (the shipped suites read a built bench at `${OPTIML_BENCH}` and SNI at `${SNI_TASKS}`). A task
+name with glob characters (`task: "*"`) stands for every task of the data that matches it and has the
+entry's category (records carrying a `category`), each one a task of the suite. Every bad entry is one line of the SuiteError,
 `FILE: entry N (TASK): 'key' ...`, all of them at once, before any model is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Optional, Union
 
@@ -75,6 +79,11 @@ class Suite:
         return tuple(sorted({k for entry in self.entries for k in entry.shots}))
 
 
+def is_pattern(task: str) -> bool:
+    """A task name with glob characters stands for every matching task of the entry's category."""
+    return any(c in task for c in "*?[")
+
+
 def _is_count(value, low: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
@@ -113,9 +122,11 @@ def _entry_problems(raw, where: str, base: Path) -> tuple[list[str], Optional[Su
         if not isinstance(value, str) or not value or value.startswith(LM_EVAL_PREFIX) or ":" in value[:3]:
             paths[key] = value  # lm_eval:TASK, hf:NAME (checked when read) or a bad value reported above
             continue
-        path = Path(value).expanduser()
+        path = Path(os.path.expandvars(value)).expanduser()
         paths[key] = str(path if path.is_absolute() else base / path)
-        if not Path(paths[key]).exists():
+        if "$" in str(path):
+            problems.append(f"{where}: {key!r} {value!r} names an environment variable that is not set")
+        elif not Path(paths[key]).exists():
             problems.append(f"{where}: {key!r} {value!r}: no such file or directory")
     if demonstrations is not None and not isinstance(demonstrations, str):
         problems.append(f"{where}: 'demonstrations' must be a path, got {demonstrations!r:.60}")
@@ -177,7 +188,7 @@ def load_suite(path: str | Path) -> Suite:
         entry_problems, entry = _entry_problems(raw_entry, where, path.parent)
         problems += entry_problems
         if entry is not None:
-            if entry.task in seen:
+            if entry.task in seen and not is_pattern(entry.task):
                 problems.append(f"{where}: task {entry.task!r} is already entry {seen[entry.task]}")
             seen.setdefault(entry.task, index)
             entries.append(entry)

@@ -17,6 +17,8 @@ records' `template` (a built bench's dev/ and test/), "all" = every one found.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import itertools
 import logging
 import time
 from typing import Optional
@@ -25,11 +27,11 @@ from optiml_jax.data.formats import resolve_format
 from optiml_jax.data.formats.base import merge_eval_tasks, records_eval_tasks
 from optiml_jax.data.sources import Fields
 from optiml_jax.eval.aggregate import aggregate_suite
-from optiml_jax.eval.metrics import mean_scores
+from optiml_jax.eval.metrics import UNCATEGORIZED, mean_scores
 from optiml_jax.eval.prompts import DEFAULT_DELIMITER, PROMPT_TEMPLATES
 from optiml_jax.eval.runner import EvalResult, EvalSettings, evaluate, write_results
 from optiml_jax.eval.shots import draw_demonstrations, fit_prompt, instance_level_prompt, task_level_prompt
-from optiml_jax.eval.suite import ALL_TEMPLATES, Suite, SuiteEntry
+from optiml_jax.eval.suite import ALL_TEMPLATES, Suite, SuiteEntry, is_pattern
 from optiml_jax.eval.suite_report import suite_report
 from optiml_jax.eval.tasks import EvalDataError, EvalInstance, EvalTask, load_eval_tasks
 
@@ -63,19 +65,29 @@ def _where(entry: SuiteEntry) -> str:
     return f"suite entry {entry.task!r} ({entry.data})"
 
 
-def _pick(tasks: list[EvalTask], entry: SuiteEntry, path) -> EvalTask:
-    if len(tasks) == 1:
-        return tasks[0]
-    for task in tasks:
-        if task.name == entry.task:
-            return task
-    names = ", ".join(t.name for t in tasks[:8])
-    raise EvalDataError(f"{_where(entry)}: {path} has no task {entry.task!r} (it has {names}...)")
+def _matching(tasks: list[EvalTask], entry: SuiteEntry, path) -> list[EvalTask]:
+    """The entry's task of `tasks` (a file of one task may name it otherwise), or with a pattern
+    (`task: "*"`) every task whose name matches and whose category is the entry's."""
+    if is_pattern(entry.task):
+        found = [
+            task
+            for task in tasks
+            if fnmatch.fnmatchcase(task.name, entry.task) and task.category in (entry.category, UNCATEGORIZED)
+        ]
+    else:
+        found = [task for task in tasks if task.name == entry.task] or (tasks if len(tasks) == 1 else [])
+    if not found:
+        names = ", ".join(t.name for t in tasks[:8])
+        raise EvalDataError(
+            f"{_where(entry)}: {path} has no task {entry.task!r} of category {entry.category!r} "
+            f"(it has {names}{', ...' if len(tasks) > 8 else ''})"
+        )
+    return found
 
 
-def _records_by_template(entry: SuiteEntry, path) -> Optional[dict[str, EvalTask]]:
-    """template -> the entry's task (every instance) of a record file or directory; None for formats
-    that give no records (SNI task files, hub datasets)."""
+def _records_by_template(path) -> Optional[dict[str, list[EvalTask]]]:
+    """template -> the tasks (every instance) of a record file or directory; None for formats that give
+    no records (SNI task files, hub datasets)."""
     fmt = resolve_format(path)
     by_template: dict[str, list] = {}
     try:
@@ -88,43 +100,56 @@ def _records_by_template(entry: SuiteEntry, path) -> Optional[dict[str, EvalTask
     except NotImplementedError:
         return None
     return {
-        template: _pick(merge_eval_tasks([records_eval_tasks(path, records, 0, Fields())], 0), entry, path)
+        template: merge_eval_tasks([records_eval_tasks(path, records, 0, Fields())], 0)
         for template, records in by_template.items()
     }
 
 
-def _load_variants(entry: SuiteEntry, max_instances: int) -> list[_Variant]:
-    found = _records_by_template(entry, entry.data)
-    if found is None:  # SNI: one task file, its templates are our prompt templates
-        task = _pick(load_eval_tasks(entry.data, max_instances=0), entry, entry.data)
-        templates = (SNI_DEFAULT_TEMPLATE,) if entry.templates == ALL_TEMPLATES else entry.templates
-        unknown = [t for t in templates if t not in PROMPT_TEMPLATES]
-        if unknown or not task.is_sni:
-            raise EvalDataError(f"{_where(entry)}: templates {unknown} are not SNI prompt templates")
+def _sni_variants(entry: SuiteEntry, max_instances: int) -> dict[str, list[_Variant]]:
+    """SNI task files: their templates are our prompt templates; demonstrations their positive
+    examples, then the instances past the evaluated ones."""
+    templates = (SNI_DEFAULT_TEMPLATE,) if entry.templates == ALL_TEMPLATES else entry.templates
+    unknown = [t for t in templates if t not in PROMPT_TEMPLATES]
+    if unknown:
+        raise EvalDataError(
+            f"{_where(entry)}: templates {unknown} are not SNI prompt templates "
+            f"({', '.join(PROMPT_TEMPLATES)})"
+        )
+    variants = {}
+    for task in _matching(load_eval_tasks(entry.data, max_instances=0), entry, entry.data):
+        rest = task.instances[max_instances or len(task.instances) :]
         pool = [(i, o, None) for i, o in task.positive_examples]
-        pool += [
-            (inst.input, inst.references[0], inst.id)
-            for inst in task.instances[max_instances or len(task.instances) :]
-        ]
+        pool += [(inst.input, inst.references[0], inst.id) for inst in rest]
         evaluated = dataclasses.replace(task, instances=task.instances[: max_instances or None])
-        return [_Variant(t, evaluated, tuple(pool)) for t in templates]
+        variants[task.name] = [_Variant(t, evaluated, tuple(pool)) for t in templates]
+    return variants
+
+
+def _load_variants(entry: SuiteEntry, max_instances: int) -> dict[str, list[_Variant]]:
+    """task name -> its variants (one per template): one task, or those an entry's pattern matches."""
+    found = _records_by_template(entry.data)
+    if found is None:
+        return _sni_variants(entry, max_instances)
     templates = tuple(found) if entry.templates == ALL_TEMPLATES else entry.templates
     missing = [t for t in templates if t not in found]
     if missing:
         raise EvalDataError(f"{_where(entry)}: no records of template(s) {missing} (it has {sorted(found)})")
-    demonstrations = _records_by_template(entry, entry.demonstrations) if entry.demonstrations else found
-    variants = []
+    demonstrations = _records_by_template(entry.demonstrations) if entry.demonstrations else None
+    variants: dict[str, list[_Variant]] = {}
     for template in templates:
-        task = found[template]
-        source = (demonstrations or {}).get(template, task)
-        pool = tuple((inst.input, inst.references[0], inst.id) for inst in source.instances)
-        if source is not task:  # demonstrations from other data are never the evaluated instance
-            pool = tuple((i, o, None) for i, o, _ in pool)
-        variants.append(
-            _Variant(
-                template, dataclasses.replace(task, instances=task.instances[: max_instances or None]), pool
-            )
-        )
+        other = {t.name: t for t in (demonstrations or {}).get(template, [])}
+        for task in _matching(found[template], entry, entry.data):
+            if demonstrations is None:
+                pool = tuple((inst.input, inst.references[0], inst.id) for inst in task.instances)
+            else:  # demonstrations from other data are never the evaluated instance
+                source = other.get(task.name)
+                pool = (
+                    tuple((inst.input, inst.references[0], None) for inst in source.instances)
+                    if source
+                    else ()
+                )
+            evaluated = dataclasses.replace(task, instances=task.instances[: max_instances or None])
+            variants.setdefault(task.name, []).append(_Variant(template, evaluated, pool))
     return variants
 
 
@@ -206,14 +231,22 @@ def run_suite(
         return positions - max(option_tokens[o] for o in options)
 
     tasks, labels, dropped = {"generate": [], "rank": []}, {}, 0
+    seen: dict[str, str] = {}
     for index, entry in enumerate(suite.entries):
         if entry.lm_eval_task:
             continue
-        for variant in _load_variants(entry, suite.max_instances):
-            for shots in entry.shots:
-                task, kept, n = _entry_task(entry, index, variant, shots, suite, tokenizer, room_of, settings)
+        for task_name, variants in _load_variants(entry, suite.max_instances).items():
+            task_entry = dataclasses.replace(entry, task=task_name) if is_pattern(entry.task) else entry
+            if seen.setdefault(task_entry.task, entry.task) != entry.task:
+                raise EvalDataError(
+                    f"{_where(entry)}: task {task_entry.task!r} is also entry {seen[task_entry.task]!r}"
+                )
+            for variant, shots in itertools.product(variants, entry.shots):
+                task, kept, n = _entry_task(
+                    task_entry, f"{index}/{task_name}", variant, shots, suite, tokenizer, room_of, settings
+                )
                 tasks[entry.mode].append(task)
-                labels[task.name] = dict(entry=entry, template=variant.template, shots=shots, kept=kept)
+                labels[task.name] = dict(entry=task_entry, template=variant.template, shots=shots, kept=kept)
                 dropped += n
     records, stats = [], {"generation": {}, "ranking": {}}
     for mode, mode_tasks in tasks.items():
