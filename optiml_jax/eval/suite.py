@@ -16,10 +16,12 @@ all) and `lm_eval_include` (a directory of lm-evaluation-harness task YAMLs, for
       demonstrations: bench/train     # optional: where k-shot demonstrations come from (default: data)
 
 Relative paths are relative to the suite file; `$VAR` / `${VAR}` in a path is the environment
-variable (the shipped suites read a built bench at `${OPTIML_BENCH}` and SNI at `${SNI_TASKS}`). A task
+variable (the shipped suites read a built bench at `$OPTIML_BENCH`). A task
 name with glob characters (`task: "*"`) stands for every task of the data that matches it and has the
-entry's category (records carrying a `category`), each one a task of the suite. Every bad entry is one line of the SuiteError,
-`FILE: entry N (TASK): 'key' ...`, all of them at once, before any model is loaded.
+entry's category (records carrying a `category`), each one a task of the suite.
+
+Every bad entry is one line of the SuiteError, `FILE: entry N (TASK): 'key' ...`, all of them at once,
+before any model is loaded.
 """
 
 from __future__ import annotations
