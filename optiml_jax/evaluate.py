@@ -121,7 +121,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--stop", action="append", default=[], help="cut answers before this string (repeatable)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="default 256 (with --suite: the suite file's, 256 unless it sets one)",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -183,6 +187,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ):
         if value is not None and value < low:
             raise CLIError(f"{flag} must be >= {low}, got {value}")
+    if args.max_new_tokens is None and not args.suite:
+        args.max_new_tokens = 256
     args.delimiter = _unescape(args.delimiter)
     args.stop = tuple(_unescape(s) for s in args.stop)
     if any(not s for s in args.stop):

@@ -2,7 +2,8 @@
 
 A suite file is YAML, a list of entries or a mapping with `entries` and optional `name`, `seed` (of the
 demonstrations, default 0), `max_instances` (per task and template, default 100, SNI's protocol; 0 =
-all) and `lm_eval_include` (a directory of lm-evaluation-harness task YAMLs, for local tasks). Entry:
+all), `max_new_tokens` (default 256, the paper's; optiml-evaluate's --max-new-tokens overrides it) and
+`lm_eval_include` (a directory of lm-evaluation-harness task YAMLs, for local tasks). Entry:
 
     - task: cb                        # the task's name in its data (a file with one task may differ)
       data: bench/dev                 # any path the format registry reads, or lm_eval:TASK
@@ -42,7 +43,8 @@ ALL_TEMPLATES = "all"
 LM_EVAL_PREFIX = "lm_eval:"
 REQUIRED_KEYS = ("task", "data", "benchmark", "category", "level", "metric", "mode")
 OPTIONAL_KEYS = ("shots", "templates", "demonstrations")
-SUITE_KEYS = ("name", "seed", "max_instances", "lm_eval_include", "entries")
+SUITE_KEYS = ("name", "seed", "max_instances", "max_new_tokens", "lm_eval_include", "entries")
+DEFAULT_MAX_NEW_TOKENS = 256  # the paper's: greedy to </s> or 256 tokens
 
 
 class SuiteError(ValueError):
@@ -75,6 +77,7 @@ class Suite:
     seed: int = 0
     max_instances: int = DEFAULT_MAX_INSTANCES
     lm_eval_include: Optional[str] = None
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
     @property
     def shot_settings(self) -> tuple[int, ...]:
@@ -177,6 +180,9 @@ def load_suite(path: str | Path) -> Suite:
         problems.append(
             f"{path}: 'max_instances' must be an integer >= 0 (0 = all), got {max_instances!r:.40}"
         )
+    max_new_tokens = settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    if not _is_count(max_new_tokens, 1):
+        problems.append(f"{path}: 'max_new_tokens' must be an integer >= 1, got {max_new_tokens!r:.40}")
     include = settings.get("lm_eval_include")
     if include is not None:
         include = Path(include).expanduser()
@@ -205,4 +211,5 @@ def load_suite(path: str | Path) -> Suite:
         seed=seed,
         max_instances=max_instances,
         lm_eval_include=include,
+        max_new_tokens=max_new_tokens,
     )

@@ -44,7 +44,7 @@ SNI_DEFAULT_TEMPLATE = "optiml"
 class SuiteSettings:
     """How a suite's answers are generated (the paper's: greedy to </s> or 256 new tokens)."""
 
-    max_new_tokens: int = 256
+    max_new_tokens: Optional[int] = None  # None: the suite's (256 unless it says otherwise)
     batch_size: int = 8
     delimiter: str = DEFAULT_DELIMITER  # the answer cue of SNI's optiml template
     add_bos: bool = False
@@ -219,6 +219,8 @@ def run_suite(
     (aggregate.py's figures, plus `overall`, `compilations`, truncation counts), written to
     `output_dir` when given (predictions.jsonl, metrics.json, report.md)."""
     start = time.perf_counter()
+    if settings.max_new_tokens is None:
+        settings = dataclasses.replace(settings, max_new_tokens=suite.max_new_tokens)
     positions = model.config.max_position_embeddings
     option_tokens = {}
 

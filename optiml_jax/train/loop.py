@@ -23,6 +23,7 @@ import numpy as np
 
 from optiml_jax.config import ConfigError, OPTConfig, as_dtype
 from optiml_jax.eval.metrics import ALL_METRICS
+from optiml_jax.eval.suite_hook import check_suite, suite_hook
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.run_config import RunConfig, resolve_path
 from optiml_jax.sharding import DEFAULT_RULES, make_mesh
@@ -250,6 +251,7 @@ def _set_up(cfg: RunConfig, workdir: Path, mesh, manager, rules) -> _Run:
         eval_batch_size=eval_batch_size,
         seq_len=cfg.train.seq_len,
     )
+    check_suite(cfg)  # eval.suite's bad entries, before any training step
     task_eval = None
     if cfg.eval.tasks is not None:
         from optiml_jax.eval.runner import settings_from_config, tasks_from_config
@@ -352,6 +354,8 @@ def _evaluate(run: _Run, step: int) -> None:
         overall = metrics["overall"]
         figures = ", ".join(f"{name} {overall[name]:.2f}" for name in ALL_METRICS if name in overall)
         run.report(f"step {step}: held-out tasks {figures} ({overall['instances']} instances)")
+    if run.cfg.eval.suite:  # eval.suite: its selection score picks best/
+        suite_hook(run, step)
 
 
 @dataclasses.dataclass
