@@ -11,7 +11,7 @@ from statistics import fmean
 import jax
 import pytest
 import yaml
-from finetune_helpers import SNI, TOKENIZER
+from finetune_helpers import SNI, TINY_MODEL, TOKENIZER
 
 from optiml_jax.checkpoints.model_format import save_model
 from optiml_jax.config import OPTConfig
@@ -23,16 +23,7 @@ from optiml_jax.model import OPTForCausalLM
 from optiml_jax.sharding import MeshConfig, init_params_sharded, make_mesh
 from optiml_jax.tokenizer import OPTTokenizer
 
-MODEL = dict(
-    vocab_size=2048,
-    hidden_size=32,
-    num_hidden_layers=2,
-    ffn_dim=64,
-    num_attention_heads=4,
-    max_position_embeddings=128,
-    dropout=0.0,
-    attention_dropout=0.0,
-)
+MODEL = {**TINY_MODEL, "dropout": 0.0}  # 128 positions: 5-shot prompts overflow, as the tests need
 SETTINGS = SuiteSettings(max_new_tokens=4, batch_size=8)
 
 
@@ -64,18 +55,12 @@ def suite_file(tmp: Path, entries: list, **settings) -> Path:
     return path
 
 
+ENTRY_KEYS = ("task", "data", "benchmark", "category", "level", "metric", "mode")
+
+
 def entry(task, data, benchmark, category, level, metric="rougeL", mode="generate", shots=(0, 5), **extra):
-    return dict(
-        task=task,
-        data=str(data),
-        benchmark=benchmark,
-        category=category,
-        level=level,
-        metric=metric,
-        mode=mode,
-        shots=list(shots),
-        **extra,
-    )
+    values = (task, str(data), benchmark, category, level, metric, mode)
+    return {**dict(zip(ENTRY_KEYS, values)), "shots": list(shots), **extra}
 
 
 @pytest.fixture(scope="module")

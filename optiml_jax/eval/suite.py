@@ -138,7 +138,7 @@ def _entry_problems(raw, where: str, base: Path) -> tuple[list[str], Optional[Su
     if isinstance(data, str) and data.startswith(LM_EVAL_PREFIX):
         if not data[len(LM_EVAL_PREFIX) :]:
             problems.append(f"{where}: 'data' lm_eval: needs a task name (lm_eval:TASK)")
-        if raw.get("mode") == "generate" and raw.get("metric") == "rougeL":
+        if raw.get("metric") == "rougeL":
             problems.append(f"{where}: lm_eval tasks report accuracy or exact_match, not rougeL")
         if templates != ALL_TEMPLATES or demonstrations is not None:
             problems.append(f"{where}: lm_eval tasks bring their own prompt and demonstrations")

@@ -49,7 +49,11 @@ class SuiteSettings:
     delimiter: str = DEFAULT_DELIMITER  # the answer cue of SNI's optiml template
     add_bos: bool = False
     stop: tuple[str, ...] = ()
-    lm_eval_batch_size: int = 8
+
+    def for_mode(self, mode: str) -> EvalSettings:
+        """runner.evaluate's settings for the entries answered by `mode` (generate or rank)."""
+        shared = ("max_new_tokens", "batch_size", "stop", "add_bos")
+        return EvalSettings(mode=mode, **{name: getattr(self, name) for name in shared})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,14 +258,9 @@ def run_suite(
     for mode, mode_tasks in tasks.items():
         if not mode_tasks:
             continue
-        eval_settings = EvalSettings(
-            max_new_tokens=settings.max_new_tokens,
-            batch_size=settings.batch_size,
-            stop=settings.stop,
-            add_bos=settings.add_bos,
-            mode=mode,
+        result = evaluate(
+            model, params, tokenizer, mode_tasks, settings.for_mode(mode), mesh=mesh, rules=rules
         )
-        result = evaluate(model, params, tokenizer, mode_tasks, eval_settings, mesh=mesh, rules=rules)
         key = "generation" if mode == "generate" else "ranking"
         stats[key] = result.metrics["settings"].get(key, {})
         for record in result.records:
