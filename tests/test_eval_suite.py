@@ -7,6 +7,7 @@ as one error line each."""
 import json
 from pathlib import Path
 from statistics import fmean
+from types import SimpleNamespace
 
 import jax
 import pytest
@@ -15,8 +16,10 @@ from finetune_helpers import SNI, TINY_MODEL, TOKENIZER
 
 from optiml_jax.checkpoints.model_format import save_model
 from optiml_jax.config import OPTConfig
+from optiml_jax.eval.aggregate import aggregate_suite
 from optiml_jax.eval.shots import INSTANCE_SEPARATOR
 from optiml_jax.eval.suite import SuiteError, load_suite
+from optiml_jax.eval.suite_report import suite_report
 from optiml_jax.eval.suite_run import SuiteSettings, run_suite
 from optiml_jax.evaluate import main
 from optiml_jax.model import OPTForCausalLM
@@ -205,26 +208,86 @@ def test_k_shot_placement_task_and_instance_level(small_suite):
             assert demo.split("?")[0] + "?" != parts[-1]
 
 
-def test_left_truncation_drops_the_first_demonstrations(tmp_path, tiny):
+@pytest.fixture(scope="module")
+def direct_run(tmp_path_factory, tiny):
+    """run_suite in-process: a task of long records at 5 shots, and a pattern entry over three tasks."""
     model, params, tokenizer = tiny
-    long = tmp_path / "long.jsonl"
+    tmp = tmp_path_factory.mktemp("direct")
+    long = tmp / "long.jsonl"
     with long.open("w") as f:
         for i in range(8):
             words = " ".join(f"w{i}x{j}" for j in range(12))
             f.write(json.dumps({"task": "long", "src": f"Q{i}: {words}?", "tgt": f"a{i}"}) + "\n")
-    path = suite_file(
-        tmp_path, [entry("long", long, "flan", "qa", "fully_supervised", shots=[5])], max_instances=3
-    )
+    mixed = tmp / "mixed.jsonl"
+    with mixed.open("w") as f:
+        for task, category in (
+            ("nli_a", "textual_entailment"),
+            ("nli_b", "textual_entailment"),
+            ("qa_c", "qa"),
+        ):
+            for i in range(2):
+                f.write(
+                    json.dumps({"task": task, "category": category, "src": f"{task} {i}?", "tgt": "x"}) + "\n"
+                )
+    entries = [
+        entry("long", long, "flan", "qa", "fully_supervised", shots=[5]),
+        entry("nli_*", mixed, "flan", "textual_entailment", "fully_held_out", shots=[0]),
+    ]
     settings = SuiteSettings(max_new_tokens=32, batch_size=8)
-    result = run_suite(model, params, tokenizer, load_suite(path), None, settings)
+    result = run_suite(
+        model, params, tokenizer, load_suite(suite_file(tmp, entries, max_instances=3)), None, settings
+    )
+    return result, settings
+
+
+def test_left_truncation_drops_the_first_demonstrations(direct_run, tiny):
+    result, settings = direct_run
+    tokenizer = tiny[2]
     room = MODEL["max_position_embeddings"] - settings.max_new_tokens
     assert result.metrics["run"]["dropped_demonstrations"] > 0
     assert result.metrics["run"]["truncated_prompts"] == 0  # demonstrations went first, not the instance
-    for record in result.records:
+    long = [r for r in result.records if r["task"] == "long"]
+    assert len(long) == 3
+    for record in long:
         assert len(tokenizer.encode(record["prompt"], add_bos=False)) <= room
         parts = record["prompt"].split(INSTANCE_SEPARATOR)
         assert parts[-1].startswith(f"Q{record['id'] - 1}:")
-        assert 1 <= len(parts) < 6
+        assert 1 <= len(parts) < 6 and len(parts) - 1 == record["demonstrations"]
+    dropped = sum(5 - r["demonstrations"] for r in long)
+    assert result.metrics["run"]["dropped_demonstrations"] == dropped
+
+
+def test_task_pattern_expands_to_the_category_tasks(direct_run):
+    metrics = direct_run[0].metrics
+    assert {"nli_a", "nli_b"} <= set(metrics["per_task"]) and "qa_c" not in metrics["per_task"]
+    assert metrics["tasks"]["nli_b"]["category"] == "textual_entailment"
+
+
+def test_report_puts_the_paper_beside_a_released_size():
+    records = [
+        dict(
+            task=t,
+            template="t",
+            shots=k,
+            level="fully_held_out",
+            category="nli",
+            benchmark=b,
+            metric="accuracy",
+            acc=a,
+        )
+        for t, b in (("anli", "flan"), ("cb", "promptsource"))
+        for k, a in ((0, 50.0), (5, 100.0))
+    ]
+    metrics = {**aggregate_suite(records), "run": {"compilations": 1}}
+    config_30b = SimpleNamespace(hidden_size=7168, num_hidden_layers=48, num_attention_heads=56)
+    report = suite_report(metrics, config_30b, "test")
+    assert "## Beside the paper (30b models)" in report
+    assert "| flan | this model | 0: 50.0, 5: 100.0 |" in report
+    assert (
+        "| flan | OPT-IML-30B | 0: 60.9, 5: 58.3 |" in report
+        and "| promptsource | OPT-30B | 0: 39.8, 5: 37.9 |" in report
+    )
+    assert metrics["selection_score"] == pytest.approx(75.0)
 
 
 def test_bad_entries_are_one_line_each(tmp_path):
