@@ -24,7 +24,7 @@ import time
 from typing import Optional
 
 from optiml_jax.data.formats import resolve_format
-from optiml_jax.data.formats.base import merge_eval_tasks, records_eval_tasks
+from optiml_jax.data.formats.base import Format, merge_eval_tasks, records_eval_tasks
 from optiml_jax.data.sources import Fields
 from optiml_jax.eval.aggregate import aggregate_suite
 from optiml_jax.eval.metrics import UNCATEGORIZED, mean_scores
@@ -93,16 +93,15 @@ def _records_by_template(path) -> Optional[dict[str, list[EvalTask]]]:
     """template -> the tasks (every instance) of a record file or directory; None for formats that give
     no records (SNI task files, hub datasets)."""
     fmt = resolve_format(path)
-    by_template: dict[str, list] = {}
-    try:
-        for file in fmt.files(path):
-            for ident, at, record in fmt.eval_records(file, Fields()):
-                template = record.get("template")
-                by_template.setdefault(str(template) if template is not None else NO_TEMPLATE, []).append(
-                    (ident, at, record)
-                )
-    except NotImplementedError:
+    if type(fmt).eval_records is Format.eval_records:  # the format reads whole tasks, not records
         return None
+    by_template: dict[str, list] = {}
+    for file in fmt.files(path):
+        for ident, at, record in fmt.eval_records(file, Fields()):
+            template = record.get("template")
+            by_template.setdefault(str(template) if template is not None else NO_TEMPLATE, []).append(
+                (ident, at, record)
+            )
     return {
         template: merge_eval_tasks([records_eval_tasks(path, records, 0, Fields())], 0)
         for template, records in by_template.items()
