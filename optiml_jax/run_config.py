@@ -133,9 +133,7 @@ class EvalSection:
     num_samples: int = 2  # greedy generations printed for held-out prompts at the end
     sample_max_new_tokens: int = 32
     tasks: Optional[EvalTasksSection] = None  # null = loss only
-    suite: Optional[str] = (
-        None  # a suite file (configs/eval/): selection score and best/ (eval/suite_hook.py)
-    )
+    suite: Optional[str] = None  # a suite file (configs/eval/): selection score, best/ (eval/suite_hook.py)
 
 
 @dataclasses.dataclass(frozen=True)
