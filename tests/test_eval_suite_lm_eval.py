@@ -1,5 +1,6 @@
 """A suite's lm_eval:TASK entry, run offline on a local lm_eval task YAML written here, gives the accuracy
-lm_eval itself gives with our `optiml_jax` model loaded from the same directory, at 0 and 2 shots."""
+lm_eval itself gives with our `optiml_jax` model loaded from the same directory, with 2 demonstrations
+(lm_eval's own prompt and draw; 0-shot agreement of the model itself is tests/test_lm_eval.py's)."""
 
 import json
 import os
@@ -58,7 +59,7 @@ def test_lm_eval_entry_matches_lm_eval_run_directly(tmp_path, monkeypatch):
         level="partially_supervised",
         metric="accuracy",
         mode="rank",
-        shots=[0, 2],
+        shots=[2],
     )
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"lm_eval_include": "tasks", "entries": [entry]}))
 
@@ -71,22 +72,25 @@ def test_lm_eval_entry_matches_lm_eval_run_directly(tmp_path, monkeypatch):
 
     suite = load_suite(tmp_path / "suite.yaml")
     ours = run_suite(model, params, tokenizer, suite, None, SuiteSettings(batch_size=8), mesh=mesh)
-    assert {r["shots"] for r in ours.records} == {0, 2} and len(ours.records) == 2 * len(QUESTIONS)
+    assert {r["shots"] for r in ours.records} == {2} and len(ours.records) == len(QUESTIONS)
     cwd = os.getcwd()
     os.chdir(tasks)
     try:
-        for shots in (0, 2):
-            direct = lm_eval.simple_evaluate(
-                model="optiml_jax",
-                model_args=f"pretrained={tmp_path / 'model'},dtype=float32",
-                tasks=["suite_local_mc"],
-                num_fewshot=shots,
-                task_manager=TaskManager(include_path=str(tasks)),
-                batch_size=8,
-                random_seed=0,
-                fewshot_random_seed=0,
-            )
-            accuracy = 100 * direct["results"]["suite_local_mc"]["acc,none"]
-            assert ours.metrics["per_task"]["local_mc"][str(shots)] == pytest.approx(accuracy, abs=1e-3)
+        direct = lm_eval.simple_evaluate(
+            model="optiml_jax",
+            model_args=f"pretrained={tmp_path / 'model'},dtype=float32",
+            tasks=["suite_local_mc"],
+            num_fewshot=2,
+            task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+            batch_size=8,
+            random_seed=0,
+            fewshot_random_seed=0,
+            log_samples=True,
+        )
+        accuracy = 100 * direct["results"]["suite_local_mc"]["acc,none"]
+        assert ours.metrics["per_task"]["local_mc"]["2"] == pytest.approx(accuracy, abs=1e-3)
+        # the same prompts, demonstrations included: the records are lm_eval's samples one for one
+        theirs = {s["doc_id"]: 100.0 * s["acc"] for s in direct["samples"]["suite_local_mc"]}
+        assert {int(r["id"].split(":")[1]): r["acc"] for r in ours.records} == theirs
     finally:
         os.chdir(cwd)

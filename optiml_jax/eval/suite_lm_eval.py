@@ -38,14 +38,24 @@ def _inside(directory):
         os.chdir(cwd)
 
 
-def run_lm_eval(lm, task: str, shots: int, include, seed: int) -> dict:
+def task_manager(include, tasks: Sequence[str]) -> TaskManager:
+    """lm_eval's task index: the suite's local YAMLs alone when they define every task (indexing
+    lm_eval's own thousands of YAMLs takes seconds), else lm_eval's tasks as well."""
+    if include:
+        local = TaskManager(include_path=include, include_defaults=False)
+        if all(task in local.all_tasks for task in tasks):
+            return local
+    return TaskManager(include_path=include) if include else TaskManager()
+
+
+def run_lm_eval(lm, task: str, shots: int, manager: TaskManager, include, seed: int) -> dict:
     """lm_eval's results with per-sample logs of one task at `shots` demonstrations."""
     with _inside(include):
         return lm_eval.simple_evaluate(
             model=lm,
             tasks=[task],
             num_fewshot=shots,
-            task_manager=TaskManager(include_path=include) if include else TaskManager(),
+            task_manager=manager,
             log_samples=True,
             random_seed=seed,
             fewshot_random_seed=seed,
@@ -58,11 +68,12 @@ def lm_eval_records(
     lm = OptimlJaxLM.from_model(
         model, params, tokenizer, mesh=mesh or make_mesh(MeshConfig()), batch_size=settings.batch_size
     )
+    manager = task_manager(suite.lm_eval_include, [entry.lm_eval_task for entry in entries])
     records = []
     for entry in entries:
         sample_key, record_key = SAMPLE_METRICS[entry.metric]
         for shots in entry.shots:
-            results = run_lm_eval(lm, entry.lm_eval_task, shots, suite.lm_eval_include, suite.seed)
+            results = run_lm_eval(lm, entry.lm_eval_task, shots, manager, suite.lm_eval_include, suite.seed)
             for subtask, samples in results["samples"].items():
                 for sample in samples:
                     records.append(
