@@ -138,6 +138,7 @@ class EvalSection:
     num_samples: int = 2  # greedy generations printed for held-out prompts at the end
     sample_max_new_tokens: int = 32
     tasks: Optional[EvalTasksSection] = None  # null = loss only
+    suite: Optional[str] = None  # a suite file (configs/eval/): selection score, best/ (train/suite_hook.py)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,8 @@
     python tools/benchmark.py score    [options]   rank-classification requests/s vs lm_eval's hf
     python tools/benchmark.py bench    [options]   OPT-IML Bench build examples/s, overlap pass, peak RSS
     python tools/benchmark.py loader   [options]   training loader tokens/s: EPS vs data.mixture + demos
+    python tools/benchmark.py suite    [options]   a 20-task, 2-template, 0/5-shot suite: one process vs one
+                                                   optiml-evaluate call per entry (tools/bench_suite.py)
     python tools/benchmark.py device   [--dry-run] on a GPU/TPU: matmul and copy ceilings, 1.3B training MFU,
                                                    decode bandwidth, load time (tools/bench_device.py)
 
@@ -17,7 +19,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("generate", "convert", "train", "evaluate", "score", "bench", "loader", "device")
+COMMANDS = ("generate", "convert", "train", "evaluate", "score", "bench", "loader", "suite", "device")
 
 
 def main(argv=None) -> int:

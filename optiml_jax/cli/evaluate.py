@@ -47,6 +47,9 @@ from optiml_jax.data.formats import format_choices
 from optiml_jax.eval.generation import data_parallel_size
 from optiml_jax.eval.prompts import DEFAULT_DELIMITER, PROMPT_TEMPLATES
 from optiml_jax.eval.runner import MODES, EvalSettings, evaluate, rescore, summary_table, write_results
+from optiml_jax.eval.suite import SuiteError, load_suite
+from optiml_jax.eval.suite_report import suite_summary
+from optiml_jax.eval.suite_run import SuiteSettings, run_suite
 from optiml_jax.eval.tasks import DEFAULT_MAX_INSTANCES, load_eval_tasks
 from optiml_jax.fileio import check_output_dir
 from optiml_jax.model.kernels import IMPLEMENTATIONS
@@ -114,7 +117,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--stop", action="append", default=[], help="cut answers before this string (repeatable)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="default 256 (with --suite: the suite file's, 256 unless it sets one)",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -138,6 +145,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="start prompts with </s> as transformers' OPT tokenizer does (default: no, as fine-tuning "
         "data and optiml-generate)",
     )
+    parser.add_argument(
+        "--suite",
+        help="a suite file (configs/eval/*.yaml): every entry at each of its shot settings and templates, "
+        "aggregated as the paper does (optiml_jax/eval/suite.py)",
+    )
     parser.add_argument("--predictions", help="re-score this predictions.jsonl instead of running a model")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -147,13 +159,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.predictions:
         extra = [
             flag
-            for flag, value in (("--model", args.model), ("--data", args.data), ("--split", args.split))
+            for flag, value in (
+                ("--model", args.model),
+                ("--data", args.data),
+                ("--split", args.split),
+                ("--suite", args.suite),
+            )
             if value
         ]
         if extra:
             raise CLIError(f"--predictions re-scores a file; {', '.join(extra)} would be unused")
-    elif not args.model or not args.data:
-        raise CLIError("give --model and --data (or --predictions FILE to re-score)")
+    elif args.suite and (args.data or args.split):
+        raise CLIError("--suite names each entry's data; --data and --split would be unused")
+    elif not args.model or not (args.data or args.suite):
+        raise CLIError("give --model and --data or --suite (or --predictions FILE to re-score)")
     for flag, value, low in (
         ("--max-instances", args.max_instances, 0),
         ("--shots", args.shots, 0),
@@ -163,6 +182,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ):
         if value is not None and value < low:
             raise CLIError(f"{flag} must be >= {low}, got {value}")
+    if args.max_new_tokens is None and not args.suite:
+        args.max_new_tokens = 256
     args.delimiter = _unescape(args.delimiter)
     args.stop = tuple(_unescape(s) for s in args.stop)
     if any(not s for s in args.stop):
@@ -175,11 +196,49 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _evaluate_model(args):
+def _load_model(args, mesh):
+    """(the loaded model, its tokenizer) of --model / --tokenizer."""
+    # Decoding on CPU runs unscanned layers anyway (generate.decode_with_separate_layers).
+    loaded = load_pretrained(
+        args.model,
+        dtype=args.dtype,
+        scan_layers=jax.default_backend() != "cpu",
+        mesh=mesh,
+        attention=args.attention,
+        load_tokenizer=args.tokenizer is None,
+    )
+    tokenizer = OPTTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else loaded.tokenizer
+    if tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer files; pass --tokenizer DIR")
+    return loaded, tokenizer
+
+
+def _mesh(args):
     try:  # the configuration first: it fails in a second, before any data or model is read
-        mesh = make_mesh(args.mesh)
+        return make_mesh(args.mesh)
     except ValueError as e:
         raise CLIError(f"--mesh: {e}") from None
+
+
+def _evaluate_suite(args, write_to):
+    """--suite: the suite file checked first (every bad entry, before any model is read), then run."""
+    suite = load_suite(args.suite)
+    mesh = _mesh(args)
+    settings = SuiteSettings(
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size or 8 * data_parallel_size(mesh),
+        delimiter=args.delimiter,
+        add_bos=args.add_bos,
+        stop=args.stop,
+    )
+    loaded, tokenizer = _load_model(args, mesh)
+    return run_suite(
+        loaded.model, loaded.params, tokenizer, suite, write_to, settings, mesh=mesh, overwrite=args.overwrite
+    )
+
+
+def _evaluate_model(args):
+    mesh = _mesh(args)
     if args.batch_size and args.batch_size % data_parallel_size(mesh):
         raise CLIError(
             f"--batch-size {args.batch_size} is not divisible by the mesh's data-parallel devices "
@@ -199,18 +258,7 @@ def _evaluate_model(args):
         mode=args.mode,
         max_options=args.max_options,
     )
-    # Decoding on CPU runs unscanned layers anyway (generate.decode_with_separate_layers).
-    loaded = load_pretrained(
-        args.model,
-        dtype=args.dtype,
-        scan_layers=jax.default_backend() != "cpu",
-        mesh=mesh,
-        attention=args.attention,
-        load_tokenizer=args.tokenizer is None,
-    )
-    tokenizer = OPTTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else loaded.tokenizer
-    if tokenizer is None:
-        raise CLIError(f"{args.model} has no tokenizer files; pass --tokenizer DIR")
+    loaded, tokenizer = _load_model(args, mesh)
     log = logging.getLogger("optiml_jax.evaluate")
     log.info("%d tasks, %d instances; %s", len(tasks), sum(len(t.instances) for t in tasks), settings)
     result = evaluate(
@@ -236,12 +284,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             init_distributed(args)
             is_main = jax.process_index() == 0
-            result = _evaluate_model(args)
-        if is_main:
+            if args.suite:  # run_suite writes its own report
+                result = _evaluate_suite(args, args.output if is_main else None)
+            else:
+                result = _evaluate_model(args)
+        if is_main and not args.suite:
             write_results(args.output, result, overwrite=args.overwrite)
+    except SuiteError as e:  # one line per bad entry
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (CLIError, OSError, ValueError, KeyError) as e:  # bad flags, data, model files, config...
         return report(e, EXIT_BAD_INPUT)
-    if is_main:
+    if is_main and args.suite:
+        print(suite_summary(result.metrics))
+    elif is_main:
         print(summary_table(result.metrics))
         print(f"wrote {args.output}/predictions.jsonl, metrics.json, report.md")
     return 0

@@ -85,12 +85,6 @@ class OptimlJaxLM(TemplateLM):
             resolve_model_path(pretrained)
         except (ValueError, OSError) as e:
             raise ConfigError(f"model_args: {e}") from None
-        # lm_eval's "auto" searches for the largest batch that fits; we take 8 rows per device instead
-        devices = data_parallel_size(self._mesh)
-        wanted = (
-            8 * devices if batch_size in (None, "") or str(batch_size).startswith("auto") else int(batch_size)
-        )
-        self._batch_size = max(1, wanted // devices) * devices  # a multiple of the data-parallel devices
         try:
             loaded = load_pretrained(
                 pretrained,
@@ -101,11 +95,42 @@ class OptimlJaxLM(TemplateLM):
             )
         except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # missing or damaged model files
             raise ConfigError(f"model_args: {e}") from None
-        self._model, self._params = loaded.model, loaded.params
-        self.tokenizer = OPTTokenizer.from_pretrained(tokenizer) if tokenizer else loaded.tokenizer
-        if self.tokenizer is None:
+        tokenizer = OPTTokenizer.from_pretrained(tokenizer) if tokenizer else loaded.tokenizer
+        if tokenizer is None:
             raise ConfigError(f"{pretrained} has no tokenizer files; pass tokenizer=DIR in model_args")
-        self._max_length = int(max_length) if max_length else loaded.config.max_position_embeddings
+        self._attach(
+            loaded.model, loaded.params, tokenizer, batch_size, max_length, add_bos_token, row_length
+        )
+
+    @classmethod
+    def from_model(
+        cls,
+        model,
+        params,
+        tokenizer,
+        *,
+        mesh,
+        batch_size=8,
+        max_length=None,
+        add_bos_token=True,
+        row_length=512,
+    ) -> "OptimlJaxLM":
+        """The model of a model already in memory (a suite run, a fine-tuning step): nothing is loaded."""
+        self = cls.__new__(cls)
+        TemplateLM.__init__(self)
+        self._mesh = mesh
+        self._attach(model, params, tokenizer, batch_size, max_length, add_bos_token, row_length)
+        return self
+
+    def _attach(self, model, params, tokenizer, batch_size, max_length, add_bos_token, row_length) -> None:
+        # lm_eval's "auto" searches for the largest batch that fits; we take 8 rows per device instead
+        devices = data_parallel_size(self._mesh)
+        wanted = (
+            8 * devices if batch_size in (None, "") or str(batch_size).startswith("auto") else int(batch_size)
+        )
+        self._batch_size = max(1, wanted // devices) * devices  # a multiple of the data-parallel devices
+        self._model, self._params, self.tokenizer = model, params, tokenizer
+        self._max_length = int(max_length) if max_length else model.config.max_position_embeddings
         self.add_bos_token = _as_bool(add_bos_token)
         self._scorer = Scorer(
             self._model,

@@ -350,10 +350,16 @@ def report_markdown(metrics: dict, title: str = "Evaluation") -> str:
 
 
 def write_results(
-    directory: str | os.PathLike, result: EvalResult, *, overwrite: bool = False, title: str = "Evaluation"
+    directory: str | os.PathLike,
+    result: EvalResult,
+    *,
+    overwrite: bool = False,
+    title: str = "Evaluation",
+    report: Optional[str] = None,
 ) -> Path:
-    """predictions.jsonl, metrics.json and report.md, written into a temporary directory and renamed
-    into place (from one process: other processes must not call this)."""
+    """predictions.jsonl, metrics.json and report.md (`report`, default the per-category and per-task
+    tables), written into a temporary directory and renamed into place (from one process: other
+    processes must not call this)."""
 
     with atomic_output_dir(directory, overwrite=overwrite, collective=False) as tmp:
         with open(tmp / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
@@ -362,7 +368,8 @@ def write_results(
         (tmp / METRICS_FILE).write_text(
             json.dumps(result.metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        (tmp / REPORT_FILE).write_text(report_markdown(result.metrics, title), encoding="utf-8")
+        report = report if report is not None else report_markdown(result.metrics, title)
+        (tmp / REPORT_FILE).write_text(report, encoding="utf-8")
     return Path(directory)
 
 

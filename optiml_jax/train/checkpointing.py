@@ -122,6 +122,7 @@ RUN_ENTRIES = (
     "checkpoints_corrupt",
     "tensorboard",
     "final",
+    "best",
     "eval",
 )
 CONFIG_NAME = "config.yaml"

@@ -40,6 +40,7 @@ from optiml_jax.train.state import (
     state_shardings,
 )
 from optiml_jax.train.steps import global_batch, make_eval_step, make_train_step
+from optiml_jax.train.suite_hook import check_suite
 from optiml_jax.train.throughput import run_throughput
 from optiml_jax.train.trainable import Trainable
 
@@ -148,6 +149,7 @@ def _set_up(cfg: RunConfig, workdir: Path, mesh, manager, rules, trainable: Trai
         eval_batch_size=cfg.eval_batch_size,
         seq_len=cfg.train.seq_len,
     )
+    check_suite(cfg)  # eval.suite's bad entries, before any training step
     task_eval = None
     if cfg.eval.tasks is not None:
         task_eval = (

@@ -22,6 +22,7 @@ from optiml_jax.train.checkpointing import save_checkpoint, save_final_model
 from optiml_jax.train.context import Run
 from optiml_jax.train.hooks import Hooks
 from optiml_jax.train.steps import evaluate_loss
+from optiml_jax.train.suite_hook import suite_hook
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,9 @@ def default_hooks(cfg: RunConfig, *, eval_loss_data: bool, task_eval: bool) -> H
         hooks.add(eval_loss, every=cfg.eval.every_steps, at_start=True, at_end=True)
     if task_eval:
         hooks.add(eval_tasks, every=cfg.eval.every_steps, at_start=True, at_end=True)
+    if cfg.eval.suite:
+        # not at step 0: best/ is chosen among the run's own checkpoints
+        hooks.add(suite_hook, every=cfg.eval.every_steps, at_end=True)
     hooks.add(last_checkpoint, at_end=True, on_preemption=True)
     hooks.add(log_data_stats, at_end=True)
     if cfg.checkpoint.save_final:

@@ -1,0 +1,92 @@
+"""eval.suite in fine-tuning: the suite at every evaluation step, its selection score and per-level figures
+logged (TensorBoard and metrics.jsonl), and `best/`, the model of the highest selection score so far, as
+the paper picks its checkpoint (§4.1). best/ is a model directory like final/ (so `optiml-convert
+--to-hf --input RUN/best` exports it), written atomically; its marker (optiml_jax.json) records the
+step and score, so a resumed run keeps comparing against it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import jax
+
+from optiml_jax.checkpoints.model_format import is_converted_checkpoint, read_marker, save_model
+from optiml_jax.eval.suite import load_suite
+from optiml_jax.eval.suite_run import SuiteSettings, run_suite
+from optiml_jax.paths import resolve_path
+
+log = logging.getLogger(__name__)
+BEST_DIR = "best"
+
+
+def suite_scalars(metrics: dict, prefix: str = "suite") -> dict[str, float]:
+    """The selection score, and each level's and the whole suite's figure per shot setting."""
+    out = {
+        f"{prefix}/{level}/{shots}shot": v
+        for level, by in metrics["per_level"].items()
+        for shots, v in by.items()
+    }
+    out.update({f"{prefix}/all/{shots}shot": v for shots, v in metrics["per_shot"].items()})
+    if metrics["selection_score"] is not None:
+        out[f"{prefix}/selection_score"] = metrics["selection_score"]
+    out[f"{prefix}/compilations"] = metrics["run"]["compilations"]
+    return out
+
+
+def best_score(workdir: Path) -> Optional[float]:
+    """The selection score of the run's best/ model, None when it has none yet."""
+    best = Path(workdir) / BEST_DIR
+    return read_marker(best).get("selection_score") if is_converted_checkpoint(best) else None
+
+
+def evaluate_suite_at_step(
+    model, params, tokenizer, suite_path, workdir: Path, step: int, writer, opt_config, settings, mesh, rules
+) -> dict:
+    """The suite at `step`: workdir/eval/suite/<step>/ (predictions.jsonl, metrics.json, report.md),
+    scalars to `writer`, and best/ replaced when the selection score beats it (every process calls
+    this: the model is written collectively)."""
+    suite = load_suite(suite_path)
+    output = Path(workdir) / "eval" / "suite" / str(step) if jax.process_index() == 0 else None
+    title = f"{suite.name} at step {step}"
+    metrics = run_suite(
+        model, params, tokenizer, suite, output, settings, mesh=mesh, rules=rules, overwrite=True, title=title
+    ).metrics
+    writer.write(step, suite_scalars(metrics))
+    score, previous = metrics["selection_score"], best_score(workdir)
+    if score is not None and (previous is None or score > previous):
+        marker = {"step": step, "selection_score": score, "suite": suite.path}
+        save_model(
+            Path(workdir) / BEST_DIR, opt_config, params, tokenizer, overwrite=True, extra_marker=marker
+        )
+        log.info("step %d: selection score %.2f beats %s: wrote %s/", step, score, previous, BEST_DIR)
+    return metrics
+
+
+def check_suite(cfg) -> None:
+    """A run config's eval.suite, read and checked (SuiteError naming every bad entry) when it has one."""
+    if cfg.eval.suite:
+        load_suite(resolve_path(cfg.eval.suite))
+
+
+def suite_hook(run, step: int) -> dict:
+    """eval.suite at an evaluation step: registered by run_hooks.default_hooks (`run`: context.Run)."""
+    eval_cfg = run.cfg.eval
+    settings = SuiteSettings(batch_size=run.cfg.eval_batch_size)
+    metrics = evaluate_suite_at_step(
+        run.model,
+        run.state.params,
+        run.tokenizer,
+        resolve_path(eval_cfg.suite),
+        run.workdir,
+        step,
+        run.writer,
+        run.opt_config,
+        settings,
+        run.mesh,
+        run.rules,
+    )
+    selection = metrics["selection_score"]
+    run.report(f"step {step}: suite selection score {'-' if selection is None else f'{selection:.2f}'}")
+    return metrics

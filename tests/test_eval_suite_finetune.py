@@ -1,0 +1,86 @@
+"""eval.suite in fine-tuning: the selection score and per-level figures at every evaluation step in
+metrics.jsonl, and best/, the model of the best step so far (its marker names the step; the same suite
+on best/ gives that step's score), exportable to Hugging Face's layout."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from finetune_helpers import SNI, run_config
+
+from optiml_jax.checkpoints.export import export_hf
+from optiml_jax.checkpoints.model_format import read_marker
+from optiml_jax.checkpoints.pretrained import load_pretrained
+from optiml_jax.eval.suite import load_suite
+from optiml_jax.eval.suite_run import SuiteSettings, run_suite
+from optiml_jax.train import train_and_evaluate
+from optiml_jax.train.metrics_log import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def suite_path(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft_suite")
+    with (tmp / "yes_no.jsonl").open("w") as f:
+        for i in range(6):
+            f.write(
+                json.dumps({"task": "yn", "src": f"Is {i} even?", "options": ["yes", "no"], "label": i % 2})
+                + "\n"
+            )
+    entries = [
+        dict(task="yn", data="yes_no.jsonl", benchmark="flan", category="qa", level="fully_held_out",
+             metric="accuracy", mode="rank", shots=[0]),
+        dict(task="capital", data=str(SNI / "task1146_country_capital.json"), benchmark="sni",
+             category="qa", level="fully_supervised", metric="rougeL", mode="generate", shots=[0]),
+    ]  # fmt: skip
+    (tmp / "suite.yaml").write_text(
+        yaml.safe_dump({"entries": entries, "max_instances": 4, "max_new_tokens": 8})
+    )
+    return tmp / "suite.yaml"
+
+
+def test_best_model_tracks_the_best_selection_score(tiny_preset, suite_path, tmp_path):
+    workdir = tmp_path / "run"
+    cfg = run_config(
+        tiny_preset, workdir, train={"max_steps": 2}, eval={"every_steps": 1, "suite": str(suite_path)}
+    )
+    train_and_evaluate(cfg, progress=False)
+    scores = {
+        r["step"]: r["suite/selection_score"]
+        for r in read_jsonl(workdir / "metrics.jsonl")
+        if "suite/selection_score" in r
+    }
+    assert sorted(scores) == [1, 2]
+    assert all(
+        f"suite/{level}/0shot" in r
+        for r in read_jsonl(workdir / "metrics.jsonl")
+        if "suite/selection_score" in r
+        for level in ("fully_held_out", "fully_supervised")
+    )
+    best_step = min(step for step, score in scores.items() if score == max(scores.values()))
+    marker = read_marker(workdir / "best")
+    assert marker["step"] == best_step and marker["selection_score"] == pytest.approx(scores[best_step])
+    for step in scores:  # each evaluation's files
+        metrics = json.loads((workdir / "eval" / "suite" / str(step) / "metrics.json").read_text())
+        assert metrics["selection_score"] == pytest.approx(scores[step])
+    loaded = load_pretrained(workdir / "best", scan_layers=True)  # as trained: its programs are compiled
+    again = run_suite(
+        loaded.model,
+        loaded.params,
+        loaded.tokenizer,
+        load_suite(suite_path),
+        None,
+        SuiteSettings(batch_size=8),
+    )
+    assert again.metrics["selection_score"] == pytest.approx(scores[best_step], abs=1e-3)
+    export_hf(workdir / "best", tmp_path / "hf")  # --to-hf --input RUN/best
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_bad_suite_stops_the_run_before_training(tiny_preset, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump([{"task": "x", "data": "nowhere.jsonl"}]))
+    cfg = run_config(tiny_preset, tmp_path / "run", eval={"every_steps": 1, "suite": str(bad)})
+    with pytest.raises(ValueError, match=r"entry 0 \(x\): missing key 'benchmark'"):
+        train_and_evaluate(cfg, progress=False)
+    assert not Path(tmp_path / "run" / "metrics.jsonl").exists()
