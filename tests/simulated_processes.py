@@ -8,7 +8,7 @@ import numpy as np
 def as_processes(n, work):
     """Runs work(process_index, allgather) for n simulated processes, one thread each, with a real
     rendezvous allgather (every process must call it, in the same order); returns their results."""
-    barrier, slots, results, errors = threading.Barrier(n, timeout=30), [None] * n, [None] * n, []
+    barrier, slots, results, errors = threading.Barrier(n, timeout=300), [None] * n, [None] * n, []
 
     def run(p):
         def allgather(x):

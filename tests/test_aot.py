@@ -79,7 +79,7 @@ def _aot_env() -> dict:
     return env
 
 
-def _aot_cli(tmp_path, cli: str, *args, timeout=300, path: str = ""):
+def _aot_cli(tmp_path, cli: str, *args, timeout=900, path: str = ""):
     """`python -m optiml_jax.<cli> ...` as a user runs it (`path`: more of PYTHONPATH)."""
     return subprocess.run(
         [sys.executable, "-m", f"optiml_jax.{cli}", *args],

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHMARK = REPO / "tools" / "benchmark.py"
 
 
-def _run(tmp_path, *args, timeout=240):
+def _run(tmp_path, *args, timeout=1200):
     out = tmp_path / "device.json"
     proc = subprocess.run(
         [sys.executable, str(BENCHMARK), "device", "--json", str(out), *args],
@@ -61,5 +61,5 @@ def test_dry_run_runs_every_section(tmp_path):
 
 
 def test_sections_past_the_budget_are_skipped_not_lost(tmp_path):
-    figures, _ = _run(tmp_path, "--dry-run", "--budget-s", "0", timeout=60)
+    figures, _ = _run(tmp_path, "--dry-run", "--budget-s", "0", timeout=300)
     assert figures["sections"] and all("skipped" in s for s in figures["sections"].values())

@@ -217,7 +217,7 @@ def test_lm_eval_mesh_larger_than_the_machine(tmp_path):
         ],
         devices=2,
         cwd=task_dir,
-        timeout=240,
+        timeout=900,
     )
     assert done.returncode == 2, done.stderr[-3000:]
     _error_line(done.stderr, "model_args", "mesh.data=3", "2 are available", only_line=False)

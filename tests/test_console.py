@@ -43,7 +43,7 @@ def test_help_names_the_command_and_ends_its_sentences(module, program):
         [sys.executable, "-m", module, "--help"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         env={"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stderr

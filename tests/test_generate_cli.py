@@ -40,7 +40,7 @@ def _cli(*args):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
 
 

@@ -43,7 +43,7 @@ DEMO_OVERRIDES = (
 )
 
 
-def _run(args, cwd, env, timeout=240):
+def _run(args, cwd, env, timeout=900):
     done = subprocess.run(
         [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -43,7 +43,7 @@ def run_two_processes(config: dict, cwd: Path) -> list[tuple[int, str, str]]:
     out = []
     for proc in procs:
         try:
-            stdout, stderr = proc.communicate(timeout=300)
+            stdout, stderr = proc.communicate(timeout=900)
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()

@@ -61,7 +61,7 @@ def test_cli_killed_or_terminated_resumes_to_the_uninterrupted_result(tiny_prese
                 proc.send_signal(signals[sig])
                 sent[sig] = last_logged_step(tmp_path / sig)
         time.sleep(0.002)
-    outputs = {sig: proc.communicate(timeout=120) for sig, proc in procs.items()}
+    outputs = {sig: proc.communicate(timeout=600) for sig, proc in procs.items()}
     assert procs["kill"].returncode == -signal.SIGKILL, outputs["kill"][1][-2000:]
     assert procs["term"].returncode == 0, outputs["term"][1][-2000:]
     stopped = int(outputs["term"][0].split("stopped at step ")[1].split(";")[0])
@@ -81,7 +81,7 @@ def test_cli_killed_or_terminated_resumes_to_the_uninterrupted_result(tiny_prese
         for sig in configs
     }
     for sig, proc in procs.items():
-        out, err = proc.communicate(timeout=240)
+        out, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-3000:]
         assert f"done: step {steps}" in out
         assert "resumed from" in err
@@ -126,7 +126,7 @@ def test_ctrl_c_saves_a_checkpoint_and_a_second_one_quits_at_once(tiny_preset, t
     proc = start()
     assert _wait_for_step(tmp_path / "run", 3, proc) >= 3, proc.communicate()[1][-3000:]
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert "Ctrl-C: saving a checkpoint" in err
@@ -138,7 +138,7 @@ def test_ctrl_c_saves_a_checkpoint_and_a_second_one_quits_at_once(tiny_preset, t
     proc.send_signal(signal.SIGINT)
     time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGINT, (proc.returncode, err[-3000:])
     assert "resumed from" in err and "Traceback" not in err
 

@@ -59,7 +59,7 @@ def test_cli_config_error_is_one_line_and_nonzero(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        timeout=120,
+        timeout=600,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 2
