@@ -78,3 +78,23 @@ def test_generate_cli_encodes_as_evaluation_unless_add_bos(demo_run, capsys):
     assert row["completion"].strip() == record["prediction"]
     assert gen.main([*base, "--max-new-tokens", "2", "--add-bos"]) == 0
     assert json.loads(capsys.readouterr().out)["prompt_ids"] == tokenizer.encode(record["prompt"])
+
+
+def test_data_add_bos_is_the_training_side_switch(tmp_path):
+    """data.add_bos=true packs `</s>` before every source, as transformers' tokenizer encodes a prompt;
+    in-training evaluation follows it (its settings come from the run's data section)."""
+    from optiml_jax.data import DataConfig
+    from optiml_jax.eval.runner import settings_from_config
+    from optiml_jax.run_config import RunConfig, load_run_config
+
+    tokenizer = OPTTokenizer.from_pretrained(DEMO_TOKENIZER_DIR)
+    src = "Input: x. Output:"
+    example = Example(task="t", src=src, tgt="y", source="t")
+    (with_bos,) = tokenize_examples([example], tokenizer, add_bos=True)
+    assert with_bos.tokens[: with_bos.num_source] == tuple(tokenizer.encode(src))  # </s> first
+    assert with_bos.tokens[0] == tokenizer.bos_id
+    cfg = load_run_config("demo", ["data.add_bos=true"])
+    assert isinstance(cfg, RunConfig) and cfg.data.add_bos is True
+    assert settings_from_config(cfg.eval.tasks, 8, cfg.data.add_bos).add_bos is True
+    with pytest.raises(Exception, match="data.add_bos must be true or false"):
+        DataConfig(add_bos="yes")

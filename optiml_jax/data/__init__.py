@@ -54,6 +54,7 @@ from optiml_jax.data.sources import (
     SkipStats,
 )
 from optiml_jax.data.templates import TEMPLATES
+from optiml_jax.tokenizer import PROMPT_ADD_BOS
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ class DataConfig:
     # OPT-IML's two-level mixture and MetaICL demonstrations (mixture.py, demonstrations.py); None: off
     mixture: Union[MixtureConfig, dict, None] = None
     demonstrations: Union[DemonstrationsConfig, dict, None] = None
+    # `</s>` before every prompt (transformers' OPT tokenization); default: none, as metaseq's OPT-IML
+    # fine-tuning data (tokenizer.PROMPT_ADD_BOS, docs/evaluation.md "Prompt convention")
+    add_bos: bool = PROMPT_ADD_BOS
 
     def __post_init__(self):
         for name in ("train", "eval"):
@@ -129,6 +133,8 @@ class DataConfig:
         return fields
 
     def validate(self) -> None:
+        if not isinstance(self.add_bos, bool):
+            raise ConfigError(f"data.add_bos must be true or false, got {self.add_bos!r}")
         for name in ("train", "eval"):
             value = getattr(self, name)
             items = value if isinstance(value, tuple) else (value,)
@@ -368,6 +374,7 @@ def build_loaders(
             allgather=allgather,
             plan=plan,
             demonstrations=data.demonstrations,
+            add_bos=data.add_bos,
         )
     if want_eval:
         eval_loader = EvalLoader(
@@ -380,6 +387,7 @@ def build_loaders(
             process_count=process_count,
             skip_stats=eval_stats,
             allgather=allgather,
+            add_bos=data.add_bos,
         )
     return train_loader, eval_loader
 

@@ -46,6 +46,7 @@ from optiml_jax.data.packing import (
 )
 from optiml_jax.data.records import AllGather, locate
 from optiml_jax.data.sources import DataError, Example, SkipStats
+from optiml_jax.tokenizer import PROMPT_ADD_BOS
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class TrainLoader:
         allgather: Optional[AllGather] = None,
         plan: Optional[MixturePlan] = None,
         demonstrations: Optional[DemonstrationsConfig] = None,
+        add_bos: bool = PROMPT_ADD_BOS,
     ):
         """`holdout`: the data.eval_holdout that `tasks` were split with (see holdout.py); it does not change
         the stream, but it is part of the state fingerprint, so a state saved under one split is refused
@@ -170,6 +172,7 @@ class TrainLoader:
         self._lo, self._hi = _local_rows(global_batch_size, process_index, process_count)
         self._allgather = allgather
         self.tokenizer = tokenizer
+        self.add_bos = add_bos
         self.plan = plan
         if plan is not None:
             self.mixture = MixtureStream(plan.tasks, eps=eps, seed=seed, probs=plan.probs)
@@ -267,7 +270,7 @@ class TrainLoader:
                 if self._lo <= row < self._hi and i >= self._slots[row - self._lo].next_index:
                     wanted.append(i)
                     examples.append(self.stream_example(i, task, j))
-            self._buffer.update(zip(wanted, tokenize_examples(examples, self.tokenizer)))
+            self._buffer.update(zip(wanted, tokenize_examples(examples, self.tokenizer, self.add_bos)))
         return self._buffer.pop(index)
 
     def stream_example(self, index: int, task: int, j: int):
@@ -352,11 +355,13 @@ class EvalLoader:
         process_count: int = 1,
         skip_stats: Optional[SkipStats] = None,
         allgather: Optional[AllGather] = None,
+        add_bos: bool = PROMPT_ADD_BOS,
     ):
         _check_seq_len(seq_len)
         self.skip_stats = skip_stats if skip_stats is not None else SkipStats()
         self.tasks = {name: tasks[name] for name in sorted(tasks)}
         self.tokenizer = tokenizer
+        self.add_bos = add_bos
         self.global_batch_size = global_batch_size
         self.seq_len = seq_len
         self.overlong = overlong
@@ -389,7 +394,9 @@ class EvalLoader:
                 mine.append(sequences[task][i])
             packed = []
             for start in range(0, len(mine), TOKENIZE_CHUNK):
-                for example in tokenize_examples(mine[start : start + TOKENIZE_CHUNK], self.tokenizer):
+                for example in tokenize_examples(
+                    mine[start : start + TOKENIZE_CHUNK], self.tokenizer, self.add_bos
+                ):
                     packed.extend(packer.add(example))
             last = packer.flush()
             if last is not None:

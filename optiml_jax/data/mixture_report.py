@@ -45,7 +45,7 @@ def mixture_report(cfg: Any, tokenizer, examples: int) -> dict:
             demos += getattr(example, "demonstrations", 0)
             batch.append(example)
             groups.append(group_of[stream.names[task]])
-        for group, tokenized in zip(groups, tokenize_examples(batch, tokenizer)):
+        for group, tokenized in zip(groups, tokenize_examples(batch, tokenizer, cfg.data.add_bos)):
             fitted = fit_to_length(tokenized, seq_len, cfg.data.overlong)
             drawn[group] += 1
             tokens[group] += loss_tokens(fitted) if fitted is not None else 0

@@ -91,20 +91,22 @@ class PackStats(Counter):
         return dict(sorted(self.items()))
 
 
-def tokenize_examples(examples: Sequence, tokenizer: Tokenizer) -> list[TokenizedExample]:
+def tokenize_examples(
+    examples: Sequence, tokenizer: Tokenizer, add_bos: bool = PROMPT_ADD_BOS
+) -> list[TokenizedExample]:
     """`examples` have `.src`, `.tgt` and `.source` (sources.Example). See the module doc for the layout.
 
     Two optional attributes change the loss: `whole_sequence` (True: every token is trained on, as the
     pre-training text of data.mixture's `loss: all` slices) and `src_pieces` ((text, trained) pairs
     making up `src`, each encoded on its own like src and tgt: demonstrations whose outputs are trained
-    on, see demonstrations.py)."""
+    on, see demonstrations.py). `add_bos`: `</s>` before each source (data.add_bos; the prompt convention)."""
     pieces = [getattr(e, "src_pieces", None) or ((e.src, False),) for e in examples]
     srcs = []
     for p in pieces:
         srcs.extend(text for text, _ in p[:-1])
         srcs.append(p[-1][0].rstrip(" "))
     tgts = [" " + e.tgt.rstrip() for e in examples]
-    src_ids = tokenizer.encode_batch(srcs, add_bos=PROMPT_ADD_BOS) if srcs else []
+    src_ids = tokenizer.encode_batch(srcs, add_bos=add_bos) if srcs else []
     tgt_ids = tokenizer.encode_batch(tgts, add_bos=False) if tgts else []
     eos, out, k = tokenizer.eos_id, [], 0
     for e, p, t in zip(examples, pieces, tgt_ids):

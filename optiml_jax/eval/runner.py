@@ -374,9 +374,11 @@ def write_results(
 
 
 # ---------------------------------------------------------------------- inside fine-tuning
-def settings_from_config(tasks_cfg, batch_size: int) -> EvalSettings:
-    """EvalSettings of a run config's `eval.tasks` section (batch_size when the section leaves it unset)."""
+def settings_from_config(tasks_cfg, batch_size: int, add_bos: bool = PROMPT_ADD_BOS) -> EvalSettings:
+    """EvalSettings of a run config's `eval.tasks` section (batch_size when the section leaves it unset;
+    add_bos: the run's data.add_bos, so its prompts are encoded as its training data)."""
     return EvalSettings(
+        add_bos=add_bos,
         template=tasks_cfg.template,
         shots=tasks_cfg.shots,
         delimiter=tasks_cfg.delimiter,

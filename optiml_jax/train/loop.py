@@ -154,7 +154,7 @@ def _set_up(cfg: RunConfig, workdir: Path, mesh, manager, rules, trainable: Trai
     if cfg.eval.tasks is not None:
         task_eval = (
             tasks_from_config(cfg.eval.tasks, eval_loader.tasks if eval_loader else None, resolve_path),
-            settings_from_config(cfg.eval.tasks, cfg.eval_batch_size),
+            settings_from_config(cfg.eval.tasks, cfg.eval_batch_size, cfg.data.add_bos),
         )
     skipped = {k: v for k, v in loader.skip_stats.as_dict().items() if v}
     if skipped and jax.process_index() == 0:

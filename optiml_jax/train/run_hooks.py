@@ -136,11 +136,13 @@ def samples(run: Run, step: int) -> None:
         log.info("eval.num_samples: greedy samples are only generated on a single process")
         return
     run.result.samples = sample_heldout(
-        run.model, run.state.params, run.tokenizer, run.eval_loader, run.cfg.eval
+        run.model, run.state.params, run.tokenizer, run.eval_loader, run.cfg.eval, run.cfg.data.add_bos
     )
 
 
-def sample_heldout(model, params, tokenizer, eval_loader, eval_cfg) -> list[tuple[str, str, str]]:
+def sample_heldout(
+    model, params, tokenizer, eval_loader, eval_cfg, add_bos: bool = PROMPT_ADD_BOS
+) -> list[tuple[str, str, str]]:
     """(prompt, reference, greedy generation) for the first example of the first few eval tasks, by the
     KV-cache decoder of optiml_jax.generate (one batch; prompts cut from the left to fit the positions)."""
     max_new = eval_cfg.sample_max_new_tokens
@@ -148,7 +150,7 @@ def sample_heldout(model, params, tokenizer, eval_loader, eval_cfg) -> list[tupl
     examples = [
         examples[0] for examples in list(eval_loader.tasks.values())[: eval_cfg.num_samples] if examples
     ]
-    prompts = [(e, tokenizer.encode(e.src.rstrip(" "), add_bos=PROMPT_ADD_BOS)[-room:]) for e in examples]
+    prompts = [(e, tokenizer.encode(e.src.rstrip(" "), add_bos=add_bos)[-room:]) for e in examples]
     prompts = [(e, ids) for e, ids in prompts if ids]
     if not prompts or room < 1:
         return []
