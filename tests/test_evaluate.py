@@ -10,6 +10,7 @@ import pytest
 import torch
 from finetune_helpers import SNI, SNI_TRAIN_SPLIT, TOKENIZER
 from hf_reference import make_hf_model
+from tiny_models import tiny_model
 
 from optiml_jax.cli.evaluate import main
 from optiml_jax.config import OPTConfig
@@ -18,16 +19,7 @@ from optiml_jax.sharding import MeshConfig, make_mesh
 from optiml_jax.tokenizer import OPTTokenizer
 
 # The demo tokenizer's vocabulary; 64 positions, so SNI prompts must be cut to fit.
-MODEL = dict(
-    vocab_size=2048,
-    hidden_size=32,
-    num_hidden_layers=2,
-    ffn_dim=64,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-    dropout=0.0,
-    attention_dropout=0.0,
-)
+MODEL = tiny_model()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from finetune_helpers import REPO, TOKENIZER
 from hf_reference import make_hf_model
+from tiny_models import tiny_model
 
 from optiml_jax.config import OPTConfig
 from optiml_jax.tokenizer import OPTTokenizer
@@ -19,16 +20,7 @@ from optiml_jax.tokenizer import OPTTokenizer
 TASK_DIR = Path(__file__).parent / "data" / "lm_eval"
 TASKS = ["optiml_test_mc", "optiml_test_gen", "optiml_test_rolling"]
 # 64 positions: the rolling task's longest document takes three windows
-MODEL = dict(
-    vocab_size=2048,
-    hidden_size=32,
-    num_hidden_layers=2,
-    ffn_dim=64,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-    dropout=0.0,
-    attention_dropout=0.0,
-)
+MODEL = tiny_model()
 
 
 @pytest.fixture(scope="module")
