@@ -3,6 +3,7 @@ runs it (a subprocess with N host devices)."""
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -98,6 +99,13 @@ def cli_env(devices: int) -> dict:
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
     }
+
+
+def start_cli(config: dict, cwd, devices: int) -> subprocess.Popen:
+    """The fine-tuning CLI on `config`, started in `cwd` with `devices` host devices; text output piped."""
+    return subprocess.Popen(
+        cli(config), cwd=cwd, env=cli_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def cli(config: dict, devices: int = 4, extra=()) -> list[str]:
