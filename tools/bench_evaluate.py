@@ -124,11 +124,8 @@ def main(argv=None) -> int:
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.worker:
         return bench_worker.report(run_worker(args))
-    workers = ["jax"] + ([] if args.skip_hf else ["hf-pytorch"])
-    worker_args = bench_worker.forwarded_args(
-        args, ("preset", "prompts", "new_tokens", "batch_size", "repeats")
-    )
-    rounds = bench_worker.alternating_rounds(__file__, workers, worker_args, args.rounds)
+    forwarded = ("preset", "prompts", "new_tokens", "batch_size", "repeats")
+    workers, rounds = bench_worker.side_by_side_rounds(__file__, args, "hf-pytorch", forwarded)
     ours = {**rounds[-1]["jax"], "seconds": statistics.median(r["jax"]["seconds"] for r in rounds)}
     figures = {
         "preset": args.preset,

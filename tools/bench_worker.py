@@ -93,10 +93,13 @@ def random_params(config, scan_layers: bool):
     return jax.tree_util.tree_map(jnp.asarray, hf_to_params(state, config, scan_layers=scan_layers))
 
 
-def forwarded_args(args, names) -> list[str]:
-    """The command-line options `names` (argparse destinations) with their values in `args`, as a worker's
-    argv: what the parent was asked for is what each fresh process measures."""
-    return [item for name in names for item in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+def side_by_side_rounds(script: str, args, reference: str, forwarded) -> tuple[list[str], list[dict]]:
+    """(the workers, their `args.rounds` alternating measurements): ours ("jax") and, unless --skip-hf,
+    the `reference` side, each in a fresh process of `script` given the options `forwarded` (argparse
+    destinations) as the parent was: what it was asked for is what each side measures."""
+    workers = ["jax"] + ([] if args.skip_hf else [reference])
+    argv = [item for name in forwarded for item in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+    return workers, alternating_rounds(script, workers, argv, args.rounds)
 
 
 def best_of(fn, repeats: int, warm_up=None):
