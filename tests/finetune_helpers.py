@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from tiny_models import tiny_model
+from tiny_models import tiny_model_settings
 
 from optiml_jax.run_config import from_dict
 from optiml_jax.train.metrics_log import read_jsonl
@@ -20,7 +20,7 @@ SNI = REPO / "optiml_jax" / "assets" / "data" / "sni"
 SNI_TRAIN_SPLIT = SNI / "splits" / "default" / "train_tasks.txt"
 SNI_TEST_TASKS = ("task1154_bard_analogical_reasoning_travel", "task1664_winobias_text_generation")
 TOKENIZER = REPO / "optiml_jax/assets/demo_tokenizer"
-TINY_MODEL = tiny_model(max_position_embeddings=128, dropout=0.1)
+TINY_MODEL = tiny_model_settings(max_position_embeddings=128, dropout=0.1)
 TASKS = [str(SNI / "task1146_country_capital.json"), str(SNI / "task1508_wordnet_antonyms.json")]
 
 

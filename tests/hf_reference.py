@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 import transformers
-from tiny_models import tiny_model
+from tiny_models import tiny_model_settings
 
 from optiml_jax.config import OPTConfig
 
 # Small shapes that still exercise every code path: several heads, several layers, vocab with
 # "padding rows" beyond what a tokenizer would use.
-TINY = tiny_model(vocab_size=96, num_hidden_layers=3, ffn_dim=48)
+TINY = tiny_model_settings(vocab_size=96, num_hidden_layers=3, ffn_dim=48)
 
 VARIANTS = {
     "pre_ln": dict(),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from finetune_helpers import SNI, SNI_TRAIN_SPLIT, TOKENIZER
 from hf_reference import make_hf_model
-from tiny_models import tiny_model
+from tiny_models import tiny_model_settings
 
 from optiml_jax.cli.evaluate import main
 from optiml_jax.config import OPTConfig
@@ -19,7 +19,7 @@ from optiml_jax.sharding import MeshConfig, make_mesh
 from optiml_jax.tokenizer import OPTTokenizer
 
 # The demo tokenizer's vocabulary; 64 positions, so SNI prompts must be cut to fit.
-MODEL = tiny_model()
+MODEL = tiny_model_settings()
 
 
 @pytest.fixture(scope="module")

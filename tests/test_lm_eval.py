@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from finetune_helpers import REPO, TOKENIZER
 from hf_reference import make_hf_model
-from tiny_models import tiny_model
+from tiny_models import tiny_model_settings
 
 from optiml_jax.config import OPTConfig
 from optiml_jax.tokenizer import OPTTokenizer
@@ -21,7 +21,7 @@ from optiml_jax.tokenizer import OPTTokenizer
 TASK_DIR = Path(__file__).parent / "data" / "lm_eval"
 TASKS = ["optiml_test_mc", "optiml_test_gen", "optiml_test_rolling"]
 # 64 positions: the rolling task's longest document takes three windows
-MODEL = tiny_model()
+MODEL = tiny_model_settings()
 
 
 @pytest.fixture(scope="module")

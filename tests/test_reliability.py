@@ -21,7 +21,7 @@ from finetune_helpers import (
     start_cli,
     step_losses,
 )
-from tiny_models import tiny_model
+from tiny_models import tiny_model_settings
 
 from optiml_jax.config import ConfigError
 from optiml_jax.run_config import from_dict
@@ -342,9 +342,11 @@ def test_activation_estimate_is_within_2x_of_xla(remat):
     from optiml_jax.train import build_model, make_optimizer, make_train_step, state_shardings
     from optiml_jax.train.memory import estimate_training_memory
 
-    # activations dominate: long sequences through a wider, deeper model than tiny_model's, with dropout
+    # activations dominate: long sequences through a wider, deeper model than the tiny one, with dropout
     wider_deeper = dict(hidden_size=64, num_hidden_layers=4, ffn_dim=256)
-    config = OPTConfig(**tiny_model(vocab_size=512, max_position_embeddings=512, dropout=0.1, **wider_deeper))
+    config = OPTConfig(
+        **tiny_model_settings(vocab_size=512, max_position_embeddings=512, dropout=0.1, **wider_deeper)
+    )
     batch, seq_len = 8, 256
     train = TrainSection(max_steps=5, batch_size=batch, seq_len=seq_len, remat_policy=remat)
     model, tx = build_model(config, train), make_optimizer(OptimSection(), 5)

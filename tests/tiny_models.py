@@ -2,7 +2,7 @@
 names only what it changes (another vocabulary, more layers or positions, dropout)."""
 
 
-def tiny_model(**changes) -> dict:
+def tiny_model_settings(**changes) -> dict:
     """OPTConfig keyword arguments of a tiny OPT: the demo tokenizer's 2048-token vocabulary, 2 layers of
     4 heads over 32 features, 64 positions, no dropout; `changes` replace any of them."""
     model = dict(
@@ -16,5 +16,5 @@ def tiny_model(**changes) -> dict:
         attention_dropout=0.0,
     )
     unknown = set(changes) - set(model)
-    assert not unknown, f"tiny_model: no such setting {sorted(unknown)}"
+    assert not unknown, f"tiny_model_settings: no such setting {sorted(unknown)}"
     return model | changes
