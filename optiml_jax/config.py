@@ -129,6 +129,11 @@ _JSON_TO_FIELD = {"_remove_final_layer_norm": "remove_final_layer_norm"}
 _FIELD_TO_JSON = {v: k for k, v in _JSON_TO_FIELD.items()}
 
 
+def is_whole_number(value) -> bool:
+    """An int and not a bool: bool subclasses int, and a setting of True must not pass as 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names it."""
 
@@ -208,7 +213,7 @@ class OPTConfig:
             "word_embed_proj_dim",
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_whole_number(value) or value <= 0:
                 raise ConfigError(f"OPTConfig.{name} must be a positive integer, got {value!r}")
         for name in ("dropout", "attention_dropout", "layerdrop"):
             value = getattr(self, name)
@@ -225,7 +230,7 @@ class OPTConfig:
                 raise ConfigError(f"OPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+            if not is_whole_number(value) or not 0 <= value < self.vocab_size:
                 raise ConfigError(
                     f"OPTConfig.{name} must be a token id in [0, vocab_size={self.vocab_size}), got {value!r}"
                 )

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optiml_jax.checkpoints import mapping as weights
+from optiml_jax.config import is_whole_number
 from optiml_jax.model import OPTForCausalLM, lm_head_logits, positions_from_mask
 from optiml_jax.model.opt import CACHE_LAYOUTS
 
@@ -79,17 +80,9 @@ class GenerationConfig:
     cache_layout: str = "auto"  # "auto" or one of model.opt.CACHE_LAYOUTS
 
     def __post_init__(self):
-        if (
-            isinstance(self.max_new_tokens, bool)
-            or not isinstance(self.max_new_tokens, int)
-            or self.max_new_tokens < 1
-        ):
+        if not is_whole_number(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if (
-            isinstance(self.min_new_tokens, bool)
-            or not isinstance(self.min_new_tokens, int)
-            or self.min_new_tokens < 0
-        ):
+        if not is_whole_number(self.min_new_tokens) or self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be a non-negative integer, got {self.min_new_tokens!r}")
         if (
             not isinstance(self.temperature, (int, float))
@@ -97,13 +90,13 @@ class GenerationConfig:
             or self.temperature < 0
         ):
             raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_whole_number(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not self.do_sample and (self.top_k or self.top_p < 1.0):
             raise ValueError("top_k / top_p only apply when sampling; set temperature > 0")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if not is_whole_number(self.seed) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if (
             isinstance(self.repetition_penalty, bool)

@@ -3,11 +3,13 @@ runs it (a subprocess with N host devices)."""
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+from tiny_models import tiny_model_settings
 
 from optiml_jax.run_config import from_dict
 from optiml_jax.train.metrics_log import read_jsonl
@@ -18,16 +20,7 @@ SNI = REPO / "optiml_jax" / "assets" / "data" / "sni"
 SNI_TRAIN_SPLIT = SNI / "splits" / "default" / "train_tasks.txt"
 SNI_TEST_TASKS = ("task1154_bard_analogical_reasoning_travel", "task1664_winobias_text_generation")
 TOKENIZER = REPO / "optiml_jax/assets/demo_tokenizer"
-TINY_MODEL = dict(
-    vocab_size=2048,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    ffn_dim=64,
-    max_position_embeddings=128,
-    dropout=0.1,
-    attention_dropout=0.0,
-)
+TINY_MODEL = tiny_model_settings(max_position_embeddings=128, dropout=0.1)
 TASKS = [str(SNI / "task1146_country_capital.json"), str(SNI / "task1508_wordnet_antonyms.json")]
 
 
@@ -106,6 +99,13 @@ def cli_env(devices: int) -> dict:
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
     }
+
+
+def start_cli(config: dict, cwd, devices: int) -> subprocess.Popen:
+    """The fine-tuning CLI on `config`, started in `cwd` with `devices` host devices; text output piped."""
+    return subprocess.Popen(
+        cli(config), cwd=cwd, env=cli_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def cli(config: dict, devices: int = 4, extra=()) -> list[str]:

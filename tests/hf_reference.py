@@ -5,21 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 import transformers
+from tiny_models import tiny_model_settings
 
 from optiml_jax.config import OPTConfig
 
 # Small shapes that still exercise every code path: several heads, several layers, vocab with
 # "padding rows" beyond what a tokenizer would use.
-TINY = dict(
-    vocab_size=96,
-    hidden_size=32,
-    num_hidden_layers=3,
-    ffn_dim=48,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-    dropout=0.0,
-    attention_dropout=0.0,
-)
+TINY = tiny_model_settings(vocab_size=96, num_hidden_layers=3, ffn_dim=48)
 
 VARIANTS = {
     "pre_ln": dict(),

@@ -3,6 +3,9 @@
 import threading
 
 import numpy as np
+from fake_tokenizer import ByteTokenizer
+
+from optiml_jax.data import DataConfig, build_loaders
 
 
 def as_processes(n, work):
@@ -32,3 +35,20 @@ def as_processes(n, work):
     if errors:
         raise errors[0]
     return results
+
+
+def process_loaders(data: dict, p, n, allgather, reads=None, **settings):
+    """build_loaders' (train, eval) of simulated process `p` of `n`: DataConfig(**data), the byte
+    tokenizer, 6 rows; `settings` are build_loaders' others (seed and seq_len at least). `reads`, when
+    given, learns that this thread is process `p` (its `register`), to attribute the reads it counts."""
+    if reads is not None:
+        reads.register(p)
+    return build_loaders(
+        DataConfig(**data),
+        ByteTokenizer(),
+        batch_size=6,
+        process_index=p,
+        process_count=n,
+        allgather=allgather,
+        **settings,
+    )

@@ -44,16 +44,19 @@ def _error_line(stderr: str, *patterns: str, only_line: bool = True) -> str:
     return errors[0]
 
 
+def _refused(args, patterns: tuple[str, ...], devices: int, cwd: Path, output: Path | None = None) -> None:
+    """The CLI `args` exits 2 with one error line holding every pattern, and `output` is not created."""
+    done = _cli(args, devices=devices, cwd=cwd)
+    assert done.returncode == 2
+    _error_line(done.stderr, *patterns)
+    if output is not None:
+        assert not output.exists()
+
+
 # ---------------------------------------------------------------------- finetune: exit 2
 def test_finetune_mesh_larger_than_the_machine(tmp_path):
-    done = _cli(
-        ["-m", "optiml_jax.finetune", "--config", "demo", "mesh.data=3", f"workdir={tmp_path / 'run'}"],
-        devices=2,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2
-    _error_line(done.stderr, "mesh.data=3", "2 are available")
-    assert not (tmp_path / "run").exists()
+    command = ["-m", "optiml_jax.finetune", "--config", "demo", "mesh.data=3", f"workdir={tmp_path / 'run'}"]
+    _refused(command, ("mesh.data=3", "2 are available"), devices=2, cwd=tmp_path, output=tmp_path / "run")
 
 
 @pytest.mark.parametrize(
@@ -79,25 +82,25 @@ def test_finetune_configuration_problems(override, patterns, tmp_path, capsys):
 # ---------------------------------------------------------------------- evaluate: exit 2
 def test_evaluate_mesh_larger_than_the_machine(tmp_path):
     # --model does not exist: the mesh is checked before the model (or the data) is read
-    done = _cli(
-        [
-            "-m",
-            "optiml_jax.evaluate",
-            "--model",
-            tmp_path / "nope",
-            "--data",
-            SNI,
-            "--mesh",
-            "data=3",
-            "--output",
-            tmp_path / "out",
-        ],
+    command = [
+        "-m",
+        "optiml_jax.evaluate",
+        "--model",
+        tmp_path / "nope",
+        "--data",
+        SNI,
+        "--mesh",
+        "data=3",
+        "--output",
+        tmp_path / "out",
+    ]
+    _refused(
+        command,
+        ("--mesh", "mesh.data=3", "2 are available"),
         devices=2,
         cwd=tmp_path,
+        output=tmp_path / "out",
     )
-    assert done.returncode == 2
-    _error_line(done.stderr, "--mesh", "mesh.data=3", "2 are available")
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -132,13 +135,8 @@ def test_evaluate_configuration_problems(args, patterns, tmp_path, capsys):
 
 # ---------------------------------------------------------------------- generate: exit 2
 def test_generate_dtype_outside_the_table(tmp_path):
-    done = _cli(
-        ["-m", "optiml_jax.generate", "--model", tmp_path, "--prompt", "hi", "--dtype", "float64"],
-        devices=2,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2
-    _error_line(done.stderr, "--dtype", "'float64'", "float32")
+    command = ["-m", "optiml_jax.generate", "--model", tmp_path, "--prompt", "hi", "--dtype", "float64"]
+    _refused(command, ("--dtype", "'float64'", "float32"), devices=2, cwd=tmp_path)
 
 
 def test_generate_model_config_that_cannot_run(tmp_path, capsys):
@@ -156,23 +154,17 @@ def test_generate_model_config_that_cannot_run(tmp_path, capsys):
 
 # ---------------------------------------------------------------------- convert: exit 2
 def test_convert_dtype_outside_the_table(tmp_path):
-    done = _cli(
-        [
-            "-m",
-            "optiml_jax.convert_weights",
-            "--input",
-            tmp_path,
-            "--output",
-            tmp_path / "out",
-            "--dtype",
-            "float64",
-        ],
-        devices=1,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2
-    _error_line(done.stderr, "--dtype", "'float64'")
-    assert not (tmp_path / "out").exists()
+    command = [
+        "-m",
+        "optiml_jax.convert_weights",
+        "--input",
+        tmp_path,
+        "--output",
+        tmp_path / "out",
+        "--dtype",
+        "float64",
+    ]
+    _refused(command, ("--dtype", "'float64'"), devices=1, cwd=tmp_path, output=tmp_path / "out")
 
 
 @pytest.mark.parametrize(

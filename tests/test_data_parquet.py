@@ -12,12 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fake_tokenizer import ByteTokenizer
-from simulated_processes import as_processes
+from simulated_processes import as_processes, process_loaders
 
 from optiml_jax import run_config
 from optiml_jax.config import ConfigError
-from optiml_jax.data import DataConfig, DataError, build_loaders, read_tasks
+from optiml_jax.data import DataConfig, DataError, read_tasks
 from optiml_jax.data.formats import parquet as parquet_format
 from optiml_jax.data.records import Shard
 from optiml_jax.data.sources import Fields, SkipStats
@@ -163,19 +162,7 @@ class GroupReads:
 
 
 def build(data, p=0, n=1, allgather=None, reads=None, **kw):
-    if reads is not None:
-        reads.register(p)
-    return build_loaders(
-        DataConfig(**data),
-        ByteTokenizer(),
-        seed=5,
-        batch_size=6,
-        seq_len=96,
-        process_index=p,
-        process_count=n,
-        allgather=allgather,
-        **kw,
-    )
+    return process_loaders(data, p, n, allgather, reads, seed=5, seq_len=96, **kw)
 
 
 def take(loader, n):

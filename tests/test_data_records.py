@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_tokenizer import ByteTokenizer
 from finetune_helpers import SNI_TEST_TASKS
-from simulated_processes import as_processes
+from simulated_processes import as_processes, process_loaders
 
-from optiml_jax.data import DataConfig, DataError, MixtureStream, build_loaders, read_tasks, sources
+from optiml_jax.data import DataError, MixtureStream, read_tasks, sources
 from optiml_jax.data.formats import jsonl as jsonl_format
 from optiml_jax.data.formats import sni as sni_format
 from optiml_jax.data.records import Shard, deal_out
@@ -125,19 +124,7 @@ class ReadCounter:
 
 
 def loaders(cfg_data, p, n, allgather, counter=None, **kw):
-    if counter:
-        counter.register(p)
-    return build_loaders(
-        DataConfig(**cfg_data),
-        ByteTokenizer(),
-        seed=3,
-        batch_size=6,
-        seq_len=64,
-        process_index=p,
-        process_count=n,
-        allgather=allgather,
-        **kw,
-    )
+    return process_loaders(cfg_data, p, n, allgather, counter, seed=3, seq_len=64, **kw)
 
 
 def tasks_of(loader):

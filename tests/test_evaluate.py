@@ -10,6 +10,7 @@ import pytest
 import torch
 from finetune_helpers import SNI, SNI_TRAIN_SPLIT, TOKENIZER
 from hf_reference import make_hf_model
+from tiny_models import tiny_model_settings
 
 from optiml_jax.cli.evaluate import main
 from optiml_jax.config import OPTConfig
@@ -18,16 +19,7 @@ from optiml_jax.sharding import MeshConfig, make_mesh
 from optiml_jax.tokenizer import OPTTokenizer
 
 # The demo tokenizer's vocabulary; 64 positions, so SNI prompts must be cut to fit.
-MODEL = dict(
-    vocab_size=2048,
-    hidden_size=32,
-    num_hidden_layers=2,
-    ffn_dim=64,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-    dropout=0.0,
-    attention_dropout=0.0,
-)
+MODEL = tiny_model_settings()
 
 
 @pytest.fixture(scope="module")
@@ -112,18 +104,19 @@ def run_cli(capsys, *args):
     return code, captured.out, captured.err
 
 
+def run_cli_on_sni(capsys, directory, split, *args):
+    """run_cli with the model in `directory` on the shipped SNI sample's tasks listed in `split`."""
+    return run_cli(capsys, "--model", directory, "--data", SNI, "--split", split, *args)
+
+
 def test_cli_writes_predictions_metrics_and_report_that_rescoring_reproduces(hf_model_dir, tmp_path, capsys):
     directory, _ = hf_model_dir
     out = tmp_path / "eval"
     split = tmp_path / "split.txt"
     split.write_text("task833_poem_sentiment_classification\ntask1146_country_capital\n")
-    code, stdout, err = run_cli(
+    code, stdout, err = run_cli_on_sni(
         capsys,
-        "--model",
         directory,
-        "--data",
-        SNI,
-        "--split",
         split,
         "--max-instances",
         3,
@@ -287,13 +280,9 @@ def test_rank_classification_of_jsonl_options_and_sni_label_sets(hf_model_dir, t
     assert "acc" in stdout
 
     # SNI tasks ranked over their distinct outputs; those with more than --max-options are skipped
-    code, _, err = run_cli(
+    code, _, err = run_cli_on_sni(
         capsys,
-        "--model",
         directory,
-        "--data",
-        SNI,
-        "--split",
         SNI_TRAIN_SPLIT,
         "--mode",
         "rank",

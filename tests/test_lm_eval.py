@@ -2,6 +2,7 @@
 and with lm_eval's own `hf` model on the Hugging Face export of the same weights: the same accuracies,
 the same generations, and per-request log-likelihoods within 1e-4."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from finetune_helpers import REPO, TOKENIZER
 from hf_reference import make_hf_model
+from tiny_models import tiny_model_settings
 
 from optiml_jax.config import OPTConfig
 from optiml_jax.tokenizer import OPTTokenizer
@@ -19,16 +21,7 @@ from optiml_jax.tokenizer import OPTTokenizer
 TASK_DIR = Path(__file__).parent / "data" / "lm_eval"
 TASKS = ["optiml_test_mc", "optiml_test_gen", "optiml_test_rolling"]
 # 64 positions: the rolling task's longest document takes three windows
-MODEL = dict(
-    vocab_size=2048,
-    hidden_size=32,
-    num_hidden_layers=2,
-    ffn_dim=64,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-    dropout=0.0,
-    attention_dropout=0.0,
-)
+MODEL = tiny_model_settings()
 
 
 @pytest.fixture(scope="module")
@@ -57,25 +50,15 @@ def both_results(models, tmp_path_factory):
     os.chdir(TASK_DIR)  # the task YAMLs name their data files relative to it
     try:
         manager = TaskManager(include_path=str(TASK_DIR))
-        ours = lm_eval.simple_evaluate(
-            model="optiml_jax",
-            model_args=f"pretrained={ours_dir},dtype=float32",
-            tasks=TASKS,
-            task_manager=manager,
-            batch_size=4,
-            log_samples=True,
+        evaluate = functools.partial(
+            lm_eval.simple_evaluate, tasks=TASKS, task_manager=manager, log_samples=True
         )
+        ours = evaluate(model="optiml_jax", model_args=f"pretrained={ours_dir},dtype=float32", batch_size=4)
         # batch 1: lm_eval 0.4.13's hf model changes a rolling window's log-likelihood when it shares a
         # batch with windows of other context lengths (-138.91 against -142.27 alone, which is what HF
         # PyTorch gives for that window on its own)
-        theirs = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=f"pretrained={export_dir},dtype=float32",
-            tasks=TASKS,
-            task_manager=manager,
-            batch_size=1,
-            device="cpu",
-            log_samples=True,
+        theirs = evaluate(
+            model="hf", model_args=f"pretrained={export_dir},dtype=float32", batch_size=1, device="cpu"
         )
     finally:
         os.chdir(cwd)

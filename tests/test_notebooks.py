@@ -15,6 +15,7 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
+from tiny_models import tiny_model_settings
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -287,16 +288,8 @@ def test_tiny_model_is_a_freshly_initialised_preset(tmp_path):
 
     preset = tmp_path / "opt-smaller.yaml"  # smaller than opt-tiny: a cheaper compile
     preset.write_text(
-        yaml.safe_dump(
-            dict(
-                vocab_size=2048,
-                hidden_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                ffn_dim=32,
-                max_position_embeddings=64,
-            )
-        )
+        # OPTConfig's default dropout, as a preset file without the key has
+        yaml.safe_dump(tiny_model_settings(hidden_size=16, num_attention_heads=2, ffn_dim=32, dropout=0.1))
     )
     loaded = load_pretrained(tiny_model(tmp_path / "tiny", preset=str(preset), seed=3))
     config = OPTConfig.from_preset(str(preset))

@@ -5,7 +5,6 @@ data through the CLI, and the start-up memory check (with the estimate against X
 import json
 import logging
 import signal
-import subprocess
 import time
 
 import jax
@@ -13,16 +12,16 @@ import numpy as np
 import pytest
 from finetune_helpers import (
     TASKS,
-    cli,
-    cli_env,
     cli_overrides,
     config_dict,
     final_params,
     flat,
     last_logged_step,
     run_config,
+    start_cli,
     step_losses,
 )
+from tiny_models import tiny_model_settings
 
 from optiml_jax.config import ConfigError
 from optiml_jax.run_config import from_dict
@@ -41,17 +40,7 @@ def test_cli_killed_or_terminated_resumes_to_the_uninterrupted_result(tiny_prese
         run_config(tiny_preset, tmp_path / "ref", **sections), devices=jax.devices()[:4], progress=False
     )
     configs = {sig: config_dict(tiny_preset, tmp_path / sig, **sections) for sig in ("kill", "term")}
-    procs = {
-        sig: subprocess.Popen(
-            cli(configs[sig]),
-            cwd=tmp_path,
-            env=cli_env(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for sig in configs
-    }
+    procs = {sig: start_cli(configs[sig], tmp_path, devices=4) for sig in configs}
     signals = {"kill": signal.SIGKILL, "term": signal.SIGTERM}
     deadline = time.time() + 240
     sent = {}
@@ -69,17 +58,7 @@ def test_cli_killed_or_terminated_resumes_to_the_uninterrupted_result(tiny_prese
     assert last_logged_step(tmp_path / "kill") < steps  # really killed mid-way
     assert (tmp_path / "term" / "checkpoints" / str(stopped)).is_dir()  # SIGTERM saved a checkpoint
 
-    procs = {
-        sig: subprocess.Popen(
-            cli(configs[sig]),
-            cwd=tmp_path,
-            env=cli_env(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for sig in configs
-    }
+    procs = {sig: start_cli(configs[sig], tmp_path, devices=4) for sig in configs}
     for sig, proc in procs.items():
         out, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-3000:]
@@ -113,17 +92,7 @@ def test_ctrl_c_saves_a_checkpoint_and_a_second_one_quits_at_once(tiny_preset, t
         tiny_preset, tmp_path / "run", train={"max_steps": 100000}, checkpoint={"every_steps": 0}
     )
 
-    def start():
-        return subprocess.Popen(
-            cli(config),
-            cwd=tmp_path,
-            env=cli_env(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    proc = start()
+    proc = start_cli(config, tmp_path, devices=2)
     assert _wait_for_step(tmp_path / "run", 3, proc) >= 3, proc.communicate()[1][-3000:]
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=600)
@@ -133,7 +102,7 @@ def test_ctrl_c_saves_a_checkpoint_and_a_second_one_quits_at_once(tiny_preset, t
     stopped = int(out.split("stopped at step ")[1].split(";")[0])
     assert (tmp_path / "run" / "checkpoints" / str(stopped)).is_dir()
 
-    proc = start()
+    proc = start_cli(config, tmp_path, devices=2)
     assert _wait_for_step(tmp_path / "run", stopped + 3, proc) >= stopped + 3, proc.communicate()[1][-3000:]
     proc.send_signal(signal.SIGINT)
     time.sleep(0.02)
@@ -373,13 +342,10 @@ def test_activation_estimate_is_within_2x_of_xla(remat):
     from optiml_jax.train import build_model, make_optimizer, make_train_step, state_shardings
     from optiml_jax.train.memory import estimate_training_memory
 
+    # activations dominate: long sequences through a wider, deeper model than the tiny one, with dropout
+    wider_deeper = dict(hidden_size=64, num_hidden_layers=4, ffn_dim=256)
     config = OPTConfig(
-        vocab_size=512,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        ffn_dim=256,
-        max_position_embeddings=512,
+        **tiny_model_settings(vocab_size=512, max_position_embeddings=512, dropout=0.1, **wider_deeper)
     )
     batch, seq_len = 8, 256
     train = TrainSection(max_steps=5, batch_size=batch, seq_len=seq_len, remat_policy=remat)

@@ -258,15 +258,18 @@ def test_finetune_cli_smoke(tmp_path, capsys, tiny_preset):
     from optiml_jax.cli.finetune import main
 
     workdir = tmp_path / "cli"
+    run = [
+        "--config",
+        "demo",
+        f"workdir={workdir}",
+        "train.max_steps=3",
+        f"model=preset:{tiny_preset}",
+        "train.batch_size=8",
+        "train.seq_len=64",
+    ]
     code = main(
         [
-            "--config",
-            "demo",
-            f"workdir={workdir}",
-            "train.max_steps=3",
-            f"model=preset:{tiny_preset}",
-            "train.batch_size=8",
-            "train.seq_len=64",
+            *run,
             "eval.every_steps=2",
             "eval.max_batches=2",
             "eval.num_samples=1",
@@ -322,13 +325,7 @@ def test_finetune_cli_smoke(tmp_path, capsys, tiny_preset):
     assert (
         main(
             [
-                "--config",
-                "demo",
-                f"workdir={workdir}",
-                "train.max_steps=3",
-                f"model=preset:{tiny_preset}",
-                "train.batch_size=8",
-                "train.seq_len=64",
+                *run,
                 "eval.num_samples=0",
                 "eval.max_batches=1",
                 "eval.tasks=null",

@@ -47,28 +47,20 @@ TRAIN_VARIANTS = (  # (attention, remat, loss positions): the first is the targe
     ("auto", "full", "instruction"),
     ("auto", "dots_no_batch", "all"),
 )
-REAL = dict(
-    preset="1.3b",
-    seq_len=2048,
-    batch=16,
-    steps=8,
-    matmul=8192,
-    copy_mib=2048,
-    prompt=128,
-    new_tokens=256,
-    decode_batches=(1, 64),
-)
-DRY = dict(
-    preset="tiny",
-    seq_len=128,
-    batch=2,
-    steps=2,
-    matmul=256,
-    copy_mib=8,
-    prompt=16,
-    new_tokens=192,
-    decode_batches=(1, 4),
-)
+# Each shape's value in a real run and under --dry-run, side by side.
+SHAPES = {
+    "preset": ("1.3b", "tiny"),
+    "seq_len": (2048, 128),
+    "batch": (16, 2),
+    "steps": (8, 2),
+    "matmul": (8192, 256),
+    "copy_mib": (2048, 8),
+    "prompt": (128, 16),
+    "new_tokens": (256, 192),
+    "decode_batches": ((1, 64), (1, 4)),
+}
+REAL = {name: real for name, (real, _) in SHAPES.items()}
+DRY = {name: dry for name, (_, dry) in SHAPES.items()}
 LIMITS_S = {"versions": 60, "ceilings": 60, "train": 100, "decode": 90, "load": 90}
 
 

@@ -16,26 +16,12 @@ import platform
 import statistics
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_worker import (
-    alternating_rounds,
-    best_of,
-    parse_checked,
-    random_hf_model,
-    report,  # noqa: E402
-    side_by_side_parser,
-    write_figures,
-)
+import bench_worker
 
 
 def parse_args(argv):
-    parser = side_by_side_parser("evaluate", __doc__.split("\n")[0], repeats=2)
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
-    return parse_checked(parser, argv)
+    sizes = {"--prompts": 64, "--new-tokens": 32, "--batch-size": 16}
+    return bench_worker.side_by_side_args(argv, "evaluate", __doc__.split("\n")[0], sizes, repeats=2)
 
 
 def benchmark_prompts(count: int):
@@ -43,9 +29,11 @@ def benchmark_prompts(count: int):
     from optiml_jax.eval import build_prompt, load_eval_tasks
     from optiml_jax.tokenizer import OPTTokenizer
 
-    tokenizer = OPTTokenizer.from_pretrained(os.path.join(ROOT, "optiml_jax", "assets", "demo_tokenizer"))
+    tokenizer = OPTTokenizer.from_pretrained(
+        os.path.join(bench_worker.ROOT, "optiml_jax", "assets", "demo_tokenizer")
+    )
     tasks = load_eval_tasks(
-        os.path.join(ROOT, "optiml_jax", "assets", "data", "sni"), max_instances=-(-count // 8)
+        os.path.join(bench_worker.ROOT, "optiml_jax", "assets", "data", "sni"), max_instances=-(-count // 8)
     )
     texts = [
         build_prompt(task, inst)
@@ -57,15 +45,11 @@ def benchmark_prompts(count: int):
 
 
 def bench_ours(config, tokenizer, prompts, args) -> dict:
-    import jax
-    import jax.numpy as jnp
 
-    from optiml_jax.checkpoints.mapping import hf_to_params
     from optiml_jax.eval.generation import generate_completions
     from optiml_jax.model import OPTForCausalLM
 
-    state = {k: v.detach().numpy() for k, v in random_hf_model(config).state_dict().items()}
-    params = jax.tree_util.tree_map(jnp.asarray, hf_to_params(state, config, scan_layers=False))
+    params = bench_worker.random_params(config, scan_layers=False)
     model = OPTForCausalLM(config, scan_layers=False)
 
     def run():
@@ -73,7 +57,7 @@ def bench_ours(config, tokenizer, prompts, args) -> dict:
             model, params, tokenizer, prompts, max_new_tokens=args.new_tokens, batch_size=args.batch_size
         )
 
-    seconds, first, (_, _, stats) = best_of(run, args.repeats)
+    seconds, first, (_, _, stats) = bench_worker.best_of(run, args.repeats)
     return {
         "seconds": seconds,
         "first_call_s": first,
@@ -86,7 +70,7 @@ def bench_ours(config, tokenizer, prompts, args) -> dict:
 def bench_hf(config, tokenizer, prompts, args) -> dict:
     import torch
 
-    model = random_hf_model(config)
+    model = bench_worker.random_hf_model(config)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     batches = [order[s : s + args.batch_size] for s in range(0, len(order), args.batch_size)]
 
@@ -113,7 +97,7 @@ def bench_hf(config, tokenizer, prompts, args) -> dict:
             tokenizer.decode_batch([[t for t in row if t < tokenizer.vocab_size] for row in new.tolist()])
         return new_tokens
 
-    seconds, first, new_tokens = best_of(run, args.repeats)
+    seconds, first, new_tokens = bench_worker.best_of(run, args.repeats)
     return {
         "seconds": seconds,
         "first_call_s": first,
@@ -139,25 +123,9 @@ def run_worker(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.worker:
-        return report(run_worker(args))
-    workers = ["jax"] + ([] if args.skip_hf else ["hf-pytorch"])
-    rounds = alternating_rounds(
-        __file__,
-        workers,
-        [
-            "--preset",
-            args.preset,
-            "--prompts",
-            str(args.prompts),
-            "--new-tokens",
-            str(args.new_tokens),
-            "--batch-size",
-            str(args.batch_size),
-            "--repeats",
-            str(args.repeats),
-        ],
-        args.rounds,
-    )
+        return bench_worker.report(run_worker(args))
+    forwarded = ("preset", "prompts", "new_tokens", "batch_size", "repeats")
+    workers, rounds = bench_worker.side_by_side_rounds(__file__, args, "hf-pytorch", forwarded)
     ours = {**rounds[-1]["jax"], "seconds": statistics.median(r["jax"]["seconds"] for r in rounds)}
     figures = {
         "preset": args.preset,
@@ -197,7 +165,7 @@ def main(argv=None) -> int:
         f"{figures['ours']['instances_per_s']:.2f} | {ours['new_tokens']} | {ours['first_call_s']:.2f} | "
         f"{speedup} |"
     )
-    return write_figures(args.json, figures)
+    return bench_worker.write_figures(args.json, figures)
 
 
 if __name__ == "__main__":

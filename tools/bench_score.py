@@ -18,27 +18,13 @@ import platform
 import statistics
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_worker import (
-    alternating_rounds,
-    best_of,
-    parse_checked,
-    random_hf_model,
-    report,  # noqa: E402
-    side_by_side_parser,
-    write_figures,
-)
+import bench_worker
 
 
 def parse_args(argv):
-    parser = side_by_side_parser("score", __doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument("--context", type=int, default=200)
-    parser.add_argument("--options", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass on each side")
-    return parse_checked(parser, argv)
+    sizes = {"--requests": 256, "--context": 200, "--options": 4, "--batch-size": 16}
+    helps = {"--batch-size": "sequences per forward pass on each side"}
+    return bench_worker.side_by_side_args(argv, "score", __doc__.split("\n")[0], sizes, helps=helps)
 
 
 def make_requests(args):
@@ -57,17 +43,14 @@ def make_requests(args):
 
 def bench_ours(config, requests, args) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    from optiml_jax.checkpoints.mapping import hf_to_params
     from optiml_jax.eval.scoring import Scorer
     from optiml_jax.model import OPTForCausalLM
 
-    state = {k: v.detach().numpy() for k, v in random_hf_model(config).state_dict().items()}
-    params = jax.tree_util.tree_map(jnp.asarray, hf_to_params(state, config, scan_layers=True))
+    params = bench_worker.random_params(config, scan_layers=True)
     # rows of 512 tokens hold two requests here: batch_size / 2 rows see as many requests as HF's batch
     scorer = Scorer(OPTForCausalLM(config, scan_layers=True), params, batch_size=max(1, args.batch_size // 2))
-    seconds, first, scores = best_of(lambda: scorer.score_groups(requests), args.repeats)
+    seconds, first, scores = bench_worker.best_of(lambda: scorer.score_groups(requests), args.repeats)
     return {
         "seconds": seconds,
         "first_call_s": first,
@@ -83,14 +66,17 @@ def bench_hf(config, requests, args) -> dict:
     from lm_eval.models.huggingface import HFLM
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(
-        os.path.join(ROOT, "optiml_jax", "assets", "demo_tokenizer")
+        os.path.join(bench_worker.ROOT, "optiml_jax", "assets", "demo_tokenizer")
     )
     lm = HFLM(
-        pretrained=random_hf_model(config), tokenizer=tokenizer, batch_size=args.batch_size, device="cpu"
+        pretrained=bench_worker.random_hf_model(config),
+        tokenizer=tokenizer,
+        batch_size=args.batch_size,
+        device="cpu",
     )
     flat = [(("", ""), context, option) for context, options in requests for option in options]
     # warm-up: one batch (PyTorch has nothing to compile; a whole extra pass would only cost minutes)
-    seconds, first, scores = best_of(
+    seconds, first, scores = bench_worker.best_of(
         lambda: lm._loglikelihood_tokens(flat, disable_tqdm=True),
         args.repeats,
         warm_up=lambda: lm._loglikelihood_tokens(flat[: args.batch_size], disable_tqdm=True),
@@ -118,23 +104,9 @@ def run_worker(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.worker:
-        return report(run_worker(args))
-    workers = ["jax"] + ([] if args.skip_hf else ["hf-lm-eval"])
-    worker_args = [
-        "--preset",
-        args.preset,
-        "--requests",
-        str(args.requests),
-        "--context",
-        str(args.context),
-        "--options",
-        str(args.options),
-        "--batch-size",
-        str(args.batch_size),
-        "--repeats",
-        str(args.repeats),
-    ]
-    rounds = alternating_rounds(__file__, workers, worker_args, args.rounds)
+        return bench_worker.report(run_worker(args))
+    forwarded = ("preset", "requests", "context", "options", "batch_size", "repeats")
+    workers, rounds = bench_worker.side_by_side_rounds(__file__, args, "hf-lm-eval", forwarded)
     figures = {
         "preset": args.preset,
         "requests": args.requests,
@@ -177,7 +149,7 @@ def main(argv=None) -> int:
             f"sum of the 1,024 log-likelihoods differs by {figures['logprob_sum_difference']:.2e} "
             "between the sides"
         )
-    return write_figures(args.json, figures)
+    return bench_worker.write_figures(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ import sys
 
 RESULT_PREFIX = "BENCH_RESULT "
 
+# The checkout these tools live in: its package is the one benchmarked, not an installed copy.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
 
 def report(result: dict) -> int:
     """What a worker prints as its last line; its exit status."""
@@ -33,8 +38,17 @@ def run_in_fresh_process(script: str, worker: str, argv: list[str]) -> dict:
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
-def side_by_side_parser(name: str, description: str, *, repeats: int = 1):
-    """The arguments every side-by-side benchmark takes; add the benchmark's own, then `parse_checked`."""
+def side_by_side_args(
+    argv,
+    name: str,
+    description: str,
+    sizes: dict[str, int],
+    *,
+    helps: dict[str, str] | None = None,
+    repeats: int = 1,
+):
+    """The parsed arguments of a side-by-side benchmark: those every one takes, and its own integer
+    options `sizes` (flag: default; `helps`: flag: help text)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=f"python tools/benchmark.py {name}", description=description)
@@ -49,10 +63,8 @@ def side_by_side_parser(name: str, description: str, *, repeats: int = 1):
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one side, in this process
-    return parser
-
-
-def parse_checked(parser, argv):
+    for flag, default in sizes.items():
+        parser.add_argument(flag, type=int, default=default, help=(helps or {}).get(flag))
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1:
         parser.error(f"--rounds and --repeats must be at least 1, got {args.rounds} and {args.repeats}")
@@ -67,6 +79,27 @@ def random_hf_model(config):
 
     torch.manual_seed(0)
     return transformers.OPTForCausalLM(transformers.OPTConfig(**config.to_dict())).eval().float()
+
+
+def random_params(config, scan_layers: bool):
+    """`random_hf_model(config)`'s weights as our parameter tree: both sides compute with the same ones."""
+    # deferred like torch's above: a worker loads only the side it measures
+    import jax
+    import jax.numpy as jnp
+
+    from optiml_jax.checkpoints.mapping import hf_to_params
+
+    state = {k: v.detach().numpy() for k, v in random_hf_model(config).state_dict().items()}
+    return jax.tree_util.tree_map(jnp.asarray, hf_to_params(state, config, scan_layers=scan_layers))
+
+
+def side_by_side_rounds(script: str, args, reference: str, forwarded) -> tuple[list[str], list[dict]]:
+    """(the workers, their `args.rounds` alternating measurements): ours ("jax") and, unless --skip-hf,
+    the `reference` side, each in a fresh process of `script` given the options `forwarded` (argparse
+    destinations) as the parent was: what it was asked for is what each side measures."""
+    workers = ["jax"] + ([] if args.skip_hf else [reference])
+    argv = [item for name in forwarded for item in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+    return workers, alternating_rounds(script, workers, argv, args.rounds)
 
 
 def best_of(fn, repeats: int, warm_up=None):

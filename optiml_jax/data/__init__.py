@@ -356,38 +356,37 @@ def build_loaders(
         if want_eval:
             eval_tasks, eval_stats = _read(data, data.eval, data.eval_tasks, seed, shard)
     train_loader = eval_loader = None
+    # both loaders lay the same rows out over the same processes
+    layout = dict(
+        seq_len=seq_len,
+        overlong=data.overlong,
+        process_index=process_index,
+        process_count=process_count,
+        allgather=allgather,
+        add_bos=data.add_bos,
+    )
     if train:
         plan = _mixture_plan(data, train_tasks, train_stats, seed, shard)
         train_loader = TrainLoader(
             train_tasks,
             tokenizer,
             global_batch_size=batch_size,
-            seq_len=seq_len,
             eps=data.eps,
             seed=seed,
-            overlong=data.overlong,
-            process_index=process_index,
-            process_count=process_count,
             state=state,
             skip_stats=train_stats,
             holdout=data.eval_holdout,
-            allgather=allgather,
             plan=plan,
             demonstrations=data.demonstrations,
-            add_bos=data.add_bos,
+            **layout,
         )
     if want_eval:
         eval_loader = EvalLoader(
             eval_tasks,
             tokenizer,
             global_batch_size=eval_batch_size or batch_size,
-            seq_len=seq_len,
-            overlong=data.overlong,
-            process_index=process_index,
-            process_count=process_count,
             skip_stats=eval_stats,
-            allgather=allgather,
-            add_bos=data.add_bos,
+            **layout,
         )
     return train_loader, eval_loader
 

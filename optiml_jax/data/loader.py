@@ -132,7 +132,34 @@ class _RowSlot:
         self.ready: deque[tuple[list[TokenizedExample], int]] = deque()
 
 
-class TrainLoader:
+class _PackingLoader:
+    """What both loaders share: `global_batch_size` rows of `seq_len` tokens, this process's share of them
+    (rows _lo to _hi), each packed greedily, and the counters of what was skipped and packed."""
+
+    def __init__(
+        self, tokenizer, global_batch_size, seq_len, overlong, process_index, process_count, add_bos
+    ):
+        _check_seq_len(seq_len)
+        self.tokenizer = tokenizer
+        self.add_bos = add_bos  # `</s>` before each source (data.add_bos)
+        self.global_batch_size = global_batch_size
+        self.seq_len = seq_len
+        self.overlong = overlong
+        self.process_index, self.process_count = process_index, process_count
+        self._lo, self._hi = _local_rows(global_batch_size, process_index, process_count)
+        Packer(seq_len, overlong)  # validates `overlong` now rather than at the first batch
+        self.pack_stats = PackStats()
+
+    def stats(self) -> dict[str, int]:
+        """Flat counters for the log: "skipped/<reason>" (what the readers dropped) and "packed/<counter>"
+        (summed over every process's rows; TrainLoader: since it was built, so a resumed run starts them
+        at 0; EvalLoader: of the latest pass). Collective when process_count > 1."""
+        return _flat_stats(
+            self.skip_stats, _sum_pack_stats(self.pack_stats, self.process_count, self._allgather)
+        )
+
+
+class TrainLoader(_PackingLoader):
     """Infinite iterator of packed training batches from an EPS-capped task mixture."""
 
     def __init__(
@@ -159,20 +186,15 @@ class TrainLoader:
         the stream, but it is part of the state fingerprint, so a state saved under one split is refused
         under another. `allgather`: needed when process_count > 1 (see the module doc). `plan`: data.mixture's
         two levels (mixture.py; its tasks replace `tasks`); `demonstrations`: data.demonstrations."""
-        _check_seq_len(seq_len)
+        super().__init__(
+            tokenizer, global_batch_size, seq_len, overlong, process_index, process_count, add_bos
+        )
+        self.skip_stats = skip_stats if skip_stats is not None else SkipStats()  # what the readers dropped
+        self._allgather = allgather  # needed when process_count > 1 (see the module doc)
         problem = holdout_problem(holdout)
         if problem:
             raise ValueError(f"holdout {problem}")
         self.holdout = holdout
-        self.skip_stats = skip_stats if skip_stats is not None else SkipStats()  # what the readers dropped
-        self.global_batch_size = global_batch_size
-        self.seq_len = seq_len
-        self.overlong = overlong
-        self.process_index, self.process_count = process_index, process_count
-        self._lo, self._hi = _local_rows(global_batch_size, process_index, process_count)
-        self._allgather = allgather
-        self.tokenizer = tokenizer
-        self.add_bos = add_bos
         self.plan = plan
         if plan is not None:
             self.mixture = MixtureStream(plan.tasks, eps=eps, seed=seed, probs=plan.probs)
@@ -183,9 +205,6 @@ class TrainLoader:
             whole = plan.whole_sequence if plan is not None else set()
             skip = frozenset(k for k, name in enumerate(self.mixture.names) if name in whole)
             self.demonstrator = Demonstrator(demonstrations, seed, skip)
-        # Counters of this process's rows since this loader was built (a resumed run starts them at 0).
-        self.pack_stats = PackStats()
-        Packer(seq_len, overlong)  # validates `overlong`
         self._reset(list(range(global_batch_size)), 0)
         if state is not None:
             self.set_state(state)
@@ -312,13 +331,6 @@ class TrainLoader:
         self._batches += 1
         return stack_rows(rows)
 
-    def stats(self) -> dict[str, int]:
-        """Flat counters for the training log: "skipped/<reason>" (what the readers dropped) and
-        "packed/<counter>" (summed over every process's rows). Collective when process_count > 1."""
-        return _flat_stats(
-            self.skip_stats, _sum_pack_stats(self.pack_stats, self.process_count, self._allgather)
-        )
-
 
 def _sum_pack_stats(stats: PackStats, process_count: int, allgather: Optional[AllGather]) -> PackStats:
     if process_count == 1:
@@ -335,7 +347,7 @@ def _flat_stats(skip_stats: SkipStats, pack_stats: PackStats) -> dict[str, int]:
     return out
 
 
-class EvalLoader:
+class EvalLoader(_PackingLoader):
     """One pass over a finite dataset (tasks by name, examples in file order). Example j goes to row j % B
     of the global batch (B rows), and each row packs its examples greedily like training; batch k holds
     every row's k-th packed row, or an all-padding row (loss_mask 0, segment_ids 0) for a row that has
@@ -357,25 +369,12 @@ class EvalLoader:
         allgather: Optional[AllGather] = None,
         add_bos: bool = PROMPT_ADD_BOS,
     ):
-        _check_seq_len(seq_len)
-        self.skip_stats = skip_stats if skip_stats is not None else SkipStats()
-        self.tasks = {name: tasks[name] for name in sorted(tasks)}
-        self.tokenizer = tokenizer
-        self.add_bos = add_bos
-        self.global_batch_size = global_batch_size
-        self.seq_len = seq_len
-        self.overlong = overlong
-        self.process_count = process_count
-        self._lo, self._hi = _local_rows(global_batch_size, process_index, process_count)
-        self._allgather = allgather
-        Packer(seq_len, overlong)  # validates `overlong` now rather than at the first eval
-        self.pack_stats = PackStats()  # of the latest pass, this process's rows
-
-    def stats(self) -> dict[str, int]:
-        """Like TrainLoader.stats(), for the latest pass; collective when process_count > 1."""
-        return _flat_stats(
-            self.skip_stats, _sum_pack_stats(self.pack_stats, self.process_count, self._allgather)
+        super().__init__(
+            tokenizer, global_batch_size, seq_len, overlong, process_index, process_count, add_bos
         )
+        self.skip_stats = skip_stats if skip_stats is not None else SkipStats()  # what the readers dropped
+        self._allgather = allgather  # needed when process_count > 1 (see the module doc)
+        self.tasks = {name: tasks[name] for name in sorted(tasks)}
 
     @property
     def num_examples(self) -> int:

@@ -95,35 +95,18 @@ def to_host(array) -> np.ndarray:
 
 
 def generate_completions(
-    model,
-    params,
-    tokenizer,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    stop: Sequence[str] = (),
-    mesh=None,
-    rules=DEFAULT_RULES,
-    progress: bool = False,
+    model, params, tokenizer, prompts: Sequence[Sequence[int]], *, stop: Sequence[str] = (), **decoding
 ) -> tuple[list[str], list[bool], GenerationStats]:
-    """Greedy completions of token-id `prompts`, in their order: (texts, truncated flags, stats).
+    """Completions of token-id `prompts`, in their order: (texts, truncated flags, stats).
 
-    A completion ends at EOS or after `max_new_tokens`; it is decoded with the prompt (so a character
-    split across the boundary comes out whole), cut before the first of the `stop` strings, and stripped.
+    `decoding` is `generate_token_ids`' keyword arguments: `max_new_tokens` and `batch_size` (both
+    required), `mesh`, `rules`, `progress` (and `temperature`, `seed`: greedy by default). A completion
+    ends at EOS or after `max_new_tokens`; it is decoded with the prompt (so a character split across the
+    boundary comes out whole), cut before the first of the `stop` strings, and stripped.
     """
     stop = [s for s in stop if s]
     new_ids, kept, truncated, stats = generate_token_ids(
-        model,
-        params,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        stop=stop,
-        mesh=mesh,
-        rules=rules,
-        progress=progress,
+        model, params, tokenizer, prompts, stop=stop, **decoding
     )
     texts = [cut_at_stop(text, stop).strip() for text in complete_texts(tokenizer, kept, new_ids)]
     return texts, truncated, stats

@@ -16,6 +16,7 @@ Parity traps handled here (see docs and the HF source for the reference semantic
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Optional
 
@@ -46,6 +47,35 @@ def _layer_norm(cfg: OPTConfig, dtype, param_dtype, name: str) -> "LayerNorm":
         affine=cfg.layer_norm_elementwise_affine,
         dtype=dtype,
         param_dtype=param_dtype,
+        name=name,
+    )
+
+
+def _dense(
+    cfg: OPTConfig, dtype, param_dtype, features: int, kernel_axes: tuple[str, str], name: str, use_bias=False
+) -> nn.Dense:
+    """A dense layer with OPT's normal init; its bias (if any) is zero and named by the output axis."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=init_normal(cfg.init_std, kernel_axes),
+        bias_init=init_zeros(kernel_axes[-1:]),
+        name=name,
+    )
+
+
+def _embedding(
+    cfg: OPTConfig, dtype, param_dtype, rows: int, width: int, row_axis: str, name: str
+) -> nn.Embed:
+    """A learned table (tokens or positions) with OPT's normal init."""
+    return nn.Embed(
+        rows,
+        width,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=init_normal(cfg.init_std, (row_axis, "embed")),
         name=name,
     )
 
@@ -253,28 +283,13 @@ class OPTDecoderLayer(nn.Module):
         residual = hidden
         if cfg.do_layer_norm_before:
             hidden = layer_norm(name="final_layer_norm")(hidden)
-        hidden = nn.Dense(
-            cfg.ffn_dim,
-            use_bias=cfg.enable_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=init_normal(cfg.init_std, ("embed", "mlp")),
-            bias_init=init_zeros(("mlp",)),
-            name="fc1",
-        )(hidden)
+        dense = functools.partial(_dense, cfg, self.dtype, self.param_dtype, use_bias=cfg.enable_bias)
+        hidden = dense(cfg.ffn_dim, ("embed", "mlp"), "fc1")(hidden)
         hidden = nn.with_logical_constraint(
             hidden, ("activation_batch", "activation_length", "activation_mlp")
         )
         hidden = activation(cfg.activation_function)(hidden)
-        hidden = nn.Dense(
-            cfg.hidden_size,
-            use_bias=cfg.enable_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=init_normal(cfg.init_std, ("mlp", "embed")),
-            bias_init=init_zeros(("embed",)),
-            name="fc2",
-        )(hidden)
+        hidden = dense(cfg.hidden_size, ("mlp", "embed"), "fc2")(hidden)
         hidden = residual + dropout(hidden, deterministic=self.deterministic)
         if not cfg.do_layer_norm_before:
             hidden = layer_norm(name="final_layer_norm")(hidden)
@@ -292,7 +307,18 @@ def _maybe_remat(layer_cls, policy_name: str, prevent_cse: bool, attention_names
     return nn.remat(layer_cls, policy=REMAT_POLICIES[policy_name](attention_names), prevent_cse=prevent_cse)
 
 
-class OPTDecoder(nn.Module):
+class _OPTSettings(nn.Module):
+    """The settings OPTForCausalLM takes and hands on whole to its OPTDecoder.
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters. `scan_layers`
+    stacks the layers' weights on a leading "layers" axis and runs them under `nn.scan`, so compile
+    time does not grow with depth; `remat_policy` is one of REMAT_POLICIES. `embed_dropout` is
+    metaseq's dropout on the input embeddings (0 in HF; 0.1 in the OPT-IML recipe). `attention` is
+    one of kernels.IMPLEMENTATIONS (the kernel of whole-row attention; decoding has its own), chosen
+    for `platform` ("cpu", "gpu", "tpu"; None: the running backend, so a program can be traced for
+    another platform than the one tracing it).
+    """
+
     config: OPTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -302,6 +328,8 @@ class OPTDecoder(nn.Module):
     attention: str = "auto"
     platform: Optional[str] = None
 
+
+class OPTDecoder(_OPTSettings):
     @nn.compact
     def __call__(
         self,
@@ -317,37 +345,24 @@ class OPTDecoder(nn.Module):
         """Final hidden states, or with `tied_head` the logits of the LM head tied to embed_tokens."""
         cfg = self.config
         act_axes = ("activation_batch", "activation_length", "activation_embed")
-        embed_tokens = nn.Embed(
-            cfg.vocab_size,
-            cfg.word_embed_proj_dim,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            embedding_init=init_normal(cfg.init_std, ("vocab", "embed")),
-            name="embed_tokens",
-        )
+        dense = functools.partial(_dense, cfg, self.dtype, self.param_dtype)
+        embed = functools.partial(_embedding, cfg, self.dtype, self.param_dtype)
+        embed_tokens = embed(cfg.vocab_size, cfg.word_embed_proj_dim, "vocab", "embed_tokens")
         hidden = embed_tokens(input_ids)  # no sqrt(d) scaling: OPT trained without it
         if cfg.has_projections:
-            hidden = nn.Dense(
-                cfg.hidden_size,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=init_normal(cfg.init_std, ("embed_proj", "embed")),
-                name="project_in",
-            )(hidden)
-        positions = nn.Embed(
-            cfg.num_positions,
-            cfg.hidden_size,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            embedding_init=init_normal(cfg.init_std, ("positions", "embed")),
-            name="embed_positions",
-        )(position_ids + POSITION_OFFSET)
+            hidden = dense(cfg.hidden_size, ("embed_proj", "embed"), "project_in")(hidden)
+        positions = embed(cfg.num_positions, cfg.hidden_size, "positions", "embed_positions")(
+            position_ids + POSITION_OFFSET
+        )
         hidden = nn.with_logical_constraint(hidden + positions, act_axes)
         # HF applies no dropout here; metaseq (and the OPT-IML fine-tuning recipe) does.
         hidden = nn.Dropout(rate=self.embed_dropout)(hidden, deterministic=deterministic)
         attention_names = () if decode else self._attention_kernel(input_ids, deterministic, segment_branches)
 
+        layer_args = (cfg, self.dtype, self.param_dtype, deterministic, decode)
+        layer_options = dict(
+            attention=self.attention, segment_branches=segment_branches, platform=self.platform
+        )
         if self.scan_layers:
             # prevent_cse=False is safe under scan and lets XLA optimise the rematerialised layer.
             stack = nn.scan(
@@ -358,44 +373,19 @@ class OPTDecoder(nn.Module):
                 length=cfg.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            hidden, _ = stack(
-                cfg,
-                self.dtype,
-                self.param_dtype,
-                deterministic,
-                decode,
-                scanned=True,
-                attention=self.attention,
-                segment_branches=segment_branches,
-                platform=self.platform,
-                name="layers",
-            )(hidden, key_valid, segment_ids)
+            hidden, _ = stack(*layer_args, scanned=True, name="layers", **layer_options)(
+                hidden, key_valid, segment_ids
+            )
         else:
             layer_cls = _maybe_remat(OPTDecoderLayer, self.remat_policy, True, attention_names)
             for i in range(cfg.num_hidden_layers):
-                hidden = layer_cls(
-                    cfg,
-                    self.dtype,
-                    self.param_dtype,
-                    deterministic,
-                    decode,
-                    attention=self.attention,
-                    segment_branches=segment_branches,
-                    platform=self.platform,
-                    name=f"layers_{i}",
-                )(hidden, key_valid, segment_ids)
+                layer = layer_cls(*layer_args, name=f"layers_{i}", **layer_options)
+                hidden = layer(hidden, key_valid, segment_ids)
 
         if cfg.has_final_layer_norm:
             hidden = _layer_norm(cfg, self.dtype, self.param_dtype, name="final_layer_norm")(hidden)
         if cfg.has_projections:
-            hidden = nn.Dense(
-                cfg.word_embed_proj_dim,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=init_normal(cfg.init_std, ("embed", "embed_proj")),
-                name="project_out",
-            )(hidden)
+            hidden = dense(cfg.word_embed_proj_dim, ("embed", "embed_proj"), "project_out")(hidden)
         if tied_head:  # logits over every embedding row, the vocabulary's padding rows included
             return embed_tokens.attend(hidden)
         return hidden
@@ -415,26 +405,8 @@ class OPTDecoder(nn.Module):
         return spec.saved_names
 
 
-class OPTForCausalLM(nn.Module):
-    """OPT with its (tied) language-model head.
-
-    `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters. `scan_layers`
-    stacks the layers' weights on a leading "layers" axis and runs them under `nn.scan`, so compile
-    time does not grow with depth; `remat_policy` is one of REMAT_POLICIES. `embed_dropout` is
-    metaseq's dropout on the input embeddings (0 in HF; 0.1 in the OPT-IML recipe). `attention` is
-    one of kernels.IMPLEMENTATIONS (the kernel of whole-row attention; decoding has its own), chosen
-    for `platform` ("cpu", "gpu", "tpu"; None: the running backend, so a program can be traced for
-    another platform than the one tracing it).
-    """
-
-    config: OPTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-    embed_dropout: float = 0.0
-    attention: str = "auto"
-    platform: Optional[str] = None
+class OPTForCausalLM(_OPTSettings):
+    """OPT with its (tied) language-model head; the settings are _OPTSettings'."""
 
     @nn.compact
     def __call__(
@@ -466,17 +438,9 @@ class OPTForCausalLM(nn.Module):
             if decode:
                 raise ValueError("decode=True needs explicit position_ids")
             position_ids = positions_from_mask(attention_mask)
-        decoder = OPTDecoder(
-            cfg,
-            self.dtype,
-            self.param_dtype,
-            self.scan_layers,
-            self.remat_policy,
-            self.embed_dropout,
-            self.attention,
-            self.platform,
-            name="decoder",
-        )
+        settings = {field.name: getattr(self, field.name) for field in dataclasses.fields(_OPTSettings)}
+        settings.pop("parent"), settings.pop("name")  # flax's own fields: this module's, not the decoder's
+        decoder = OPTDecoder(**settings, name="decoder")
         tied_head = cfg.tie_word_embeddings and not return_hidden
         out = decoder(
             input_ids,
@@ -493,14 +457,9 @@ class OPTForCausalLM(nn.Module):
         if tied_head:
             logits = out
         else:
-            logits = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=init_normal(cfg.init_std, ("embed", "vocab")),
-                name="lm_head",
-            )(out)
+            logits = _dense(cfg, self.dtype, self.param_dtype, cfg.vocab_size, ("embed", "vocab"), "lm_head")(
+                out
+            )
         return nn.with_logical_constraint(
             logits, ("activation_batch", "activation_length", "activation_vocab")
         )
