@@ -24,6 +24,7 @@ for fine-tuning; every host reads the data, process 0 writes the output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import Optional, Sequence
@@ -247,17 +248,9 @@ def _evaluate_model(args):
     args.data, args.split = shipped_data(args.data, args.split)
     tasks = load_eval_tasks(args.data, args.split, args.max_instances, args.format, args.fields)
     batch_size = args.batch_size or 8 * data_parallel_size(mesh)
-    settings = EvalSettings(
-        template=args.template,
-        shots=args.shots,
-        delimiter=args.delimiter,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=batch_size,
-        stop=args.stop,
-        add_bos=args.add_bos,
-        mode=args.mode,
-        max_options=args.max_options,
-    )
+    # every setting but the batch has the flag of its name (--max-new-tokens -> max_new_tokens)
+    names = [f.name for f in dataclasses.fields(EvalSettings) if f.name != "batch_size"]
+    settings = EvalSettings(batch_size=batch_size, **{name: getattr(args, name) for name in names})
     loaded, tokenizer = _load_model(args, mesh)
     log = logging.getLogger("optiml_jax.evaluate")
     log.info("%d tasks, %d instances; %s", len(tasks), sum(len(t.instances) for t in tasks), settings)
