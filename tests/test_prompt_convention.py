@@ -7,8 +7,8 @@ import json
 import pytest
 from finetune_helpers import read_jsonl
 
-from optiml_jax import generate as gen
 from optiml_jax import pipeline
+from optiml_jax.cli import generate as gen
 from optiml_jax.data import Example, tokenize_examples
 from optiml_jax.eval.runner import EvalSettings
 from optiml_jax.evaluate import parse_args

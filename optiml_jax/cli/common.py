@@ -38,9 +38,22 @@ def one_line(error: BaseException) -> str:
 
 
 def report(error: BaseException, status: int) -> int:
-    """Prints `error: MESSAGE` on stderr and returns `status`, for `return report(e, EXIT_BAD_INPUT)`."""
-    print(f"error: {one_line(error)}", file=sys.stderr)
+    """Prints `error: MESSAGE` on stderr and returns `status`, for `return report(e, EXIT_BAD_INPUT)`.
+
+    The command ends here, so what is still pending is abandoned: Orbax's other reads of a damaged
+    checkpoint fail too, and Python reports them when they are collected ("Exception ignored in
+    <coroutine ...>", asyncio's "Future exception was never retrieved"), each with TensorStore's spec
+    dump. The one line above already says what is wrong."""
+    # one write, newline included: a reader thread's output must not land inside the line
+    sys.stderr.write(f"error: {one_line(error)}\n")
+    sys.stderr.flush()
+    sys.unraisablehook = _drop_unraisable
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     return status
+
+
+def _drop_unraisable(unraisable) -> None:
+    del unraisable
 
 
 def add_distributed_flags(parser: argparse.ArgumentParser) -> None:

@@ -41,7 +41,16 @@ __all__ = [
     "holdout_eval_tasks",
     "jsonl_objects",
     "load_eval_tasks",
+    "read_sni_task",
 ]
+
+
+def read_sni_task(path: str | Path, max_instances: int = DEFAULT_MAX_INSTANCES) -> EvalTask:
+    """One SNI task file for evaluation (its first `max_instances` instances, 0 = all; every reference),
+    as the notebooks and user code read it: the format registry's one SNI parser."""
+    task = read_sni_eval_task(Path(path), max_instances)
+    warn_empty_references(task.instances)
+    return task
 
 
 def load_eval_tasks(
