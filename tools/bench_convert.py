@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from bench_worker import write_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,6 +183,7 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", default="metaseq,hf")
     parser.add_argument("--dtypes", default="float16,float32")
     parser.add_argument("--workdir", default=None, help="where to generate (default: a temp dir, removed)")
+    parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     config = bench_config(args.size_gb)
@@ -200,11 +202,12 @@ def main(argv=None) -> int:
         "peak / largest file | (peak - baseline) / largest | time |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    ok = True
+    ok, cases = True, []
     try:
         for fmt in args.formats.split(","):
             for dtype in args.dtypes.split(","):
                 r = run_case(fmt, config, args.files, workdir, dtype)
+                cases.append({"input": fmt, "output_dtype": dtype, **r})
                 mib = lambda b: f"{b / 2**20:,.0f} MiB"
                 print(
                     f"| {fmt} | {dtype} | {r['files']} | {mib(r['largest_file'])} | "
@@ -218,6 +221,7 @@ def main(argv=None) -> int:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     print("peak RSS under 1.5x the largest input file: " + ("yes" if ok else "NO"))
+    write_figures(args.json, {"cases": cases, "peak_under_1.5x_largest_file": ok})
     return 0 if ok else 1
 
 

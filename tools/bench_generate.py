@@ -17,6 +17,7 @@ import sys
 import time
 
 import numpy as np
+from bench_worker import write_figures
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -46,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scan-layers", action="store_true", help="stacked layers under nn.scan")
     parser.add_argument("--skip-hf", action="store_true", help="time ours only")
+    parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -135,7 +137,15 @@ def main(argv=None) -> int:
         fmt = lambda x: "-" if x is None else f"{x:.1f}"
         ratio = "-" if hf_tps is None else f"{ours_tps / hf_tps:.2f}x"
         print(f"| {batch} | {ours_tps:.1f} | {fmt(hf_tps)} | {ratio} | {ours_e2e:.1f} | {fmt(hf_e2e)} |")
-    return 0
+    keys = (
+        "batch",
+        "ours_decode_tok_s",
+        "ours_incl_prefill_tok_s",
+        "hf_decode_tok_s",
+        "hf_incl_prefill_tok_s",
+    )
+    settings = {k: getattr(args, k) for k in ("preset", "prompt_len", "new_tokens", "repeats", "scan_layers")}
+    return write_figures(args.json, {"settings": settings, "rows": [dict(zip(keys, row)) for row in rows]})
 
 
 if __name__ == "__main__":
