@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("optiml-finetune", "optiml-generate", "optiml-evaluate", "optiml-convert")
+SCRIPTS = ("optiml-finetune", "optiml-generate", "optiml-evaluate", "optiml-convert", "optiml-bench")
 SHIPPED = (
     "optiml_jax/assets/configs/demo.yaml",
     "optiml_jax/assets/configs/optiml-30b.yaml",
+    "optiml_jax/assets/configs/eval/optiml_test.yaml",
+    "optiml_jax/assets/configs/bench/registry.yaml",
     "optiml_jax/assets/configs/models/opt-tiny.yaml",
     "optiml_jax/assets/demo_tokenizer/vocab.json",
     "optiml_jax/assets/data/sni/task1146_country_capital.json",

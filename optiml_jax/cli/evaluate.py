@@ -54,7 +54,7 @@ from optiml_jax.eval.suite_run import SuiteSettings, run_suite
 from optiml_jax.eval.tasks import DEFAULT_MAX_INSTANCES, load_eval_tasks
 from optiml_jax.fileio import check_output_dir
 from optiml_jax.model.kernels import IMPLEMENTATIONS
-from optiml_jax.paths import shipped_data
+from optiml_jax.paths import resolve_path, shipped_data
 from optiml_jax.sharding import make_mesh
 from optiml_jax.tokenizer import PROMPT_ADD_BOS, OPTTokenizer
 
@@ -223,7 +223,7 @@ def _mesh(args):
 
 def _evaluate_suite(args, write_to):
     """--suite: the suite file checked first (every bad entry, before any model is read), then run."""
-    suite = load_suite(args.suite)
+    suite = load_suite(resolve_path(args.suite))  # a shipped suite (configs/eval/) from any directory
     mesh = _mesh(args)
     settings = SuiteSettings(
         max_new_tokens=args.max_new_tokens,
