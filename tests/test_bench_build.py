@@ -11,7 +11,13 @@ from bench_fixtures import REGISTRY, SNI_SAMPLE, SPLIT, make_collections, rte_in
 
 from optiml_jax.bench import BenchSettings, build_bench
 from optiml_jax.bench.output import SCHEMA
+from optiml_jax.bench.registry import load_registry
+from optiml_jax.bench.tasks import BenchError
 from optiml_jax.data.templates import ANSWER_DELIMITERS
+
+# The suite's process has JAX loaded by other tests, so JAX warns at the build's fork; the workers never
+# touch JAX, and the command itself forks without JAX loaded (test_bench_cli checks it).
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 
 
 def build(tmp, name, registry=REGISTRY, split=SPLIT, **settings):
@@ -201,3 +207,44 @@ def test_a_parquet_collection_read_through_the_registry_column_mapping(tmp_path)
     test = pq.read_table(tmp_path / "out" / "test").to_pylist()
     assert [r["references"] for r in test] == [["a1", "b1"], ["a3", "b3"], ["a5", "b5"]]
     assert test[0]["src"].startswith("Go.\n\nquestion 1")
+
+
+@pytest.mark.parametrize(
+    "train_source, aliases, removed",
+    [
+        ("Trivia QA", {}, True),  # case, spaces and underscores do not make another source
+        ("squad1.1", {}, False),  # another spelling of the same dataset...
+        ("squad1.1", {"squad_v1": ["SQuAD 1.1"]}, True),  # ...is one source once the registry says so
+    ],
+)
+def test_one_data_source_spelled_two_ways(tmp_path, train_source, aliases, removed):
+    rows = [{"name": f"t{i % 2}", "q": f"question {i}", "a": f"a{i}"} for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "exmix.parquet")
+    eval_source = "triviaqa" if train_source == "Trivia QA" else "squad_v1"
+    registry = {
+        "collections": {"exmix": {"columns": {"task": "name", "input": "q", "output": "a"}}},
+        "source_aliases": aliases,
+        "tasks": {
+            "exmix_t0": {"category": "Misc.", "sources": [train_source], "instruction": "Go."},
+            "exmix_t1": {"category": "Misc.", "sources": [eval_source], "instruction": "Go."},
+        },
+    }
+    result = build_bench(
+        {"exmix": str(tmp_path / "exmix.parquet")},
+        write_yaml(tmp_path / "r.yaml", registry),
+        write_yaml(tmp_path / "s.yaml", {"partially_supervised_tasks": ["exmix_t1"]}),
+        tmp_path / "out",
+        BenchSettings(workers=1),
+        progress=False,
+    )
+    train = result.manifest["tasks"]["exmix_t0"]
+    assert (train["split"] == "removed") == removed
+    if aliases:  # the manifest and the reason name the canonical id
+        assert train["sources"] == ["squad_v1"]
+        assert "shares data source 'squad_v1' with evaluation task 'exmix_t1'" in train["removed_reason"]
+
+
+def test_an_alias_of_two_sources_is_one_line(tmp_path):
+    registry = {"source_aliases": {"squad_v1": ["squad1.1"], "squad_v2": ["SQuAD 1.1"]}}
+    with pytest.raises(BenchError, match=r"source_aliases: 'SQuAD 1.1' is an alias of both 'squad_v1' and"):
+        load_registry(write_yaml(tmp_path / "r.yaml", registry))

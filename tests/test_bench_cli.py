@@ -164,6 +164,20 @@ def test_python_dash_m_is_the_command(tmp_path):
     ]
 
 
+def test_the_command_forks_its_workers_without_jax_loaded(inputs):
+    """The train pass forks workers sharing the n-gram index; JAX's threads must not be inherited (JAX
+    warns that a fork after its import may deadlock), so the build command never imports it."""
+    root, collections, registry, split = inputs
+    command = [sys.executable, "-m", "optiml_jax.bench", "build", "--quiet", "--workers", "2"]
+    for name, path in collections.items():
+        command += ["--collection", f"{name}={path}"]
+    command += ["--registry", registry, "--split", split, "--output", str(root / "forked")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "fork" not in done.stderr
+    assert json.loads((root / "forked" / "manifest.json").read_text())["settings"]["workers"] == 2
+
+
 def test_the_shipped_registry_and_split_build_the_sni_sample(inputs):
     root, collections = inputs[0], inputs[1]
     argv = ["build", "--quiet", "--workers", "1", "--collection", f"sni={collections['sni']}"]

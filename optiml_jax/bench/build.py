@@ -85,6 +85,7 @@ def read_collections(collections: dict, registry, progress: bool) -> list[Task]:
             task.sources = entry.sources or task.sources
             task.instruction = entry.instruction
             task.drop_templates = entry.drop_templates
+        task.sources = registry.canonical_sources(task.sources)
         if not task.category:
             raise BenchError(
                 f"task {task.name!r} ({task.benchmark}) has no category: add it to {registry.path}"

@@ -2,13 +2,17 @@
 its category, data sources, instruction (keyword-only collections) and templates to drop (spec §3):
 
     categories: [...]       # optional: the category names (taxonomy) beyond those of the tasks here
+    source_aliases:         # optional: other spellings of a data source (SNI's task files write theirs)
+      squad_v1: [squad1.1]
     collections:            # optional: the column mapping of a Parquet/JSONL collection
       exmix: {columns: {task: task, input: inputs, output: targets}}
     tasks:
       crossfit_copa: {category: Cause Effect Classification, sources: [copa], instruction: "..."}
 
 Names are the benchmark's qualified task names (tasks.qualified_name). An SNI task listed here has its
-category and sources replaced (the paper unified categories by hand across collections)."""
+category and sources replaced (the paper unified categories by hand across collections). Sources are
+compared after tasks.normalise_source; an alias stands for its canonical id everywhere (consolidation,
+de-duplication, the manifest), so one dataset spelled two ways is still one data source."""
 
 from __future__ import annotations
 
@@ -18,10 +22,11 @@ from typing import Optional
 
 import yaml
 
-from optiml_jax.bench.tasks import BENCHMARKS, BenchError
+from optiml_jax.bench.tasks import BENCHMARKS, BenchError, normalise_source
 
 TASK_KEYS = ("category", "sources", "instruction", "drop_templates", "note")
 COLUMN_KEYS = ("task", "input", "output", "options", "template")
+TOP_KEYS = ("tasks", "collections", "categories", "source_aliases")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +43,11 @@ class Registry:
     columns: dict  # benchmark -> {our key: column}
     path: str = ""
     taxonomy: tuple[str, ...] = ()
+    aliases: dict = dataclasses.field(default_factory=dict)  # normalised alias -> canonical id
+
+    def canonical_sources(self, sources) -> tuple[str, ...]:
+        """`sources` with every alias replaced by its canonical id (order kept, repeats dropped)."""
+        return tuple(dict.fromkeys(self.aliases.get(normalise_source(s), s) for s in sources))
 
     def categories(self) -> set[str]:
         """Every category the registry knows: its `categories` list and its tasks'."""
@@ -89,9 +99,9 @@ def _entry(name: str, value, where: str) -> TaskEntry:
 
 def load_registry(path) -> Registry:
     data = read_yaml_mapping(path, "registry")
-    unknown = sorted(map(str, set(data) - {"tasks", "collections", "categories"}))
+    unknown = sorted(map(str, set(data) - set(TOP_KEYS)))
     if unknown:
-        raise BenchError(f"{path}: unknown key {unknown[0]!r} (known: tasks, collections, categories)")
+        raise BenchError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(TOP_KEYS)})")
     tasks = data.get("tasks") or {}
     if not isinstance(tasks, dict):
         raise BenchError(f"{path}: tasks must map task names to entries")
@@ -109,4 +119,22 @@ def load_registry(path) -> Registry:
             raise BenchError(f"{where}.columns: unknown key {bad[0]!r} (known: {', '.join(COLUMN_KEYS)})")
         columns[benchmark] = {str(k): str(v) for k, v in mapping.items()}
     taxonomy = _strings(data.get("categories"), f"{path}: categories")
-    return Registry(tasks=entries, columns=columns, path=str(path), taxonomy=taxonomy)
+    aliases = _aliases(data.get("source_aliases") or {}, f"{path}: source_aliases")
+    return Registry(tasks=entries, columns=columns, path=str(path), taxonomy=taxonomy, aliases=aliases)
+
+
+def _aliases(value, where: str) -> dict:
+    """{normalised alias: canonical id}; an alias claimed by two ids is an error naming both."""
+    if not isinstance(value, dict):
+        raise BenchError(f"{where}: must map a source id to its other spellings, got {value!r}")
+    aliases: dict[str, str] = {}
+    for canonical, spellings in value.items():
+        canonical = str(canonical)
+        for spelling in _strings(spellings, f"{where}.{canonical}"):
+            key = normalise_source(spelling)
+            if aliases.get(key, canonical) != canonical:
+                both = f"{aliases[key]!r} and {canonical!r}"
+                raise BenchError(f"{where}: {spelling!r} is an alias of both {both}")
+            if key != normalise_source(canonical):
+                aliases[key] = canonical
+    return aliases

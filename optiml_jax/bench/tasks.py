@@ -78,6 +78,7 @@ def benchmark_of(name: str) -> Optional[str]:
 
 
 def normalise_source(source: str) -> str:
-    """Data-source names as compared across collections: case, spaces, dashes and dots ignored
-    (SNI writes `squad_v1`, another list `SQuAD v1`)."""
-    return re.sub(r"[\s\-_.]+", "_", source.strip().lower()).strip("_")
+    """Data-source names as compared across collections: case, spaces, dashes, dots and underscores
+    ignored (SNI writes `triviaqa` and `cosmosqa`, the hub `trivia_qa` and `Cosmos QA`); spellings that
+    differ beyond that are the registry's source_aliases."""
+    return re.sub(r"[\s\-_.]+", "", source.strip().lower())

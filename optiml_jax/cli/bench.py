@@ -12,22 +12,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 from optiml_jax.bench.build import DROP_CHOICES, BenchSettings, build_bench
 from optiml_jax.bench.tasks import BENCHMARKS, BenchError
 from optiml_jax.cli.common import EXIT_BAD_INPUT, EXIT_FAILURE, CLIError, Parser, report
-from optiml_jax.config import ASSETS_DIR, ConfigError
-from optiml_jax.data import DataConfig, DataError
-from optiml_jax.data.mixture_report import mixture_report
+from optiml_jax.config import ASSETS_DIR
 from optiml_jax.fileio import OutputDirError
-from optiml_jax.paths import resolve_path
-from optiml_jax.run_config import load_run_config
-from optiml_jax.tokenizer import OPTTokenizer
 
 # The shipped registry and split file (configs/bench/, shipped in the wheel as assets/configs/bench/).
 CONFIGS = ASSETS_DIR / "configs" / "bench"
@@ -76,6 +69,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["mix-report"]:
+        # fork safety: run_config brings in the evaluation stack and with it JAX, whose threads a build's
+        # forked workers must not inherit, so only mix-report imports it
+        from optiml_jax.cli.mix_report import mix_report
+
         return mix_report(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -94,56 +91,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"examples, {len(result.overlap)} overlapping pairs (report.md) in {result.timings['build']:.0f} s"
     )
     return 0
-
-
-def _resolved(data: DataConfig) -> DataConfig:
-    """data.train / data.train_tasks as fine-tuning resolves them (a shipped asset's name works too)."""
-    fix = {}
-    for name in ("train", "train_tasks"):
-        value = getattr(data, name)
-        if value is not None:
-            fix[name] = tuple(map(resolve_path, value)) if isinstance(value, tuple) else resolve_path(value)
-    return dataclasses.replace(data, **fix)
-
-
-def mix_report(argv: Sequence[str]) -> int:
-    """`optiml-bench mix-report --config CONFIG [key=value ...] --examples N --json FILE`: the realised shares
-    of the stream (data/mixture_report.py); exit 2 with one line for bad input, 1 for other failures."""
-    parser = Parser(prog="optiml-bench mix-report", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="training config (a file or a shipped name)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, as fine-tuning takes them")
-    parser.add_argument("--examples", type=int, default=20000, help="draws from the start of the stream")
-    parser.add_argument("--json", required=True, help="where to write the report")
-    try:
-        args = parser.parse_args(argv)
-        cfg = load_run_config(args.config, args.overrides)
-        cfg = dataclasses.replace(cfg, data=_resolved(cfg.data))
-        shares = mixture_report(cfg, _tokenizer(cfg), args.examples)
-    except (CLIError, ConfigError, DataError, FileNotFoundError) as e:
-        return report(e, EXIT_BAD_INPUT)
-    try:
-        Path(args.json).write_text(json.dumps(shares, indent=2) + "\n", encoding="utf-8")
-    except OSError as e:
-        return report(OSError(f"{args.json}: cannot write ({e.strerror})"), EXIT_FAILURE)
-    for section in ("benchmarks", "slices"):
-        for name, row in shares[section].items():
-            target = "-" if row["target_share"] is None else f"{row['target_share']:.2%}"
-            print(
-                f"{name:>16} target {target:>7}  realised {row['realised_share']:.2%} of examples, "
-                f"{row['realised_token_share']:.2%} of loss tokens; {row['tasks']} tasks "
-                f"({row['capped_tasks']} capped)"
-            )
-    print(f"demonstrations per example: {shares['demonstrations_per_example']:.3f}; written to {args.json}")
-    return 0
-
-
-def _tokenizer(cfg):
-    """The run's tokenizer: cfg.tokenizer, else the model directory's (a preset model needs cfg.tokenizer)."""
-    if cfg.tokenizer is not None:
-        return OPTTokenizer.from_pretrained(resolve_path(cfg.tokenizer))
-    if cfg.model.startswith("preset:"):
-        raise ConfigError(f"tokenizer is not set and model {cfg.model} has no tokenizer files")
-    return OPTTokenizer.from_pretrained(resolve_path(cfg.model))
 
 
 if __name__ == "__main__":
