@@ -78,6 +78,13 @@ def test_a_bad_registry_is_one_line(inputs, capsys, tmp_path):
     missing = {"tasks": {k: v for k, v in REGISTRY["tasks"].items() if k != "exmix_unrelated"}}
     assert run(inputs, registry=write_yaml(tmp_path / "m.yaml", missing), output="x") == 2
     assert "task 'exmix_unrelated' (exmix) has no category: add it to" in error_line(capsys)
+    # every uncategorised task in the one line: a new dump is fixed in one edit
+    exmix = {k: v for k, v in REGISTRY["tasks"].items() if not k.startswith("exmix_")}
+    assert run(inputs, registry=write_yaml(tmp_path / "n.yaml", {"tasks": exmix}), output="x") == 2
+    line = error_line(capsys)
+    assert (
+        "2 tasks have no category: 'exmix_rte_copy' (exmix), 'exmix_unrelated' (exmix); add them to" in line
+    )
     (tmp_path / "broken.yaml").write_text("tasks: [unclosed")
     assert run(inputs, registry=str(tmp_path / "broken.yaml"), output="x") == 2
     assert "broken.yaml: not valid YAML" in error_line(capsys)

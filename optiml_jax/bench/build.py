@@ -63,6 +63,9 @@ class BuildResult:
     timings: dict
 
 
+MISSING_NAMED = 10  # tasks named in a missing-category error (the rest counted)
+
+
 def read_collections(collections: dict, registry, progress: bool) -> list[Task]:
     for name, path in collections.items():  # every path checked before any is read
         if name not in BENCHMARKS:
@@ -86,15 +89,24 @@ def read_collections(collections: dict, registry, progress: bool) -> list[Task]:
             task.instruction = entry.instruction
             task.drop_templates = entry.drop_templates
         task.sources = registry.canonical_sources(task.sources)
-        if not task.category:
+    # every task the registry misses, in one error: a new dump is fixed in one edit, not one per run
+    for what, it, lacking in (
+        ("category", "it", [t for t in tasks if not t.category]),
+        ("instruction", "one", [t for t in tasks if _needs_instruction(t)]),
+    ):
+        named = ", ".join(f"{t.name!r} ({t.benchmark})" for t in lacking[:MISSING_NAMED])
+        if len(lacking) == 1:
+            raise BenchError(f"task {named} has no {what}: add {it} to {registry.path}")
+        if lacking:
+            more = f" and {len(lacking) - MISSING_NAMED} more" if len(lacking) > MISSING_NAMED else ""
             raise BenchError(
-                f"task {task.name!r} ({task.benchmark}) has no category: add it to {registry.path}"
-            )
-        if INSTRUCTION_TYPES[task.benchmark] != "instance" and not (task.instruction or task.definition):
-            raise BenchError(
-                f"task {task.name!r} ({task.benchmark}) has no instruction: add one to {registry.path}"
+                f"{len(lacking)} tasks have no {what}: {named}{more}; add them to {registry.path}"
             )
     return tasks
+
+
+def _needs_instruction(task: Task) -> bool:
+    return INSTRUCTION_TYPES[task.benchmark] != "instance" and not (task.instruction or task.definition)
 
 
 def assign_levels(tasks: list[Task], split, built: set, known_categories: set) -> tuple[dict, dict]:
