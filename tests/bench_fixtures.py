@@ -84,12 +84,20 @@ def make_collections(root: Path, per_task: int = 40) -> dict[str, str]:
     (root / "flan").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(flan), root / "flan" / "flan_collection.parquet")
     paths["flan"] = str(root / "flan")
-    # CrossFit: one TSV per task and split
-    for task, prefix in (("copa", "cf"), ("ethos", "eth")):
+    # CrossFit: one TSV per task and split, as its scripts name them: plain (copa) or the whole dataset
+    # (ethos, `_full_{seed}`) beside a k-shot sample of it (`_{k}_{seed}`, not read); answers joined by
+    # ` [SEP] ` or by tabs
+    for task, prefix, stem, joiner in (
+        ("copa", "cf", "copa", " [SEP] "),
+        ("ethos", "eth", "ethos_full_100", "\t"),
+    ):
+        (root / "crossfit" / task).mkdir(parents=True, exist_ok=True)
         for split in ("train", "test"):
-            lines = [f"{words(prefix, 10, i)}\tans{i} [SEP] alt{i}\n" for i in range(per_task // 2)]
-            (root / "crossfit" / task).mkdir(parents=True, exist_ok=True)
-            (root / "crossfit" / task / f"{task}_{split}.tsv").write_text("".join(lines), encoding="utf-8")
+            lines = [f"{words(prefix, 10, i)}\tans{i}{joiner}alt{i}\n" for i in range(per_task // 2)]
+            (root / "crossfit" / task / f"{stem}_{split}.tsv").write_text("".join(lines), encoding="utf-8")
+            if task == "ethos":
+                sample = f"{words('kshot', 10, 0)}\tsampled\n"
+                (root / "crossfit" / task / f"ethos_16_100_{split}.tsv").write_text(sample, encoding="utf-8")
     paths["crossfit"] = str(root / "crossfit")
     # ExMix: Parquet/JSONL inputs/targets; one task copies 3 of flan_rte's 10 inputs, one is unrelated
     copy = [{"inputs": text, "targets": "copied"} for text in rte_inputs()[:3]]

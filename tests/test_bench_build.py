@@ -10,6 +10,7 @@ import pytest
 from bench_fixtures import REGISTRY, SNI_SAMPLE, SPLIT, make_collections, rte_inputs, write_yaml
 
 from optiml_jax.bench import BenchSettings, build_bench
+from optiml_jax.bench.collections import crossfit
 from optiml_jax.bench.output import SCHEMA
 from optiml_jax.bench.registry import load_registry
 from optiml_jax.bench.tasks import BenchError
@@ -147,9 +148,10 @@ def test_prompts_delimiters_references_and_options(bench):
     used = {d for r in train for d in ANSWER_DELIMITERS if r["src"].endswith(d)}
     assert len(used) >= 6  # drawn per example from the paper's eight
     assert all(r["src"].endswith(":") for r in train)
-    ethos = rows(directory, "train", "crossfit_ethos")
+    ethos = rows(directory, "train", "crossfit_ethos")  # answers joined by a tab
     assert ethos[0]["src"].startswith("Hate?\n\n") and ethos[0]["references"] == ["ans0", "alt0"]
     assert ethos[0]["tgt"] == "ans0"
+    assert all("kshot" not in r["src"] for r in ethos)  # the whole dataset read, not its k-shot sample
     gsm = rows(directory, "train", "reasoning_gsm8k")[0]
     assert gsm["src"].startswith("Instructions: Solve:\n\nInput: 0 + 1 = ?")
     jigsaw = rows(directory, "dev", "promptsource_jigsaw_toxic")
@@ -248,3 +250,26 @@ def test_an_alias_of_two_sources_is_one_line(tmp_path):
     registry = {"source_aliases": {"squad_v1": ["squad1.1"], "squad_v2": ["SQuAD 1.1"]}}
     with pytest.raises(BenchError, match=r"source_aliases: 'SQuAD 1.1' is an alias of both 'squad_v1' and"):
         load_registry(write_yaml(tmp_path / "r.yaml", registry))
+
+
+def test_crossfit_files_as_its_scripts_name_them(tmp_path):
+    """`{task}_{split}.tsv`, `{task}_full_{seed}_{split}.tsv` (preferred) and `{task}_{k}_{seed}_{split}.tsv`
+    (the largest k, lowest seed, when nothing else); answers joined by ` [SEP] ` or tabs."""
+    files = {
+        "dbpedia_14/dbpedia_14_16_100_train.tsv": "a\tx\n",
+        "dbpedia_14/dbpedia_14_32_13_train.tsv": "b\tx\n",
+        "dbpedia_14/dbpedia_14_32_21_train.tsv": "c\tx\n",
+        "yelp_review_full/yelp_review_full_full_100_test.tsv": "full test\tone [SEP] two\n",
+        "yelp_review_full/yelp_review_full_full_100_train.tsv": "full train\tone\tthree\n",
+        "yelp_review_full/yelp_review_full_train.tsv": "plain\tx\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    tasks = {t.name: t.load() for t in crossfit.read(tmp_path, {})}
+    assert [i[0].input for i in tasks["crossfit_dbpedia_14"]] == ["b"]
+    yelp = tasks["crossfit_yelp_review_full"]
+    assert [(i[0].input, i[0].references) for i in yelp] == [
+        ("full train", ("one", "three")),
+        ("full test", ("one", "two")),
+    ]

@@ -1,19 +1,48 @@
-"""CrossFit: one TSV per task and split (`{task}/{task}_{train,dev,test}.tsv`), `input<TAB>output`,
-several answers joined by ` [SEP] `. A task's instances are its splits' lines in the order train, dev,
+"""CrossFit: TSV files of `input<TAB>output` lines, one per task and split, as its task scripts write them:
+`{task}/{task}_full_{seed}_{split}.tsv` (the whole dataset, what OPT-IML trained on),
+`{task}/{task}_{k}_{seed}_{split}.tsv` (a k-shot sample) or plainly `{task}_{split}.tsv`. A task's
+answers are the fields after the input, several answers joined by tabs or by ` [SEP] `.
+
+One variant is read per task, so no instance is read twice: the full one, else the plain one, else the
+largest k-shot sample (lowest seed). A task's instances are its splits' lines in the order train, dev,
 test (so the fully supervised instances, the last ones, come from its test split)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from optiml_jax.bench.collections.generic import list_files, task_stem
+from optiml_jax.bench.collections.generic import list_files
 from optiml_jax.bench.tasks import BenchError, Example, Task, qualified_name
 
 _SPLIT_ORDER = {"train": 0, "dev": 1, "test": 2}
+_NAME = re.compile(r"^(?P<task>.+?)(?:_(?P<k>full|\d+)_(?P<seed>\d+))?_(?P<split>train|dev|test)$")
 
 
-def _split_rank(file: Path):
-    return _SPLIT_ORDER.get(file.stem.rsplit("_", 1)[-1], 3), file.name
+def _variant_rank(variant: tuple) -> tuple:
+    """Sort key, best first: full, then plain, then k-shot by larger k and lower seed."""
+    k, seed = variant
+    if k == "full":
+        return (0, 0, seed)
+    if k is None:
+        return (1, 0, 0)
+    return (2, -k, seed)
+
+
+def _parse(file: Path) -> tuple[str, tuple, str]:
+    """(task, (k, seed), split) of a TSV file's name."""
+    match = _NAME.match(file.stem)
+    if not match:
+        raise BenchError(
+            f"{file}: expected {{task}}[_full_{{seed}} | _{{k}}_{{seed}}]_{{train,dev,test}}.tsv"
+        )
+    k, seed = match["k"], match["seed"]
+    variant = (k if k in (None, "full") else int(k), int(seed) if seed else 0)
+    return match["task"], variant, match["split"]
+
+
+def _answers(output: str) -> tuple[str, ...]:
+    return tuple(a.strip() for field in output.split("\t") for a in field.split(" [SEP] "))
 
 
 def _load(files: list[Path]):
@@ -29,20 +58,20 @@ def _load(files: list[Path]):
             text, tab, output = line.partition("\t")
             if not tab:
                 raise BenchError(f"{file}:{number}: expected input<TAB>output")
-            answers = tuple(a.strip() for a in output.split(" [SEP] "))
-            instances.append((Example(input=text, references=answers),))
+            instances.append((Example(input=text, references=_answers(output)),))
     return instances
 
 
 def read(path, columns: dict, known=frozenset()) -> list[Task]:
-    by_task: dict[str, list[Path]] = {}
-    for file in sorted(list_files(path, (".tsv",)), key=_split_rank):
-        by_task.setdefault(task_stem(file), []).append(file)
-    return [
-        Task(
-            name=qualified_name("crossfit", local),
-            benchmark="crossfit",
-            load=lambda files=files: _load(files),
+    variants: dict[str, dict[tuple, list[tuple[str, Path]]]] = {}
+    for file in list_files(path, (".tsv",)):
+        task, variant, split = _parse(file)
+        variants.setdefault(task, {}).setdefault(variant, []).append((split, file))
+    tasks = []
+    for local, by_variant in sorted(variants.items()):
+        best = min(by_variant, key=_variant_rank)
+        files = [file for split, file in sorted(by_variant[best], key=lambda p: (_SPLIT_ORDER[p[0]], p[1]))]
+        tasks.append(
+            Task(name=qualified_name("crossfit", local), benchmark="crossfit", load=lambda f=files: _load(f))
         )
-        for local, files in sorted(by_task.items())
-    ]
+    return tasks
