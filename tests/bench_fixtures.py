@@ -176,3 +176,56 @@ SPLIT = {
 def write_yaml(path: Path, value) -> str:
     Path(path).write_text(yaml.safe_dump(value, sort_keys=False), encoding="utf-8")
     return str(path)
+
+
+def make_registry_collections(root: Path, registry, per_task: int = 4) -> dict[str, str]:
+    """A few generated instances of every task a registry lists, each collection in its public layout
+    under the names its dumps use (P3 subsets `{task}_{template}`, FLAN rows `task`, CrossFit
+    `{task}_full_{seed}_{split}.tsv`, one file per task elsewhere), plus the SNI sample."""
+    root = Path(root)
+    local = {}
+    for name in registry.tasks:
+        benchmark = name.split("_", 1)[0]
+        local.setdefault(benchmark, []).append(name[len(benchmark) + 1 :])
+
+    def text(task, i):
+        return words(f"{task[:12]}-", 16, i)
+
+    flan = []
+    for task in local["flan"]:
+        for i in range(per_task):
+            row = {
+                "inputs": text(task, i),
+                "targets": f"t{i}",
+                "_template_type": "zs_opt",
+                "_template_idx": 0,
+            }
+            flan.append({**row, "task": f"{task}:1.0.0"})
+    (root / "flan").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(flan), root / "flan" / "flan.parquet")
+    for task in local["promptsource"]:
+        for template in ("first", "second"):
+            rows = [
+                {"inputs_pretokenized": text(task, i), "targets_pretokenized": f"t{i}"}
+                for i in range(per_task)
+            ]
+            _jsonl(root / "p3" / f"{task}_{template}" / "train.jsonl", rows)
+    for task in local["crossfit"]:
+        for split in ("train", "test"):
+            lines = "".join(f"{text(task, i)}\tt{i}\n" for i in range(per_task // 2))
+            (root / "crossfit" / task).mkdir(parents=True, exist_ok=True)
+            (root / "crossfit" / task / f"{task}_full_100_{split}.tsv").write_text(lines, encoding="utf-8")
+    for benchmark in ("exmix", "t5"):
+        for task in local[benchmark]:
+            rows = [{"inputs": text(task, i), "targets": f"t{i}"} for i in range(per_task)]
+            _jsonl(root / benchmark / f"{task}.jsonl", rows)
+    for task in local["unifiedskg"]:
+        rows = [{"text_in": text(task, i), "struct_in": "| a |", "seq_out": f"t{i}"} for i in range(per_task)]
+        _jsonl(root / "unifiedskg" / f"{task}_train.jsonl", rows)
+    for task in local["reasoning"]:
+        _jsonl(
+            root / "reasoning" / f"{task}.jsonl",
+            [{"input": text(task, i), "output": f"t{i}"} for i in range(per_task)],
+        )
+    folders = {"promptsource": "p3"}
+    return {"sni": str(SNI_SAMPLE), **{b: str(root / folders.get(b, b)) for b in local}}

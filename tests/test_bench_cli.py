@@ -1,6 +1,7 @@
 """`python -m optiml_jax.bench build` / `optiml-bench`: bad input as one clear error line (exit 2), and a
 built bench read by fine-tuning's data loader (data.train=DIR/train) and by evaluation (DIR/test)."""
 
+import collections
 import json
 import subprocess
 import sys
@@ -8,14 +9,19 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from bench_fixtures import REGISTRY, SPLIT, make_collections, write_yaml
+from bench_fixtures import REGISTRY, SPLIT, make_collections, make_registry_collections, write_yaml
 from fake_tokenizer import ByteTokenizer
 
 from optiml_jax.bench.registry import load_registry
 from optiml_jax.bench.splits import load_split
+from optiml_jax.bench.tasks import INSTRUCTION_TYPES, benchmark_of
 from optiml_jax.cli.bench import CONFIGS, main
+from optiml_jax.config import ASSETS_DIR
 from optiml_jax.data import DataConfig, build_loaders
+from optiml_jax.data.formats.base import category_name
 from optiml_jax.eval.tasks import load_eval_tasks
+
+SUITES = ASSETS_DIR / "configs" / "eval"
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +124,28 @@ def test_the_shipped_registry_and_split_files_load(tmp_path):
     registry = load_registry(CONFIGS / "registry.yaml")
     split = load_split(CONFIGS / "optiml.yaml")
     assert {f"t5_{n}" for n in ("wmt14_ende", "wmt16_enro", "cnn_dailymail")} <= set(registry.tasks)
-    assert sum(name.startswith("reasoning_") for name in registry.tasks) == 14
+    per_collection = collections.Counter(benchmark_of(name) for name in registry.tasks)
+    # every task of the collections' public task lists (docs/bench.md): CrossFit's 160, PromptSource
+    # 0.2.3's 279 (+ MMLU), FLAN 2021's 70, T5's 28 of 36, and the 14 / 21 / 14 the paper counts
+    assert per_collection == {
+        "crossfit": 160,
+        "promptsource": 280,
+        "flan": 70,
+        "exmix": 14,
+        "t5": 28,
+        "unifiedskg": 21,
+        "reasoning": 14,
+    }
+    for name, entry in registry.tasks.items():
+        assert entry.category in registry.taxonomy, (name, entry.category)  # no typo makes a new cluster
+        assert entry.sources, name
+        if INSTRUCTION_TYPES[benchmark_of(name)] == "keywords":
+            assert entry.instruction, name
+    assert registry.canonical_sources(["squad1.1", "multinli", "triviaqa"]) == (
+        "squad_v1",
+        "mnli",
+        "triviaqa",
+    )
     listed = set(split.partially_supervised_tasks) | set(split.fully_supervised_tasks) | set(split.dev_tasks)
     assert listed <= set(registry.tasks)  # every non-SNI task the split names has its category
     assert "Textual Entailment" in split.fully_held_out_categories
@@ -194,9 +221,46 @@ def test_the_shipped_registry_and_split_build_the_sni_sample(inputs):
     held_out = {
         name: (e["split"], e["level"]) for name, e in manifest["tasks"].items() if e["split"] != "train"
     }
-    # the sample's two SNI test-split tasks are of categories the paper holds out whole
+    # the sample's two SNI test-split tasks are of categories the paper holds out whole, Word Analogy
+    # in its dev (Table 15), Coreference Resolution in its test (Table 12)
     assert held_out == {
-        "task1154_bard_analogical_reasoning_travel": ("test", "fully_held_out"),  # Word Analogy
+        "task1154_bard_analogical_reasoning_travel": ("dev", "fully_held_out"),  # Word Analogy
         "task1664_winobias_text_generation": ("test", "fully_held_out"),  # Coreference Resolution
     }
     assert sum(e["split"] == "train" for e in manifest["tasks"].values()) == 8
+
+
+def test_every_registry_task_builds_and_the_suites_find_theirs(tmp_path):
+    """A few generated instances of each of the shipped registry's tasks, in every collection's layout
+    and under its dump names, built with the shipped split: no task lacks a category or instruction, every
+    name the split file gives is found, and every bench task the evaluation suites (configs/eval/) name is
+    in the split and at the level they evaluate it at."""
+    registry = load_registry(CONFIGS / "registry.yaml")
+    collections_ = make_registry_collections(tmp_path / "collections", registry)
+    argv = ["build", "--quiet", "--workers", "1", "--output", str(tmp_path / "bench")]
+    for name, path in collections_.items():
+        argv += ["--collection", f"{name}={path}"]
+    assert main(argv) == 0
+    tasks = json.loads((tmp_path / "bench" / "manifest.json").read_text())["tasks"]
+    assert len(tasks) == len(registry.tasks) + 10  # and the SNI sample's ten
+    suites = [yaml.safe_load((SUITES / f"optiml_{n}.yaml").read_text()) for n in ("validation", "test")]
+    entries = [e for suite in suites for e in suite["entries"] if e["data"].startswith("$OPTIML_BENCH/")]
+    assert len(entries) > 30
+    for entry in entries:
+        split = entry["data"].rsplit("/", 1)[1]
+        held = {n: t for n, t in tasks.items() if t["examples_by_split"][split] > 0}
+        if entry["task"] == "promptsource_mmlu":  # no PromptSource release has MMLU templates
+            continue
+        if "*" in entry["task"]:  # every evaluation task of its category (and collection) is in its split
+            of_category = {
+                n
+                for n, t in tasks.items()
+                if category_name(t["category"]) == entry["category"]
+                and entry["benchmark"] in ("mixed", t["benchmark"])
+                and t["split"] in ("dev", "test")
+            }
+            assert of_category <= set(held), entry
+            assert of_category or entry["benchmark"] == "sni", entry  # the SNI sample has two test tasks
+        else:
+            assert entry["task"] in held, entry
+            assert tasks[entry["task"]]["level"] == entry["level"], entry

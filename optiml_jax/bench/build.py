@@ -141,7 +141,7 @@ def instances_of(task: Task, settings: BenchSettings, split, level: str, side: s
     if level == "fully_supervised" and held:
         kept = kept[-held:] if side == "eval" else kept[:-held]
     kept = consolidate.cap(kept, settings.task_cap(task), settings.seed, task.name, side)
-    if side == "eval" and task.name in split.dev_tasks:
+    if side == "eval" and split.is_dev(task):
         kept = consolidate.cap(kept, settings.max_dev_per_task, settings.seed, task.name, "dev")
     return kept, dropped
 
@@ -150,12 +150,12 @@ def texts(rows: list[dict]) -> list[str]:
     return [f"{row['src']} {row['tgt']}" for row in rows]
 
 
-def _split_of(name: str, level: str, removed: dict, split) -> str:
-    if name in removed:
+def _split_of(task: Task, level: str, removed: dict, split) -> str:
+    if task.name in removed:
         return "removed"
     if level in ("train", "fully_supervised"):
         return "train"
-    return "dev" if name in split.dev_tasks else "test"
+    return "dev" if split.is_dev(task) else "test"
 
 
 # The train pass's shared state, set before the worker processes are forked (they inherit it).
@@ -192,7 +192,7 @@ def _eval_side(eval_tasks, levels, settings, split, directory, info, progress) -
     for task in tqdm(eval_tasks, desc="evaluation tasks", disable=not progress):
         kept, dropped = instances_of(task, settings, split, levels[task.name], "eval")
         rows = prompts.task_rows(task, kept, settings.seed, levels[task.name])
-        eval_split = "dev" if task.name in split.dev_tasks else "test"
+        eval_split = "dev" if split.is_dev(task) else "test"
         if rows:
             output.write_rows(output.shard_path(directory, eval_split, task.name), rows)
             eval_texts[task.name] = texts(rows)
@@ -274,7 +274,7 @@ def build_bench(
             "benchmark": t.benchmark,
             "category": t.category,
             "sources": list(t.sources),
-            "split": _split_of(t.name, levels[t.name], removed, split),
+            "split": _split_of(t, levels[t.name], removed, split),
             "level": levels[t.name],
             "examples": 0,
             "examples_by_split": {"train": 0, "dev": 0, "test": 0},

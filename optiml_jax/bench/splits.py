@@ -5,6 +5,8 @@
     fully_supervised_tasks: [...]       train tasks whose last N instances are evaluated ...
     fully_supervised_instances: N       ... and never trained on
     dev_tasks: [...]                    evaluation tasks reported as dev (the others are test)
+    dev_categories: [...]               every evaluation task of these categories is dev too (the paper's
+                                        dev holds whole held-out categories, Table 15)
 
 A task name of a collection that was given but not found, or a category no task or registry entry has,
 is an error listing the near matches; names of collections not given are skipped (a partial build)."""
@@ -17,7 +19,13 @@ import difflib
 from optiml_jax.bench.registry import read_yaml_mapping
 from optiml_jax.bench.tasks import BenchError, benchmark_of
 
-LIST_KEYS = ("fully_held_out_categories", "partially_supervised_tasks", "fully_supervised_tasks", "dev_tasks")
+LIST_KEYS = (
+    "fully_held_out_categories",
+    "partially_supervised_tasks",
+    "fully_supervised_tasks",
+    "dev_tasks",
+    "dev_categories",
+)
 KEYS = LIST_KEYS + ("fully_supervised_instances",)
 
 
@@ -28,7 +36,12 @@ class SplitFile:
     fully_supervised_tasks: tuple[str, ...]
     fully_supervised_instances: int
     dev_tasks: tuple[str, ...]
+    dev_categories: tuple[str, ...] = ()
     path: str = ""
+
+    def is_dev(self, task) -> bool:
+        """Whether an evaluation task's rows are dev (else test)."""
+        return task.name in self.dev_tasks or task.category in self.dev_categories
 
 
 def load_split(path) -> SplitFile:
@@ -62,12 +75,12 @@ def check_names(split: SplitFile, tasks: dict, built: set[str], categories: set[
         for name in getattr(split, key):
             if name not in tasks and benchmark_of(name) in built:
                 raise BenchError(f"{split.path}: {key}: no task {name!r} ({_near(name, tasks)})")
-    for category in split.fully_held_out_categories:
-        if category not in categories:
-            raise BenchError(
-                f"{split.path}: fully_held_out_categories: no category {category!r} "
-                f"({_near(category, categories)})"
-            )
+    for key in ("fully_held_out_categories", "dev_categories"):
+        for category in getattr(split, key):
+            if category not in categories:
+                raise BenchError(
+                    f"{split.path}: {key}: no category {category!r} ({_near(category, categories)})"
+                )
 
 
 def level_of(split: SplitFile, name: str, category: str) -> str:

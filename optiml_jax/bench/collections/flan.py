@@ -2,9 +2,13 @@
 `_task_name`, `_template_type` (zs_opt, zs_noopt, fs_opt, fs_noopt) and `_template_idx`. Every row is one
 instance already prompted with one of its task's templates, so the templates are kept as they are
 (`template` = `zs_opt:3`); only the zero-shot rows are read (the paper trains without demonstrations,
-spec §5: few-shot prompts are built at evaluation)."""
+spec §5: few-shot prompts are built at evaluation). A task is named by its dump name without the version,
+"/" and ":" written "_" (`super_glue/rte:1.0.2` -> `flan_super_glue_rte`, `huggingface:xsum` ->
+`flan_huggingface_xsum`)."""
 
 from __future__ import annotations
+
+import re
 
 from optiml_jax.bench.collections import generic
 from optiml_jax.bench.tasks import Example, Task, qualified_name
@@ -13,6 +17,12 @@ from optiml_jax.data.formats.parquet import open_parquet
 
 DEFAULT_COLUMNS = {"input": "inputs", "output": "targets", "type": "_template_type", "idx": "_template_idx"}
 ZERO_SHOT = ("zs_opt", "zs_noopt")
+_VERSION = re.compile(r":\d+(\.\d+)*$")
+
+
+def local_name(dump_name: str) -> str:
+    """The task's name in the registry (without `flan_`) for its name in the dump."""
+    return re.sub(r"[/:]", "_", _VERSION.sub("", dump_name))
 
 
 def _task_column(files) -> str:
@@ -42,5 +52,5 @@ def read(path, columns: dict, known=frozenset()) -> list[Task]:
                 instances.append((Example(input=row["input"], references=refs, template=template),))
             return instances
 
-        tasks.append(Task(name=qualified_name("flan", local.split(":")[0]), benchmark="flan", load=load))
+        tasks.append(Task(name=qualified_name("flan", local_name(local)), benchmark="flan", load=load))
     return tasks
