@@ -71,9 +71,10 @@ def make_collections(root: Path, per_task: int = 40) -> dict[str, str]:
     ):
         for i, text in enumerate(inputs):
             for kind in ("zs_opt", "fs_opt"):
+                options = f"\n\nOPTIONS:\n- yes{i}\n- no{i}" if task.startswith("rte") else ""
                 flan.append(
                     {
-                        "inputs": f"Premise: {text}",
+                        "inputs": f"Premise: {text}{options}",
                         "targets": f"yes{i}",
                         "task": task,
                         "_template_type": kind,

@@ -10,7 +10,7 @@ import pytest
 from bench_fixtures import REGISTRY, SNI_SAMPLE, SPLIT, make_collections, rte_inputs, write_yaml
 
 from optiml_jax.bench import BenchSettings, build_bench
-from optiml_jax.bench.collections import crossfit
+from optiml_jax.bench.collections import crossfit, flan
 from optiml_jax.bench.output import SCHEMA
 from optiml_jax.bench.registry import load_registry
 from optiml_jax.bench.tasks import BenchError
@@ -157,6 +157,9 @@ def test_prompts_delimiters_references_and_options(bench):
     jigsaw = rows(directory, "dev", "promptsource_jigsaw_toxic")
     assert len(jigsaw) == 40 and all(r["options"] == ["yes", "no"] for r in jigsaw)
     assert [r["tgt"] for r in jigsaw[:2]] == ["no", "yes"]  # the correct choice of each instance
+    rte = rows(directory, "test", "flan_rte")  # FLAN's OPTIONS block, the target among them
+    assert [r["options"] for r in rte[:2]] == [["yes0", "no0"], ["yes1", "no1"]]
+    assert all(r["options"] == [] for r in rows(directory, "train", "flan_squad_v1"))
     trivia = rows(directory, "test", "task1564_triviaqa_answer_generation")
     assert max(len(r["references"]) for r in trivia) > 1  # every reference of an SNI instance
 
@@ -273,3 +276,16 @@ def test_crossfit_files_as_its_scripts_name_them(tmp_path):
         ("full train", ("one", "three")),
         ("full test", ("one", "two")),
     ]
+
+
+@pytest.mark.parametrize(
+    "prompt, target, options",
+    [
+        ("P\n\nOPTIONS:\n- yes\n- no", "yes", ("yes", "no")),
+        ("- a\n- b\nQ?\nChoose from:\n- x\n- y\n- z\nA:", "z", ("x", "y", "z")),  # the last block
+        ("P\n\nOPTIONS:\n- yes\n- no", "maybe", ()),  # the target is not an option: not a choice list
+        ("- only one\nQ?", "only one", ()),
+    ],
+)
+def test_flan_options_are_the_prompts_last_dash_list(prompt, target, options):
+    assert flan.listed_options(prompt, target) == options
