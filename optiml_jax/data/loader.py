@@ -149,16 +149,19 @@ class RowLayout:
         _check_seq_len(self.seq_len)
         Packer(self.seq_len, self.overlong)  # validates `overlong` now rather than at the first batch
 
-
-def _keyword_layout(
-    seq_len: int,
-    overlong: str = "truncate",
-    process_index: int = 0,
-    process_count: int = 1,
-    allgather: Optional[AllGather] = None,
-    add_bos: bool = PROMPT_ADD_BOS,
-) -> RowLayout:
-    return RowLayout(seq_len, overlong, add_bos, Shard(process_index, process_count, allgather))
+    @classmethod
+    def from_keywords(
+        cls,
+        *,
+        seq_len: int,
+        overlong: str = "truncate",
+        process_index: int = 0,
+        process_count: int = 1,
+        allgather: Optional[AllGather] = None,
+        add_bos: bool = PROMPT_ADD_BOS,
+    ) -> "RowLayout":
+        """The layout as the loaders' keywords give it (as they took it before there was a RowLayout)."""
+        return cls(seq_len, overlong, add_bos, Shard(process_index, process_count, allgather))
 
 
 class _PackingLoader:
@@ -178,7 +181,7 @@ class _PackingLoader:
         process_index, process_count, allgather), as the loaders took them before there was one.
         `skip_stats`: what the readers dropped."""
         if layout is None:
-            layout = _keyword_layout(**layout_keywords)
+            layout = RowLayout.from_keywords(**layout_keywords)
         elif layout_keywords:
             raise TypeError(f"layout= and {', '.join(layout_keywords)} given together; pass one or the other")
         self.tokenizer = tokenizer
