@@ -314,39 +314,22 @@ def _packed_batch(rows: int, seq_len: int, vocab: int, positions: str):
 def train(shapes, attention: str, remat: str, positions: str, profile_dir=None) -> dict:
     import jax
     import numpy as np
+    from bench_worker import one_device_train_step
 
-    from optiml_jax.run_config import OptimSection, TrainSection
-    from optiml_jax.sharding import MeshConfig, make_mesh
-    from optiml_jax.train import (
-        build_model,
-        create_train_state,
-        flops_per_token,
-        global_batch,
-        make_optimizer,
-        make_train_step,
-    )
+    from optiml_jax.train import flops_per_token, global_batch
 
     config = _model_config(shapes)
     rows, seq_len = shapes["batch"], shapes["seq_len"]
-    train_section = TrainSection(
-        max_steps=1000,
-        batch_size=rows,
-        seq_len=seq_len,
+    step, state, mesh, init_s = one_device_train_step(
+        config,
+        rows,
+        seq_len,
+        {"lr": 1e-4},
         compute_dtype="bfloat16",
         remat_policy=remat,
         attention=attention,
         dropout=0.0,
-        embed_dropout=False,
     )
-    optim = OptimSection(lr=1e-4, warmup_steps=0)
-    mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    model = build_model(config, train_section)
-    tx = make_optimizer(optim, train_section.max_steps)
-    start = time.perf_counter()
-    state, shardings = create_train_state(model, tx, mesh, seed=0)
-    jax.block_until_ready(state)
-    init_s = time.perf_counter() - start
-    step = make_train_step(model, tx, train_section, optim, mesh, shardings)
     batch = _packed_batch(rows, seq_len, config.vocab_size, positions)
     device_batch = global_batch(batch, mesh, rows)
     start = time.perf_counter()

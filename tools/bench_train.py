@@ -30,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_worker import report, run_in_fresh_process  # noqa: E402
+from bench_worker import one_device_train_step, report, run_in_fresh_process  # noqa: E402
 
 
 def parse_args(argv):
@@ -113,36 +113,21 @@ def bench_jax(config, data, steps, scan_layers=True, remat="none", head_position
     import jax
     import numpy as np
 
-    from optiml_jax.run_config import OptimSection, TrainSection
-    from optiml_jax.sharding import MeshConfig, make_mesh
-    from optiml_jax.train import (
-        build_model,
-        create_train_state,
-        global_batch,
-        make_optimizer,
-        make_train_step,
-    )
+    from optiml_jax.train import global_batch
 
     batch, seq_len = data["input_ids"].shape
-
-    train = TrainSection(
-        max_steps=1000,
-        batch_size=batch,
-        seq_len=seq_len,
+    step_fn, state, mesh, _ = one_device_train_step(
+        config,
+        batch,
+        seq_len,
+        {"lr": 5e-5, "weight_decay": 0.0, "clip_norm": 1.0},
         compute_dtype="float32",
         scan_layers=scan_layers,
         remat_policy=remat,
         dropout=0.1,
         attention_dropout=0.0,
-        embed_dropout=False,  # HF has no embedding dropout: keep the steps the same
         head_positions=head_positions,
     )
-    optim = OptimSection(lr=5e-5, warmup_steps=0, weight_decay=0.0, clip_norm=1.0)
-    mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    model = build_model(config, train)
-    tx = make_optimizer(optim, train.max_steps)
-    state, shardings = create_train_state(model, tx, mesh, seed=0)
-    step_fn = make_train_step(model, tx, train, optim, mesh, shardings)
     data = global_batch(data, mesh, batch)
     start = time.perf_counter()
     state, metrics = step_fn(state, data)

@@ -93,6 +93,35 @@ def random_params(config, scan_layers: bool):
     return jax.tree_util.tree_map(jnp.asarray, hf_to_params(state, config, scan_layers=scan_layers))
 
 
+def one_device_train_step(config, rows: int, seq_len: int, optim: dict, **train):
+    """The training benchmarks' set-up: the train step of `config` on the first device, for batches of
+    `rows` x `seq_len`, with `train` (TrainSection fields) and `optim` (OptimSection fields) over a
+    1000-step run without warm-up or embedding dropout (HF has none). Returns (the jitted step, the
+    initial state, the mesh, the seconds creating the state took)."""
+    # deferred like the others here: the parent process of a benchmark never starts JAX
+    import time
+
+    import jax
+
+    from optiml_jax.run_config import OptimSection, TrainSection
+    from optiml_jax.sharding import MeshConfig, make_mesh
+    from optiml_jax.train import build_model, create_train_state, make_optimizer, make_train_step
+
+    train_section = TrainSection(
+        max_steps=1000, batch_size=rows, seq_len=seq_len, embed_dropout=False, **train
+    )
+    optim_section = OptimSection(warmup_steps=0, **optim)
+    mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    model = build_model(config, train_section)
+    tx = make_optimizer(optim_section, train_section.max_steps)
+    start = time.perf_counter()
+    state, shardings = create_train_state(model, tx, mesh, seed=0)
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - start
+    step = make_train_step(model, tx, train_section, optim_section, mesh, shardings)
+    return step, state, mesh, init_s
+
+
 def side_by_side_rounds(script: str, args, reference: str, forwarded) -> tuple[list[str], list[dict]]:
     """(the workers, their `args.rounds` alternating measurements): ours ("jax") and, unless --skip-hf,
     the `reference` side, each in a fresh process of `script` given the options `forwarded` (argparse

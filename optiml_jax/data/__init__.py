@@ -32,7 +32,7 @@ from optiml_jax.data.demonstrations import DemonstrationsConfig
 from optiml_jax.data.formats import AUTO, format_choices
 from optiml_jax.data.formats.sni import read_sni_task
 from optiml_jax.data.holdout import holdout_problem, split_holdout
-from optiml_jax.data.loader import AllGather, EvalLoader, TrainLoader
+from optiml_jax.data.loader import AllGather, EvalLoader, RowLayout, TrainLoader
 from optiml_jax.data.mixing import MixtureStream, mixing_weights
 from optiml_jax.data.mixture import BENCHMARK_COLUMN, MixtureConfig, plan_mixture
 from optiml_jax.data.packing import (
@@ -356,15 +356,8 @@ def build_loaders(
         if want_eval:
             eval_tasks, eval_stats = _read(data, data.eval, data.eval_tasks, seed, shard)
     train_loader = eval_loader = None
-    # both loaders lay the same rows out over the same processes
-    layout = dict(
-        seq_len=seq_len,
-        overlong=data.overlong,
-        process_index=process_index,
-        process_count=process_count,
-        allgather=allgather,
-        add_bos=data.add_bos,
-    )
+    # both loaders lay the same rows out over the processes that read the files
+    layout = RowLayout(seq_len, data.overlong, data.add_bos, shard)
     if train:
         plan = _mixture_plan(data, train_tasks, train_stats, seed, shard)
         train_loader = TrainLoader(
@@ -378,7 +371,7 @@ def build_loaders(
             holdout=data.eval_holdout,
             plan=plan,
             demonstrations=data.demonstrations,
-            **layout,
+            layout=layout,
         )
     if want_eval:
         eval_loader = EvalLoader(
@@ -386,7 +379,7 @@ def build_loaders(
             tokenizer,
             global_batch_size=eval_batch_size or batch_size,
             skip_stats=eval_stats,
-            **layout,
+            layout=layout,
         )
     return train_loader, eval_loader
 

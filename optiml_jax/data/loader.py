@@ -22,6 +22,7 @@ Batch dict (numpy, local rows only; see packing.py for the exact layout):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import deque
@@ -44,7 +45,7 @@ from optiml_jax.data.packing import (
     stack_rows,
     tokenize_examples,
 )
-from optiml_jax.data.records import AllGather, locate
+from optiml_jax.data.records import AllGather, Shard, locate
 from optiml_jax.data.sources import DataError, Example, SkipStats
 from optiml_jax.tokenizer import PROMPT_ADD_BOS
 
@@ -132,22 +133,64 @@ class _RowSlot:
         self.ready: deque[tuple[list[TokenizedExample], int]] = deque()
 
 
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """How a loader lays its rows out, the same for a run's train and eval loaders (build_loaders): rows of
+    `seq_len` tokens, examples longer than a row truncated or dropped (`overlong`, see packing.py), `</s>`
+    before each source with `add_bos` (data.add_bos), and the rows dealt over the processes of `shard` (its
+    allgather is needed when there are several, see the module doc)."""
+
+    seq_len: int
+    overlong: str = "truncate"
+    add_bos: bool = PROMPT_ADD_BOS
+    shard: Shard = Shard()
+
+    def __post_init__(self):
+        _check_seq_len(self.seq_len)
+        Packer(self.seq_len, self.overlong)  # validates `overlong` now rather than at the first batch
+
+    @classmethod
+    def from_keywords(
+        cls,
+        *,
+        seq_len: int,
+        overlong: str = "truncate",
+        process_index: int = 0,
+        process_count: int = 1,
+        allgather: Optional[AllGather] = None,
+        add_bos: bool = PROMPT_ADD_BOS,
+    ) -> "RowLayout":
+        """The layout as the loaders' keywords give it (as they took it before there was a RowLayout)."""
+        return cls(seq_len, overlong, add_bos, Shard(process_index, process_count, allgather))
+
+
 class _PackingLoader:
-    """What both loaders share: `global_batch_size` rows of `seq_len` tokens, this process's share of them
-    (rows _lo to _hi), each packed greedily, and the counters of what was skipped and packed."""
+    """What both loaders share: `global_batch_size` rows laid out as `layout` says, this process's share of
+    them (rows _lo to _hi), each packed greedily, and the counters of what was skipped and packed."""
 
     def __init__(
-        self, tokenizer, global_batch_size, seq_len, overlong, process_index, process_count, add_bos
+        self,
+        tokenizer: Tokenizer,
+        *,
+        global_batch_size: int,
+        layout: Optional[RowLayout] = None,
+        skip_stats: Optional[SkipStats] = None,
+        **layout_keywords,
     ):
-        _check_seq_len(seq_len)
+        """`layout`: the rows' RowLayout, or its settings as keywords (seq_len, overlong, add_bos,
+        process_index, process_count, allgather), as the loaders took them before there was one.
+        `skip_stats`: what the readers dropped."""
+        if layout is None:
+            layout = RowLayout.from_keywords(**layout_keywords)
+        elif layout_keywords:
+            raise TypeError(f"layout= and {', '.join(layout_keywords)} given together; pass one or the other")
         self.tokenizer = tokenizer
-        self.add_bos = add_bos  # `</s>` before each source (data.add_bos)
         self.global_batch_size = global_batch_size
-        self.seq_len = seq_len
-        self.overlong = overlong
-        self.process_index, self.process_count = process_index, process_count
-        self._lo, self._hi = _local_rows(global_batch_size, process_index, process_count)
-        Packer(seq_len, overlong)  # validates `overlong` now rather than at the first batch
+        self.seq_len, self.overlong, self.add_bos = layout.seq_len, layout.overlong, layout.add_bos
+        self.process_index, self.process_count = layout.shard.index, layout.shard.count
+        self._allgather = layout.shard.allgather
+        self._lo, self._hi = _local_rows(global_batch_size, self.process_index, self.process_count)
+        self.skip_stats = skip_stats if skip_stats is not None else SkipStats()
         self.pack_stats = PackStats()
 
     def stats(self) -> dict[str, int]:
@@ -167,30 +210,20 @@ class TrainLoader(_PackingLoader):
         tasks: Mapping[str, Sequence[Example]],
         tokenizer: Tokenizer,
         *,
-        global_batch_size: int,
-        seq_len: int,
         eps: int = 4096,
         seed: int = 0,
-        overlong: str = "truncate",
-        process_index: int = 0,
-        process_count: int = 1,
         state: Optional[dict] = None,
-        skip_stats: Optional[SkipStats] = None,
         holdout: Holdout = None,
-        allgather: Optional[AllGather] = None,
         plan: Optional[MixturePlan] = None,
         demonstrations: Optional[DemonstrationsConfig] = None,
-        add_bos: bool = PROMPT_ADD_BOS,
+        **rows,
     ):
-        """`holdout`: the data.eval_holdout that `tasks` were split with (see holdout.py); it does not change
-        the stream, but it is part of the state fingerprint, so a state saved under one split is refused
-        under another. `allgather`: needed when process_count > 1 (see the module doc). `plan`: data.mixture's
-        two levels (mixture.py; its tasks replace `tasks`); `demonstrations`: data.demonstrations."""
-        super().__init__(
-            tokenizer, global_batch_size, seq_len, overlong, process_index, process_count, add_bos
-        )
-        self.skip_stats = skip_stats if skip_stats is not None else SkipStats()  # what the readers dropped
-        self._allgather = allgather  # needed when process_count > 1 (see the module doc)
+        """`rows`: global_batch_size, the layout and skip_stats, as _PackingLoader takes them. `holdout`:
+        the data.eval_holdout that `tasks` were split with (see holdout.py); it does not change the stream,
+        but it is part of the state fingerprint, so a state saved under one split is refused under another.
+        `plan`: data.mixture's two levels (mixture.py; its tasks replace `tasks`); `demonstrations`:
+        data.demonstrations."""
+        super().__init__(tokenizer, **rows)
         problem = holdout_problem(holdout)
         if problem:
             raise ValueError(f"holdout {problem}")
@@ -205,7 +238,7 @@ class TrainLoader(_PackingLoader):
             whole = plan.whole_sequence if plan is not None else set()
             skip = frozenset(k for k, name in enumerate(self.mixture.names) if name in whole)
             self.demonstrator = Demonstrator(demonstrations, seed, skip)
-        self._reset(list(range(global_batch_size)), 0)
+        self._reset(list(range(self.global_batch_size)), 0)
         if state is not None:
             self.set_state(state)
 
@@ -355,25 +388,9 @@ class EvalLoader(_PackingLoader):
     of batches (with several processes, one allgather per pass agrees on it). Iterating again starts
     over. The loss over a pass does not depend on the row layout (segments never attend to each other)."""
 
-    def __init__(
-        self,
-        tasks: Mapping[str, Sequence[Example]],
-        tokenizer: Tokenizer,
-        *,
-        global_batch_size: int,
-        seq_len: int,
-        overlong: str = "truncate",
-        process_index: int = 0,
-        process_count: int = 1,
-        skip_stats: Optional[SkipStats] = None,
-        allgather: Optional[AllGather] = None,
-        add_bos: bool = PROMPT_ADD_BOS,
-    ):
-        super().__init__(
-            tokenizer, global_batch_size, seq_len, overlong, process_index, process_count, add_bos
-        )
-        self.skip_stats = skip_stats if skip_stats is not None else SkipStats()  # what the readers dropped
-        self._allgather = allgather  # needed when process_count > 1 (see the module doc)
+    def __init__(self, tasks: Mapping[str, Sequence[Example]], tokenizer: Tokenizer, **rows):
+        """`rows`: global_batch_size, the layout and skip_stats, as _PackingLoader takes them."""
+        super().__init__(tokenizer, **rows)
         self.tasks = {name: tasks[name] for name in sorted(tasks)}
 
     @property

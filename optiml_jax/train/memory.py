@@ -291,6 +291,17 @@ def memory_limit_bytes(train: TrainSection, mesh) -> Optional[int]:
     return device_memory_bytes(local[0] if local else None)
 
 
+# What sizes a step in a run's train section, which estimate_training_memory takes under the same names.
+_STEP_SETTINGS = (
+    "seq_len",
+    "grad_accum_steps",
+    "remat_policy",
+    "compute_dtype",
+    "param_dtype",
+    "scan_layers",
+)
+
+
 def estimate_run(
     t: TrainSection,
     opt_config: OPTConfig,
@@ -309,16 +320,11 @@ def estimate_run(
         opt_config,
         mesh_shape=mesh_shape,
         global_batch=t.batch_size,
-        seq_len=t.seq_len,
-        grad_accum_steps=t.grad_accum_steps,
-        remat_policy=t.remat_policy,
-        compute_dtype=t.compute_dtype,
-        param_dtype=t.param_dtype,
         rules=rules,
-        scan_layers=t.scan_layers,
         attention=attention or t.attention,
         platform=platform,
         trainable=trainable,
+        **{name: getattr(t, name) for name in _STEP_SETTINGS},
     )
 
 
