@@ -423,6 +423,7 @@ __all__ = [
     "MixtureConfig",
     "MixtureStream",
     "PackStats",
+    "RowLayout",
     "Packer",
     "Shard",
     "SkipStats",
