@@ -10,7 +10,7 @@ import pytest
 from bench_fixtures import REGISTRY, SNI_SAMPLE, SPLIT, make_collections, rte_inputs, write_yaml
 
 from optiml_jax.bench import BenchSettings, build_bench
-from optiml_jax.bench.collections import crossfit, flan
+from optiml_jax.bench.collections import crossfit, flan, sni
 from optiml_jax.bench.output import SCHEMA
 from optiml_jax.bench.registry import load_registry
 from optiml_jax.bench.tasks import BenchError
@@ -289,3 +289,24 @@ def test_crossfit_files_as_its_scripts_name_them(tmp_path):
 )
 def test_flan_options_are_the_prompts_last_dash_list(prompt, target, options):
     assert flan.listed_options(prompt, target) == options
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        {
+            "Source": ["s"],
+            "Categories": ["Misc."],
+            "Definition": ['Copy the "Instances": no'],
+            "Instances": [],
+        },
+        {"Source": ["s"], "Definition": ["Copy."], "Instances": [], "Categories": ["Misc."]},  # after them
+        {"Source": ["s"], "Categories": ["Misc."], "Definition": ["Copy."], "Instances": []},
+    ],
+)
+def test_an_sni_header_is_read_before_its_instances_or_whole(tmp_path, task):
+    task["Instances"] = [{"id": f"i{i}", "input": f"in {i}", "output": [f"out {i}"]} for i in range(3)]
+    (tmp_path / "task001_copy.json").write_text(json.dumps(task))
+    (read,) = sni.read(tmp_path, {})
+    assert (read.category, read.sources, read.definition) == ("Misc.", ("s",), task["Definition"][0])
+    assert [i[0].references for i in read.load()] == [("out 0",), ("out 1",), ("out 2",)]

@@ -1,6 +1,6 @@
 """Super-NaturalInstructions task files (`tasks/taskNNN_*.json`). Instances, with every reference output,
 are read by the data package's one SNI parser (data/formats/sni.py, as evaluation reads them); what the
-bench needs beyond it is read here: the task's `Categories` and `Source` fields."""
+bench needs beyond it is read here: the task's `Categories`, `Source` and `Definition` fields."""
 
 from __future__ import annotations
 
@@ -12,10 +12,27 @@ from optiml_jax.data.formats import get_format
 from optiml_jax.data.formats.sni import read_sni_eval_task
 from optiml_jax.data.sources import EvalDataError
 
+HEADER_KEYS = ("Categories", "Source", "Definition")
+_INSTANCES_KEY = b'"Instances"'
+_HEAD_BYTES = 1 << 16
 
-def _task_file(path: Path) -> dict:
+
+def _task_header(path: Path) -> dict:
+    """The task file's fields before its `Instances` (SNI writes them first): the few KB a header needs,
+    not the instances, which the data package's parser reads when the task is loaded. A file the head
+    does not parse as such (keys elsewhere, the word in a string) is parsed whole."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as handle:
+            head = handle.read(_HEAD_BYTES)
+        cut = head.find(_INSTANCES_KEY)
+        if cut > 0:
+            try:
+                data = json.loads(head[:cut].decode("utf-8-sig") + '"Instances": []}')
+                if isinstance(data, dict) and all(key in data for key in HEADER_KEYS):
+                    return data
+            except (ValueError, UnicodeDecodeError):
+                pass
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BenchError(f"{path}: not a readable SNI task file ({e})") from None
     if not isinstance(data, dict):
@@ -43,7 +60,7 @@ def _load(path: Path):
 def read(path, columns: dict, known=frozenset()) -> list[Task]:
     tasks = []
     for file in get_format("sni").files(path):
-        data = _task_file(file)
+        data = _task_header(file)
         categories = _field_list(data, "Categories", file)
         definition = data.get("Definition")
         definition = " ".join(definition) if isinstance(definition, list) else definition
