@@ -3,6 +3,8 @@ sample (bench_fixtures.py): each rule of the spec acts on what was planted for i
 gives the same bench."""
 
 import json
+import os
+import signal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,6 +12,7 @@ import pytest
 from bench_fixtures import REGISTRY, SNI_SAMPLE, SPLIT, make_collections, rte_inputs, write_yaml
 
 from optiml_jax.bench import BenchSettings, build_bench
+from optiml_jax.bench import build as build_module
 from optiml_jax.bench.collections import crossfit, flan, sni
 from optiml_jax.bench.output import SCHEMA
 from optiml_jax.bench.registry import load_registry
@@ -310,3 +313,45 @@ def test_an_sni_header_is_read_before_its_instances_or_whole(tmp_path, task):
     (read,) = sni.read(tmp_path, {})
     assert (read.category, read.sources, read.definition) == ("Misc.", ("s",), task["Definition"][0])
     assert [i[0].references for i in read.load()] == [("out 0",), ("out 1",), ("out 2",)]
+
+
+_TRAIN_TASK = build_module._train_task
+
+
+def _dies_on_the_third(i):
+    """A train-pass task that kills its worker on the third task (module-level: the executor pickles it
+    by name, and the forked workers have this module)."""
+    if i == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _TRAIN_TASK(i)
+
+
+def test_a_killed_worker_fails_the_build_with_nothing_written(tmp_path, monkeypatch):
+    """The OOM killer taking a worker: the build stops (a Pool would wait for its task forever)."""
+    monkeypatch.setattr(build_module, "_train_task", _dies_on_the_third)
+    with pytest.raises(build_module.WorkerDied, match="worker process of the train pass died"):
+        build(tmp_path, "killed")
+    assert not (tmp_path / "killed").exists() and not list(tmp_path.glob(".killed.tmp-*"))
+
+
+def test_dropping_a_fully_supervised_task_drops_the_pairs_against_its_held_out_rows(tmp_path):
+    """fs overlaps the held-out `ev`, so it goes, and its held-out rows with it: `other`, which overlapped
+    only those rows, stays, and its pair is no longer reported; eval_examples count what is written."""
+    levels = {"ev": "fully_held_out", "fs": "fully_supervised", "other": "train"}
+    info = {
+        name: {"level": level, "split": "test" if level == "fully_held_out" else "train"}
+        for name, level in levels.items()
+    }
+    for entry in info.values():
+        entry["examples_by_split"] = {"train": 5, "dev": 0, "test": 2}
+    overlap = [
+        {"train_task": "other", "eval_task": "fs", "fraction": 0.5},
+        {"train_task": "fs", "eval_task": "ev", "fraction": 0.2},
+    ]
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "fs.parquet").write_text("x")
+    standing = build_module._drop_overlapping(overlap, info, tmp_path)
+    assert standing == [overlap[1]]
+    assert info["fs"]["split"] == "removed" and info["other"]["split"] == "train"
+    assert not list(tmp_path.glob("*/fs.parquet"))

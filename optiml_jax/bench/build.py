@@ -18,6 +18,8 @@ import logging
 import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Optional
 
@@ -158,6 +160,10 @@ def _split_of(task: Task, level: str, removed: dict, split) -> str:
     return "dev" if split.is_dev(task) else "test"
 
 
+class WorkerDied(RuntimeError):
+    """A train-pass worker process ended without its result (exit 1, no output written)."""
+
+
 # The train pass's shared state, set before the worker processes are forked (they inherit it).
 _JOB: dict = {}
 
@@ -210,8 +216,10 @@ def _train_pass(train_tasks, workers: int, info: dict, timings: dict, progress: 
         if workers == 1:
             results = map(_train_task, range(len(train_tasks)))
         else:
-            pool = multiprocessing.get_context("fork").Pool(workers)
-            results = pool.imap(_train_task, range(len(train_tasks)))
+            # an executor, not a Pool: a worker killed (the OOM killer) breaks it at once, where a Pool
+            # would wait for the lost task forever
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            results = pool.map(_train_task, range(len(train_tasks)))
         bar = tqdm(total=len(train_tasks), desc="train tasks (write + 13-gram overlap)", disable=not progress)
         for task, result in zip(train_tasks, results):
             entry = info[task.name]
@@ -225,19 +233,26 @@ def _train_pass(train_tasks, workers: int, info: dict, timings: dict, progress: 
             ]
             bar.update()
         bar.close()
+    except BrokenProcessPool:
+        raise WorkerDied(
+            "a worker process of the train pass died (killed, or out of memory: try fewer --workers); "
+            "nothing was written"
+        ) from None
     finally:
         _JOB.clear()
         if pool is not None:
-            pool.close()
-            pool.join()
+            pool.shutdown(cancel_futures=True)
     return overlap
 
 
-def _drop_overlapping(overlap: list, info: dict, directory: Path) -> None:
-    """--drop-overlapping train: the train task of every reported pair removed, its shards deleted."""
-    for pair in overlap:
+def _drop_overlapping(overlap: list, info: dict, directory: Path) -> list:
+    """--drop-overlapping train: the train task of every reported pair removed, its shards deleted. A
+    fully supervised task removed takes its held-out rows along, so pairs against those are settled
+    last and dropped (nothing is left to overlap); the pairs that stand are returned."""
+    # pairs against evaluation-only tasks first: those tasks stay whatever happens
+    for pair in sorted(overlap, key=lambda p: info[p["eval_task"]]["level"] == "fully_supervised"):
         entry = info[pair["train_task"]]
-        if entry["split"] == "removed":
+        if entry["split"] == "removed" or info[pair["eval_task"]]["split"] == "removed":
             continue
         entry["split"] = "removed"
         entry["removed_reason"] = (
@@ -247,6 +262,7 @@ def _drop_overlapping(overlap: list, info: dict, directory: Path) -> None:
         entry["examples_by_split"] = {"train": 0, "dev": 0, "test": 0}
         for split in output.SPLITS:  # a fully supervised task goes whole
             output.shard_path(directory, split, pair["train_task"]).unlink(missing_ok=True)
+    return [pair for pair in overlap if info[pair["eval_task"]]["split"] != "removed"]
 
 
 def build_bench(
@@ -299,7 +315,7 @@ def build_bench(
         timings["train"] = time.perf_counter() - started - timings["eval"]
         timings["overlap"] /= workers
         if settings.drop_overlapping == "train":
-            _drop_overlapping(overlap, info, directory)
+            overlap = _drop_overlapping(overlap, info, directory)
         for entry in info.values():
             entry["examples"] = sum(entry["examples_by_split"].values())
         for name in output.SPLITS:
@@ -324,7 +340,9 @@ def build_bench(
         manifest=manifest,
         overlap=overlap,
         train_examples=sum(e["examples_by_split"]["train"] for e in info.values()),
-        eval_examples=sum(map(len, eval_texts.values())),
+        eval_examples=sum(
+            e["examples_by_split"]["dev"] + e["examples_by_split"]["test"] for e in info.values()
+        ),
         workers=workers,
         index_bytes=index.nbytes,
         timings=timings,

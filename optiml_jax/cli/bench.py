@@ -16,7 +16,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from optiml_jax.bench.build import DROP_CHOICES, BenchSettings, build_bench
+from optiml_jax.bench.build import DROP_CHOICES, BenchSettings, WorkerDied, build_bench
 from optiml_jax.bench.tasks import BENCHMARKS, BenchError
 from optiml_jax.cli.common import EXIT_BAD_INPUT, EXIT_FAILURE, CLIError, Parser, report
 from optiml_jax.config import ASSETS_DIR
@@ -84,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     except (CLIError, BenchError, OutputDirError, ValueError) as e:  # ValueError: the readers' DataError too
         return report(e, EXIT_BAD_INPUT)
-    except OSError as e:
+    except (OSError, WorkerDied) as e:
         return report(e, EXIT_FAILURE)
     print(
         f"wrote {args.output}: {result.train_examples:,} train and {result.eval_examples:,} evaluation "
