@@ -133,6 +133,53 @@ def test_evaluate_configuration_problems(args, patterns, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--shots", "2"),
+        ("--template", "tk_instruct"),
+        ("--mode", "rank"),
+        ("--max-instances", "5"),
+        ("--max-options", "3"),
+        ("--format", "jsonl"),
+        ("--fields", "src=inputs"),
+    ],
+)
+def test_evaluate_suite_refuses_the_flags_the_suite_decides(flag, value, tmp_path, capsys):
+    from optiml_jax.cli.evaluate import main
+
+    out = tmp_path / "out"
+    argv = ["--model", str(tmp_path / "nope"), "--suite", str(tmp_path / "suite.yaml"), "--output", str(out)]
+    assert main([*argv, flag, value]) == 2
+    _error_line(capsys.readouterr().err, f"error: {flag}: ", "not used with --suite", only_line=False)
+    assert not out.exists()
+
+
+def test_evaluate_suite_checks_the_batch_against_the_mesh(tmp_path, capsys):
+    from optiml_jax.cli.evaluate import main
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        json.dumps(
+            [
+                {
+                    "task": "task1146_country_capital",
+                    "data": str(SNI / "task1146_country_capital.json"),
+                    "benchmark": "sni",
+                    "category": "question_answering",
+                    "level": "fully_held_out",
+                    "metric": "rougeL",
+                    "mode": "generate",
+                }
+            ]
+        )
+    )
+    argv = ["--model", str(tmp_path / "nope"), "--suite", str(suite), "--output", str(tmp_path / "out")]
+    assert main([*argv, "--batch-size", "12", "--no-progress"]) == 2
+    _error_line(capsys.readouterr().err, "--batch-size 12", "data x fsdp = 8", only_line=False)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------- generate: exit 2
 def test_generate_dtype_outside_the_table(tmp_path):
     command = ["-m", "optiml_jax.generate", "--model", tmp_path, "--prompt", "hi", "--dtype", "float64"]
