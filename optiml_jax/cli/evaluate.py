@@ -16,7 +16,8 @@ and acc / acc_norm (log-likelihood per character) report whether the likeliest o
 "\\t" stand for newline and tab.
 
 Bad input (no task matching the split file, an instance without references, an unreadable model, an
-existing output directory without --overwrite) prints one line on stderr and exits with status 2.
+existing output directory without --overwrite) prints one line on stderr and exits with status 2; a
+read or write that fails on its own (a full disk) prints one line and exits with status 1.
 On several hosts run the same command on every host with --distributed (or --coordinator ...), as
 for fine-tuning; every host reads the data, process 0 writes the output.
 """
@@ -34,6 +35,7 @@ import jax
 from optiml_jax.checkpoints.pretrained import load_pretrained
 from optiml_jax.cli.common import (
     EXIT_BAD_INPUT,
+    EXIT_FAILURE,
     CLIError,
     Parser,
     add_distributed_flags,
@@ -310,8 +312,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (CLIError, OSError, ValueError, KeyError) as e:  # bad flags, data, model files, config...
-        return report(e, EXIT_BAD_INPUT)
+    except (CLIError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        return report(e, EXIT_BAD_INPUT)  # bad flags, data, model files, config...
+    except OSError as e:  # reading or writing failed: a full disk, a lost mount; the input may be fine
+        return report(e, EXIT_FAILURE)
     if is_main and args.suite:
         print(suite_summary(result.metrics))
     elif is_main:
