@@ -2,8 +2,10 @@
 fit the devices, a device count that does not divide the batch, a dtype outside our table. Each is one
 `error: ...` line naming the setting, with exit status 2 (bad input or configuration, in every CLI), no
 traceback and nothing written, and it fails before any model is loaded or compiled. One subprocess per
-CLI (with N host devices: what a user sees), the other problems in-process."""
+CLI (with N host devices: what a user sees), the other problems in-process. A write that fails on its own
+(a full disk) is a runtime failure instead: one line, exit status 1."""
 
+import errno
 import json
 import os
 import re
@@ -12,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from finetune_helpers import TINY_MODEL
+from finetune_helpers import TINY_MODEL, cli_overrides, config_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SNI = REPO / "optiml_jax" / "assets" / "data" / "sni"
@@ -77,6 +79,35 @@ def test_finetune_configuration_problems(override, patterns, tmp_path, capsys):
     assert main(["--config", "demo", override, f"workdir={tmp_path / 'run'}", "--no-progress"]) == 2
     _error_line(capsys.readouterr().err, *patterns, only_line=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_finetune_unknown_flag_is_one_line(capsys):
+    from optiml_jax.cli.finetune import main
+
+    assert main(["--bogus-flag"]) == 2
+    _error_line(capsys.readouterr().err, "unrecognized arguments: --bogus-flag")
+
+
+def test_finetune_unreadable_eval_suite_is_one_line(tiny_preset, tmp_path, capsys):
+    from optiml_jax.cli.finetune import main
+
+    suite = tmp_path / "nowhere.yaml"
+    config = config_dict(tiny_preset, tmp_path / "run", eval={"every_steps": 1, "suite": str(suite)})
+    assert main(["--config", "demo", *cli_overrides(config), "--no-progress"]) == 2
+    _error_line(capsys.readouterr().err, str(suite), "cannot read the suite file", only_line=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------------- finetune: exit 1
+def test_finetune_full_disk_is_a_runtime_failure(tmp_path, capsys, monkeypatch):
+    from optiml_jax.cli.finetune import main
+
+    def full_disk(cfg, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(cfg.workdir))
+
+    monkeypatch.setattr("optiml_jax.cli.finetune.train_and_evaluate", full_disk)
+    assert main(["--config", "demo", f"workdir={tmp_path / 'run'}", "--no-progress"]) == 1
+    _error_line(capsys.readouterr().err, "No space left on device", str(tmp_path / "run"), only_line=False)
 
 
 # ---------------------------------------------------------------------- evaluate: exit 2
