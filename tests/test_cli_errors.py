@@ -2,8 +2,10 @@
 fit the devices, a device count that does not divide the batch, a dtype outside our table. Each is one
 `error: ...` line naming the setting, with exit status 2 (bad input or configuration, in every CLI), no
 traceback and nothing written, and it fails before any model is loaded or compiled. One subprocess per
-CLI (with N host devices: what a user sees), the other problems in-process."""
+CLI (with N host devices: what a user sees), the other problems in-process. A write that fails on its own
+(a full disk) is a runtime failure instead: one line, exit status 1."""
 
+import errno
 import json
 import os
 import re
@@ -12,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from finetune_helpers import TINY_MODEL
+from finetune_helpers import TINY_MODEL, cli_overrides, config_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SNI = REPO / "optiml_jax" / "assets" / "data" / "sni"
@@ -79,6 +81,35 @@ def test_finetune_configuration_problems(override, patterns, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_finetune_unknown_flag_is_one_line(capsys):
+    from optiml_jax.cli.finetune import main
+
+    assert main(["--bogus-flag"]) == 2
+    _error_line(capsys.readouterr().err, "unrecognized arguments: --bogus-flag")
+
+
+def test_finetune_unreadable_eval_suite_is_one_line(tiny_preset, tmp_path, capsys):
+    from optiml_jax.cli.finetune import main
+
+    suite = tmp_path / "nowhere.yaml"
+    config = config_dict(tiny_preset, tmp_path / "run", eval={"every_steps": 1, "suite": str(suite)})
+    assert main(["--config", "demo", *cli_overrides(config), "--no-progress"]) == 2
+    _error_line(capsys.readouterr().err, str(suite), "cannot read the suite file", only_line=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------------- finetune: exit 1
+def test_finetune_full_disk_is_a_runtime_failure(tmp_path, capsys, monkeypatch):
+    from optiml_jax.cli.finetune import main
+
+    def full_disk(cfg, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(cfg.workdir))
+
+    monkeypatch.setattr("optiml_jax.cli.finetune.train_and_evaluate", full_disk)
+    assert main(["--config", "demo", f"workdir={tmp_path / 'run'}", "--no-progress"]) == 1
+    _error_line(capsys.readouterr().err, "No space left on device", str(tmp_path / "run"), only_line=False)
+
+
 # ---------------------------------------------------------------------- evaluate: exit 2
 def test_evaluate_mesh_larger_than_the_machine(tmp_path):
     # --model does not exist: the mesh is checked before the model (or the data) is read
@@ -130,6 +161,53 @@ def test_evaluate_configuration_problems(args, patterns, tmp_path, capsys):
         == 2
     )
     _error_line(capsys.readouterr().err, *patterns, only_line=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--shots", "2"),
+        ("--template", "tk_instruct"),
+        ("--mode", "rank"),
+        ("--max-instances", "5"),
+        ("--max-options", "3"),
+        ("--format", "jsonl"),
+        ("--fields", "src=inputs"),
+    ],
+)
+def test_evaluate_suite_refuses_the_flags_the_suite_decides(flag, value, tmp_path, capsys):
+    from optiml_jax.cli.evaluate import main
+
+    out = tmp_path / "out"
+    argv = ["--model", str(tmp_path / "nope"), "--suite", str(tmp_path / "suite.yaml"), "--output", str(out)]
+    assert main([*argv, flag, value]) == 2
+    _error_line(capsys.readouterr().err, f"error: {flag}: ", "not used with --suite", only_line=False)
+    assert not out.exists()
+
+
+def test_evaluate_suite_checks_the_batch_against_the_mesh(tmp_path, capsys):
+    from optiml_jax.cli.evaluate import main
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        json.dumps(
+            [
+                {
+                    "task": "task1146_country_capital",
+                    "data": str(SNI / "task1146_country_capital.json"),
+                    "benchmark": "sni",
+                    "category": "question_answering",
+                    "level": "fully_held_out",
+                    "metric": "rougeL",
+                    "mode": "generate",
+                }
+            ]
+        )
+    )
+    argv = ["--model", str(tmp_path / "nope"), "--suite", str(suite), "--output", str(tmp_path / "out")]
+    assert main([*argv, "--batch-size", "12", "--no-progress"]) == 2
+    _error_line(capsys.readouterr().err, "--batch-size 12", "data x fsdp = 8", only_line=False)
     assert not (tmp_path / "out").exists()
 
 

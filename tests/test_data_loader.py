@@ -258,6 +258,12 @@ def test_state_from_an_older_version_or_another_batch_size_continues_without_rep
     v1 = {**state, "version": 1, "stream_index": 40}
     del v1["row_starts"]
     assert loader(state=v1).get_state()["row_starts"] == [40, 41, 42, 43]
+    # A stream index that is not a multiple of the batch size: row r still gets only examples i % 4 == r.
+    off = {**v1, "stream_index": 41}
+    resumed = loader(state=off)
+    assert resumed.get_state()["row_starts"] == [44, 41, 42, 43]
+    take(resumed, 2)
+    assert all(i % 4 == r for r, i in enumerate(resumed.get_state()["row_starts"]))
     moved = loader()
     take(moved, 3)
     starts = moved.get_state()["row_starts"]

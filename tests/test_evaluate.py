@@ -1,7 +1,8 @@
 """Generation evaluation end to end: bucketed, sharded greedy answers equal Hugging Face `generate` on each
 prompt alone; the CLI writes predictions / metrics / report that re-scoring reproduces; bad input is one
-line and leaves no output behind."""
+line and leaves no output behind, a disk that fills is a runtime failure."""
 
+import errno
 import json
 
 import jax
@@ -224,6 +225,23 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(hf_model_dir, tmp_path, ca
     else:
         assert not out.exists()
     assert not list(tmp_path.glob(".out.tmp*"))
+
+
+def test_cli_a_full_disk_is_a_runtime_failure_and_a_missing_file_bad_input(tmp_path, capsys, monkeypatch):
+    predictions = tmp_path / "predictions.jsonl"
+    record = {"task": "t", "id": "t-0", "prediction": "a", "references": ["a"]}
+    predictions.write_text(json.dumps(record) + "\n")
+    code, _, err = run_cli(capsys, "--predictions", tmp_path / "missing.jsonl", "--output", tmp_path / "a")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+    def full_disk(directory, result, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr("optiml_jax.cli.evaluate.write_results", full_disk)
+    code, _, err = run_cli(capsys, "--predictions", predictions, "--output", tmp_path / "b")
+    assert code == 1 and "Traceback" not in err, err
+    line = f"error: [Errno {errno.ENOSPC}] No space left on device: '{tmp_path / 'b'}'"
+    assert err.strip().splitlines() == [line]
 
 
 def test_rank_classification_of_jsonl_options_and_sni_label_sets(hf_model_dir, tmp_path, capsys):

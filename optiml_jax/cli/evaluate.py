@@ -16,7 +16,8 @@ and acc / acc_norm (log-likelihood per character) report whether the likeliest o
 "\\t" stand for newline and tab.
 
 Bad input (no task matching the split file, an instance without references, an unreadable model, an
-existing output directory without --overwrite) prints one line on stderr and exits with status 2.
+existing output directory without --overwrite) prints one line on stderr and exits with status 2; a
+read or write that fails on its own (a full disk) prints one line and exits with status 1.
 On several hosts run the same command on every host with --distributed (or --coordinator ...), as
 for fine-tuning; every host reads the data, process 0 writes the output.
 """
@@ -34,6 +35,7 @@ import jax
 from optiml_jax.checkpoints.pretrained import load_pretrained
 from optiml_jax.cli.common import (
     EXIT_BAD_INPUT,
+    EXIT_FAILURE,
     CLIError,
     Parser,
     add_distributed_flags,
@@ -57,6 +59,18 @@ from optiml_jax.model.kernels import IMPLEMENTATIONS
 from optiml_jax.paths import resolve_path, shipped_data
 from optiml_jax.sharding import make_mesh
 from optiml_jax.tokenizer import PROMPT_ADD_BOS, OPTTokenizer
+
+# Flags of a single evaluation that a suite file decides for each entry: given with --suite they would
+# change nothing, so they are refused rather than ignored (flag -> where the suite says it).
+SUITE_DECIDES = {
+    "--shots": "set per entry by the suite ('shots')",
+    "--template": "set per entry by the suite ('templates')",
+    "--mode": "set per entry by the suite ('mode')",
+    "--max-instances": "set by the suite file ('max_instances')",
+    "--max-options": "a suite's rank entries take SNI tasks of up to 10 labels",
+    "--format": "each entry's data is read in the format of its path",
+    "--fields": "each entry's data is read in the format of its path",
+}
 
 
 def _unescape(text: str) -> str:
@@ -174,6 +188,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise CLIError("--suite names each entry's data; --data and --split would be unused")
     elif not args.model or not (args.data or args.suite):
         raise CLIError("give --model and --data or --suite (or --predictions FILE to re-score)")
+    if args.suite:
+        for flag, reason in SUITE_DECIDES.items():
+            dest = flag[2:].replace("-", "_")
+            if getattr(args, dest) != parser.get_default(dest):
+                raise CLIError(f"{flag}: {reason}; not used with --suite")
     for flag, value, low in (
         ("--max-instances", args.max_instances, 0),
         ("--shots", args.shots, 0),
@@ -221,13 +240,24 @@ def _mesh(args):
         raise CLIError(f"--mesh: {e}") from None
 
 
+def _batch_size(args, mesh) -> int:
+    """--batch-size, checked against the mesh (every data-parallel device gets the same rows), or its
+    default of 8 per data-parallel device."""
+    if args.batch_size and args.batch_size % data_parallel_size(mesh):
+        raise CLIError(
+            f"--batch-size {args.batch_size} is not divisible by the mesh's data-parallel devices "
+            f"(data x fsdp = {data_parallel_size(mesh)})"
+        )
+    return args.batch_size or 8 * data_parallel_size(mesh)
+
+
 def _evaluate_suite(args, write_to):
     """--suite: the suite file checked first (every bad entry, before any model is read), then run."""
     suite = load_suite(resolve_path(args.suite))  # a shipped suite (configs/eval/) from any directory
     mesh = _mesh(args)
     settings = SuiteSettings(
         max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size or 8 * data_parallel_size(mesh),
+        batch_size=_batch_size(args, mesh),
         delimiter=args.delimiter,
         add_bos=args.add_bos,
         stop=args.stop,
@@ -240,14 +270,9 @@ def _evaluate_suite(args, write_to):
 
 def _evaluate_model(args):
     mesh = _mesh(args)
-    if args.batch_size and args.batch_size % data_parallel_size(mesh):
-        raise CLIError(
-            f"--batch-size {args.batch_size} is not divisible by the mesh's data-parallel devices "
-            f"(data x fsdp = {data_parallel_size(mesh)})"
-        )
+    batch_size = _batch_size(args, mesh)  # before the data is read: the flags fail in a second
     args.data, args.split = shipped_data(args.data, args.split)
     tasks = load_eval_tasks(args.data, args.split, args.max_instances, args.format, args.fields)
-    batch_size = args.batch_size or 8 * data_parallel_size(mesh)
     # every setting but the batch has the flag of its name (--max-new-tokens -> max_new_tokens)
     names = [f.name for f in dataclasses.fields(EvalSettings) if f.name != "batch_size"]
     settings = EvalSettings(batch_size=batch_size, **{name: getattr(args, name) for name in names})
@@ -287,8 +312,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (CLIError, OSError, ValueError, KeyError) as e:  # bad flags, data, model files, config...
-        return report(e, EXIT_BAD_INPUT)
+    except (CLIError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        return report(e, EXIT_BAD_INPUT)  # bad flags, data, model files, config...
+    except OSError as e:  # reading or writing failed: a full disk, a lost mount; the input may be fine
+        return report(e, EXIT_FAILURE)
     if is_main and args.suite:
         print(suite_summary(result.metrics))
     elif is_main:

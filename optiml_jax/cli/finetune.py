@@ -15,8 +15,8 @@ MPI), or --coordinator/--num-processes/--process-id explicitly elsewhere. Only p
 
 A configuration or data error (a mesh that does not fit the devices, a batch they do not divide, a
 dtype outside float32/bfloat16/float16 included) prints one line on stderr and exits with status 2,
-before anything is compiled; a run that cannot fit in memory or cannot continue (non-finite steps)
-prints the reason and exits with status 1.
+before anything is compiled; a run that cannot fit in memory or cannot continue (non-finite steps, a
+full disk) prints the reason and exits with status 1.
 """
 
 from __future__ import annotations
@@ -29,18 +29,17 @@ from typing import Optional, Sequence
 import jax
 
 from optiml_jax.aot.train import finetune_aot
-from optiml_jax.checkpoints.model_format import CheckpointError
 from optiml_jax.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
+    CLIError,
+    Parser,
     add_distributed_flags,
     init_distributed,
     report,
     set_up_logging,
 )
-from optiml_jax.config import ConfigError
-from optiml_jax.data import DataError
 from optiml_jax.eval.runner import progress_table
 from optiml_jax.run_config import load_run_config
 from optiml_jax.train import TrainingError, train_and_evaluate
@@ -49,7 +48,7 @@ from optiml_jax.train.memory import InsufficientMemoryError
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     description, epilog = __doc__.split("\n\n", 1)
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="optiml-finetune",
         description=description,
         epilog=epilog,
@@ -86,24 +85,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+# Every error type of the project is a ValueError (ConfigError, DataError, CheckpointError, SuiteError,
+# OutputDirError, AttentionError, ...): bad input, like a path that is not there. TrainingError and
+# InsufficientMemoryError are RuntimeErrors: the input was fine, the run could not go on.
+BAD_INPUT = (CLIError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    set_up_logging()
     try:
+        args = parse_args(argv)
+        set_up_logging()
         cfg = load_run_config(args.config, args.overrides)
-    except ConfigError as e:
+        if args.aot:
+            return finetune_aot(cfg, args.aot, args.aot_report)
+    except BAD_INPUT as e:
         return report(e, EXIT_BAD_INPUT)
-    if args.aot:
-        return finetune_aot(cfg, args.aot, args.aot_report)
 
     init_distributed(args)
     if jax.process_index() != 0:  # logs come from process 0; the others report only problems
         logging.getLogger().setLevel(logging.WARNING)
     try:
         result = train_and_evaluate(cfg, progress=not args.no_progress, overwrite=args.overwrite)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
+    except BAD_INPUT as e:
         return report(e, EXIT_BAD_INPUT)
     except (TrainingError, InsufficientMemoryError) as e:
+        return report(e, EXIT_FAILURE)
+    except OSError as e:  # reading or writing failed: a full disk, a lost mount; the input may be fine
         return report(e, EXIT_FAILURE)
     except KeyboardInterrupt:  # Ctrl-C before the steps began (during them it stops the run cleanly)
         print("interrupted before training began; nothing was saved", file=sys.stderr)

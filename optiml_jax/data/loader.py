@@ -98,7 +98,9 @@ def _gather(local: Sequence[int], process_count: int, allgather: Optional[AllGat
 
 def _row_starts(state: dict, batch_size: int) -> list[int]:
     """Per-row resume positions from a saved state, for a batch of `batch_size` rows."""
-    if state.get("version") == 1:  # one stream index s: rows restart at s, s + 1, ... (nothing is repeated)
+    # One stream index s: each row restarts at the first of its examples (i % batch_size == row) at or
+    # after s, so nothing before s is repeated and nothing after it skipped.
+    if state.get("version") == 1:
         index = state.get("stream_index")
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise DataError(f"TrainLoader state has a bad stream_index {index!r}")
@@ -107,7 +109,7 @@ def _row_starts(state: dict, batch_size: int) -> list[int]:
             "%d, with rows laid out the current way from there",
             index,
         )
-        return [index + r for r in range(batch_size)]
+        return [index + (r - index) % batch_size for r in range(batch_size)]
     starts = state.get("row_starts")
     if (
         not isinstance(starts, list)
