@@ -175,6 +175,37 @@ def test_30b_on_a_slice_it_cannot_fit_is_refused_in_one_line(tmp_path):
     assert "mesh.fsdp" in errors[0] and "grad_accum_steps" in errors[0] and "remat" in errors[0]
 
 
+@needs_libtpu
+def test_frozen_embeddings_are_sized_as_the_run_trains_them(tmp_path):
+    """train.trainable reaches the compiled step and the estimate beside it: frozen embeddings hold no
+    Adam moments, so the step's arguments and the estimate are smaller than full fine-tuning's."""
+    script = (
+        "import json, sys\n"
+        "from optiml_jax.aot.train import compile_train_step\n"
+        "from optiml_jax.run_config import load_run_config\n"
+        "reports = {}\n"
+        "for name, trainable in (('full', 'null'), ('frozen', '^(?!.*embed_)')):\n"
+        "    cfg = load_run_config('demo', ['train.seq_len=128', f'train.trainable={trainable}'])\n"
+        "    report = compile_train_step(cfg, 'tpu:v4-8')\n"
+        "    reports[name] = {'argument': report['per_device']['argument'], "
+        "'estimate': report['estimate_total']}\n"
+        "print(json.dumps(reports))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**_aot_env(), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = json.loads(result.stdout.strip().splitlines()[-1])
+    full, frozen = reports["full"], reports["frozen"]
+    assert frozen["argument"] < full["argument"], reports
+    assert frozen["estimate"] < full["estimate"], reports
+
+
 def test_tiny_model_compiled_for_8_h100(tmp_path, cuda_plugin_path):
     report_path = tmp_path / "report.json"
     result = _aot_cli(
