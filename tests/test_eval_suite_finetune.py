@@ -4,6 +4,7 @@ on best/ gives that step's score), exportable to Hugging Face's layout."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -14,6 +15,8 @@ from optiml_jax.checkpoints.model_format import read_marker
 from optiml_jax.checkpoints.pretrained import load_pretrained
 from optiml_jax.eval.suite import load_suite
 from optiml_jax.eval.suite_run import SuiteSettings, run_suite
+from optiml_jax.tokenizer import PROMPT_ADD_BOS
+from optiml_jax.train import suite_hook as suite_hook_module
 from optiml_jax.train import train_and_evaluate
 from optiml_jax.train.metrics_log import read_jsonl
 
@@ -84,3 +87,25 @@ def test_bad_suite_stops_the_run_before_training(tiny_preset, tmp_path):
     with pytest.raises(ValueError, match=r"entry 0 \(x\): missing key 'benchmark'"):
         train_and_evaluate(cfg, progress=False)
     assert not Path(tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_suite_prompts_are_encoded_as_the_training_data(monkeypatch, tmp_path, add_bos):
+    """The hook's settings follow data.add_bos, as eval.tasks' do: a run trained on prompts that start
+    with </s> is evaluated on such prompts."""
+    cfg = run_config("tiny", tmp_path / "run", data={"add_bos": add_bos}, eval={"suite": "suite.yaml"})
+    seen = []
+
+    def evaluate(*args):
+        seen.append(args[8])  # the SuiteSettings
+        return {"selection_score": None}
+
+    monkeypatch.setattr(suite_hook_module, "evaluate_suite_at_step", evaluate)
+    run = SimpleNamespace(
+        cfg=cfg, model=None, state=SimpleNamespace(params=None), tokenizer=None, workdir=tmp_path,
+        writer=None, opt_config=None, mesh=None, rules=None, report=lambda line: None,
+    )  # fmt: skip
+    suite_hook_module.suite_hook(run, 1)
+    assert [settings.add_bos for settings in seen] == [add_bos]
+    assert seen[0].batch_size == cfg.eval_batch_size
+    assert SuiteSettings().add_bos == PROMPT_ADD_BOS  # the project's convention where nothing says otherwise

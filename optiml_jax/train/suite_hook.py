@@ -70,10 +70,16 @@ def check_suite(cfg) -> None:
         load_suite(resolve_path(cfg.eval.suite))
 
 
+def suite_settings(cfg) -> SuiteSettings:
+    """How a run config's eval.suite is answered: its prompts encoded as its training data is
+    (data.add_bos), as eval.tasks' are."""
+    return SuiteSettings(batch_size=cfg.eval_batch_size, add_bos=cfg.data.add_bos)
+
+
 def suite_hook(run, step: int) -> dict:
     """eval.suite at an evaluation step: registered by run_hooks.default_hooks (`run`: context.Run)."""
     eval_cfg = run.cfg.eval
-    settings = SuiteSettings(batch_size=run.cfg.eval_batch_size)
+    settings = suite_settings(run.cfg)
     metrics = evaluate_suite_at_step(
         run.model,
         run.state.params,
