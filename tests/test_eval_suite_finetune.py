@@ -11,7 +11,7 @@ import yaml
 from finetune_helpers import SNI, run_config
 
 from optiml_jax.checkpoints.export import export_hf
-from optiml_jax.checkpoints.model_format import read_marker
+from optiml_jax.checkpoints.model_format import FORMAT_NAME, FORMAT_VERSION, MARKER, read_marker
 from optiml_jax.checkpoints.pretrained import load_pretrained
 from optiml_jax.eval.suite import load_suite
 from optiml_jax.eval.suite_run import SuiteSettings, run_suite
@@ -109,3 +109,32 @@ def test_suite_prompts_are_encoded_as_the_training_data(monkeypatch, tmp_path, a
     assert [settings.add_bos for settings in seen] == [add_bos]
     assert seen[0].batch_size == cfg.eval_batch_size
     assert SuiteSettings().add_bos == PROMPT_ADD_BOS  # the project's convention where nothing says otherwise
+
+
+def test_best_of_another_suite_is_replaced_not_compared(monkeypatch, tmp_path, suite_path):
+    """A resumed run whose eval.suite changed: best/'s score is of another suite, so the first score of
+    this one replaces it however it compares; the same suite (named relatively or not) is compared."""
+    workdir = tmp_path / "run"
+    (workdir / "best").mkdir(parents=True)
+
+    def best_chosen_on(suite, score):
+        marker = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "suite": suite}
+        (workdir / "best" / MARKER).write_text(json.dumps({**marker, "step": 2, "selection_score": score}))
+
+    metrics = {"selection_score": 10.0, "per_level": {}, "per_shot": {}, "run": {"compilations": 0}}
+    monkeypatch.setattr(suite_hook_module, "run_suite", lambda *a, **k: SimpleNamespace(metrics=metrics))
+    saved = []
+    monkeypatch.setattr(suite_hook_module, "save_model", lambda *a, **k: saved.append(k["extra_marker"]))
+    writer = SimpleNamespace(write=lambda step, scalars: None)
+
+    def evaluate(suite):
+        args = (None, None, None, suite, workdir, 3, writer, None, SuiteSettings(), None, None)
+        suite_hook_module.evaluate_suite_at_step(*args)
+
+    best_chosen_on(str(tmp_path / "other_suite.yaml"), 90.0)
+    evaluate(suite_path)
+    assert saved == [{"step": 3, "selection_score": 10.0, "suite": str(suite_path)}]
+    best_chosen_on(str(suite_path), 90.0)
+    monkeypatch.chdir(suite_path.parent)
+    evaluate(suite_path.name)  # the same suite, named relatively: 10 does not beat its 90
+    assert len(saved) == 1
