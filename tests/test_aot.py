@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import flax.linen as nn
 import jax
@@ -20,7 +21,8 @@ from finetune_helpers import TINY_MODEL
 from jax.sharding import Mesh
 
 from optiml_jax import finetune
-from optiml_jax.aot import targets
+from optiml_jax.aot import decode, targets
+from optiml_jax.aot.report import DoesNotFit
 from optiml_jax.aot.targets import gpu_target_config, resolve_target
 from optiml_jax.config import ConfigError, OPTConfig
 from optiml_jax.model import OPTForCausalLM
@@ -114,6 +116,31 @@ def test_without_the_extra_aot_is_one_line_naming_it(monkeypatch, capsys):
     )
     assert finetune.main(["--config", "demo", "--aot", "gpu:8xh100"]) == 2
     assert "pip install 'optiml-jax[aot-gpu]'" in capsys.readouterr().err
+
+
+def test_decoding_the_compiler_refuses_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """The TPU compiler refuses a program over HBM with an error rather than figures: decoding's compile
+    turns it into the same one line as the train step's (no TPU compiler needed: the refusal is stubbed)."""
+    refusal = jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+        "Used 40.50G of 30.75G hbm. Exceeded hbm capacity by 9.75G."
+    )
+
+    class Lowered:
+        def compile(self):
+            raise refusal
+
+    monkeypatch.setattr(decode, "compile_only_devices", lambda target: jax.devices()[: target.devices])
+    monkeypatch.setattr(decode, "_generate_compiled", SimpleNamespace(lower=lambda *a, **k: Lowered()))
+    with pytest.raises(DoesNotFit, match=r"tpu:v4-8: does not fit: 40.50 GiB per device needed"):
+        decode.compile_decode("preset:tiny", "tpu:v4-8", 8)
+    assert decode.generate_aot("preset:tiny", "tpu:v4-8", 8, "bfloat16", 32, None) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: tpu:v4-8: does not fit: 40.50 GiB") and "--batch-size" in err
+    monkeypatch.setattr(decode, "_generate_compiled", SimpleNamespace(lower=lambda *a, **k: 1 / 0))
+    with pytest.raises(ZeroDivisionError):  # any other failure is not a refusal
+        decode.compile_decode("preset:tiny", "tpu:v4-8", 8)
 
 
 # Every minor dimension of every shard a multiple of TPU's 128-wide tiles (hidden 512 over fsdp 4, head

@@ -7,7 +7,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from optiml_jax.aot.targets import EXIT_CONFIG_ERROR, GiB, Target, host_only
 from optiml_jax.config import ConfigError
@@ -50,6 +50,27 @@ def refusal_bytes(message: str) -> Optional[int]:
 def is_out_of_memory(error: Exception) -> bool:
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
+
+
+def compile_or_refuse(lower: Callable[[], Any], target: Target, mesh_text: str, advice: str):
+    """(lowered, compiled) of the program `lower()` gives; DoesNotFit, with `advice`, when the compiler
+    refuses it as over the target's memory (the TPU compiler does, instead of giving figures to check)."""
+    try:
+        lowered = lower()
+        return lowered, lowered.compile()
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        needed = refusal_bytes(str(error))
+        what = (
+            f"{gib(needed)} per device needed (the compiler's refusal)"
+            if needed
+            else "the compiler refused it"
+        )
+        raise DoesNotFit(
+            f"{target.name}: does not fit: {what}, {gib(target.chip.hbm_bytes)} available ({mesh_text}); "
+            f"{advice}"
+        ) from None
 
 
 def gib(value: int) -> str:

@@ -22,13 +22,12 @@ import jax
 from optiml_jax.aot import cudnn_stand_in
 from optiml_jax.aot.report import (
     DoesNotFit,
+    compile_or_refuse,
     custom_calls,
     describe_target,
     gib,
-    is_out_of_memory,
     memory_lines,
     per_device_bytes,
-    refusal_bytes,
     report_and_exit,
 )
 from optiml_jax.aot.targets import Target, compile_only_devices, resolve_target
@@ -200,22 +199,7 @@ def _compiled_step(cfg: RunConfig, config: OPTConfig, mesh, target: Target, mesh
         for key, value in empty_row(cfg.train.seq_len).items()
     }
     train_step = make_train_step(model, tx, cfg.train, cfg.optim, mesh, shardings, rules, cfg.train.trainable)
-    try:
-        lowered = train_step.lower(state, batch)
-        return lowered, lowered.compile()
-    except Exception as error:  # the TPU compiler refuses a program over HBM itself
-        if not is_out_of_memory(error):
-            raise
-        needed = refusal_bytes(str(error))
-        what = (
-            f"{gib(needed)} per device needed (the compiler's refusal)"
-            if needed
-            else "the compiler refused it"
-        )
-        raise DoesNotFit(
-            f"{target.name}: does not fit: {what}, {gib(target.chip.hbm_bytes)} available ({mesh_text}); "
-            f"{ADVICE}"
-        ) from None
+    return compile_or_refuse(lambda: train_step.lower(state, batch), target, mesh_text, ADVICE)
 
 
 def format_train_report(report: dict, target: Target) -> str:
