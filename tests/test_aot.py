@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from optiml_jax import finetune
 from optiml_jax.aot import decode, targets
-from optiml_jax.aot.report import DoesNotFit
+from optiml_jax.aot.report import DoesNotFit, report_and_exit
 from optiml_jax.aot.targets import gpu_target_config, resolve_target
 from optiml_jax.config import ConfigError, OPTConfig
 from optiml_jax.model import OPTForCausalLM
@@ -141,6 +141,22 @@ def test_decoding_the_compiler_refuses_is_one_line_not_a_traceback(monkeypatch, 
     monkeypatch.setattr(decode, "_generate_compiled", SimpleNamespace(lower=lambda *a, **k: 1 / 0))
     with pytest.raises(ZeroDivisionError):  # any other failure is not a refusal
         decode.compile_decode("preset:tiny", "tpu:v4-8", 8)
+
+
+@pytest.mark.parametrize("where", ["no_such_dir/report.json", "a_directory"])
+def test_a_report_that_cannot_be_written_is_one_line_and_exit_1(tmp_path, capsys, where):
+    (tmp_path / "a_directory").mkdir()
+    memory = {"argument": 1, "output": 1, "temp": 1, "alias": 0, "total": 3, "available": 4}
+    report = {"target": "tpu:v4-8", "mesh": "data=4", "per_device": memory, "fits": True}
+    path = str(tmp_path / where)
+    assert report_and_exit(lambda: (report, "compiled"), path, "advice") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --aot-report {path}: cannot write ("), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_directory"]  # nothing half-written beside it
+    assert not any((tmp_path / "a_directory").iterdir())
+    written = tmp_path / "report.json"
+    assert report_and_exit(lambda: (report, "compiled"), str(written), "advice") == 0
+    assert json.loads(written.read_text()) == report
 
 
 # Every minor dimension of every shard a multiple of TPU's 128-wide tiles (hidden 512 over fsdp 4, head
