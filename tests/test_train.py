@@ -371,6 +371,20 @@ def test_final_model_appears_with_its_scores(tmp_path, monkeypatch):
     assert result.final_dir == str(tmp_path / "final")
 
 
+def test_relative_workdir_stays_put_when_the_working_directory_changes(tiny_preset, tmp_path, monkeypatch):
+    """The working directory is process-wide (lm_eval's suites change it while they run, and background
+    threads may be writing then): a relative workdir means the directory it named when the run began."""
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cfg = run_config(tiny_preset, "run", train={"max_steps": 2}, checkpoint={"save_final": True})
+    hooks = Hooks().add(lambda run, step: os.chdir(elsewhere), every=1)
+    result = train_and_evaluate(cfg, progress=False, hooks=hooks)
+    assert result.final_dir == str(tmp_path / "run" / "final") and (tmp_path / "run" / "final").is_dir()
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    assert not any(elsewhere.iterdir())
+
+
 def test_frozen_embeddings_stay_put_hold_no_moments_and_resume(tiny_preset, tmp_path):
     """train.trainable leaves the embeddings (and so the tied LM head) out: they end where they began
     while every other parameter moves, the optimizer state holds no moments for them, and a stopped run
