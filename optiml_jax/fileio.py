@@ -1,6 +1,7 @@
 """Writing outputs safely: a directory appears complete or not at all (written under a temporary name,
 renamed at the end), also when several hosts write it together, and the cross-process barrier that
-needs. Model directories, converted checkpoints, exports and evaluation results all go through here."""
+needs; a single file likewise. Model directories, converted checkpoints, exports, evaluation results
+and the commands' JSON reports all go through here."""
 
 from __future__ import annotations
 
@@ -27,6 +28,22 @@ def check_output_dir(directory, overwrite: bool) -> Path:
                 f"{directory}: exists and is not empty (pass --overwrite / overwrite=True to replace it)"
             )
     return directory
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Writes `path` complete or not at all: a temporary file beside it, renamed over it once written,
+    so a reader, a failed write (a full disk) or a crash never leaves half a file, nor spoils an old one.
+    OSError when it cannot be written (no such directory, no permission), with nothing left behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def process_info() -> tuple[int, int]:

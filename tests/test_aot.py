@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import flax.linen as nn
 import jax
@@ -20,7 +21,8 @@ from finetune_helpers import TINY_MODEL
 from jax.sharding import Mesh
 
 from optiml_jax import finetune
-from optiml_jax.aot import targets
+from optiml_jax.aot import decode, targets
+from optiml_jax.aot.report import DoesNotFit, report_and_exit
 from optiml_jax.aot.targets import gpu_target_config, resolve_target
 from optiml_jax.config import ConfigError, OPTConfig
 from optiml_jax.model import OPTForCausalLM
@@ -116,6 +118,47 @@ def test_without_the_extra_aot_is_one_line_naming_it(monkeypatch, capsys):
     assert "pip install 'optiml-jax[aot-gpu]'" in capsys.readouterr().err
 
 
+def test_decoding_the_compiler_refuses_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """The TPU compiler refuses a program over HBM with an error rather than figures: decoding's compile
+    turns it into the same one line as the train step's (no TPU compiler needed: the refusal is stubbed)."""
+    refusal = jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+        "Used 40.50G of 30.75G hbm. Exceeded hbm capacity by 9.75G."
+    )
+
+    class Lowered:
+        def compile(self):
+            raise refusal
+
+    monkeypatch.setattr(decode, "compile_only_devices", lambda target: jax.devices()[: target.devices])
+    monkeypatch.setattr(decode, "_generate_compiled", SimpleNamespace(lower=lambda *a, **k: Lowered()))
+    with pytest.raises(DoesNotFit, match=r"tpu:v4-8: does not fit: 40.50 GiB per device needed"):
+        decode.compile_decode("preset:tiny", "tpu:v4-8", 8)
+    assert decode.generate_aot("preset:tiny", "tpu:v4-8", 8, "bfloat16", 32, None) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: tpu:v4-8: does not fit: 40.50 GiB") and "--batch-size" in err
+    monkeypatch.setattr(decode, "_generate_compiled", SimpleNamespace(lower=lambda *a, **k: 1 / 0))
+    with pytest.raises(ZeroDivisionError):  # any other failure is not a refusal
+        decode.compile_decode("preset:tiny", "tpu:v4-8", 8)
+
+
+@pytest.mark.parametrize("where", ["no_such_dir/report.json", "a_directory"])
+def test_a_report_that_cannot_be_written_is_one_line_and_exit_1(tmp_path, capsys, where):
+    (tmp_path / "a_directory").mkdir()
+    memory = {"argument": 1, "output": 1, "temp": 1, "alias": 0, "total": 3, "available": 4}
+    report = {"target": "tpu:v4-8", "mesh": "data=4", "per_device": memory, "fits": True}
+    path = str(tmp_path / where)
+    assert report_and_exit(lambda: (report, "compiled"), path, "advice") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --aot-report {path}: cannot write ("), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_directory"]  # nothing half-written beside it
+    assert not any((tmp_path / "a_directory").iterdir())
+    written = tmp_path / "report.json"
+    assert report_and_exit(lambda: (report, "compiled"), str(written), "advice") == 0
+    assert json.loads(written.read_text()) == report
+
+
 # Every minor dimension of every shard a multiple of TPU's 128-wide tiles (hidden 512 over fsdp 4, head
 # dim 128; positions 510 + OPT's offset of 2): the compiler's argument bytes are then the arrays' own,
 # with XLA's 512-byte minimum for the scalars.
@@ -173,6 +216,37 @@ def test_30b_on_a_slice_it_cannot_fit_is_refused_in_one_line(tmp_path):
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "tpu:v4-8: does not fit" in errors[0] and "30.75 GiB available" in errors[0]
     assert "mesh.fsdp" in errors[0] and "grad_accum_steps" in errors[0] and "remat" in errors[0]
+
+
+@needs_libtpu
+def test_frozen_embeddings_are_sized_as_the_run_trains_them(tmp_path):
+    """train.trainable reaches the compiled step and the estimate beside it: frozen embeddings hold no
+    Adam moments, so the step's arguments and the estimate are smaller than full fine-tuning's."""
+    script = (
+        "import json, sys\n"
+        "from optiml_jax.aot.train import compile_train_step\n"
+        "from optiml_jax.run_config import load_run_config\n"
+        "reports = {}\n"
+        "for name, trainable in (('full', 'null'), ('frozen', '^(?!.*embed_)')):\n"
+        "    cfg = load_run_config('demo', ['train.seq_len=128', f'train.trainable={trainable}'])\n"
+        "    report = compile_train_step(cfg, 'tpu:v4-8')\n"
+        "    reports[name] = {'argument': report['per_device']['argument'], "
+        "'estimate': report['estimate_total']}\n"
+        "print(json.dumps(reports))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**_aot_env(), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = json.loads(result.stdout.strip().splitlines()[-1])
+    full, frozen = reports["full"], reports["frozen"]
+    assert frozen["argument"] < full["argument"], reports
+    assert frozen["estimate"] < full["estimate"], reports
 
 
 def test_tiny_model_compiled_for_8_h100(tmp_path, cuda_plugin_path):

@@ -9,9 +9,10 @@ import pytest
 from hf_reference import hf_state_dict, make_config, make_hf_model
 from jax.sharding import PartitionSpec
 
+from optiml_jax import fileio
 from optiml_jax.checkpoints import model_format as checkpoint
 from optiml_jax.checkpoints.mapping import hf_to_params
-from optiml_jax.fileio import OutputDirError
+from optiml_jax.fileio import OutputDirError, write_text_atomic
 from optiml_jax.model import OPTForCausalLM
 from optiml_jax.sharding import MeshConfig, init_params_sharded, make_mesh
 from optiml_jax.tokenizer import DEMO_TOKENIZER_DIR, OPTTokenizer
@@ -58,6 +59,25 @@ def test_sharded_training_params_save_and_restore_onto_another_mesh(tmp_path):
     unstacked = checkpoint.restore_params(tmp_path / "m", model.clone(scan_layers=False), mesh=mesh)
     assert unstacked["decoder"]["layers_2"]["fc1"]["kernel"].sharding.spec == PartitionSpec("fsdp", "tensor")
     np.testing.assert_array_equal(unstacked["decoder"]["layers_2"]["fc1"]["kernel"], np.asarray(fc1)[2])
+
+
+def test_a_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new"
+
+    def fail(*args):  # the write succeeded, the rename did not (a full disk fails earlier, the same way)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "replace", fail)
+    with pytest.raises(OSError, match="No space"):
+        write_text_atomic(target, "newer")
+    monkeypatch.undo()
+    assert target.read_text() == "new"  # the old file stays whole
+    with pytest.raises(FileNotFoundError):
+        write_text_atomic(tmp_path / "no" / "such" / "dir.json", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temporary file left
 
 
 def test_save_is_atomic_and_refuses_to_clobber(tmp_path):

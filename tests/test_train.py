@@ -6,14 +6,18 @@ import logging
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import numpy as np
 import pytest
 from finetune_helpers import REPO, TINY_MODEL, run_config
 
-from optiml_jax.config import ConfigError
+from optiml_jax import fileio
+from optiml_jax.config import ConfigError, OPTConfig
+from optiml_jax.model import OPTForCausalLM
 from optiml_jax.run_config import OptimSection, load_run_config
+from optiml_jax.sharding import MeshConfig, init_params_sharded, make_mesh
 from optiml_jax.train import (
     Hooks,
     TrainingError,
@@ -22,7 +26,9 @@ from optiml_jax.train import (
     train_and_evaluate,
     weight_decay_mask,
 )
+from optiml_jax.train.context import RunResult
 from optiml_jax.train.metrics_log import read_jsonl, read_tensorboard_scalars
+from optiml_jax.train.run_hooks import final_model
 
 
 def flat_params(state):
@@ -338,6 +344,47 @@ def test_finetune_cli_smoke(tmp_path, capsys, tiny_preset):
 
 
 # ---------------------------------------------------------------------- which parameters train
+def test_final_model_appears_with_its_scores(tmp_path, monkeypatch):
+    """final/metrics.json (eval.tasks' scores of the last step) is inside final/ when final/ is renamed
+    into place, not copied in after it: a run stopped in between leaves no final/ without it."""
+    config = OPTConfig.from_dict(TINY_MODEL)
+    mesh = make_mesh(MeshConfig(data=-1))
+    params, _ = init_params_sharded(OPTForCausalLM(config, scan_layers=True), jax.random.PRNGKey(0), mesh)
+    scores = tmp_path / "eval" / "4" / "metrics.json"
+    scores.parent.mkdir(parents=True)
+    scores.write_text(json.dumps({"overall": {"instances": 3}}))
+    renamed, replace = [], fileio._replace_dir
+
+    def watched(tmp, directory):
+        renamed.append((directory.name, sorted(p.name for p in tmp.iterdir())))
+        replace(tmp, directory)
+
+    monkeypatch.setattr(fileio, "_replace_dir", watched)
+    result = RunResult(step=4, state=None, model=None, losses={}, eval_losses={}, task_metrics={4: {}})
+    run = SimpleNamespace(
+        workdir=tmp_path, opt_config=config, state=SimpleNamespace(params=params), tokenizer=None,
+        result=result, is_main=True,
+    )  # fmt: skip
+    final_model(run, 4)
+    assert len(renamed) == 1 and renamed[0][0] == "final" and "metrics.json" in renamed[0][1], renamed
+    assert (tmp_path / "final" / "metrics.json").read_text() == scores.read_text()
+    assert result.final_dir == str(tmp_path / "final")
+
+
+def test_relative_workdir_stays_put_when_the_working_directory_changes(tiny_preset, tmp_path, monkeypatch):
+    """The working directory is process-wide (lm_eval's suites change it while they run, and background
+    threads may be writing then): a relative workdir means the directory it named when the run began."""
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cfg = run_config(tiny_preset, "run", train={"max_steps": 2}, checkpoint={"save_final": True})
+    hooks = Hooks().add(lambda run, step: os.chdir(elsewhere), every=1)
+    result = train_and_evaluate(cfg, progress=False, hooks=hooks)
+    assert result.final_dir == str(tmp_path / "run" / "final") and (tmp_path / "run" / "final").is_dir()
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    assert not any(elsewhere.iterdir())
+
+
 def test_frozen_embeddings_stay_put_hold_no_moments_and_resume(tiny_preset, tmp_path):
     """train.trainable leaves the embeddings (and so the tied LM head) out: they end where they began
     while every other parameter moves, the optimizer state holds no moments for them, and a stopped run

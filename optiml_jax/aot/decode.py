@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from optiml_jax.aot.report import (
     DoesNotFit,
+    compile_or_refuse,
     custom_calls,
     describe_target,
     gib,
@@ -92,10 +93,12 @@ def compile_decode(
     arguments = arguments[:4] + tuple(
         jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere) for x in arguments[4:]
     )
+    refused_on = f"data={target.devices}, the weights whole on each device"
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         start = time.perf_counter()
-        lowered = _generate_compiled.lower(*arguments, **settings)
-        compiled = lowered.compile()
+        lowered, compiled = compile_or_refuse(
+            lambda: _generate_compiled.lower(*arguments, **settings), target, refused_on, ADVICE
+        )
     sequence = prompt_len + capacity
     report = {
         "target": target.name,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import re
 import sys
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from optiml_jax.aot.targets import EXIT_CONFIG_ERROR, GiB, Target, host_only
+from optiml_jax.aot.targets import EXIT_CONFIG_ERROR, EXIT_FAILURE, GiB, Target, host_only
 from optiml_jax.config import ConfigError
+from optiml_jax.fileio import write_text_atomic
 
 
 class DoesNotFit(ConfigError):
@@ -52,6 +52,27 @@ def is_out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
 
 
+def compile_or_refuse(lower: Callable[[], Any], target: Target, mesh_text: str, advice: str):
+    """(lowered, compiled) of the program `lower()` gives; DoesNotFit, with `advice`, when the compiler
+    refuses it as over the target's memory (the TPU compiler does, instead of giving figures to check)."""
+    try:
+        lowered = lower()
+        return lowered, lowered.compile()
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        needed = refusal_bytes(str(error))
+        what = (
+            f"{gib(needed)} per device needed (the compiler's refusal)"
+            if needed
+            else "the compiler refused it"
+        )
+        raise DoesNotFit(
+            f"{target.name}: does not fit: {what}, {gib(target.chip.hbm_bytes)} available ({mesh_text}); "
+            f"{advice}"
+        ) from None
+
+
 def gib(value: int) -> str:
     return f"{value / GiB:.2f} GiB"
 
@@ -68,22 +89,36 @@ def check_fits(report: dict, advice: str) -> None:
 
 
 def write_json(report: dict, path: Optional[str]) -> None:
+    """The report at `path` (when given), whole or not at all; OSError when it cannot be written."""
     if path:
-        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomic(path, json.dumps(report, indent=2) + "\n")
+
+
+def _error(message: str) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
 
 
 def report_and_exit(compiled: Callable[[], tuple[dict, str]], report_path: Optional[str], advice: str) -> int:
     """Runs `compiled` (-> the report and its text) for a CLI's --aot: prints the text, writes the JSON,
     and gives the exit status: 0 fits; 2, with one `error:` line on stderr, for a bad target, batch or
-    mesh, a missing extra, or a program that does not fit."""
+    mesh, a missing extra, or a program that does not fit; 1, with one line, when the report cannot be
+    written."""
     host_only()
     try:
         report, text = compiled()
-        print(text)
-        write_json(report, report_path)
-        check_fits(report, advice)
     except ConfigError as error:  # DoesNotFit and AotUnavailable included
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        _error(str(error))
+        return EXIT_CONFIG_ERROR
+    print(text)
+    try:
+        write_json(report, report_path)
+    except OSError as error:
+        _error(f"--aot-report {report_path}: cannot write ({error.strerror or error})")
+        return EXIT_FAILURE
+    try:
+        check_fits(report, advice)
+    except DoesNotFit as error:
+        _error(str(error))
         return EXIT_CONFIG_ERROR
     return 0
 

@@ -170,6 +170,7 @@ def gpu_target_config(chip: Chip) -> str:
 
 
 EXIT_CONFIG_ERROR = 2  # as the CLIs' (finetune.py, generate.py)
+EXIT_FAILURE = 1
 
 
 def host_only() -> None:

@@ -22,13 +22,12 @@ import jax
 from optiml_jax.aot import cudnn_stand_in
 from optiml_jax.aot.report import (
     DoesNotFit,
+    compile_or_refuse,
     custom_calls,
     describe_target,
     gib,
-    is_out_of_memory,
     memory_lines,
     per_device_bytes,
-    refusal_bytes,
     report_and_exit,
 )
 from optiml_jax.aot.targets import Target, compile_only_devices, resolve_target
@@ -169,7 +168,7 @@ def compile_train_step(cfg: RunConfig, target_name: str) -> dict:
     report["seconds_at_peak"] = flops["model"] / (target.devices * target.chip.peak_bf16_flops)
     report["peak_flops_per_device"] = target.chip.peak_bf16_flops
     report["estimate_total"] = estimate_run(
-        cfg.train, config, dict(mesh.shape), target.platform, attention=kernel
+        cfg.train, config, dict(mesh.shape), target.platform, attention=kernel, trainable=cfg.train.trainable
     ).total
     return report
 
@@ -179,7 +178,9 @@ def _compiled_step(cfg: RunConfig, config: OPTConfig, mesh, target: Target, mesh
     before compiling when the state alone is over the device's memory, or when the compiler refuses."""
     rules = DEFAULT_RULES
     model = build_model(config, cfg.train, platform=target.platform)
-    tx = make_optimizer(cfg.optim, cfg.train.max_steps)
+    # the run's train.trainable, as the training loop passes it: frozen parameters hold no gradients
+    # or Adam moments, so partial fine-tuning needs less than full fine-tuning
+    tx = make_optimizer(cfg.optim, cfg.train.max_steps, cfg.train.trainable)
     abstract_state, shardings = state_shardings(model, tx, mesh, rules)
     state = _abstract(abstract_state, shardings)
     state_bytes = sum(
@@ -197,23 +198,8 @@ def _compiled_step(cfg: RunConfig, config: OPTConfig, mesh, target: Target, mesh
         )
         for key, value in empty_row(cfg.train.seq_len).items()
     }
-    train_step = make_train_step(model, tx, cfg.train, cfg.optim, mesh, shardings, rules)
-    try:
-        lowered = train_step.lower(state, batch)
-        return lowered, lowered.compile()
-    except Exception as error:  # the TPU compiler refuses a program over HBM itself
-        if not is_out_of_memory(error):
-            raise
-        needed = refusal_bytes(str(error))
-        what = (
-            f"{gib(needed)} per device needed (the compiler's refusal)"
-            if needed
-            else "the compiler refused it"
-        )
-        raise DoesNotFit(
-            f"{target.name}: does not fit: {what}, {gib(target.chip.hbm_bytes)} available ({mesh_text}); "
-            f"{ADVICE}"
-        ) from None
+    train_step = make_train_step(model, tx, cfg.train, cfg.optim, mesh, shardings, rules, cfg.train.trainable)
+    return compile_or_refuse(lambda: train_step.lower(state, batch), target, mesh_text, ADVICE)
 
 
 def format_train_report(report: dict, target: Target) -> str:

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -93,12 +94,15 @@ def save_model(
     *,
     overwrite: bool = False,
     extra_marker: Optional[dict] = None,
+    extra_files: Optional[Mapping[str, Path]] = None,
 ) -> Path:
     """Writes a model directory atomically (temp dir next to `directory`, renamed at the end).
 
     params: the Flax "params" collection, stacked (scan_layers=True) or not, as numpy arrays or
       (possibly sharded) jax arrays. Stored stacked.
     tokenizer: an OPTTokenizer, a directory holding tokenizer files, or None.
+    extra_files: name -> a file (on process 0) copied into the directory, so the directory appears with
+      it (fine-tuning's final/ with its scores, metrics.json).
     """
     directory = Path(directory)
     params = to_stacked_layout(params, config)
@@ -106,6 +110,8 @@ def save_model(
     with atomic_output_dir(directory, overwrite) as tmp:
         write_params(tmp / PARAMS_DIR, params)  # collective on several processes: each writes its shards
         if process_info()[0] == 0:  # plain files, the marker last, from one process
+            for name, source in (extra_files or {}).items():
+                shutil.copyfile(source, tmp / name)
             finish_model_dir(tmp, config, params_dtype(params), num_params(params), tokenizer, extra_marker)
     return directory
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Sequence
 
 from optiml_jax.cli.common import EXIT_BAD_INPUT, EXIT_FAILURE, CLIError, Parser, report
 from optiml_jax.config import ConfigError
 from optiml_jax.data import DataConfig, DataError
 from optiml_jax.data.mixture_report import mixture_report
+from optiml_jax.fileio import write_text_atomic
 from optiml_jax.paths import resolve_path
 from optiml_jax.run_config import load_run_config
 from optiml_jax.tokenizer import OPTTokenizer
@@ -44,7 +44,7 @@ def mix_report(argv: Sequence[str]) -> int:
     except (CLIError, ConfigError, DataError, FileNotFoundError) as e:
         return report(e, EXIT_BAD_INPUT)
     try:
-        Path(args.json).write_text(json.dumps(shares, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(args.json, json.dumps(shares, indent=2) + "\n")
     except OSError as e:
         return report(OSError(f"{args.json}: cannot write ({e.strerror})"), EXIT_FAILURE)
     for section in ("benchmarks", "slices"):

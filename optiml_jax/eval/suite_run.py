@@ -34,6 +34,7 @@ from optiml_jax.eval.shots import draw_demonstrations, fit_prompt, instance_leve
 from optiml_jax.eval.suite import ALL_TEMPLATES, Suite, SuiteEntry, is_pattern
 from optiml_jax.eval.suite_report import suite_report
 from optiml_jax.eval.tasks import EvalDataError, EvalInstance, EvalTask, load_eval_tasks
+from optiml_jax.tokenizer import PROMPT_ADD_BOS
 
 log = logging.getLogger(__name__)
 NO_TEMPLATE = "default"  # the template of records that name none
@@ -47,7 +48,7 @@ class SuiteSettings:
     max_new_tokens: Optional[int] = None  # None: the suite's (256 unless it says otherwise)
     batch_size: int = 8
     delimiter: str = DEFAULT_DELIMITER  # the answer cue of SNI's optiml template
-    add_bos: bool = False
+    add_bos: bool = PROMPT_ADD_BOS  # the project's prompt convention, as runner.EvalSettings
     stop: tuple[str, ...] = ()
 
     def for_mode(self, mode: str) -> EvalSettings:

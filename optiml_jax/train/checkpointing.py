@@ -226,7 +226,10 @@ def has_checkpoints(workdir: Path) -> bool:
     return latest_checkpoint_step(workdir) is not None
 
 
-def save_final_model(directory: Path, opt_config: OPTConfig, params, tokenizer) -> str:
-    """The trained model in our converted format (config.json + tokenizer + Orbax params)."""
-    save_model(directory, opt_config, params, tokenizer, overwrite=True)
+def save_final_model(
+    directory: Path, opt_config: OPTConfig, params, tokenizer, extra_files: Optional[dict] = None
+) -> str:
+    """The trained model in our converted format (config.json + tokenizer + Orbax params), with
+    `extra_files` (name -> a file on process 0) inside it when it appears."""
+    save_model(directory, opt_config, params, tokenizer, overwrite=True, extra_files=extra_files)
     return str(directory)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -319,7 +320,11 @@ def train_and_evaluate(
     stop_after_steps: return after that many steps of this invocation, as a preemption would (saving
     a checkpoint first); for tests of exact resume.
     """
-    workdir = Path(cfg.workdir)
+    # Absolute from the start: the working directory is process-wide and may change while the run is
+    # under way (eval/suite_lm_eval.py changes it while lm_eval runs, a user's hook may too), and what is
+    # written then, from this thread or a background one, would follow a relative workdir. abspath, not
+    # resolve: messages show the path through the links the user spelled.
+    workdir = Path(os.path.abspath(cfg.workdir))
     mesh = make_mesh(cfg.mesh, devices=devices)
     _check_batch_layout(cfg, mesh)
     finished_at = prepare_workdir(workdir, cfg.to_dict(), overwrite)

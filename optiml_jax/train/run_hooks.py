@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-import shutil
 
 import jax
 import numpy as np
@@ -122,13 +120,14 @@ def log_data_stats(run: Run, step: int) -> None:
 
 
 def final_model(run: Run, step: int) -> None:
-    """workdir/final, with the held-out scores of the last step beside the weights when there are some."""
-    final = run.workdir / "final"
-    run.result.final_dir = save_final_model(final, run.opt_config, run.state.params, run.tokenizer)
-    if step in run.result.task_metrics and run.is_main:
-        tmp = final / f".{METRICS_FILE}.tmp"
-        shutil.copyfile(run.workdir / "eval" / str(step) / METRICS_FILE, tmp)
-        os.replace(tmp, final / METRICS_FILE)
+    """workdir/final, with the held-out scores of the last step beside the weights when there are some,
+    written inside it before it is renamed into place: final/ never appears without them."""
+    scores = {}
+    if step in run.result.task_metrics:  # eval_tasks wrote them on process 0, the one that copies them
+        scores[METRICS_FILE] = run.workdir / "eval" / str(step) / METRICS_FILE
+    run.result.final_dir = save_final_model(
+        run.workdir / "final", run.opt_config, run.state.params, run.tokenizer, extra_files=scores
+    )
 
 
 def samples(run: Run, step: int) -> None:

@@ -2,11 +2,13 @@
 logged (TensorBoard and metrics.jsonl), and `best/`, the model of the highest selection score so far, as
 the paper picks its checkpoint (§4.1). best/ is a model directory like final/ (so `optiml-convert
 --to-hf --input RUN/best` exports it), written atomically; its marker (optiml_jax.json) records the
-step and score, so a resumed run keeps comparing against it."""
+step, score and suite, so a resumed run keeps comparing against it (a resumed run with another eval.suite
+replaces it: different suites' scores do not compare)."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -35,10 +37,26 @@ def suite_scalars(metrics: dict, prefix: str = "suite") -> dict[str, float]:
     return out
 
 
-def best_score(workdir: Path) -> Optional[float]:
-    """The selection score of the run's best/ model, None when it has none yet."""
+def best_score(workdir: Path, suite_path: str) -> Optional[float]:
+    """The selection score of the run's best/ model when it was chosen on the suite at `suite_path`; None
+    when the run has none yet, or when best/ was chosen on another suite (a resumed run whose eval.suite
+    changed: the scores of different suites do not compare, so the next selection score replaces it)."""
     best = Path(workdir) / BEST_DIR
-    return read_marker(best).get("selection_score") if is_converted_checkpoint(best) else None
+    if not is_converted_checkpoint(best):
+        return None
+    marker = read_marker(best)
+    chosen_on = marker.get("suite")
+    # resolved on both sides: the marker's may be relative (written before markers held absolute paths),
+    # and one side may name the file through a link
+    if chosen_on is None or os.path.realpath(chosen_on) != os.path.realpath(suite_path):
+        log.warning(
+            "%s/ was chosen on the suite %s, not on %s: the next selection score replaces it",
+            best,
+            chosen_on,
+            suite_path,
+        )
+        return None
+    return marker.get("selection_score")
 
 
 def evaluate_suite_at_step(
@@ -54,9 +72,10 @@ def evaluate_suite_at_step(
         model, params, tokenizer, suite, output, settings, mesh=mesh, rules=rules, overwrite=True, title=title
     ).metrics
     writer.write(step, suite_scalars(metrics))
-    score, previous = metrics["selection_score"], best_score(workdir)
+    score, previous = metrics["selection_score"], best_score(workdir, suite.path)
     if score is not None and (previous is None or score > previous):
-        marker = {"step": step, "selection_score": score, "suite": suite.path}
+        # absolute, so a run resumed from another directory still recognises its suite
+        marker = {"step": step, "selection_score": score, "suite": os.path.abspath(suite.path)}
         save_model(
             Path(workdir) / BEST_DIR, opt_config, params, tokenizer, overwrite=True, extra_marker=marker
         )
@@ -70,10 +89,16 @@ def check_suite(cfg) -> None:
         load_suite(resolve_path(cfg.eval.suite))
 
 
+def suite_settings(cfg) -> SuiteSettings:
+    """How a run config's eval.suite is answered: its prompts encoded as its training data is
+    (data.add_bos), as eval.tasks' are."""
+    return SuiteSettings(batch_size=cfg.eval_batch_size, add_bos=cfg.data.add_bos)
+
+
 def suite_hook(run, step: int) -> dict:
     """eval.suite at an evaluation step: registered by run_hooks.default_hooks (`run`: context.Run)."""
     eval_cfg = run.cfg.eval
-    settings = SuiteSettings(batch_size=run.cfg.eval_batch_size)
+    settings = suite_settings(run.cfg)
     metrics = evaluate_suite_at_step(
         run.model,
         run.state.params,
