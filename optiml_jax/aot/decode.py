@@ -11,16 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from optiml_jax.aot.report import (
-    DoesNotFit,
-    compile_or_refuse,
-    custom_calls,
-    describe_target,
-    gib,
-    memory_lines,
-    per_device_bytes,
-    report_and_exit,
-)
+from optiml_jax.aot import report as aot_report
 from optiml_jax.aot.targets import compile_only_devices, resolve_target
 from optiml_jax.aot.train import architecture
 from optiml_jax.config import ConfigError, as_dtype
@@ -80,9 +71,9 @@ def compile_decode(
     itemsize = jnp.dtype(as_dtype(dtype)).itemsize
     weights = sum(x.size for x in jax.tree.leaves(params)) * itemsize
     if weights > target.chip.hbm_bytes:
-        raise DoesNotFit(
-            f"{target.name}: does not fit: the weights alone are {gib(weights)} per device, "
-            f"{gib(target.chip.hbm_bytes)} available; {ADVICE}"
+        raise aot_report.DoesNotFit(
+            f"{target.name}: does not fit: the weights alone are {aot_report.gib(weights)} per device, "
+            f"{aot_report.gib(target.chip.hbm_bytes)} available; {ADVICE}"
         )
     rows = jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32, sharding=batch_sharding(mesh))
     generation = GenerationConfig(
@@ -96,7 +87,7 @@ def compile_decode(
     refused_on = f"data={target.devices}, the weights whole on each device"
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         start = time.perf_counter()
-        lowered, compiled = compile_or_refuse(
+        lowered, compiled = aot_report.compile_or_refuse(
             lambda: _generate_compiled.lower(*arguments, **settings), target, refused_on, ADVICE
         )
     sequence = prompt_len + capacity
@@ -107,7 +98,7 @@ def compile_decode(
         "batch_size": batch_size,
         "sequence": sequence,
         "compile_s": round(time.perf_counter() - start, 1),
-        "per_device": per_device_bytes(compiled, target.chip.hbm_bytes),
+        "per_device": aot_report.per_device_bytes(compiled, target.chip.hbm_bytes),
         "weights": weights,
         "kv_cache": 2
         * config.num_hidden_layers
@@ -116,7 +107,7 @@ def compile_decode(
         * sequence
         * config.hidden_size
         * itemsize,
-        "custom_calls": custom_calls(lowered),
+        "custom_calls": aot_report.custom_calls(lowered),
     }
     report["fits"] = report["per_device"]["total"] <= target.chip.hbm_bytes
     report["margin"] = target.chip.hbm_bytes - report["per_device"]["total"]
@@ -131,13 +122,16 @@ def generate_aot(
 
     def compiled() -> tuple[dict, str]:
         report, target = compile_decode(model, target_name, batch_size, dtype, max_new_tokens)
-        return report, (
-            f"compiled decoding for {describe_target(target)} in {report['compile_s']:.1f} s: batch "
-            f"{batch_size} ({batch_size // target.devices} per device) x {report['sequence']} tokens, "
-            f"{dtype}\n"
-            "per device (the compiler's figures):\n" + "\n".join(memory_lines(report["per_device"])) + "\n"
-            f"  of which weights {gib(report['weights'])}, KV cache {gib(report['kv_cache'])}\n"
-            f"  fits: {'yes' if report['fits'] else 'no'}, margin {gib(report['margin'])}"
-        )
+        gib = aot_report.gib
+        lines = [
+            f"compiled decoding for {aot_report.describe_target(target)} in {report['compile_s']:.1f} s: "
+            f"batch {batch_size} ({batch_size // target.devices} per device) x {report['sequence']} tokens, "
+            f"{dtype}",
+            "per device (the compiler's figures):",
+            *aot_report.memory_lines(report["per_device"]),
+            f"  of which weights {gib(report['weights'])}, KV cache {gib(report['kv_cache'])}",
+            f"  fits: {'yes' if report['fits'] else 'no'}, margin {gib(report['margin'])}",
+        ]
+        return report, "\n".join(lines)
 
-    return report_and_exit(compiled, report_path, ADVICE)
+    return aot_report.report_and_exit(compiled, report_path, ADVICE)

@@ -31,6 +31,18 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise CLIError(message)
 
+    @classmethod
+    def from_doc(cls, prog: str, doc: str) -> "Parser":
+        """A command's parser whose --help is its module docstring: the first paragraph above the flags,
+        the rest (examples, exit codes) below them, as written."""
+        description, epilog = doc.split("\n\n", 1)
+        return cls(
+            prog=prog,
+            description=description,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
 
 def one_line(error: BaseException) -> str:
     """The error's message on one line (the type's name when it has none)."""

@@ -78,13 +78,7 @@ def _unescape(text: str) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    description, epilog = __doc__.split("\n\n", 1)
-    parser = Parser(
-        prog="optiml-evaluate",
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=epilog,
-    )
+    parser = Parser.from_doc("optiml-evaluate", __doc__)
     parser.add_argument("--model", help="model directory (Hugging Face or converted) or hub id")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     parser.add_argument(

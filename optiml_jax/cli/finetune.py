@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 import jax
 
 from optiml_jax.aot.train import finetune_aot
+from optiml_jax.checkpoints.mapping import WeightsError
+from optiml_jax.checkpoints.model_format import CheckpointError
 from optiml_jax.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -40,20 +42,19 @@ from optiml_jax.cli.common import (
     report,
     set_up_logging,
 )
+from optiml_jax.config import ConfigError
+from optiml_jax.data import DataError
 from optiml_jax.eval.runner import progress_table
+from optiml_jax.eval.suite import SuiteError
+from optiml_jax.fileio import OutputDirError
+from optiml_jax.model.attention import AttentionError
 from optiml_jax.run_config import load_run_config
 from optiml_jax.train import TrainingError, train_and_evaluate
 from optiml_jax.train.memory import InsufficientMemoryError
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    description, epilog = __doc__.split("\n\n", 1)
-    parser = Parser(
-        prog="optiml-finetune",
-        description=description,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = Parser.from_doc("optiml-finetune", __doc__)
     parser.add_argument(
         "--config",
         default=None,
@@ -85,10 +86,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-# Every error type of the project is a ValueError (ConfigError, DataError, CheckpointError, SuiteError,
-# OutputDirError, AttentionError, ...): bad input, like a path that is not there. TrainingError and
-# InsufficientMemoryError are RuntimeErrors: the input was fine, the run could not go on.
-BAD_INPUT = (CLIError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# Before training, every error type of the project is a ValueError (ConfigError, DataError,
+# CheckpointError, SuiteError, OutputDirError, AttentionError, ...): bad input, like a path that is not
+# there. Once the run is going, only the project's own input errors are: another ValueError there is a
+# bug, and keeps its traceback. TrainingError and InsufficientMemoryError are RuntimeErrors: the input
+# was fine, the run could not go on.
+MISSING_PATH = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+BAD_INPUT = (CLIError, ValueError, *MISSING_PATH)
+BAD_INPUT_IN_RUN = (
+    CLIError,
+    ConfigError,
+    DataError,
+    CheckpointError,
+    SuiteError,
+    OutputDirError,
+    AttentionError,
+    WeightsError,
+    *MISSING_PATH,
+)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -106,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         result = train_and_evaluate(cfg, progress=not args.no_progress, overwrite=args.overwrite)
-    except BAD_INPUT as e:
+    except BAD_INPUT_IN_RUN as e:
         return report(e, EXIT_BAD_INPUT)
     except (TrainingError, InsufficientMemoryError) as e:
         return report(e, EXIT_FAILURE)

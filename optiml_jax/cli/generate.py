@@ -31,13 +31,7 @@ SEPARATOR = "---"
 
 
 def _parse_args(argv):
-    description, epilog = __doc__.split("\n\n", 1)
-    parser = Parser(
-        prog="optiml-generate",
-        description=description,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = Parser.from_doc("optiml-generate", __doc__)
     parser.add_argument("--model", required=True, help="model directory (HF layout or converted) or hub id")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument(
