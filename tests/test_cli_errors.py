@@ -354,12 +354,14 @@ def _without_tensorstore_thread_noise(stderr: str) -> str:
     (not raise) on a loaded machine when reads still in flight finish after Orbax's restore has failed and
     closed its event loop: printed from C++, they cannot be caught, and they come after our error line.
     Any other traceback is kept, so the one-line check still holds for ours."""
-    noise = "RuntimeError: Event loop is closed"
+    closed = "Event loop is closed"
     lines = stderr.splitlines()
     # the threads' tracebacks may interleave line by line; any other exception keeps everything
-    if any(re.match(r"\w+(Error|Exception)\b", line) and line != noise for line in lines):
+    if any(re.match(r"\w+(Error|Exception)\b", line) and closed not in line for line in lines):
         return stderr
-    kept = [line for line in lines if not (line.startswith(("Traceback", " ")) or line == noise)]
+    # the same noise as Python reports it at exit: "Exception ignored in ...", then the error's repr
+    headers = ("Traceback", " ", "Exception ignored in", "Exception in thread", "Task exception was never")
+    kept = [line for line in lines if not (line.startswith(headers) or closed in line)]
     return "\n".join(kept) + "\n"
 
 
