@@ -335,3 +335,18 @@ def test_rank_classification_of_jsonl_options_and_sni_label_sets(hf_model_dir, t
     )
     again = json.loads((tmp_path / "re" / "metrics.json").read_text())
     assert code == 0 and again["overall"] == metrics["overall"]
+
+
+@pytest.mark.parametrize(
+    "extra", [["--shots", "2"], ["--max-new-tokens", "8"], ["--add-bos"], ["--model", "m"]]
+)
+def test_cli_rescoring_refuses_flags_it_would_ignore(tmp_path, capsys, extra):
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text(
+        json.dumps({"task": "t", "id": "t-0", "prediction": "a", "references": ["a"]}) + "\n"
+    )
+    code, _, err = run_cli(capsys, "--predictions", predictions, "--output", tmp_path / "out", *extra)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: --predictions re-scores a file; {extra[0]} would be unused"
+    ]
+    assert not (tmp_path / "out").exists()

@@ -73,6 +73,37 @@ SUITE_DECIDES = {
 }
 
 
+# Flags --predictions has no use for: it re-scores the file's predictions as they are.
+RESCORE_UNUSED = (
+    "--model",
+    "--tokenizer",
+    "--data",
+    "--split",
+    "--suite",
+    "--format",
+    "--fields",
+    "--max-instances",
+    "--shots",
+    "--template",
+    "--mode",
+    "--max-options",
+    "--delimiter",
+    "--stop",
+    "--max-new-tokens",
+    "--batch-size",
+    "--dtype",
+    "--attention",
+    "--mesh",
+    "--add-bos",
+)
+
+
+def _given(parser, args, flag: str) -> bool:
+    """Whether `flag` was set to something other than its default."""
+    dest = flag[2:].replace("-", "_")
+    return getattr(args, dest) != parser.get_default(dest)
+
+
 def _unescape(text: str) -> str:
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
@@ -166,16 +197,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add_distributed_flags(parser)
     args = parser.parse_args(argv)
     if args.predictions:
-        extra = [
-            flag
-            for flag, value in (
-                ("--model", args.model),
-                ("--data", args.data),
-                ("--split", args.split),
-                ("--suite", args.suite),
-            )
-            if value
-        ]
+        # re-scoring reads the file alone: any model, data or generation flag given would be ignored
+        extra = [flag for flag in RESCORE_UNUSED if _given(parser, args, flag)]
         if extra:
             raise CLIError(f"--predictions re-scores a file; {', '.join(extra)} would be unused")
     elif args.suite and (args.data or args.split):
@@ -184,8 +207,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise CLIError("give --model and --data or --suite (or --predictions FILE to re-score)")
     if args.suite:
         for flag, reason in SUITE_DECIDES.items():
-            dest = flag[2:].replace("-", "_")
-            if getattr(args, dest) != parser.get_default(dest):
+            if _given(parser, args, flag):
                 raise CLIError(f"{flag}: {reason}; not used with --suite")
     for flag, value, low in (
         ("--max-instances", args.max_instances, 0),
