@@ -39,6 +39,8 @@ def write_text_atomic(path, text: str) -> Path:
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file: a power cut keeps old or new
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -30,6 +30,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from optiml_jax.fileio import write_text_atomic
+
 # metaseq's dictionary order; OPT checkpoints are trained with exactly these ids.
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 _EXPECTED_IDS = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
@@ -266,10 +268,10 @@ class OPTTokenizer:
             for i, t in sorted(self._tok.get_added_tokens_decoder().items())
         }
         merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-        _write_atomic(directory / VOCAB_FILE, json.dumps(vocab, ensure_ascii=False))
-        _write_atomic(directory / MERGES_FILE, merges_text)
-        _write_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        _write_atomic(
+        write_text_atomic(directory / VOCAB_FILE, json.dumps(vocab, ensure_ascii=False))
+        write_text_atomic(directory / MERGES_FILE, merges_text)
+        write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(
             directory / SPECIAL_MAP_FILE, json.dumps(special_map, indent=2, ensure_ascii=False) + "\n"
         )
         return directory
@@ -428,19 +430,6 @@ def _hub_token_dict(token: Any) -> dict:
     if isinstance(token, dict):
         base.update({k: token[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in token})
     return base
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _check_text(text: Any, what: str) -> None:

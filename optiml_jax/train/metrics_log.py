@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional
 
+from optiml_jax.fileio import write_text_atomic
+
 JSONL_NAME = "metrics.jsonl"
 
 
@@ -114,9 +116,7 @@ def truncate_jsonl(path: Path, step: int, keep=None) -> int:
                 continue
             kept.append(line if line.endswith("\n") else line + "\n")
     if removed:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(kept))
     return removed
 
 
