@@ -105,6 +105,12 @@ def test_a_bad_split_is_one_line_with_near_matches(inputs, capsys, tmp_path):
     category = {**SPLIT, "fully_held_out_categories": ["Textual Entailmnet"]}
     assert run(inputs, split=write_yaml(tmp_path / "c.yaml", category), output="x") == 2
     assert "no category 'Textual Entailmnet' (near matches: Textual Entailment)" in error_line(capsys)
+    dev = {**SPLIT, "dev_categories": ["Question Answerin"]}
+    assert run(inputs, split=write_yaml(tmp_path / "d.yaml", dev), output="x") == 2
+    assert (
+        "d.yaml: dev_categories: no category 'Question Answerin' (near matches: Question Answering"
+        in error_line(capsys)
+    )
     assert run(inputs, split=str(tmp_path / "none.yaml"), output="x") == 2
     assert error_line(capsys) == f"error: {tmp_path / 'none.yaml'}: split file not found"
 
